@@ -1,0 +1,1 @@
+"""Analysis of results/: tables, charts and the HTML report."""

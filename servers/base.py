@@ -1,0 +1,137 @@
+"""What every Python backend shares outside the per-connection logic.
+
+* ``open_listener``: bind and listen, with one-line errors instead of tracebacks;
+* ``announce``: the contract's ``listening on HOST:PORT`` line, printed when ready;
+* ``graceful_signals``: SIGTERM/SIGINT become a ``Shutdown`` exception in the
+  main thread, for the models that block in ``accept()`` (threads, pools);
+* ``ConnectionSet``: the live sockets of a blocking model, and the drain of
+  docs/protocol.md section 4 done on them (shut the read side so idle readers
+  wake up and busy ones stop after their reply, then abort what is left).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+from .config import ServerConfig
+
+LISTEN_BACKLOG = 4096          # the kernel caps it at net.core.somaxconn
+DRAIN_POLL_INTERVAL = 0.01     # how often the drain looks whether everyone has left
+ABORT_GRACE = 1.0              # after aborting, how long to wait for handlers to notice
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is shown to the user as one line."""
+
+
+class Shutdown(Exception):
+    """Raised in the main thread by SIGTERM or SIGINT."""
+
+
+def open_listener(config: ServerConfig) -> socket.socket:
+    """A listening TCP socket for config.host:config.port (IPv4 or IPv6)."""
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve --host {config.host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
+    return listener
+
+
+def address_of(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def announce(listener: socket.socket) -> None:
+    """Tell the world we serve: the one line scripts wait for."""
+    print(f"listening on {address_of(listener)}", flush=True)
+
+
+@contextlib.contextmanager
+def graceful_signals():
+    """Within the block, SIGTERM and SIGINT raise Shutdown in the main thread."""
+    def stop(signum, frame):
+        raise Shutdown(signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_signals() -> None:
+    """Once draining, a second SIGTERM must not cut the drain short with a traceback."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def abort(sock) -> None:
+    """Close with RST at once (SO_LINGER 0): the end of the drain deadline."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class ConnectionSet:
+    """The open connection sockets of a blocking model, and their graceful drain."""
+
+    def __init__(self) -> None:
+        self._sockets: set = set()
+        self._lock = threading.Lock()
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def discard(self, sock) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    def snapshot(self) -> list:
+        with self._lock:
+            return list(self._sockets)
+
+    def drain(self, timeout: float, sleep=time.sleep) -> int:
+        """Wake idle readers, let busy ones finish, abort the rest at the deadline.
+
+        Returns how many connections had to be aborted. ``sleep`` is the
+        model's own (time.sleep for threads, gevent.sleep for greenlets).
+        """
+        for sock in self.snapshot():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)   # a blocked recv() returns b"" once the buffer is read
+        if not self._wait_empty(timeout, sleep):
+            left = self.snapshot()
+            for sock in left:
+                abort(sock)
+            self._wait_empty(ABORT_GRACE, sleep)
+            return len(left)
+        return 0
+
+    def _wait_empty(self, timeout: float, sleep) -> bool:
+        end = time.monotonic() + timeout
+        while self._sockets and time.monotonic() < end:
+            sleep(DRAIN_POLL_INTERVAL)
+        return not self._sockets
+
+
+def warn(message: str) -> None:
+    print(f"conclab: warning: {message}", file=sys.stderr, flush=True)

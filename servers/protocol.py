@@ -1,0 +1,125 @@
+"""The lab protocol as a sans-I/O codec: bytes in -> frames out, frames in -> bytes out.
+
+Every message is one frame::
+
+    +----------------------+--------+-----------+
+    | length: u32 big-end. | op: u8 | payload   |
+    +----------------------+--------+-----------+
+
+``length`` counts the op byte and the payload, never itself, and must be in
+``1 .. max_frame``. The codec owns no socket and reads no clock (the design of
+h11 and wsproto): every backend, the load generator and the tests drive this one
+module, so a protocol bug is fixed once. A hostile length is rejected as soon as
+its four bytes arrive, before any payload is buffered, so the decoder never
+holds more than one maximum frame plus one read.
+"""
+from __future__ import annotations
+
+import struct
+
+ECHO = 0x01
+PING = 0x02
+PONG = 0x03
+WORK = 0x04
+STATS = 0x05
+ERROR = 0xFF
+
+OP_NAMES = {ECHO: "ECHO", PING: "PING", PONG: "PONG", WORK: "WORK", STATS: "STATS", ERROR: "ERROR"}
+REQUEST_OPS = frozenset({ECHO, PING, WORK, STATS})
+
+HEADER = struct.Struct(">I")
+WORK_HEADER = struct.Struct(">II")
+DEFAULT_MAX_FRAME = 1_048_576
+MAX_PING_PAYLOAD = 64
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol; ``str(error)`` is the reason sent in the ERROR frame.
+
+    ``frames`` holds the valid frames that arrived before the violation, so a
+    server can still answer them before it sends ERROR and closes.
+    """
+
+    frames: list = []
+
+
+class BadLength(ProtocolError):
+    """The length field is 0 or above max_frame."""
+
+
+class UnknownOp(ProtocolError):
+    """The op byte is not a request this side accepts."""
+
+
+class ShortWork(ProtocolError):
+    """A WORK payload shorter than its 8-byte (io_us, cpu_us) header."""
+
+
+class PingTooLong(ProtocolError):
+    """A PING id over 64 bytes."""
+
+
+def encode(op: int, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    return HEADER.pack(len(payload) + 1) + bytes((op,)) + payload
+
+
+def encode_work(io_us: int, cpu_us: int, data: bytes = b"") -> bytes:
+    """A WORK request: wait io_us, then compute cpu_us, then echo the payload."""
+    return encode(WORK, WORK_HEADER.pack(io_us, cpu_us) + data)
+
+
+def parse_work(payload: bytes) -> tuple[int, int]:
+    """(io_us, cpu_us) of a WORK payload."""
+    if len(payload) < WORK_HEADER.size:
+        raise ShortWork(f"WORK payload is {len(payload)} bytes, needs at least 8 (io_us, cpu_us)")
+    return WORK_HEADER.unpack_from(payload)
+
+
+def check_request(op: int, payload: bytes) -> None:
+    """Raise the ProtocolError a server answers to this frame, if any."""
+    if op == ECHO or op == STATS:
+        return
+    if op == PING:
+        if len(payload) > MAX_PING_PAYLOAD:
+            raise PingTooLong(f"PING payload is {len(payload)} bytes, at most {MAX_PING_PAYLOAD} allowed")
+    elif op == WORK:
+        parse_work(payload)
+    else:
+        raise UnknownOp(f"unknown op 0x{op:02x}")
+
+
+class FrameDecoder:
+    """Turns a byte stream, in chunks of any size, into (op, payload) frames."""
+
+    __slots__ = ("max_frame", "_buffer")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add received bytes; return every frame they complete, in order."""
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        start, end = 0, len(buffer)
+        while end - start >= 4:
+            (length,) = HEADER.unpack_from(buffer, start)
+            if length == 0 or length > self.max_frame:
+                buffer.clear()
+                error = BadLength(f"frame length {length} outside 1..{self.max_frame}")
+                error.frames = frames
+                raise error
+            if end - start - 4 < length:
+                break
+            frames.append((buffer[start + 4], bytes(buffer[start + 5:start + 4 + length])))
+            start += 4 + length
+        if start:
+            del buffer[:start]
+        return frames

@@ -1,0 +1,175 @@
+"""What one connection does, whatever the concurrency model: bytes in -> requests.
+
+A backend owns the socket and the waiting; a ``Session`` owns everything else:
+decoding (through the sans-I/O codec), answering ECHO/PING/STATS at once,
+describing WORK (how long to wait, how long to compute), counting, and the
+idle/frame deadlines. Every backend drives it with the same few lines::
+
+    while not session.closing:
+        data = <read, giving up at session.deadline>   # timeout -> session.expire()
+        for request in session.feed(data):
+            <wait request.io_s the model's own way>
+            <send request.run()>
+
+so two backend files side by side differ only in how they wait and send.
+Replies that need no waiting are coalesced into one Request per read, which
+makes one send per read the common case.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from . import protocol
+from .config import ServerConfig
+from .protocol import ECHO, ERROR, PING, PONG, STATS, WORK, ProtocolError
+from .stats import Stats
+
+HEADER = protocol.HEADER
+WORK_HEADER = protocol.WORK_HEADER
+MAX_PING_PAYLOAD = protocol.MAX_PING_PAYLOAD
+SERVER_BUSY = protocol.encode(ERROR, b"server busy")
+
+
+def burn(cpu_us: int) -> None:
+    """Compute for cpu_us microseconds (a busy loop: in CPython it holds the GIL)."""
+    end = time.perf_counter() + cpu_us / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+class Request:
+    """One thing to answer: wait io_s (the model's way), then ``run()`` for the reply bytes."""
+
+    __slots__ = ("io_s", "cpu_us", "reply", "session")
+
+    def __init__(self, reply: bytes, io_s: float = 0.0, cpu_us: int = 0, session: "Session | None" = None):
+        self.reply, self.io_s, self.cpu_us, self.session = reply, io_s, cpu_us, session
+
+    def run(self) -> bytes:
+        if self.cpu_us:
+            burn(self.cpu_us)
+        if self.session is not None:
+            self.session.idle_since = time.monotonic()
+        return self.reply
+
+
+class Session:
+    """The sans-I/O state of one framed connection."""
+
+    def __init__(self, config: ServerConfig, stats: Stats) -> None:
+        self.stats = stats
+        self.decoder = protocol.FrameDecoder(config.max_frame)
+        self.idle_timeout = config.idle_timeout
+        self.frame_timeout = config.frame_timeout
+        self.idle_since = time.monotonic()
+        self.frame_started: float | None = None
+        self.closing = False
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time at which this connection expires if nothing more arrives."""
+        idle_end = self.idle_since + self.idle_timeout
+        if self.frame_started is None:
+            return idle_end
+        return min(idle_end, self.frame_started + self.frame_timeout)
+
+    def timeout(self) -> float:
+        """Seconds left until the deadline (never 0, which sockets read as 'non-blocking')."""
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def expire(self) -> bytes:
+        """The deadline passed: count it, mark the session closing, return the ERROR to send."""
+        mid_frame = self.frame_started is not None and time.monotonic() >= self.frame_started + self.frame_timeout
+        reason = "frame timeout" if mid_frame else "idle timeout"
+        self.stats.count("frame_timeouts" if mid_frame else "idle_timeouts")
+        return self._close_with(reason)
+
+    def _close_with(self, reason: str) -> bytes:
+        self.closing = True
+        reply = protocol.encode(ERROR, reason.encode())
+        self.stats.record(0, 0, len(reply))
+        return reply
+
+    def feed(self, data: bytes) -> list[Request]:
+        """Take received bytes; return the requests they complete, in order."""
+        error = None
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            frames, error = exc.frames, exc
+        now = time.monotonic()
+        if frames:
+            self.idle_since = now
+        if not self.decoder.mid_frame:
+            self.frame_started = None
+        elif frames or self.frame_started is None:
+            self.frame_started = now
+        requests, error = self._answer(frames, error, len(data))
+        if error is not None:
+            self.stats.count("protocol_errors")
+            requests.append(Request(self._close_with(str(error))))
+        return requests
+
+    def _answer(self, frames, error, bytes_in):
+        """Requests for decoded frames; stops at the first frame that breaks the protocol."""
+        requests: list[Request] = []
+        ready: list[bytes] = []        # replies that need no waiting, coalesced into one send
+        count = bytes_out = 0
+        for op, payload in frames:
+            if op == ECHO:
+                reply = HEADER.pack(len(payload) + 1) + b"\x01" + payload
+            elif op == PING and len(payload) <= MAX_PING_PAYLOAD:
+                reply = HEADER.pack(len(payload) + 1) + b"\x03" + payload
+            elif op == WORK and len(payload) >= WORK_HEADER.size:
+                io_us, cpu_us = WORK_HEADER.unpack_from(payload)
+                if ready:
+                    requests.append(Request(b"".join(ready)))
+                    ready = []
+                reply = HEADER.pack(len(payload) + 1) + b"\x04" + payload
+                requests.append(Request(reply, io_us / 1e6, cpu_us, self))
+                count, bytes_out = count + 1, bytes_out + len(reply)
+                continue
+            elif op == STATS:
+                self.stats.record(count + 1, bytes_in, bytes_out)   # the snapshot includes this read
+                count = bytes_in = bytes_out = 0
+                reply = protocol.encode(STATS, json.dumps(self.stats.snapshot()).encode())
+                self.stats.record(0, 0, len(reply))
+                ready.append(reply)
+                continue
+            else:
+                try:
+                    protocol.check_request(op, payload)
+                except ProtocolError as exc:
+                    error = exc
+                    break
+            ready.append(reply)
+            count, bytes_out = count + 1, bytes_out + len(reply)
+        if ready:
+            requests.append(Request(b"".join(ready) if len(ready) > 1 else ready[0]))
+        self.stats.record(count, bytes_in, bytes_out)
+        return requests, error
+
+
+class RawSession(Session):
+    """RFC 862 echo: every byte received goes back unchanged; no frames, no frame timeout."""
+
+    def feed(self, data: bytes) -> list[Request]:
+        self.idle_since = time.monotonic()
+        self.stats.record(1, len(data), len(data))
+        return [Request(data)]
+
+    def expire(self) -> bytes:
+        self.stats.count("idle_timeouts")
+        self.closing = True
+        return b""
+
+
+def open_session(config: ServerConfig, stats: Stats) -> Session:
+    """A new session for an accepted connection, in the configured protocol."""
+    return (RawSession if config.protocol == "raw" else Session)(config, stats)
+
+
+def rejection(config: ServerConfig) -> bytes:
+    """What an over-the-cap connection is told before it is closed (raw mode: nothing)."""
+    return b"" if config.protocol == "raw" else SERVER_BUSY

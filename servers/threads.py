@@ -1,0 +1,70 @@
+"""Thread per connection: the simplest model, and the one the others are measured against.
+
+The main thread accepts; every connection gets its own OS thread that reads,
+waits and writes with plain blocking calls. The code is as straightforward as
+concurrency gets, and the kernel does all the scheduling. The costs are what
+the lab measures: a stack per thread (8 MiB of *virtual* memory by default,
+a few KiB resident), a kernel context switch per hand-off, and, in CPython,
+one GIL that lets only one thread compute at a time.
+
+WORK's wait is ``time.sleep``: it releases the GIL, so other connections are
+served meanwhile.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals
+from .session import open_session, rejection
+
+RECV_SIZE = 65536
+
+
+def serve(listener, config, stats) -> None:
+    connections = ConnectionSet()
+    announce(listener)
+    with graceful_signals():
+        try:
+            while True:
+                sock, _ = listener.accept()
+                if not stats.try_open():
+                    reject(sock, config)
+                    continue
+                connections.add(sock)
+                threading.Thread(target=handle, args=(sock, config, stats, connections), daemon=True).start()
+        except Shutdown:
+            pass
+    ignore_signals()
+    listener.close()
+    stats.aborted = connections.drain(config.drain_timeout)
+
+
+def reject(sock, config) -> None:
+    with contextlib.suppress(OSError), sock:
+        sock.sendall(rejection(config))
+
+
+def handle(sock, config, stats, connections) -> None:
+    session = open_session(config, stats)
+    try:
+        while not session.closing:
+            sock.settimeout(session.timeout())
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                sock.sendall(session.expire())
+                break
+            if not data:
+                break
+            for request in session.feed(data):
+                if request.io_s:
+                    time.sleep(request.io_s)
+                sock.sendall(request.run())
+    except OSError:
+        pass                                   # reset by the peer, or aborted by the drain
+    finally:
+        connections.discard(sock)
+        sock.close()
+        stats.closed()
