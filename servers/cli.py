@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from . import BACKENDS, load, unavailable_reason
+from . import BACKENDS, load, metrics, unavailable_reason
 from .base import StartupError, open_listener, warn
 from .config import add_arguments, from_namespace
 from .stats import Stats
@@ -57,7 +57,13 @@ def cmd_serve(args) -> int:
     if args.backend == "go":                        # its own program: exec it, it prints the same lines
         return serve(config)
     stats = Stats(args.backend, config.max_conns)
-    serve(open_listener(config), config, stats)
+    listener = open_listener(config)
+    exporter = None
+    if config.metrics_port is not None:
+        exporter = metrics.start(config.host, config.metrics_port, stats, listener.getsockname()[1])
+    serve(listener, config, stats)
+    if exporter is not None:
+        exporter.shutdown()
     print(json.dumps({"event": "stopped", **stats.snapshot(), "connections_aborted": stats.aborted}), flush=True)
     return 0
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: a virtualenv in .venv with the lab installed,
+# and the Go toolchain for the goroutine reference backend (Debian's golang-go, as root).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet -e ".[test]"
+if ! command -v go >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Go (apt-get install golang-go) for the go backend..." >&2
+        apt-get update -qq >/dev/null && apt-get install -y -qq golang-go >/dev/null \
+            || echo "setup: could not install Go; the go backend will be reported unavailable" >&2
+    else
+        echo "setup: no Go toolchain and not root: the go backend is unavailable (apt-get install golang-go)" >&2
+    fi
+fi
