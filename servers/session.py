@@ -54,11 +54,51 @@ class Request:
         return self.reply
 
 
+class TokenBucket:
+    """The seed article's rate limiter: ``rate`` tokens per second, at most ``burst`` saved.
+
+    ``delay_for`` takes a token and says how long the request must wait for it.
+    The bucket may go into debt; a waiting request pays the debt back by time,
+    which is what makes delay mode smooth like a leaky bucket. One bucket
+    belongs to one connection, so it needs no lock in any model.
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "released")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+        self.released = now         # when the previous delayed request was let through
+
+    def available(self, now: float) -> bool:
+        """Take a token if there is one (reject mode)."""
+        self._refill(now)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def delay_for(self, now: float) -> float:
+        """Take a token, in debt if need be; seconds to wait after the previous request (delay mode)."""
+        self._refill(now)
+        self.tokens -= 1
+        release = now if self.tokens >= 0 else now - self.tokens / self.rate
+        wait = max(0.0, release - max(now, self.released))
+        self.released = release
+        return wait
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+
 class Session:
     """The sans-I/O state of one framed connection."""
 
     def __init__(self, config: ServerConfig, stats: Stats) -> None:
         self.stats = stats
+        now = time.monotonic()
+        self.bucket = None if config.rate_limit is None else TokenBucket(config.rate_limit, config.effective_burst, now)
+        self.reject_over_rate = config.rate_limit_mode == "reject"
         self.decoder = protocol.FrameDecoder(config.max_frame)
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
@@ -105,7 +145,10 @@ class Session:
             self.frame_started = None
         elif frames or self.frame_started is None:
             self.frame_started = now
-        requests, error = self._answer(frames, error, len(data))
+        if self.bucket is not None:
+            requests, error = self._answer_limited(frames, error, len(data), now)
+        else:
+            requests, error = self._answer(frames, error, len(data))
         if error is not None:
             self.stats.count("protocol_errors")
             requests.append(Request(self._close_with(str(error))))
@@ -150,6 +193,31 @@ class Session:
         self.stats.record(count, bytes_in, bytes_out)
         return requests, error
 
+
+    def _answer_limited(self, frames, error, bytes_in, now):
+        """Like _answer, one frame at a time, each first taking a token from the bucket."""
+        requests: list[Request] = []
+        for index, frame in enumerate(frames):
+            if self.reject_over_rate:
+                if not self.bucket.available(now):
+                    self.stats.count("rate_limited")
+                    reply = protocol.encode(ERROR, b"rate limited")
+                    self.stats.record(1, bytes_in, len(reply))
+                    requests.append(Request(reply))
+                    bytes_in = 0
+                    continue
+                delay = 0.0
+            else:
+                delay = self.bucket.delay_for(now)
+            answered, error = self._answer([frame], None, bytes_in)
+            bytes_in = 0
+            if answered and delay:
+                first = answered[0]
+                answered[0] = Request(first.reply, first.io_s + delay, first.cpu_us, self)
+            requests += answered
+            if error is not None:
+                break
+        return requests, error
 
 class RawSession(Session):
     """RFC 862 echo: every byte received goes back unchanged; no frames, no frame timeout."""

@@ -46,7 +46,7 @@ def reject(sock, config) -> None:
         sock.sendall(rejection(config))
 
 
-def handle(sock, config, stats, connections) -> None:
+def handle(sock, config, stats, connections, sleep=time.sleep) -> None:
     session = open_session(config, stats)
     try:
         while not session.closing:
@@ -60,7 +60,7 @@ def handle(sock, config, stats, connections) -> None:
                 break
             for request in session.feed(data):
                 if request.io_s:
-                    time.sleep(request.io_s)
+                    sleep(request.io_s)
                 sock.sendall(request.run())
     except OSError:
         pass                                   # reset by the peer, or aborted by the drain

@@ -16,10 +16,12 @@ from servers.protocol import FrameDecoder
 START_TIMEOUT = 60.0      # the go backend compiles itself on first use
 IO_TIMEOUT = 10.0
 
-# Every test that takes a ``backend`` runs once per entry: (id, backend, extra options).
+# Every test that takes a ``variant`` runs once per entry: (id, backend, extra options).
+# The connection-dispatch pool gets 32 workers so the suite's 30 simultaneous clients fit;
+# its head-of-line blocking with fewer workers has a test of its own (test_threadpool.py).
 VARIANTS = [
     ("threads", "threads", []),
-    ("threadpool", "threadpool", []),
+    ("threadpool", "threadpool", ["--workers", "32"]),
     ("threadpool-request", "threadpool", ["--dispatch", "request"]),
     ("asyncio", "asyncio", []),
     ("uvloop", "uvloop", []),

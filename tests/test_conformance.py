@@ -61,13 +61,15 @@ def test_work_waits_overlap_across_connections(shared_server):
     """30 clients each wait 300 ms: served one after another that is 9 s; overlapped, well under 3 s."""
     frame = protocol.encode_work(300_000, 0, b"w")
     clients = [shared_server.connect() for _ in range(30)]
-    began = time.monotonic()
-    for client in clients:
-        client.send(frame)
-    replies = [client.recv_frame() for client in clients]
-    elapsed = time.monotonic() - began
-    for client in clients:
-        client.close()
+    try:
+        began = time.monotonic()
+        for client in clients:
+            client.send(frame)
+        replies = [client.recv_frame() for client in clients]
+        elapsed = time.monotonic() - began
+    finally:
+        for client in clients:
+            client.close()
     assert all(reply[0] == WORK for reply in replies)
     assert elapsed < 3.0, f"30 WORK waits took {elapsed:.2f}s: they did not overlap"
 

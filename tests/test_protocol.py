@@ -150,3 +150,24 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="max-conns"):
         ServerConfig(max_conns=0)
     assert ServerConfig(max_conns=5, idle_timeout=1.5).argv() == ["--max-conns", "5", "--idle-timeout", "1.5"]
+
+
+def test_token_bucket_delay_spaces_requests_at_the_rate():
+    from servers.session import TokenBucket
+    bucket = TokenBucket(rate=10, burst=2, now=0.0)
+    waits = [bucket.delay_for(0.0) for _ in range(5)]
+    assert waits == pytest.approx([0, 0, 0.1, 0.1, 0.1])
+    assert bucket.delay_for(10.0) == 0          # a long pause refills the bucket
+
+
+def test_rate_limit_reject_mode_answers_rate_limited_and_stays_open():
+    session, stats = new_session(rate_limit=1000, burst=2, rate_limit_mode="reject")
+    got = replies(session, protocol.encode(PING) * 4)
+    assert got == [(PONG, b""), (PONG, b""), (ERROR, b"rate limited"), (ERROR, b"rate limited")]
+    assert not session.closing and stats.rate_limited == 2 and stats.requests_total == 4
+
+
+def test_rate_limit_delay_mode_adds_waits_in_order():
+    session, _ = new_session(rate_limit=100, burst=1)
+    requests = session.feed(protocol.encode(ECHO, b"a") * 3)
+    assert [r.io_s for r in requests] == pytest.approx([0, 0.01, 0.01])

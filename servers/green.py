@@ -1,0 +1,121 @@
+"""A greenlet per connection (gevent): code that reads like threads, scheduled like an event loop.
+
+A *greenlet* is a coroutine with its own small stack: switching to another is a
+jump in user space, no kernel and no GIL hand-off, so 10,000 of them cost a few
+KiB each. One special greenlet, the *hub*, runs the event loop (libev by
+default, libuv with GEVENT_LOOP=libuv): it waits in epoll for ready sockets
+and expired timers and switches to the greenlet waiting on each. ``handle``
+below is ``threads.handle`` line for line, but for what its blocking calls are.
+``sock.recv`` on a gevent socket tries the syscall, and on EWOULDBLOCK parks
+the greenlet on an I/O watcher and switches to the hub; ``gevent.sleep``
+parks it on a timer. Switching is *cooperative*: it happens only there.
+
+So a CPU loop (WORK's ``cpu_us``) never switches: while it burns, the hub
+does not run, and every other connection, the accept loop and every timeout
+waits behind it. Threads are preempted (the GIL changes hands every 5 ms);
+greenlets are not.
+
+No monkey-patching: ``gevent.monkey.patch_all()`` would swap the stdlib's
+socket, time and threading for gevent's across the whole process. Here only
+the objects this module makes (StreamServer's accepted sockets,
+``gevent.sleep``) yield, so the hub stays on this thread and a metrics
+thread stays a real OS thread. The shared ``Stats`` keeps its plain
+``threading.Lock``: no greenlet switch happens while it is held, so
+greenlets never contend for it, and a real thread beside the hub still can.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Group
+from gevent.server import StreamServer
+
+from .base import ConnectionSet, abort, announce, ignore_signals
+from .session import open_session, rejection
+
+RECV_SIZE = 65536
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
+
+
+def serve(listener, config, stats) -> None:
+    connections, greenlets, stop = ConnectionSet(), Group(), Event()
+
+    def admit(sock, _address):                 # runs in the connection's own greenlet
+        if stats.try_open():
+            handle(sock, config, stats, connections)
+        else:
+            reject(sock, config)
+
+    listener.setblocking(False)                # StreamServer accepts until EWOULDBLOCK
+    server = StreamServer(listener, admit, spawn=greenlets.spawn)
+    watchers = [gevent.signal_handler(sig, stop.set) for sig in STOP_SIGNALS]
+    try:
+        server.start()
+        announce(listener)
+        stop.wait()                            # the hub serves everyone meanwhile
+        server.close()                         # stop accepting at once: closes the listener
+        stats.aborted = drain(connections, greenlets, config.drain_timeout)
+    finally:
+        greenlets.kill(timeout=KILL_GRACE)     # none outlives serve, even if it failed
+        for watcher in watchers:               # a second signal during the drain only re-set stop
+            watcher.cancel()
+        ignore_signals()
+        gevent.get_hub().destroy(destroy_loop=True)   # like asyncio.run closing its loop: epoll fd and all
+
+
+def drain(connections, greenlets, timeout: float) -> int:
+    """Graceful shutdown (docs/protocol.md section 4); returns how many connections were aborted.
+
+    The plain sockets are shut, not gevent's wrappers: gevent's ``shutdown(SHUT_RD)``
+    throws EBADF into a greenlet waiting in recv at once, dropping a request the
+    kernel already holds; the plain one wakes it through epoll, buffered bytes first,
+    then EOF, as in the threads backend. Leftovers are killed, not waited for:
+    unlike a thread, a greenlet parked in ``gevent.sleep`` can be cancelled.
+    """
+    gevent.sleep(0)                            # greenlets from the last accepts reach their first recv
+    for sock in connections.snapshot():
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+    if greenlets.join(timeout):
+        return 0
+    left = connections.snapshot()
+    for sock in left:
+        abort(sock)
+    greenlets.kill(timeout=KILL_GRACE)         # GreenletExit at their switch point; finally closes
+    return len(left)
+
+
+def reject(sock, config) -> None:
+    with contextlib.suppress(OSError), sock:
+        sock.sendall(rejection(config))
+
+
+def handle(sock, config, stats, connections) -> None:
+    session = open_session(config, stats)
+    plain = sock._sock                         # the stdlib-level socket under gevent's wrapper (see drain)
+    connections.add(plain)
+    try:
+        while not session.closing:
+            sock.settimeout(session.timeout())
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                sock.sendall(session.expire())
+                break
+            if not data:
+                break
+            for request in session.feed(data):
+                if request.io_s:
+                    gevent.sleep(request.io_s)
+                sock.sendall(request.run())
+    except OSError:
+        pass                                   # reset by the peer, or aborted by the drain
+    finally:
+        connections.discard(plain)
+        sock.close()
+        stats.closed()
