@@ -69,7 +69,8 @@ class ServerConfig:
 
     @property
     def effective_burst(self) -> float | None:
-        return None if self.rate_limit is None else (self.burst or self.rate_limit)
+        """The bucket size: --burst, else the rate, and never under one whole token."""
+        return None if self.rate_limit is None else max(self.burst or self.rate_limit, 1.0)
 
     def argv(self) -> list[str]:
         """These settings as command-line options (for the Go server and subprocesses)."""

@@ -197,12 +197,14 @@ class Session:
     def _answer_limited(self, frames, error, bytes_in, now):
         """Like _answer, one frame at a time, each first taking a token from the bucket."""
         requests: list[Request] = []
-        for index, frame in enumerate(frames):
-            if self.reject_over_rate:
+        for frame in frames:
+            if frame[0] == STATS:
+                delay = 0.0                 # the lab can always read its counters
+            elif self.reject_over_rate:
                 if not self.bucket.available(now):
                     self.stats.count("rate_limited")
                     reply = protocol.encode(ERROR, b"rate limited")
-                    self.stats.record(1, bytes_in, len(reply))
+                    self.stats.record(0, bytes_in, len(reply))     # refused: not a request served
                     requests.append(Request(reply))
                     bytes_in = 0
                     continue

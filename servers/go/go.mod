@@ -1,0 +1,3 @@
+module conclab/goserver
+
+go 1.19
