@@ -80,6 +80,12 @@ def ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def no_delay(sock) -> None:
+    """Send small replies at once (no Nagle), as asyncio, uvloop and Go do by default."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def abort(sock) -> None:
     """Close with RST at once (SO_LINGER 0): the end of the drain deadline."""
     with contextlib.suppress(OSError):

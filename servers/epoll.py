@@ -38,7 +38,7 @@ import time
 from collections import deque
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
-from .base import abort, announce, ignore_signals
+from .base import abort, announce, ignore_signals, no_delay
 from .session import open_session, rejection
 
 RECV_SIZE = 65536              # one recv per readiness event
@@ -188,8 +188,7 @@ class Loop:
             with contextlib.suppress(OSError), sock:
                 sock.send(rejection(self.config))      # a few bytes: an empty send buffer takes them
             return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as Go and asyncio do
+        no_delay(sock)
         conn = Connection(sock, open_session(self.config, self.stats))
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, EPOLLIN)

@@ -4,8 +4,9 @@ A *greenlet* is a coroutine with its own small stack: switching to another is a
 jump in user space, no kernel and no GIL hand-off, so 10,000 of them cost a few
 KiB each. One special greenlet, the *hub*, runs the event loop (libev by
 default, libuv with GEVENT_LOOP=libuv): it waits in epoll for ready sockets
-and expired timers and switches to the greenlet waiting on each. ``handle``
-below is ``threads.handle`` line for line, but for what its blocking calls are.
+and expired timers and switches to the greenlet waiting on each. Each
+connection runs ``threads.handle`` itself, unchanged but for its sleep:
+only what its blocking calls do differs.
 ``sock.recv`` on a gevent socket tries the syscall, and on EWOULDBLOCK parks
 the greenlet on an I/O watcher and switches to the hub; ``gevent.sleep``
 parks it on a timer. Switching is *cooperative*: it happens only there.
@@ -35,9 +36,8 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from .base import ConnectionSet, abort, announce, ignore_signals
-from .session import open_session, rejection
+from .threads import handle, reject
 
-RECV_SIZE = 65536
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
 
@@ -47,7 +47,8 @@ def serve(listener, config, stats) -> None:
 
     def admit(sock, _address):                 # runs in the connection's own greenlet
         if stats.try_open():
-            handle(sock, config, stats, connections)
+            connections.add(sock)
+            handle(sock, config, stats, connections, sleep=gevent.sleep)   # threads.py's, verbatim
         else:
             reject(sock, config)
 
@@ -80,7 +81,7 @@ def drain(connections, greenlets, timeout: float) -> int:
     gevent.sleep(0)                            # greenlets from the last accepts reach their first recv
     for sock in connections.snapshot():
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RD)
+            sock._sock.shutdown(socket.SHUT_RD)  # the stdlib-level socket under gevent's wrapper
     if greenlets.join(timeout):
         return 0
     left = connections.snapshot()
@@ -90,32 +91,3 @@ def drain(connections, greenlets, timeout: float) -> int:
     return len(left)
 
 
-def reject(sock, config) -> None:
-    with contextlib.suppress(OSError), sock:
-        sock.sendall(rejection(config))
-
-
-def handle(sock, config, stats, connections) -> None:
-    session = open_session(config, stats)
-    plain = sock._sock                         # the stdlib-level socket under gevent's wrapper (see drain)
-    connections.add(plain)
-    try:
-        while not session.closing:
-            sock.settimeout(session.timeout())
-            try:
-                data = sock.recv(RECV_SIZE)
-            except TimeoutError:
-                sock.sendall(session.expire())
-                break
-            if not data:
-                break
-            for request in session.feed(data):
-                if request.io_s:
-                    gevent.sleep(request.io_s)
-                sock.sendall(request.run())
-    except OSError:
-        pass                                   # reset by the peer, or aborted by the drain
-    finally:
-        connections.discard(plain)
-        sock.close()
-        stats.closed()

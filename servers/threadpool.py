@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import ConnectionSet, Shutdown, abort, announce, graceful_signals, ignore_signals
+from .base import ConnectionSet, Shutdown, abort, announce, graceful_signals, ignore_signals, no_delay
 from .session import Request, open_session
 from .threads import RECV_SIZE, handle, reject
 
@@ -141,6 +141,7 @@ class RequestLoop:
             reject(sock, self.config)
             return
         sock.settimeout(self.config.idle_timeout)   # bounds a worker's sendall to a client that never reads
+        no_delay(sock)
         self.connections.add(sock)
         self.selector.register(sock, selectors.EVENT_READ, Connection(sock, open_session(self.config, self.stats)))
 

@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 
-from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals
+from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals, no_delay
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
@@ -48,6 +48,7 @@ def reject(sock, config) -> None:
 
 def handle(sock, config, stats, connections, sleep=time.sleep) -> None:
     session = open_session(config, stats)
+    no_delay(sock)
     try:
         while not session.closing:
             sock.settimeout(session.timeout())
