@@ -22,7 +22,7 @@ import time
 
 from . import protocol
 from .config import ServerConfig
-from .protocol import ECHO, ERROR, PING, PONG, STATS, WORK, ProtocolError
+from .protocol import ECHO, ERROR, PING, STATS, WORK, ProtocolError
 from .stats import Stats
 
 HEADER = protocol.HEADER

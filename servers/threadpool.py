@@ -26,9 +26,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import ConnectionSet, Shutdown, abort, announce, graceful_signals, ignore_signals, no_delay
+from .base import ConnectionSet, abort, announce, ignore_signals, no_delay
 from .session import Request, open_session
-from .threads import RECV_SIZE, handle, reject
+from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
 SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and the stop flag, s
 THREAD_NAME_PREFIX = "conclab-pool"
@@ -54,18 +54,8 @@ def serve(listener, config, stats) -> None:
 
 def serve_connections(listener, config, stats, pool, connections, wait) -> int:
     """A worker per connection: threads.py's accept loop with submit() for Thread().start()."""
-    announce(listener)
-    with graceful_signals():
-        try:
-            while True:
-                sock, _ = listener.accept()
-                if not stats.try_open():
-                    reject(sock, config)
-                    continue
-                connections.add(sock)
-                pool.submit(handle, sock, config, stats, connections, wait)
-        except Shutdown:
-            pass
+    accept_until_signalled(listener, config, stats, connections,
+                           lambda sock: pool.submit(handle, sock, config, stats, connections, wait))
     return drain(listener, config, connections, wait)
 
 

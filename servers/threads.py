@@ -24,6 +24,18 @@ RECV_SIZE = 65536
 
 def serve(listener, config, stats) -> None:
     connections = ConnectionSet()
+
+    def start(sock):
+        threading.Thread(target=handle, args=(sock, config, stats, connections), daemon=True).start()
+
+    accept_until_signalled(listener, config, stats, connections, start)
+    ignore_signals()
+    listener.close()
+    stats.aborted = connections.drain(config.drain_timeout)
+
+
+def accept_until_signalled(listener, config, stats, connections, start) -> None:
+    """Accept each connection and ``start`` its handler, until SIGTERM or SIGINT."""
     announce(listener)
     with graceful_signals():
         try:
@@ -33,12 +45,9 @@ def serve(listener, config, stats) -> None:
                     reject(sock, config)
                     continue
                 connections.add(sock)
-                threading.Thread(target=handle, args=(sock, config, stats, connections), daemon=True).start()
+                start(sock)
         except Shutdown:
             pass
-    ignore_signals()
-    listener.close()
-    stats.aborted = connections.drain(config.drain_timeout)
 
 
 def reject(sock, config) -> None:
