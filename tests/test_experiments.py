@@ -1,0 +1,335 @@
+"""The experiments harness: a tiny real run, its files and columns, skips, fits, the loadgen adapter, clean stops."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from experiments import EXPERIMENTS, cli, load, memory, processes, summary, switch, variants
+from experiments.fit import least_squares
+from experiments.server import ServerProcess, ServerStartError
+from experiments.tables import COLUMNS, ColumnError, TableWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "experiments.md"
+BACKENDS = "threads,asyncio,uvloop"        # uvloop is made "unavailable" to check that skips are recorded
+SKIP_REASON = "pretend-missing: this test says uvloop cannot run here"
+RUN_ID = "test-run"
+
+# A stand-in load generator: the CLI and JSON of DESIGN.md section 5 and nothing more. Only these
+# tests use it, to show the adapter depends on that contract alone; the harness run uses the real one.
+FAKE_LOADGEN = r'''
+import argparse, json, socket, struct, sys, time
+p = argparse.ArgumentParser()
+for name in ("--target", "--mode", "--op", "--work", "--cpus"):
+    p.add_argument(name)
+for name in ("--conns", "--size", "--pipeline", "--procs"):
+    p.add_argument(name, type=int, default=0)
+for name in ("--duration", "--rate", "--warmup", "--connect-rate"):
+    p.add_argument(name, type=float, default=0.0)
+p.add_argument("--json", action="store_true")
+a = p.parse_args()
+host, port = a.target.rsplit(":", 1)
+socks = [socket.create_connection((host, int(port)), timeout=5) for _ in range(a.conns)]
+frame = struct.pack(">IB", 1 + a.size, 1) + b"x" * a.size
+done, t0 = 0, time.monotonic()
+while time.monotonic() - t0 < a.duration:
+    for s in socks:
+        s.sendall(frame)
+        got = 0
+        while got < len(frame):
+            got += len(s.recv(len(frame) - got))
+        done += 1
+elapsed = time.monotonic() - t0
+print("a line that is not JSON")
+print(json.dumps({"params": vars(a), "requests": done, "errors": {}, "duration_s": elapsed,
+                  "throughput_rps": done / elapsed, "latency_us": {"p50": 50, "p90": 60, "p99": 70, "p999": 80,
+                  "p9999": 90, "max": 100}, "loadgen_cpu_percent": 10.0, "loadgen_saturated": False}))
+'''
+
+
+def pretend_uvloop_missing(backend: str):
+    return SKIP_REASON if backend == "uvloop" else None
+
+
+def experiment_children() -> list:
+    """Servers, load generators or benchmarks still running under this test process."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if re.search(r"servers|loadgen|switchbench", cmdline):
+            found.append(cmdline)
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``conclab run all --profile tiny`` for two backends (plus one made unavailable), with the real load generator."""
+    results = tmp_path_factory.mktemp("results")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(variants, "unavailable_reason", pretend_uvloop_missing)
+    patch.setattr(switch, "go_command", lambda run: "no Go in this test (kept fast)")
+    started = time.monotonic()
+    try:
+        code = cli.main(["all", "--profile", "tiny", "--backends", BACKENDS, "--results", str(results),
+                         "--run-id", RUN_ID])
+    finally:
+        patch.undo()
+    return code, results / RUN_ID, time.monotonic() - started
+
+
+def read(run_dir: Path, table: str) -> pd.DataFrame:
+    return pd.read_csv(run_dir / f"{table}.csv")
+
+
+# -- the tiny run ---------------------------------------------------------------------------------
+
+def test_tiny_run_writes_every_table_with_documented_columns(tiny_run):
+    code, run_dir, _ = tiny_run
+    assert code == 0
+    for table in COLUMNS:
+        frame = read(run_dir, table)
+        assert list(frame.columns) == list(COLUMNS[table]), table
+        assert (frame.run_id == RUN_ID).all(), table
+    for experiment in EXPERIMENTS:
+        frame = read(run_dir, experiment)
+        assert set(frame.variant) >= {"threads", "asyncio"} or experiment == "switch", experiment
+        assert "uvloop" not in set(frame.variant), experiment
+
+
+def test_tiny_run_measured_sensible_values(tiny_run):
+    _, run_dir, _ = tiny_run
+    mem = read(run_dir, "memory")
+    assert sorted(mem.n_target.unique()) == [0, 30]
+    assert (mem[mem.n_target == 30].n_conns == 30).all()
+    assert (mem.rss_kib > 1000).all() and (mem.vms_kib >= mem.rss_kib).all()
+    threads = mem[mem.variant == "threads"].set_index("n_target").threads
+    assert threads[30] - threads[0] == 30                      # a thread per connection
+    assert (read(run_dir, "throughput").throughput_rps > 0).all()
+    assert (read(run_dir, "throughput").server_cpu_percent >= 0).all()
+    io = read(run_dir, "io_bound")
+    assert (io.little_ceiling_rps == 8 / 0.01).all()           # 8 conns, 10 ms each
+    fits = read(run_dir, "memory_fit")
+    assert set(fits.metric) == set(memory.FIT_METRICS)
+    c10k = read(run_dir, "c10k")
+    assert (c10k.held == 40).all() and (c10k.requests > 0).all()
+    micro = read(run_dir, "switch")
+    assert (micro[micro.backend == "micro"].ns_per_switch > 0).all()
+    assert set(micro[micro.bench == "server_per_request"].variant) == {"threads", "asyncio"}
+    assert len(read(run_dir, "samples")) > 10
+
+
+def test_tiny_run_records_skips_with_reasons(tiny_run):
+    _, run_dir, _ = tiny_run
+    skipped = read(run_dir, "skipped")
+    uv = skipped[skipped.variant == "uvloop"]
+    assert sorted(uv.experiment) == sorted(EXPERIMENTS)
+    assert (uv.reason == SKIP_REASON).all()
+    go = skipped[skipped.variant.str.startswith("goroutine")]
+    assert len(go) == 2 and go.reason.str.contains("no Go").all()
+
+
+def test_tiny_run_manifest_is_complete(tiny_run):
+    _, run_dir, _ = tiny_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["run_id"] == RUN_ID
+    assert manifest["start"] <= manifest["end"]
+    host = manifest["host"]
+    for key in ("hostname", "kernel", "cpu_model", "cpu_count", "python", "packages", "rlimit_nofile"):
+        assert host[key], key
+    assert host["packages"]["psutil"] and host["python"]["version"].startswith("3.")
+    assert re.fullmatch(r"[0-9a-f]{40}", manifest["git"]["commit"] or "")
+    assert manifest["affinity"]["server_cpus"] and manifest["affinity"]["loadgen_cpus"]
+    assert manifest["parameters"]["backends"] == BACKENDS.split(",")
+    assert manifest["profile"]["name"] == "tiny"
+    assert {s["variant"] for s in manifest["skipped"]} >= {"uvloop"}
+    assert manifest["tables"]["throughput"]["columns"] == list(COLUMNS["throughput"])
+
+
+def test_tiny_run_summaries_and_targets(tiny_run):
+    _, run_dir, _ = tiny_run
+    summ = read(run_dir, "summary")
+    rss = summ[(summ.metric == "rss_kib_per_conn")]
+    assert set(rss.variant) == {"threads", "asyncio"}
+    targets = read(run_dir, "targets")
+    ratios = targets[targets.target == "throughput_ratio_to_go"]
+    assert set(ratios.variant) == {"threads", "asyncio"}
+    assert ratios.value.isna().all() and ratios.detail.str.contains("no ratio").all()  # go was not run
+    assert set(targets.target) >= {"rss_kib_per_idle_conn", "uss_kib_per_idle_conn"}
+
+
+def test_tiny_run_leaves_no_process(tiny_run):
+    assert processes.live_count() == 0
+    assert experiment_children() == []
+
+
+# -- fits -----------------------------------------------------------------------------------------
+
+def test_least_squares_recovers_kib_per_connection():
+    conns = [0, 1000, 2500, 5000, 10_000]
+    line = least_squares(conns, [30_000 + 4.5 * n for n in conns])
+    assert line.slope == pytest.approx(4.5) and line.intercept == pytest.approx(30_000) and line.r2 == pytest.approx(1)
+    noisy = [30_000 + 4.5 * n + e for n, e in zip(conns, (40, -25, 10, -30, 5))]
+    numpy = pytest.importorskip("numpy")
+    slope, intercept = numpy.polyfit(conns, noisy, 1)
+    fitted = least_squares(conns, noisy)
+    assert fitted.slope == pytest.approx(slope) and fitted.intercept == pytest.approx(intercept)
+    assert 0.99 < fitted.r2 < 1
+
+
+def test_least_squares_needs_two_distinct_points():
+    assert least_squares([5], [1.0]) is None
+    assert least_squares([5, 5, 5], [1.0, 2.0, 3.0]) is None
+    assert least_squares([0, 10, None], [1.0, "", 3.0]) is None        # empty cells are ignored
+
+
+def test_memory_fit_rows_on_synthetic_samples():
+    rows = [{"n_conns": n, "rss_kib": 25_000 + 20 * n, "uss_kib": 15_000 + 12 * n, "vms_kib": 31_000 + 8192 * n,
+             "threads": 1 + n, "fds": 4 + n} for n in (0, 100, 1000, 3000)]
+    fits = {row["metric"]: row for row in memory.fit_rows(rows)}
+    assert fits["rss_kib"]["per_conn"] == pytest.approx(20) and fits["rss_kib"]["unit"] == "KiB/conn"
+    assert fits["uss_kib"]["per_conn"] == pytest.approx(12)
+    assert fits["vms_kib"]["per_conn"] == pytest.approx(8192)                # 8 MiB of virtual stack per thread
+    assert fits["threads"]["per_conn"] == pytest.approx(1) and fits["threads"]["unit"] == "threads/conn"
+    assert fits["rss_kib"]["intercept"] == pytest.approx(25_000) and fits["rss_kib"]["n_points"] == 4
+
+
+def test_knee_is_the_highest_rate_served():
+    rows = [{"offered_rps": 1000, "throughput_rps": 999, "errors": 0},
+            {"offered_rps": 2000, "throughput_rps": 1960, "errors": 0},
+            {"offered_rps": 3000, "throughput_rps": 2100, "errors": 0}]
+    assert summary.knee(rows) == 2000
+
+
+# -- the load generator adapter ------------------------------------------------------------------
+
+def test_adapter_builds_the_contract_command_line(monkeypatch):
+    monkeypatch.delenv(load.LOADGEN_ENV, raising=False)
+    args = load.argv("127.0.0.1:9", "open", 50, 2.0, size=64, rate=1500.0, op="work", work=(10_000, 0),
+                     cpus=[1], warmup=0.25)
+    assert args[:3] == [sys.executable, "-m", "loadgen"]
+    text = " ".join(args)
+    for part in ("--target 127.0.0.1:9", "--mode open", "--conns 50", "--duration 2", "--size 64", "--rate 1500",
+                 "--op work", "--work 10000,0", "--cpus 1", "--warmup 0.25"):
+        assert part in text
+    assert args[-1] == "--json"
+
+
+def test_adapter_parses_and_flattens():
+    result = {"requests": 10, "errors": {"timeout": 2, "reset": 1}, "duration_s": 1.0, "throughput_rps": 10.0,
+              "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4, "p9999": 5, "max": 6}}
+    text = "warming up\n" + json.dumps(result, indent=2) + "\n"
+    assert load.parse(text) == result
+    assert load.parse("junk\n" + json.dumps(result) + "\nmore junk") == result
+    assert load.parse("no json at all") is None
+    row = load.flatten(result)
+    assert row["errors"] == 3 and row["p99_us"] == 3 and row["max_us"] == 6
+    assert load.connect_errors({"hold": {"failed": 7}}, 100) == 7
+    assert load.connect_errors({"connections": {"opened": 90}}, 100) == 10
+    assert load.connect_errors({}, 100) is None
+
+
+def test_adapter_runs_any_generator_with_the_contract(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_loadgen.py"
+    fake.write_text(FAKE_LOADGEN)
+    monkeypatch.setenv(load.LOADGEN_ENV, f"{sys.executable} {fake}")
+    server = ServerProcess("threads", [], None, str(tmp_path / "server"))
+    try:
+        result = load.run_load(server.target, "closed", 2, 0.3, size=16, op="echo")
+    finally:
+        server.stop()
+    assert result["requests"] > 0 and result["params"]["conns"] == 2
+    assert load.flatten(result)["p50_us"] == 50
+
+
+def test_missing_load_generator_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(load.LOADGEN_ENV, f"{sys.executable} -c \"raise SystemExit('no generator here')\"")
+    code = cli.main(["throughput", "--profile", "tiny", "--backends", "threads", "--results", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no generator here" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- command line and errors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["nonsense"], "unknown experiment"),
+    (["memory", "--backends", "threads,cobol"], "unknown backend 'cobol'"),
+    (["memory", "--server-cpus", "9999"], "not available"),
+    (["memory", "--repeat", "0"], "--repeat"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_server_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(ServerStartError, match="max-conns"):
+        ServerProcess("threads", ["--max-conns", "0"], None, str(tmp_path / "bad"))
+    assert processes.live_count() == 0
+
+
+def test_table_writer_rejects_undocumented_columns(tmp_path):
+    writer = TableWriter(str(tmp_path / "t.csv"), ("a", "b"))
+    writer.write({"a": 1.23456789, "b": None})
+    with pytest.raises(ColumnError):
+        writer.write({"a": 1, "c": 2})
+    writer.close()
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b", "1.23457,"]
+
+
+def test_docs_list_exactly_the_columns():
+    """docs/experiments.md has a table per CSV whose first column lists COLUMNS[table], in order."""
+    text = DOCS.read_text()
+    for table, columns in COLUMNS.items():
+        section = re.search(rf"^### {table}\.csv\n(.*?)(?=^### |^## |\Z)", text, re.DOTALL | re.MULTILINE)
+        assert section, f"docs/experiments.md has no section for {table}.csv"
+        documented = re.findall(r"^\| `([a-z0-9_]+)` \|", section.group(1), re.MULTILINE)
+        assert documented == list(columns), table
+
+
+# -- interruption -----------------------------------------------------------------------------------
+
+def test_interrupt_stops_everything_and_keeps_results(tmp_path):
+    """SIGINT to the harness mid-run: exit 130, manifest 'interrupted', no server or generator left."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "CONCLAB_TEST_MARKER": marker}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", "throughput,c10k", "--profile", "tiny",
+                             "--backends", "threads", "--results", str(tmp_path), "--run-id", "cut"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "[throughput]" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert len(read(tmp_path / "cut", "throughput")) >= 1
+    time.sleep(0.2)
+    leftovers = []
+    for other in psutil.process_iter(["pid"]):
+        try:
+            if other.environ().get("CONCLAB_TEST_MARKER") == marker:
+                leftovers.append(" ".join(other.cmdline()))
+        except psutil.Error:
+            continue
+    assert leftovers == []

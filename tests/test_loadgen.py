@@ -1,0 +1,265 @@
+"""The load generator against real servers over loopback: every mode, several backends.
+
+Runs are short (about a second) and bounded; nothing here asserts a speed.
+The backends: one thread-based (threads), the coroutine/event-loop ones that
+have landed (asyncio, epoll), and go when a toolchain is present.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import Server
+from loadgen import LoadParams, histo, run_load
+from loadgen.cli import add_parser
+from loadgen.report import CSV_COLUMNS, cpu_check
+from servers import BACKENDS, unavailable_reason
+
+REPO = Path(__file__).resolve().parent.parent
+BACKENDS_UNDER_TEST = ("threads", "asyncio", "epoll", "go")
+DESIGN_KEYS = {"params", "requests", "errors", "duration_s", "throughput_rps", "latency_us", "histogram",
+               "loadgen_cpu_percent", "loadgen_saturated", "machine"}
+LATENCY_KEYS = {"p50", "p90", "p99", "p999", "p9999", "max"}
+STALL_US = 50_000            # the injected server stall: one WORK waits this long
+
+
+def why_not(backend: str) -> str | None:
+    """None if the backend has landed and can run here."""
+    reason = unavailable_reason(backend)
+    if reason:
+        return reason
+    module = BACKENDS[backend][0].split(":")[0]
+    return None if importlib.util.find_spec(module) else f"{module} has not landed yet"
+
+
+@pytest.fixture(scope="module", params=BACKENDS_UNDER_TEST)
+def server(request):
+    reason = why_not(request.param)
+    if reason:
+        pytest.skip(f"{request.param}: {reason}")
+    srv = Server(request.param)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def threads_server():
+    srv = Server("threads")
+    yield srv
+    srv.close()
+
+
+def target(srv: Server) -> str:
+    host, port = srv.address
+    return f"{host}:{port}"
+
+
+def run(srv: Server, **options) -> dict:
+    return run_load(LoadParams(target=target(srv), **options))
+
+
+def check_shape(result: dict) -> None:
+    assert DESIGN_KEYS <= result.keys()
+    assert LATENCY_KEYS <= result["latency_us"].keys()
+    assert histo.decode(result["histogram"]).get_total_count() == result["requests"]
+    assert result["throughput_rps"] == pytest.approx(result["requests"] / result["duration_s"], rel=0.01)
+    json.dumps(result)
+
+
+# -- each mode against each backend ---------------------------------------------------------------
+def test_closed_loop(server):
+    result = run(server, mode="closed", conns=8, duration=0.8, warmup=0.2)
+    check_shape(result)
+    assert result["requests"] > 0 and result["errors"] == {}
+    assert result["duration_s"] == pytest.approx(0.8, abs=0.15)          # the warm-up is not in it
+    assert 0 < result["latency_us"]["p50"] <= result["latency_us"]["p99"] <= result["latency_us"]["max"]
+    assert result["connections"]["opened"] == 8
+
+
+def test_open_loop(server):
+    result = run(server, mode="open", rate=400, conns=4, duration=1.0)
+    check_shape(result)
+    assert result["errors"] == {}
+    ol = result["open_loop"]
+    assert ol["scheduled"] == pytest.approx(400, abs=8)
+    assert ol["sent"] + ol["unsent"] == ol["scheduled"]
+    assert result["requests"] == ol["sent"] - ol["unanswered"]
+    assert {"late", "unsent", "not_on_schedule", "uncorrected_latency_us"} <= ol.keys()
+
+
+def test_hold_reports_server_busy(server):
+    capped = Server(server.backend, "--max-conns", "20")
+    try:
+        result = run_load(LoadParams(target=target(capped), mode="hold", conns=40, connect_rate=400, duration=0.5))
+    finally:
+        capped.close()
+    check_shape(result)
+    hold = result["hold"]
+    assert hold["connected"] + hold["failed"] == 40
+    assert 10 <= hold["connected"] <= 20
+    assert hold["failure_reasons"].get("server_busy", 0) >= 10      # a few may see the reset instead
+    assert set(hold["failure_reasons"]) <= {"server_busy", "reset", "closed"}
+    assert hold["connect_us"]["count"] == 40
+    assert hold["held_at_end"] == hold["connected"]
+
+
+# -- measurement properties -----------------------------------------------------------------------
+def test_histogram_merge_is_exact():
+    rng = random.Random(7)
+    values = [int(rng.lognormvariate(6, 1.5)) + 1 for _ in range(20_000)]
+    parts, whole = [histo.Recorder() for _ in range(3)], histo.Recorder()
+    for i, value in enumerate(values):
+        parts[i % 3].values.append(value)
+        whole.values.append(value)
+    merged = histo.merge([p.encode() for p in parts])
+    whole.fold()
+    assert merged.get_total_count() == len(values)
+    assert list(merged.counts) == list(whole.histogram.counts)
+    assert histo.summary(merged) == histo.summary(whole.histogram)
+
+
+def test_processes_merge_exactly(threads_server):
+    result = run(threads_server, mode="closed", conns=6, procs=2, duration=0.8)
+    check_shape(result)
+    per_process = [histo.decode(h) for h in result["histograms_per_process"]]
+    assert len(per_process) == 2 == result["loadgen_procs"]
+    assert sum(h.get_total_count() for h in per_process) == result["requests"] > 0
+    merged = histo.merge(result["histograms_per_process"])
+    assert list(merged.counts) == list(histo.decode(result["histogram"]).counts)
+    assert len(result["loadgen_cpu_percent_per_process"]) == 2
+
+
+def test_open_loop_counts_the_stall_closed_loop_hides_it(threads_server):
+    """Each WORK waits 50 ms; the open loop schedules one every 25 ms on the one connection."""
+    shape = dict(op="work", work=f"{STALL_US},0", conns=1, duration=1.0)
+    closed = run(threads_server, mode="closed", **shape)
+    opened = run(threads_server, mode="open", rate=40, **shape)
+    assert closed["latency_us"]["p99"] < 2 * STALL_US                  # every request "took" 50 ms
+    assert opened["latency_us"]["p99"] > 4 * STALL_US                  # requests queued behind the stall
+    assert opened["latency_us"]["p99"] > 3 * closed["latency_us"]["p99"]
+    assert opened["open_loop"]["not_on_schedule"] > 0
+    assert opened["open_loop"]["uncorrected_latency_us"]["p99"] < 2 * STALL_US
+
+
+def test_request_shapes(threads_server):
+    piped = run(threads_server, conns=2, pipeline=8, duration=0.4, size=16)
+    ping = run(threads_server, conns=2, op="ping", size=8, duration=0.4)
+    big = run(threads_server, conns=2, size=200_000, pipeline=2, duration=0.4)
+    for result in (piped, ping, big):
+        assert result["requests"] > 0 and result["errors"] == {}
+
+
+def test_raw_protocol():
+    raw = Server("threads", "--protocol", "raw")
+    try:
+        result = run(raw, protocol="raw", size=100, conns=3, pipeline=2, duration=0.5)
+    finally:
+        raw.close()
+    assert result["requests"] > 0 and result["errors"] == {}
+
+
+def test_cpus_pin_and_restore(threads_server):
+    before = os.sched_getaffinity(0)
+    result = run(threads_server, conns=2, duration=0.3, cpus=str(min(before)))
+    assert result["requests"] > 0
+    assert os.sched_getaffinity(0) == before
+
+
+def test_hold_keepalive_probe_and_processes(threads_server):
+    result = run(threads_server, mode="hold", conns=30, connect_rate=300, duration=0.8, keepalive=0.2,
+                 probe_conns=2, procs=2)
+    hold = result["hold"]
+    assert hold["connected"] == 30 and hold["failed"] == 0 and hold["processes"] == 2
+    assert hold["keepalive"]["sent"] > 0
+    assert hold["keepalive"]["answered"] >= hold["keepalive"]["sent"] - 30
+    assert hold["probe"]["requests"] == result["requests"] > 0
+    assert result["latency_source"] == "probe"
+    assert len(result["loadgen_cpu_percent_per_process"]) == 3
+
+
+def test_plan_splits_over_processes_and_source_addresses(monkeypatch):
+    from loadgen import runner
+    monkeypatch.setattr(runner, "fd_budget", lambda: 4_000)
+    monkeypatch.setattr(runner, "ephemeral_ports", lambda: 11_000)         # 10,000 usable per source address
+    specs = runner.plan(LoadParams(mode="hold", conns=25_000), 25_000)
+    assert [s.conns for s in specs] == [3_572] * 3 + [3_571] * 4          # 7 processes of <= 4,000
+    assert specs[0].sources == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert runner.plan(LoadParams(conns=50, procs=2), 50)[1].sources is None
+    with pytest.raises(runner.LoadError, match="--source-addrs"):
+        runner.plan(LoadParams(target="10.0.0.1:7878", conns=25_000), 25_000)   # planned only, never connected
+
+
+def test_self_check_flags_a_saturated_load_generator():
+    busy = cpu_check([{"cpu_s": 0.95, "cpu_wall_s": 1.0}], cpus_usable=1)
+    idle = cpu_check([{"cpu_s": 0.30, "cpu_wall_s": 1.0}, {"cpu_s": 0.35, "cpu_wall_s": 1.0}], cpus_usable=2)
+    lopsided = cpu_check([{"cpu_s": 0.99, "cpu_wall_s": 1.0}, {"cpu_s": 0.1, "cpu_wall_s": 1.0}], cpus_usable=2)
+    assert busy["loadgen_saturated"] and not idle["loadgen_saturated"] and lopsided["loadgen_saturated"]
+    assert idle["loadgen_cpu_percent"] == pytest.approx(32.5)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loadgen", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "127.0.0.1:{port}"], "cannot connect to 127.0.0.1:"),
+    (["--cpus", "999"], "--cpus"),
+    (["--op", "work", "--work", "5ms"], "--work"),
+    (["--mode", "open"], "--rate"),
+    (["--target", "nohost"], "--target"),
+])
+def test_cli_errors_are_one_line_exit_2(args, message):
+    result = cli(*[a.format(port=free_port()) for a in args], "--duration", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_cli_json_out_and_csv(threads_server, tmp_path):
+    out, table = tmp_path / "run.json", tmp_path / "runs.csv"
+    for _ in range(2):
+        result = cli("--target", target(threads_server), "--conns", "2", "--duration", "0.4", "--json",
+                     "--out", str(out), "--csv", str(table))
+        assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert DESIGN_KEYS <= printed.keys() and json.loads(out.read_text())["requests"] == printed["requests"]
+    assert printed["params"]["csv"] == str(table) and printed["params"]["conns"] == 2
+    rows = table.read_text().splitlines()
+    assert rows[0].split(",") == list(CSV_COLUMNS) and len(rows) == 3
+    assert "\r" not in result.stderr and "req/s" not in result.stderr      # not a tty: no progress bar
+
+
+def test_add_parser_wires_the_load_subcommand():
+    parser = argparse.ArgumentParser(prog="conclab")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["load", "--mode", "open", "--rate", "100", "--conns", "3"])
+    assert callable(args.run) and args.mode == "open" and args.rate == 100 and args.conns == 3
+    assert "127.0.0.1:7878" in parser._subparsers._group_actions[0].choices["load"].format_help()
+
+
+# -- locust -------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
+def test_locust_engine_headless_two_processes(threads_server):
+    result = run(threads_server, engine="locust", users=4, processes=2, run_time=2)
+    check_shape(result)
+    assert result["requests"] > 0 and result["errors"] == {}
+    assert result["locust"]["failures"] == 0
+    assert result["locust"]["hdr_requests"] == result["locust"]["requests_total"]
+    assert len(result["histograms_per_process"]) == 2
