@@ -37,11 +37,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import signal
 import socket
 import time
 
-from .base import ABORT_GRACE, DRAIN_POLL_INTERVAL, LISTEN_BACKLOG, announce, ignore_signals
+from .base import ABORT_GRACE, DRAIN_POLL_INTERVAL, LEAKED, LISTEN_BACKLOG, announce, ignore_signals, stop_signals
 from .session import open_session, rejection
 
 
@@ -68,7 +67,7 @@ async def _serve(listener, config, stats) -> None:
     # create_server calls listen() again: pass the backlog, or it drops to asyncio's 100
     server = await loop.create_server(lambda: Connection(hub), sock=listener, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals(config):
         loop.add_signal_handler(sig, stop.set)   # a second signal during the drain changes nothing
     announce(listener)
     await stop.wait()
@@ -142,6 +141,19 @@ class Connection(asyncio.Protocol):
             self.transport.write(request.run())
         if session.closing:
             self.transport.close()
+
+    def eof_received(self):
+        """The peer closed its side. Returning None lets the transport close (after queued replies)."""
+        if self.session is None:
+            return None
+        self.session.eof()
+        if self.session.forget_to_close:      # --fault leak: keep it open, forgotten (see base.release)
+            self.hub.connections.discard(self)
+            if self.timer is not None:
+                self.timer.cancel()
+            LEAKED.append(self.transport)
+            return True
+        return None
 
     def connection_lost(self, exc) -> None:
         if self.session is None:

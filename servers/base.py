@@ -61,12 +61,33 @@ def announce(listener: socket.socket) -> None:
     print(f"listening on {address_of(listener)}", flush=True)
 
 
+LEAKED: list = []   # --fault leak: connections "forgotten" open (fds or transports nobody will close)
+
+
+def stop_signals(config: ServerConfig) -> tuple:
+    """The signals that start the graceful drain; none under --fault hard-kill (the default action kills)."""
+    return () if config.fault == "hard-kill" else (signal.SIGTERM, signal.SIGINT)
+
+
+def release(sock, session, stats) -> None:
+    """Close a finished connection and count it closed.
+
+    Under --fault leak this is the classic bug: a connection whose peer closed
+    first is never closed here, so it sits in CLOSE_WAIT holding its fd.
+    """
+    if session is not None and session.forget_to_close:
+        LEAKED.append(sock.detach())    # the bare fd: no socket object (nor gevent's server) will close it
+        return
+    sock.close()
+    stats.closed()
+
+
 @contextlib.contextmanager
-def graceful_signals():
+def graceful_signals(config: ServerConfig):
     """Within the block, SIGTERM and SIGINT raise Shutdown in the main thread."""
     def stop(signum, frame):
         raise Shutdown(signal.Signals(signum).name)
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals(config)}
     try:
         yield
     finally:

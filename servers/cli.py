@@ -56,7 +56,7 @@ def cmd_serve(args) -> int:
     serve = load(args.backend)
     if args.backend == "go":                        # its own program: exec it, it prints the same lines
         return serve(config)
-    stats = Stats(args.backend, config.max_conns)
+    stats = Stats(args.backend, config.connection_cap)
     listener = open_listener(config)
     exporter = None
     if config.metrics_port is not None:

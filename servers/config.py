@@ -68,6 +68,11 @@ class ServerConfig:
             return self.host == "localhost"
 
     @property
+    def connection_cap(self) -> float:
+        """--max-conns, or no cap at all under --fault unbounded."""
+        return float("inf") if self.fault == "unbounded" else self.max_conns
+
+    @property
     def effective_burst(self) -> float | None:
         """The bucket size: --burst, else the rate, and never under one whole token."""
         return None if self.rate_limit is None else max(self.burst or self.rate_limit, 1.0)

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
-from .base import abort, announce, ignore_signals, no_delay
+from .base import abort, announce, ignore_signals, no_delay, release, stop_signals
 from .session import open_session, rejection
 
 RECV_SIZE = 65536              # one recv per readiness event
@@ -90,7 +90,7 @@ class Loop:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         previous_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals(self.config):
             signal.signal(sig, self.on_signal)
         announce(self.listener)                # only now: a signal from here on drains cleanly
         try:
@@ -212,7 +212,7 @@ class Loop:
         if data:
             conn.queue.extend(conn.session.feed(data))
         else:
-            conn.session.closing = True        # EOF: answer what was asked, then close
+            conn.session.eof()                 # EOF: answer what was asked, then close
         self.pump(conn)
 
     def pump(self, conn: Connection) -> None:
@@ -274,8 +274,7 @@ class Loop:
         conn.closed = True
         del self.conns[conn.fd]
         self.epoll.unregister(conn.fd)
-        conn.sock.close()
-        self.stats.closed()
+        release(conn.sock, conn.session, self.stats)
         conn.session = conn.out = conn.queue = conn.waiting = None   # a stale timer pins only a husk
 
     # -- graceful drain -------------------------------------------------------------------------

@@ -27,7 +27,6 @@ greenlets never contend for it, and a real thread beside the hub still can.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 
 import gevent
@@ -35,10 +34,9 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .base import ConnectionSet, abort, announce, ignore_signals
+from .base import ConnectionSet, abort, announce, ignore_signals, stop_signals
 from .threads import handle, reject
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
 
 
@@ -54,7 +52,7 @@ def serve(listener, config, stats) -> None:
 
     listener.setblocking(False)                # StreamServer accepts until EWOULDBLOCK
     server = StreamServer(listener, admit, spawn=greenlets.spawn)
-    watchers = [gevent.signal_handler(sig, stop.set) for sig in STOP_SIGNALS]
+    watchers = [gevent.signal_handler(sig, stop.set) for sig in stop_signals(config)]
     try:
         server.start()
         announce(listener)

@@ -29,6 +29,7 @@ HEADER = protocol.HEADER
 WORK_HEADER = protocol.WORK_HEADER
 MAX_PING_PAYLOAD = protocol.MAX_PING_PAYLOAD
 SERVER_BUSY = protocol.encode(ERROR, b"server busy")
+NO_DEADLINE = 86_400.0        # --fault no-deadline: a day stands for "never" (sockets and timers take it)
 
 
 def burn(cpu_us: int) -> None:
@@ -105,6 +106,19 @@ class Session:
         self.idle_since = time.monotonic()
         self.frame_started: float | None = None
         self.closing = False
+        self.peer_closed = False
+        self.leaky = config.fault == "leak"
+        if config.fault == "no-deadline":
+            self.idle_timeout = self.frame_timeout = NO_DEADLINE
+
+    def eof(self) -> None:
+        """The peer closed its side: answer what was asked, then close."""
+        self.peer_closed = self.closing = True
+
+    @property
+    def forget_to_close(self) -> bool:
+        """--fault leak: the bug of never closing what the peer closed (see base.release)."""
+        return self.leaky and self.peer_closed
 
     @property
     def deadline(self) -> float:

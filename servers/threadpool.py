@@ -26,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import ConnectionSet, abort, announce, ignore_signals, no_delay
+from .base import ConnectionSet, abort, announce, ignore_signals, no_delay, release, stop_signals
 from .session import Request, open_session
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
@@ -62,7 +62,7 @@ def serve_connections(listener, config, stats, pool, connections, wait) -> int:
 def serve_requests(listener, config, stats, pool, connections, wait) -> int:
     """A worker per request; the main thread runs the selector loop until signalled, then drains."""
     loop = RequestLoop(listener, config, stats, pool, connections, wait)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals(config):
         signal.signal(sig, loop.stop)
     announce(listener)
     while not loop.stopping:
@@ -140,6 +140,8 @@ class RequestLoop:
             data = conn.sock.recv(RECV_SIZE)        # readable: returns at once
         except OSError:
             data = b""                              # reset by the peer, or aborted by the drain
+        if not data:
+            conn.session.eof()
         requests = conn.session.feed(data) if data else []
         self.deliver(conn, requests, done=not data or conn.session.closing)   # closing: ERROR is last
 
@@ -186,5 +188,4 @@ class RequestLoop:
 
     def close(self, conn: Connection) -> None:
         self.connections.discard(conn.sock)
-        conn.sock.close()
-        self.stats.closed()
+        release(conn.sock, conn.session, self.stats)

@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 
-from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals, no_delay
+from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals, no_delay, release
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
@@ -37,7 +37,7 @@ def serve(listener, config, stats) -> None:
 def accept_until_signalled(listener, config, stats, connections, start) -> None:
     """Accept each connection and ``start`` its handler, until SIGTERM or SIGINT."""
     announce(listener)
-    with graceful_signals():
+    with graceful_signals(config):
         try:
             while True:
                 sock, _ = listener.accept()
@@ -67,6 +67,7 @@ def handle(sock, config, stats, connections, sleep=time.sleep) -> None:
                 sock.sendall(session.expire())
                 break
             if not data:
+                session.eof()
                 break
             for request in session.feed(data):
                 if request.io_s:
@@ -76,5 +77,4 @@ def handle(sock, config, stats, connections, sleep=time.sleep) -> None:
         pass                                   # reset by the peer, or aborted by the drain
     finally:
         connections.discard(sock)
-        sock.close()
-        stats.closed()
+        release(sock, session, stats)
