@@ -24,6 +24,8 @@ def build_parser(prog: str = "conclab") -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
     backends = commands.add_parser("backends", help="list the backends and whether each can run here")
     backends.set_defaults(run=cmd_backends)
+    from loadgen.cli import add_parser as add_load          # the lab's other tools, one subcommand each
+    add_load(commands)
     return parser
 
 

@@ -248,10 +248,10 @@ def test_cli_json_out_and_csv(threads_server, tmp_path):
 
 def test_add_parser_wires_the_load_subcommand():
     parser = argparse.ArgumentParser(prog="conclab")
-    add_parser(parser.add_subparsers(dest="command"))
+    load = add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["load", "--mode", "open", "--rate", "100", "--conns", "3"])
     assert callable(args.run) and args.mode == "open" and args.rate == 100 and args.conns == 3
-    assert "127.0.0.1:7878" in parser._subparsers._group_actions[0].choices["load"].format_help()
+    assert "127.0.0.1:7878" in load.format_help()
 
 
 # -- locust -------------------------------------------------------------------------------------

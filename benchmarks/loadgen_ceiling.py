@@ -1,0 +1,167 @@
+"""How fast is the load generator itself? (a benchmark, not a test)
+
+    python benchmarks/loadgen_ceiling.py                  # go server, 3 x 10 s, the issue's setup
+    python benchmarks/loadgen_ceiling.py --quick          # 3 x 3 s
+    python benchmarks/loadgen_ceiling.py --python-backends --duration 3
+
+The ceiling run: the fastest server there is (the ``go`` backend, else
+``epoll``, else ``threads``) pinned to CPU 0; one load-generator process
+pinned to CPU 1; closed loop, 50 connections, 64-byte ECHO, every latency
+recorded; repeated, median reported with the spread. Next to each run: the
+load generator's CPU share (its self-check) and the server's, and how busy
+the machine's CPUs were meanwhile (other people's work shows up there).
+
+``--python-backends`` then drives every Python backend the same way and shows
+which side saturates first: the server (CPU 0 near 100%) or the load
+generator (its self-check).
+
+Results are printed and written as JSON to ``--out`` (default
+results/loadgen_ceiling.json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import selectors
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from loadgen import LoadParams, run_load  # noqa: E402
+from servers import BACKENDS, unavailable_reason  # noqa: E402
+
+SERVER_CPU, LOADGEN_CPU = 0, 1
+CEILING_BACKENDS = ("go", "epoll", "threads")       # first available is the ceiling server
+PYTHON_BACKENDS = ("threads", "threadpool", "asyncio", "uvloop", "gevent", "epoll")
+TARGET_RPS = 120_000
+START_TIMEOUT_S = 120.0
+
+
+class PinnedServer:
+    """``python -m servers BACKEND`` pinned to one CPU; its CPU time is read with psutil."""
+
+    def __init__(self, backend: str, cpu: int) -> None:
+        cmd = [sys.executable, "-m", "servers", backend, "--port", "0", "--max-conns", "20000"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            line = self.proc.stdout.readline() if sel.select(START_TIMEOUT_S) else ""
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise SystemExit(f"{backend} did not start: {line!r}")
+        self.target = line.split()[-1]
+        self.ps = psutil.Process(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def one_run(server: PinnedServer, args) -> dict:
+    params = LoadParams(target=server.target, mode="closed", conns=args.conns, size=64, op="echo",
+                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
+    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    result = run_load(params)
+    server_share = 100.0 * (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+    rps = max(result["throughput_rps"], 1.0)
+    return {"throughput_rps": result["throughput_rps"], "requests": result["requests"],
+            "errors": result["errors"], "latency_us": result["latency_us"],
+            # CPU microseconds each side spends per request: 1e6 / this is the rate at which it would saturate a core
+            "loadgen_cpu_us_per_request": round(10_000 * result["loadgen_cpu_percent"] / rps, 2),
+            "server_cpu_us_per_request": round(10_000 * server_share / rps, 2),
+            "loadgen_cpu_percent": result["loadgen_cpu_percent"], "loadgen_saturated": result["loadgen_saturated"],
+            "server_cpu_percent": round(server_share, 1),
+            "cpu_busy_percent": result["machine"]["cpu_busy_percent"],
+            "loadavg_after": result["machine"]["loadavg_after"]}
+
+
+def series(backend: str, args, repeats: int) -> dict:
+    server = PinnedServer(backend, SERVER_CPU)
+    try:
+        runs = [one_run(server, args) for _ in range(repeats)]
+    finally:
+        server.close()
+    rps = [r["throughput_rps"] for r in runs]
+    loadgen_us = statistics.median(r["loadgen_cpu_us_per_request"] for r in runs)
+    server_us = statistics.median(r["server_cpu_us_per_request"] for r in runs)
+    first = "server" if server_us >= loadgen_us else "loadgen"      # the side that needs more CPU per request
+    return {"backend": backend, "runs": runs, "saturates_first": first, "median_rps": statistics.median(rps), "min_rps": min(rps),
+            "max_rps": max(rps), "median_loadgen_cpu_percent": statistics.median(r["loadgen_cpu_percent"] for r in runs),
+            "median_server_cpu_percent": statistics.median(r["server_cpu_percent"] for r in runs)}
+
+
+def available(name: str) -> bool:
+    module = BACKENDS[name][0].split(":")[0]
+    return unavailable_reason(name) is None and importlib.util.find_spec(module) is not None
+
+
+def show(s: dict) -> None:
+    for i, r in enumerate(s["runs"], 1):
+        lat = r["latency_us"]
+        print(f"  run {i}: {r['throughput_rps']:>10,.0f} req/s  p50 {lat['p50']:>6} µs  p99 {lat['p99']:>6} µs  "
+              f"p99.9 {lat['p999']:>6} µs  loadgen CPU {r['loadgen_cpu_percent']:5.1f}%"
+              f"{' (SATURATED)' if r['loadgen_saturated'] else ''}  server CPU {r['server_cpu_percent']:5.1f}%  "
+              f"CPU µs/request loadgen {r['loadgen_cpu_us_per_request']} server {r['server_cpu_us_per_request']}  "
+              f"machine busy {r['cpu_busy_percent']}  errors {r['errors'] or 0}")
+    print(f"  median {s['median_rps']:,.0f} req/s (spread {s['min_rps']:,.0f} .. {s['max_rps']:,.0f}), "
+          f"loadgen CPU {s['median_loadgen_cpu_percent']:.1f}%, server CPU {s['median_server_cpu_percent']:.1f}%, "
+          f"saturates first: {s['saturates_first']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=list(BACKENDS), help="ceiling server (default: go, else epoll, else threads)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default: 10)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="discarded seconds before each run (default: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per series (default: 3)")
+    parser.add_argument("--conns", type=int, default=50, help="connections (default: 50)")
+    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="3 s runs")
+    parser.add_argument("--python-backends", action="store_true", help="also drive every Python backend once")
+    parser.add_argument("--out", default=str(REPO / "results" / "loadgen_ceiling.json"), help="JSON results file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 3.0
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("needs two CPUs (server on CPU 0, load generator on CPU 1)")
+    backend = args.backend or next(b for b in CEILING_BACKENDS if available(b))
+    print(f"ceiling: {backend} server on CPU {SERVER_CPU}, one load generator process on CPU {LOADGEN_CPU}, "
+          f"closed loop, {args.conns} conns, pipeline {args.pipeline}, 64-byte ECHO, {args.repeats} x {args.duration:g} s")
+    ceiling = series(backend, args, args.repeats)
+    show(ceiling)
+    verdict = "meets" if ceiling["median_rps"] >= TARGET_RPS else "is below"
+    print(f"  -> {verdict} the {TARGET_RPS:,} req/s target")
+    report = {"ceiling": ceiling, "target_rps": TARGET_RPS, "args": vars(args), "python_backends": []}
+    if args.python_backends:
+        for name in PYTHON_BACKENDS:
+            if available(name):
+                print(f"{name}: server on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}")
+                s = series(name, args, 1)
+                show(s)
+                report["python_backends"].append(s)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

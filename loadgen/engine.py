@@ -1,0 +1,479 @@
+"""Closed- and open-loop load from one process: one thread, one ``select.epoll`` loop.
+
+Why this shape: on loopback a request costs the *kernel* several microseconds
+(send + recv + the TCP stack of both ends); a thread pool or an asyncio
+stack would add tens more in Python. One non-blocking epoll loop with a
+short hot path keeps the load generator's own cost to about 2 µs of Python
+per request, so it saturates after the servers it measures.
+
+The hot path, per readable connection: ``recv``; if the bytes are exactly
+one expected reply (the common case: the reply to ECHO and WORK is
+byte-identical to the request, built by the lab's codec) take a timestamp,
+append the latency to a list and send the next request. Anything else -- a
+partial or coalesced read, an ERROR frame, EOF -- goes to the slow path,
+which decodes with the codec's ``FrameDecoder``. Latencies are folded into
+the HDR histogram once per tick (``histo.Recorder``).
+
+Closed loop: every connection keeps ``pipeline`` requests in flight and sends
+the next one when a reply arrives; latency is reply time minus send time.
+
+Open loop (wrk2's coordinated-omission correction): request k of the run is
+*scheduled* at ``start + k/rate`` on connection ``k mod conns``. A connection
+sends a scheduled request as soon as it is due and it has fewer than
+``pipeline`` in flight; latency is reply time minus *scheduled* time, so when
+the server stalls, every request that should have gone out meanwhile carries
+the stall. Sends more than ``OPEN_LATE_US`` behind schedule are counted
+(``late``), and requests never sent by the end are ``unsent``.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import select
+import time
+from collections import Counter, deque
+
+from servers.protocol import ERROR, FrameDecoder, ProtocolError
+
+from . import conn as connmod
+from .histo import Recorder
+from .params import LoadParams
+
+RECV_MIN, RECV_MAX = 4_096, 65_536   # one read's buffer: room for a pipeline of replies, never over 64 KiB (an mmap)
+TICK_S = 0.1              # publish progress and look at the clock this often
+FOLD_EVERY_TICKS = 5      # fold latencies into the HDR histogram every this many ticks (fewer record_value calls)
+OPEN_LATE_US = 1_000      # an open-loop send this far behind its schedule was not on time
+OPEN_MIN_SLEEP_US = 200   # the open loop never sleeps less: sends go out in batches, at most this late
+OPEN_DRAIN_S = 2.0        # after an open-loop run, how long in-flight requests may still answer
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+NS = 1_000_000_000
+NEVER = 1 << 62           # a time (ns) that never comes
+
+
+class Conn:
+    """One client connection's state; ``sent`` holds send (closed) or scheduled (open) times, ns."""
+
+    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at")
+
+    def __init__(self, sock, max_frame: int) -> None:
+        self.sock, self.fd = sock, sock.fileno()
+        self.recv, self.send = sock.recv, sock.send
+        self.sent: deque[int] = deque()
+        self.actual: deque[int] = deque()    # open loop: the real send times (uncorrected latency)
+        self.decoder = FrameDecoder(max_frame)
+        self.raw_got = 0                     # raw protocol: bytes of the current reply already here
+        self.clean = True                    # nothing partial buffered: a read equal to one reply is one reply
+        self.out = b""                       # bytes the kernel has not taken yet
+        self.next_at = 0                     # open loop: scheduled time of this connection's next request
+
+
+def open_connections(params: LoadParams, count: int, sources: list[str] | None) -> tuple[list, Counter]:
+    """Connect ``count`` sockets to the target; return (sockets, failures by kind)."""
+    family, address = connmod.resolve(params.target)
+    socks, errors = [], Counter()
+    for i in range(count):
+        source = sources[i % len(sources)] if sources else None
+        try:
+            socks.append(connmod.connect(family, address, params.connect_timeout, source))
+        except OSError as exc:
+            errors[connmod.reason_of(exc)] += 1
+    return socks, errors
+
+
+class Worker:
+    """Drives a set of connected sockets in closed or open loop and returns the partial result."""
+
+    def __init__(self, params: LoadParams, socks: list, rate: float | None = None,
+                 progress=None, phase: float = 0.0, stopped=None) -> None:
+        self.params = params
+        self.open = params.mode == "open"
+        self.depth = params.pipeline
+        self.request, self.reply = params.request_and_reply()
+        self.batches = [self.request * k for k in range(self.depth + 1)]
+        self.recv_size = min(max(RECV_MIN, 2 * len(self.reply) * self.depth), RECV_MAX)
+        self.raw = params.protocol == "raw"
+        max_frame = max(len(self.reply), 1 << 20)
+        if not self.raw:
+            ((self.reply_op, self.reply_payload),) = FrameDecoder(max_frame).feed(self.reply)
+        self.ep = select.epoll()
+        self.ep_list = [self.ep.fileno()]
+        self.conns: dict[int, Conn] = {}
+        self.order: list[Conn] = []
+        for sock in socks:
+            c = Conn(sock, max_frame)
+            self.conns[c.fd] = c
+            self.order.append(c)
+            self.ep.register(c.fd, EPOLLIN)
+        self.rate = rate
+        self.phase = phase                   # open loop: fraction of a slot this process's schedule is shifted
+        self.progress = progress or (lambda count: None)
+        self.stopped = stopped or (lambda: False)      # asked to end early (Ctrl-C): wind down, still report
+        self.latency = Recorder()
+        self.uncorrected = Recorder()
+        self.errors: Counter = Counter()
+        self.counts = Counter()              # sent / late / unanswered (open loop), lost connections
+        self.warm = False
+        self.stop_ns = 0
+        self.ticks = 0
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self, start_ns: int | None = None) -> dict:
+        """Run from ``start_ns`` (perf_counter_ns; default now) for warmup + duration; return the result."""
+        start = start_ns or time.perf_counter_ns()
+        while time.perf_counter_ns() < start:
+            time.sleep(min((start - time.perf_counter_ns()) / NS, TICK_S))
+        self.warm_ns = start + int(self.params.warmup * NS)
+        self.stop_ns = self.warm_ns + int(self.params.duration * NS)
+        self._begin_measuring(start, force=self.params.warmup == 0)
+        collecting = gc.isenabled()
+        gc.disable()                         # the loop makes no cycles; spare it the collector's pauses
+        try:
+            if self.open:
+                self._open_loop(start)
+            else:
+                self._closed_loop()
+        finally:
+            end_cpu, end_ns = time.thread_time(), time.perf_counter_ns()
+            if collecting:
+                gc.enable()
+            self.close()
+        return self._result(end_cpu, end_ns)
+
+    def _begin_measuring(self, now: int, force: bool = False) -> None:
+        """At the end of the warm-up: forget what was recorded, start the CPU and wall clocks."""
+        if self.warm or not (force or now >= self.warm_ns):
+            return
+        self.warm = True
+        self.latency.reset()
+        self.uncorrected.reset()
+        self.errors.clear()
+        self.counts.clear()
+        self.cpu0, self.wall0 = time.thread_time(), now
+
+    def _tick(self, now: int) -> bool:
+        """Once per TICK_S: publish progress, now and then fold latencies; True when the run is over."""
+        self.ticks += 1
+        if self.ticks % FOLD_EVERY_TICKS == 0:
+            self.latency.fold()
+            self.uncorrected.fold()
+        self._begin_measuring(now)
+        self.progress(self.latency.count if self.warm else 0)
+        if self.stopped() and now < self.stop_ns:
+            self.stop_ns = now                         # the schedule ends here: nothing after it is "unsent"
+        return now >= self.stop_ns or not self.conns
+
+    # -- closed loop ---------------------------------------------------------------------------
+    def _closed_loop(self) -> None:
+        now = time.perf_counter_ns
+        for c in list(self.order):
+            c.sent.extend([now()] * self.depth)
+            self._send(c, self.batches[self.depth])
+        poll, get, lat = self.ep.poll, self.conns.get, self.latency.values.append
+        reply, request, size, recv_size, epollin = self.reply, self.request, len(self.request), self.recv_size, EPOLLIN
+        t = now()
+        next_tick = self._next_tick(t)
+        while True:
+            for fd, ev in poll(max(next_tick - t, 0) / NS):
+                c = get(fd)
+                if c is None:
+                    continue
+                if ev != epollin:
+                    self._event(c, ev)
+                    continue
+                try:
+                    data = c.recv(recv_size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self._lose(c, connmod.reason_of(exc))
+                    continue
+                t = now()
+                if data == reply and c.clean and not c.out:        # the hot path: exactly one reply
+                    sent = c.sent
+                    lat((t - sent.popleft()) // 1000)
+                    sent.append(t)
+                    try:
+                        done = c.send(request)
+                    except OSError as exc:
+                        self._send_failed(c, request, exc)
+                        continue
+                    if done != size:
+                        self._partial(c, request, done)
+                else:
+                    self._data(c, data, t)
+            t = now()
+            if t >= next_tick:
+                if self._tick(t):
+                    self.end_ns = t
+                    return
+                next_tick = self._next_tick(t)
+
+    def _next_tick(self, t: int) -> int:
+        """The next tick: TICK_S from now, but never past the end of the warm-up or of the run."""
+        boundary = self.stop_ns if self.warm else self.warm_ns
+        return min(t + int(TICK_S * NS), boundary)
+
+    # -- open loop -----------------------------------------------------------------------------
+    def _open_loop(self, start: int) -> None:
+        self._schedule(start)
+        now, get, reply, recv_size, epollin = time.perf_counter_ns, self.conns.get, self.reply, self.recv_size, EPOLLIN
+        lat, unc = self.latency.values.append, self.uncorrected.values.append
+        next_tick = self._next_tick(now())
+        while True:
+            t = now()
+            self._send_slots(t)
+            if t >= next_tick:
+                if self._tick(t):
+                    break
+                next_tick = self._next_tick(t)
+            for fd, ev in self._wait(min(self.slot_at, next_tick) - t):
+                c = get(fd)
+                if c is None:
+                    continue
+                if ev != epollin:
+                    self._event(c, ev)
+                    continue
+                try:
+                    data = c.recv(recv_size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self._lose(c, connmod.reason_of(exc))
+                    continue
+                t = now()
+                if data == reply and c.clean:                         # the hot path: exactly one reply
+                    lat((t - c.sent.popleft()) // 1000)
+                    unc((t - c.actual.popleft()) // 1000)
+                    if c.next_at <= t:
+                        self._send_due(c, t)
+                else:
+                    self._data(c, data, t)
+        self.end_ns = self.stop_ns
+        self._open_drain()
+
+    def _schedule(self, start: int) -> None:
+        """Request k of this process is due at first + k*step, on connection k mod n."""
+        n = len(self.order)
+        self.step = NS / self.rate                               # between two requests of this process, ns
+        self.interval = self.step * n                            # between two requests of one connection
+        self.first = start + self.phase * self.step
+        for i, c in enumerate(self.order):
+            c.next_at = int(self.first + i * self.step)
+        self.slot, self.slot_at = 0, int(self.first)
+
+    def _send_slots(self, t: int) -> None:
+        """Every slot that has come: its connection sends what is due, as far as its pipeline allows."""
+        order, conns = self.order, self.conns
+        while self.slot_at <= t:
+            if self.slot_at >= self.stop_ns:
+                self.slot_at = NEVER                             # the schedule is over
+                return
+            c = order[self.slot % len(order)]
+            self.slot += 1
+            self.slot_at = int(self.first + self.slot * self.step)
+            if c.fd in conns:
+                self._send_due(c, t)
+
+    def _wait(self, wait_ns: int) -> list:
+        """epoll events, waking on time to within a few µs (epoll alone rounds up to whole ms)."""
+        if wait_ns <= 0:
+            return self.ep.poll(0)
+        if wait_ns >= 1_000_000:
+            return self.ep.poll(wait_ns // 1_000_000 / 1000 - 1e-7)       # whole ms, rounded down: early, never late
+        select.select(self.ep_list, (), (), max(wait_ns, OPEN_MIN_SLEEP_US * 1000) / NS)   # µs resolution
+        return self.ep.poll(0)
+
+    def _open_drain(self) -> None:
+        """After the schedule ends, let in-flight requests answer (bounded), then count what is left."""
+        end = time.perf_counter_ns() + int(OPEN_DRAIN_S * NS)
+        while any(c.sent for c in self.conns.values()) and time.perf_counter_ns() < end:
+            for fd, ev in self.ep.poll(TICK_S):
+                c = self.conns.get(fd)
+                if c is not None:
+                    self._event(c, ev)
+        self.latency.fold()
+        self.uncorrected.fold()
+        self.counts["unanswered"] += sum(len(c.sent) for c in self.conns.values())
+        self.counts["unsent"] += sum(self._unsent(c) for c in self.order)
+
+    def _unsent(self, c: Conn) -> int:
+        """Requests of this connection scheduled before the end that never went out."""
+        if c.next_at >= self.stop_ns:
+            return 0
+        return math.ceil((self.stop_ns - c.next_at) / self.interval)
+
+    def _send_due(self, c: Conn, t: int) -> None:
+        """Send every request of ``c`` that is due, as far as the pipeline allows."""
+        k = 0
+        at, free, stop = c.next_at, self.depth - len(c.sent), self.stop_ns
+        while k < free and at <= t and at < stop:
+            c.sent.append(at)
+            c.actual.append(t)
+            if t - at > OPEN_LATE_US * 1000:
+                self.counts["late"] += 1
+            at = int(at + self.interval)
+            k += 1
+        if k:
+            c.next_at = at
+            self.counts["sent"] += k
+            self._send(c, self.batches[k])
+
+    # -- the slow path -------------------------------------------------------------------------
+    def _readable(self, c: Conn) -> None:
+        try:
+            data = c.recv(self.recv_size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lose(c, connmod.reason_of(exc))
+            return
+        self._data(c, data, time.perf_counter_ns())
+
+    def _event(self, c: Conn, ev: int) -> None:
+        """Anything but a plain EPOLLIN: writable again, hang-up, error."""
+        if ev & EPOLLOUT:
+            self._flush(c)
+        if ev & ~EPOLLOUT and c.fd in self.conns:
+            self._readable(c)
+
+    def _data(self, c: Conn, data: bytes, t: int) -> None:
+        """Anything but exactly one clean reply: EOF, partial, coalesced, ERROR, raw bytes."""
+        if not data:
+            self._lose(c, "closed")
+            return
+        answered = self._raw_replies(c, data) if self.raw else self._frames(c, data)
+        if answered is None:
+            return
+        lat, unc = self.latency.values.append, self.uncorrected.values.append
+        for _ in range(answered):
+            lat((t - c.sent.popleft()) // 1000)
+            if self.open:
+                unc((t - c.actual.popleft()) // 1000)
+        if self.open:
+            self._send_due(c, t)
+        elif answered:
+            c.sent.extend([t] * answered)
+            self._send(c, self.batches[answered] if answered <= self.depth else self.request * answered)
+
+    def _raw_replies(self, c: Conn, data: bytes) -> int | None:
+        got, size = c.raw_got + len(data), len(self.reply)
+        answered, c.raw_got = divmod(got, size)
+        c.clean = c.raw_got == 0
+        if answered > len(c.sent):
+            self._lose(c, "protocol")
+            return None
+        return answered
+
+    def _frames(self, c: Conn, data: bytes) -> int | None:
+        """Decode with the codec; count good replies, settle ERROR replies; None if the connection died."""
+        try:
+            frames = c.decoder.feed(data)
+        except ProtocolError:
+            self._lose(c, "protocol")
+            return None
+        c.clean = not c.decoder.mid_frame
+        good = 0
+        for op, payload in frames:
+            if len(c.sent) <= good:
+                self._lose(c, "protocol")                      # a reply to nothing we asked
+                return None
+            if op == self.reply_op and payload == self.reply_payload:
+                good += 1
+                continue
+            reason = connmod.server_reason(payload) if op == ERROR else "protocol"
+            if reason != "rate_limited":
+                self._lose(c, reason)                          # the server closes after ERROR
+                return None
+            self.errors[reason] += 1                           # rejected but still open: next request
+            self._settle_failed(c, good)
+        return good
+
+    def _settle_failed(self, c: Conn, good: int) -> None:
+        """Drop the request answered with an ERROR that keeps the connection (it sits after ``good``)."""
+        c.sent.rotate(-good)
+        c.sent.popleft()
+        c.sent.rotate(good)
+        if self.open:
+            c.actual.rotate(-good)
+            c.actual.popleft()
+            c.actual.rotate(good)
+        else:
+            c.sent.append(time.perf_counter_ns())
+            self._send(c, self.request)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, c: Conn, data: bytes) -> None:
+        if c.out:
+            c.out += data
+            return
+        try:
+            sent = c.send(data)
+        except OSError as exc:
+            self._send_failed(c, data, exc)
+            return
+        if sent != len(data):
+            self._partial(c, data, sent)
+
+    def _send_failed(self, c: Conn, data: bytes, exc: OSError) -> None:
+        if isinstance(exc, BlockingIOError):
+            self._partial(c, data, 0)
+        else:
+            self._lose(c, connmod.reason_of(exc))
+
+    def _partial(self, c: Conn, data: bytes, sent: int) -> None:
+        """The kernel took only part: keep the rest and wait for EPOLLOUT."""
+        c.out = data[sent:]
+        self.ep.modify(c.fd, EPOLLIN | EPOLLOUT)
+
+    def _flush(self, c: Conn) -> None:
+        try:
+            sent = c.send(c.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lose(c, connmod.reason_of(exc))
+            return
+        c.out = c.out[sent:]
+        if not c.out:
+            self.ep.modify(c.fd, EPOLLIN)
+
+    # -- endings -------------------------------------------------------------------------------
+    def _lose(self, c: Conn, reason: str) -> None:
+        """The connection is gone: count why, and what it still had in flight."""
+        if self.conns.pop(c.fd, None) is None:
+            return
+        self.errors[reason] += 1
+        self.counts["lost_connections"] += 1
+        self.counts["lost_in_flight"] += len(c.sent)
+        c.sent.clear()
+        c.actual.clear()
+        self.ep.unregister(c.fd)
+        c.sock.close()
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.sock.close()
+        self.conns.clear()
+        self.ep.close()
+
+    def _result(self, end_cpu: float, end_ns: int) -> dict:
+        self.latency.fold()
+        if not self.warm:                                      # ended (all connections lost) inside the warm-up
+            self._begin_measuring(end_ns, force=True)
+        measured = max(min(getattr(self, "end_ns", end_ns), end_ns) - self.wall0, 1) / NS
+        result = {
+            "requests": self.latency.histogram.get_total_count(),
+            "errors": dict(self.errors),
+            "histogram": self.latency.encode(),
+            "clamped": self.latency.clamped,
+            "duration_s": measured,
+            "cpu_s": end_cpu - self.cpu0,
+            "cpu_wall_s": max(end_ns - self.wall0, 1) / NS,
+            "connections": {"opened": len(self.order), "lost": self.counts["lost_connections"],
+                            "lost_in_flight": self.counts["lost_in_flight"]},
+        }
+        if self.open:
+            result["uncorrected_histogram"] = self.uncorrected.encode()
+            result["open_loop"] = {key: self.counts[key] for key in ("sent", "late", "unsent", "unanswered")}
+        return result
