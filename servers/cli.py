@@ -13,7 +13,11 @@ from .stats import Stats
 EXIT_USAGE = 2
 
 
-def build_parser(prog: str = "conclab") -> argparse.ArgumentParser:
+SERVER_COMMANDS = ("serve", "backends")      # need no pandas, no matplotlib: a server process stays lean
+
+
+def build_parser(prog: str = "conclab", tools: bool = True) -> argparse.ArgumentParser:
+    """The conclab parser; ``tools=False`` leaves out the commands that import the analysis stack."""
     parser = argparse.ArgumentParser(prog=prog, description="conclab: thread pools vs coroutines, measured.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run one backend in the foreground",
@@ -24,13 +28,21 @@ def build_parser(prog: str = "conclab") -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
     backends = commands.add_parser("backends", help="list the backends and whether each can run here")
     backends.set_defaults(run=cmd_backends)
-    from loadgen.cli import add_parser as add_load          # the lab's other tools, one subcommand each
-    add_load(commands)
+    if tools:                                   # the lab's other tools, one subcommand each
+        from analysis.cli import add_parsers as add_report_and_demo
+        from experiments.cli import add_parser as add_run
+        from loadgen.cli import add_parser as add_load
+        from reliability.cli import add_parser as add_check
+        add_load(commands)
+        add_run(commands)
+        add_report_and_demo(commands)
+        add_check(commands)
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "conclab") -> int:
-    parser = build_parser(prog)
+    first = next((arg for arg in (argv if argv is not None else sys.argv[1:]) if not arg.startswith("-")), None)
+    parser = build_parser(prog, tools=first not in SERVER_COMMANDS)
     if prog != "conclab" and argv and argv[0] == "serve" and len(argv) == 1:
         argv = ["serve", "--help"]
     args = parser.parse_args(argv)

@@ -207,11 +207,13 @@ def test_memory_fit_rows_on_synthetic_samples():
     assert fits["rss_kib"]["intercept"] == pytest.approx(25_000) and fits["rss_kib"]["n_points"] == 4
 
 
-def test_knee_is_the_highest_rate_served():
-    rows = [{"offered_rps": 1000, "throughput_rps": 999, "errors": 0},
-            {"offered_rps": 2000, "throughput_rps": 1960, "errors": 0},
-            {"offered_rps": 3000, "throughput_rps": 2100, "errors": 0}]
+def test_knee_is_the_highest_rate_served_without_latency_blowing_up():
+    rows = [{"offered_rps": 3000, "throughput_rps": 2100, "errors": 0, "p99_us": 900_000},   # falls behind
+            {"offered_rps": 1000, "throughput_rps": 999, "errors": 0, "p99_us": 200},
+            {"offered_rps": 2000, "throughput_rps": 1960, "errors": 0, "p99_us": 1500}]
     assert summary.knee(rows) == 2000
+    rows[2]["p99_us"] = 250_000                                           # keeps up, but p99 x1250: past the knee
+    assert summary.knee(rows) == 1000
 
 
 # -- the load generator adapter ------------------------------------------------------------------
@@ -264,6 +266,15 @@ def test_missing_load_generator_is_one_line_error(tmp_path, monkeypatch, capsys)
 
 
 # -- command line and errors ------------------------------------------------------------------------
+
+def test_add_parser_plugs_run_into_conclab():
+    import argparse
+    parser = argparse.ArgumentParser(prog="conclab")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["run", "memory,c10k", "--backends", "go", "--repeat", "3", "--server-cpus", "0"])
+    assert args.run is cli.cmd_run and args.experiment == "memory,c10k" and args.repeat == 3
+    assert args.profile == "quick" and args.results == "results"
+
 
 @pytest.mark.parametrize("argv, message", [
     (["nonsense"], "unknown experiment"),

@@ -1,0 +1,340 @@
+"""The charts: one function per chart, frames in, matplotlib figure out.
+
+Each ``draw_*`` takes the derived frames (analysis.derive) and the chart's
+``Finding`` (its title states the result) and returns a figure; the report
+saves it as PNG and SVG (analysis.style.save). Colours come only from
+``style.color``; axes carry their units; nothing here computes a finding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+from . import derive, style
+from .fmt import num
+
+MARKER = "o"
+LINE_WIDTH = 2.4
+SMALL_MULTIPLE_COLS = 4
+PANEL_HEIGHT = 3.6               # inches per row of small multiples
+TITLE_HEIGHT = 1.2               # inches above them for the title
+HEADROOM = 1.18                  # y axis top = this x the tallest bar or ceiling, room for the legend
+LOG_RANGE = 20                   # a bar chart whose values span more than this factor gets a log axis
+SPECTRUM_TICKS = (50, 90, 99, 99.9, 99.99, 99.999, 99.9999)
+
+
+def _legend(ax, **kwargs) -> None:
+    handles, _labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(frameon=False, **kwargs)
+
+
+def _thousands(ax, axis: str = "y") -> None:
+    formatter = FuncFormatter(lambda v, _: num(v) if v else "0")
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(formatter)
+
+
+def _log_conns(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def draw_memory_rss(points: pd.DataFrame, finding):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    for variant, rows in points.groupby("variant", sort=False):
+        rows = rows.sort_values("n_conns")
+        ax.plot(rows.n_conns, rows.rss_kib / 1024, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
+                label=f"{variant} RSS")
+        if rows.uss_kib.notna().any():
+            ax.plot(rows.n_conns, rows.uss_kib / 1024, "--", color=style.color(variant), lw=1.5, alpha=0.8)
+    ax.plot([], [], "--", color=style.NEUTRAL, label="USS (dashed)")
+    ax.set_xlabel("idle connections held")
+    ax.set_ylabel("server memory (MiB)")
+    _thousands(ax, "x")
+    _legend(ax, ncols=2, loc="upper left")
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_memory_per_conn(slopes: pd.DataFrame, finding):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    x = np.arange(len(slopes))
+    colors = [style.color(v) for v in slopes.variant]
+    ax.bar(x - 0.2, slopes.rss_kib, 0.4, color=colors, label="RSS slope")
+    if "uss_kib" in slopes:
+        ax.bar(x + 0.2, slopes.uss_kib, 0.4, color=colors, alpha=0.45, hatch="//", label="USS slope")
+    for xi, value in zip(x, slopes.rss_kib):
+        if pd.notna(value):
+            ax.annotate(num(value), (xi - 0.2, value), ha="center", va="bottom", fontsize=12)
+    ax.axhline(0, color=style.NEUTRAL, lw=0.8)
+    ax.set_xticks(x, slopes.variant, rotation=20, ha="right")
+    ax.set_ylabel("memory per idle connection (KiB/conn)")
+    _legend(ax)
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_thread_vms(points: pd.DataFrame, slopes: pd.DataFrame, finding):
+    """Left: the thread-per-connection server's VMS and RSS as it holds more connections (linear, GiB).
+    Right: per-connection cost on a log scale, with the seed's 1 MB and 2 KB figures drawn as lines."""
+    fig, axes = style.figure(ncols=2)
+    left, right = axes[0]
+    rows = points[points.variant == derive.THREAD_VARIANT].sort_values("n_conns")
+    color = style.color(derive.THREAD_VARIANT)
+    left.plot(rows.n_conns, rows.vms_kib / 1024 ** 2, "s-", color=color, lw=LINE_WIDTH, label="VMS (reserved)")
+    left.plot(rows.n_conns, rows.rss_kib / 1024 ** 2, "o-", color=color, lw=LINE_WIDTH, alpha=0.5,
+              label="RSS (in RAM)")
+    left.set_xlabel(f"idle connections ({derive.THREAD_VARIANT}: one OS thread each)")
+    left.set_ylabel("server memory (GiB)")
+    _thousands(left, "x")
+    _legend(left, loc="upper left")
+    bars = _per_conn_bars(slopes)
+    y = np.arange(len(bars))
+    right.barh(y, bars.kib, color=[style.color(v) for v in bars.variant],
+               hatch=["//" if m == "vms_kib" else "" for m in bars.metric], edgecolor="white")
+    right.set_yticks(y, bars.label)
+    for yi, value in zip(y, bars.kib):
+        right.annotate(f" {num(value)}", (value, yi), va="center", fontsize=12)
+    right.set_xscale("log")
+    right.xaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    for kib, text in ((1024, "claim: thread 1 MB"), (2, "claim: goroutine 2 KB")):
+        right.axvline(kib, color="black", ls="--", lw=1.5)
+        right.annotate(text, (kib, len(bars) - 0.5), rotation=90, ha="right", va="top", fontsize=11,
+                       bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    right.set_xlabel("KiB per connection (log scale)")
+    style.title(fig, finding.title)
+    return fig
+
+
+def _per_conn_bars(slopes: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the per-connection bars: threads' VMS and RSS slopes, go's RSS slope (what the claim compares)."""
+    rows = []
+    for variant, metric, what in ((derive.THREAD_VARIANT, "vms_kib", "VMS"), (derive.THREAD_VARIANT, "rss_kib", "RSS"),
+                                  ("go", "rss_kib", "RSS")):
+        match = slopes[slopes.variant == variant]
+        if not match.empty and metric in match and pd.notna(match.iloc[0][metric]) and match.iloc[0][metric] > 0:
+            rows.append({"variant": variant, "metric": metric, "kib": match.iloc[0][metric],
+                         "label": f"{variant} {what}"})
+    return pd.DataFrame(rows, columns=["variant", "metric", "kib", "label"])
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+def _percentile_x(p):
+    """HDR-style x: 1 / (1 - p), so 90% -> 10, 99% -> 100, 99.9% -> 1000."""
+    return 1.0 / (1.0 - np.asarray(p, dtype=float) / 100.0)
+
+
+def draw_spectrum(points: pd.DataFrame, finding, source: str):
+    """source: where it was measured, in words (for the x label)."""
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    for variant, rows in points.groupby("variant", sort=False):
+        rows = rows.sort_values("percentile")
+        ax.plot(_percentile_x(rows.percentile), rows.latency_us / 1000, MARKER + "-", color=style.color(variant),
+                lw=LINE_WIDTH, label=variant)
+    top = points.percentile.max() if not points.empty else 99.99
+    ticks = [p for p in SPECTRUM_TICKS if p <= max(top, 99.99)]
+    ax.set_xscale("log")
+    ax.set_xticks(_percentile_x(ticks), [f"{p:g}%" for p in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    ax.set_xlabel(f"percentile (HDR scale: 1/(1−p)); last point = max\n{source}")
+    ax.set_ylabel("latency (ms, log scale)")
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_latency_load(lat: pd.DataFrame, knees: pd.DataFrame, finding):
+    """Small multiples, one panel per variant: p50/p99/p99.9 against the offered rate, the knee marked."""
+    variants = list(dict.fromkeys(lat.variant))
+    ncols = min(SMALL_MULTIPLE_COLS, max(1, len(variants)))
+    nrows = math.ceil(len(variants) / ncols)
+    fig, axes = style.figure(ncols=ncols, nrows=nrows, sharey=True)
+    fig.set_size_inches(style.FIGSIZE_WIDE[0], PANEL_HEIGHT * nrows + TITLE_HEIGHT)
+    for ax in axes.flat[len(variants):]:
+        ax.set_visible(False)
+    by_variant = knees.set_index("variant")
+    for ax, variant in zip(axes.flat, variants):
+        _latency_panel(ax, lat[lat.variant == variant].sort_values("offered_rps"), variant,
+                       by_variant.knee.get(variant), by_variant["where"].get(variant))
+    for row in axes:
+        row[0].set_ylabel("latency (ms, log)")
+    axes.flat[0].legend(frameon=False, fontsize=11, handlelength=3.5)
+    style.title(fig, finding.title)
+    return fig
+
+
+def _latency_panel(ax, rows: pd.DataFrame, variant: str, knee, where) -> None:
+    for column, dash in style.PERCENTILE_STYLES.items():
+        ax.plot(rows.offered_rps, rows[column] / 1000, dash, marker=MARKER, markersize=4,
+                color=style.color(variant), lw=LINE_WIDTH, label=column.replace("_us", ""))
+    if where == "below":
+        ax.text(0.5, 0.5, f"served < {num(derive.KEEPUP * 100)}% of\nthe offered rate", transform=ax.transAxes,
+                ha="center", va="center", fontsize=13, color=style.NEUTRAL)
+    if knee is not None and pd.notna(knee):
+        ax.axvline(knee, color=style.NEUTRAL, lw=1.5, ls="-.")
+        ax.annotate(f"knee {num(knee)} ", (knee, 0.02), xycoords=("data", "axes fraction"),
+                    ha="right", va="bottom", fontsize=11, color=style.NEUTRAL, rotation=90)
+    ax.set_title(variant, color=style.color(variant), fontweight="bold")
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())          # eight log axes' minor ticks cost seconds to draw
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+    ax.set_xlabel("offered load (rps)")
+
+
+# -- throughput -----------------------------------------------------------------------------------
+
+def draw_throughput(t: pd.DataFrame, finding, reference: int):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    for variant, rows in t.groupby("variant", sort=False):
+        rows = rows.sort_values("conns")
+        ax.plot(rows.conns, rows.throughput_rps, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
+                label=variant)
+        sat = rows[rows.saturated > 0]
+        ax.scatter(sat.conns, sat.throughput_rps, s=180, facecolors="none", edgecolors="black", zorder=5)
+    if (t.saturated > 0).any():
+        ax.scatter([], [], s=180, facecolors="none", edgecolors="black", label="load generator saturated")
+    ax.axvline(reference, color=style.NEUTRAL, ls=":", lw=1.2)
+    _log_conns(ax)
+    _thousands(ax)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent connections (closed loop, 64 B ECHO; log scale)")
+    ax.set_ylabel("throughput (requests/s)")
+    _legend(ax, ncols=2, fontsize=11)
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_io_bound(io: pd.DataFrame, finding):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    for variant, rows in io.groupby("variant", sort=False):
+        rows = rows.sort_values("conns")
+        ax.plot(rows.conns, rows.throughput_rps, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
+                label=variant)
+    ceiling = io.groupby("conns")["conc_ceiling_rps"].max().sort_index()
+    ax.plot(ceiling.index, ceiling.values, "--", color=style.NEUTRAL, lw=1.5, label="connections / wait")
+    pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & io.workers.notna()]
+    if not pools.empty:
+        row = pools.iloc[0]
+        little = row.workers / (row.io_us / 1e6)
+        ax.axhline(little, color=style.color(derive.POOL_BACKEND), ls="-.", lw=2,
+                   label=f"pool ceiling: {num(row.workers)} workers / {num(row.io_us / 1000)} ms = {num(little)} rps")
+    _log_conns(ax)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    ax.set_xlabel("concurrent connections (each request waits 10 ms; log scale)".replace(
+        "10 ms", f"{num(io.io_us.dropna().iloc[0] / 1000)} ms" if io.io_us.notna().any() else "10 ms"))
+    ax.set_ylabel("throughput (requests/s, log scale)")
+    _legend(ax, fontsize=11, loc="upper left")
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_cpu_bound(cpu: pd.DataFrame, finding):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    labels = [f"{r.variant} ({num(r.n_server_cpus)} CPU{'s' if r.n_server_cpus > 1 else ''})"
+              for r in cpu.itertuples()]
+    x = np.arange(len(cpu))
+    wide = cpu.n_server_cpus > cpu.n_server_cpus.min()
+    ax.bar(x, cpu.throughput_rps, 0.7, color=[style.color(v) for v in cpu.variant],
+           hatch=["//" if w else "" for w in wide], edgecolor="white")
+    ax.hlines(cpu.ceiling_rps, x - 0.4, x + 0.4, colors="black", lw=2.5, label="ceiling (CPUs × 10⁶ / cpu_us)")
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylim(0, HEADROOM * max(cpu.ceiling_rps.max(), cpu.throughput_rps.max()))
+    _thousands(ax)
+    ax.set_ylabel("throughput (requests/s)")
+    _legend(ax, loc="upper left")
+    style.title(fig, finding.title)
+    return fig
+
+
+# -- switch ---------------------------------------------------------------------------------------
+
+def draw_switch(micro: pd.DataFrame, finding):
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    rows = micro.sort_values("ns_per_switch", ascending=False)
+    y = np.arange(len(rows))
+    ax.barh(y, rows.ns_per_switch, color=[style.bench_color(b) for b in rows.bench],
+            hatch=["" if p else "//" for p in rows.pinned], edgecolor="white")
+    for yi, value in zip(y, rows.ns_per_switch):
+        ax.annotate(f" {num(value)} ns", (value, yi), va="center", fontsize=12)
+    ax.set_yticks(y, rows.variant)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    ax.set_xlabel("time per switch (ns, log scale; hatched = not pinned to one CPU)")
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_per_request(pr: pd.DataFrame, finding):
+    fig, axes = style.figure(ncols=2)
+    colors = [style.color(v) for v in pr.variant]
+    for ax, column, label in ((axes[0][0], "cpu_us_per_req", "server CPU per request (µs)"),
+                              (axes[0][1], "ctx_per_req", "context switches per request")):
+        ax.bar(pr.variant, pr[column], color=colors)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_ha("right")
+    style.title(fig, finding.title)
+    return fig
+
+
+# -- c10k -----------------------------------------------------------------------------------------
+
+def draw_c10k(c: pd.DataFrame, finding):
+    fig, axes = style.figure(ncols=2)
+    held, p99 = axes[0][0], axes[0][1]
+    colors = [style.color(v) for v in c.variant]
+    failed = c.connect_errors.fillna(0).clip(upper=c.held)
+    held.bar(c.variant, c.held - failed, color=colors)
+    held.bar(c.variant, failed, bottom=c.held - failed, color="white", edgecolor=colors, hatch="//")
+    held.bar([0], [0], color=style.NEUTRAL, label="held")                       # legend entries in grey
+    held.bar([0], [0], color="white", edgecolor=style.NEUTRAL, hatch="//", label="accepted, then failed")
+    held.axhline(c.hold_target.max(), color="black", ls="--", lw=1.5, label=f"target {num(c.hold_target.max())}")
+    held.set_ylabel("idle connections held")
+    held.set_ylim(0, HEADROOM * c.hold_target.max())
+    _thousands(held)
+    _legend(held, loc="upper right", ncols=3, fontsize=11)
+    latency = (c.p99_us / 1000).where(c.requests > 0)
+    p99.bar(c.variant, latency, color=colors)
+    _value_axis(p99, latency)
+    for i, row in enumerate(c.itertuples()):
+        if not row.requests:
+            p99.annotate("starved:\nno answer", (i, 0), xytext=(0, 4), textcoords="offset points", ha="center",
+                         va="bottom", fontsize=12, xycoords=("data", "axes fraction"))
+    p99.set_ylabel("probe p99 while holding (ms)")
+    for ax in (held, p99):
+        ax.tick_params(axis="x", rotation=30)
+        for tick in ax.get_xticklabels():
+            tick.set_ha("right")
+    style.title(fig, finding.title)
+    return fig
+
+
+def _value_axis(ax, values: pd.Series) -> None:
+    """Log scale when the values span more than LOG_RANGE, else linear from 0; readable labels either way."""
+    positive = values[values > 0]
+    if len(positive) and positive.max() / positive.min() > LOG_RANGE:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))

@@ -1,0 +1,212 @@
+"""The seed article's claims against this run's numbers, and the performance targets, met or missed.
+
+``claims(run)`` returns one row per statement of the seed article
+(/work/shared/seeds: goroutine ~2 KB vs thread ~1 MB; a thread switch costs
+more than a coroutine switch; a pool caps concurrency; epoll/netpoll enables
+C10K) with what was measured and a verdict decided from the numbers.
+``targets(run)`` checks targets.csv against the experiments issue's goals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import derive, findings
+from .fmt import num
+
+# The seed's figures.
+GOROUTINE_STACK_KIB = 2
+THREAD_STACK_KIB = 1024
+CLAIM_FACTOR = 4                 # a measurement within this factor of the claimed figure "agrees"
+CEILING_SLACK = 0.10             # the pool "is capped" if it stays within 10% of workers / wait...
+UNCAPPED_FACTOR = 1.5            # ...while some other model beats that ceiling by at least this factor
+C10K = 10_000
+COROUTINE_BENCHES = ("goroutine", "greenlet", "generator", "asyncio", "uvloop")
+EVENT_VARIANTS = ("epoll", "go", "asyncio", "uvloop", "gevent")     # built on epoll (or netpoll, libuv, libev)
+
+# The experiments issue's targets: variant -> threshold.
+THROUGHPUT_TARGETS = {"uvloop": 1.0, "epoll": 0.9, "threads": 0.6, "threadpool": 0.6, "gevent": 0.55,
+                      "asyncio": 0.3}
+MEMORY_TARGETS_KIB = {"epoll": 1.0, "uvloop": 2.5, "asyncio": 4.0, "gevent": 12.0, "go": 12.0, "threads": 32.0}
+TARGET_POINT_CONNS = 50
+
+
+@dataclass
+class Claim:
+    claim: str
+    measured: str
+    verdict: str
+
+
+def _slopes(run) -> dict:
+    s = derive.memory_slopes(run)
+    return s.set_index("variant").to_dict("index") if not s.empty else {}
+
+
+def memory_claims(run) -> list:
+    slopes = _slopes(run)
+    go, threads = slopes.get("go"), slopes.get(derive.THREAD_VARIANT)
+    out = []
+    if go is None:
+        out.append(Claim("A goroutine costs about 2 KB", "go was not measured in this run", "not measured"))
+    else:
+        g = go["rss_kib"]
+        agrees = g <= GOROUTINE_STACK_KIB * CLAIM_FACTOR
+        out.append(Claim("A goroutine costs about 2 KB",
+                         f"go: {num(g)} KiB of RSS per idle connection (goroutine, socket buffers, read buffer)",
+                         "agrees" if agrees else f"a connection costs {num(g / GOROUTINE_STACK_KIB)}× the 2 KB "
+                         "stack: the stack is only part of it"))
+    if threads is None:
+        out.append(Claim("An OS thread costs about 1 MB", "threads was not measured in this run", "not measured"))
+    else:
+        t, v = threads["rss_kib"], threads.get("vms_kib")
+        resident = t * CLAIM_FACTOR >= THREAD_STACK_KIB
+        reserved = pd.notna(v) and v * CLAIM_FACTOR >= THREAD_STACK_KIB
+        verdict = ("agrees" if resident else "only as reserved address space (VMS), not as memory used (RSS)"
+                   if reserved else "does not hold here")
+        out.append(Claim("An OS thread costs about 1 MB",
+                         f"threads: {num(t)} KiB RSS and {num(v / 1024) if pd.notna(v) else '–'} MiB VMS per "
+                         "connection (one thread each)", verdict))
+    if go is not None and threads is not None and go["rss_kib"] > 0:
+        out.append(lightness_claim(threads["rss_kib"], go["rss_kib"]))
+    return out
+
+
+def lightness_claim(thread_kib: float, go_kib: float) -> Claim:
+    claimed = THREAD_STACK_KIB / GOROUTINE_STACK_KIB
+    r = thread_kib / go_kib
+    if r * CLAIM_FACTOR >= claimed:
+        verdict = "agrees"
+    elif r > 1:
+        verdict = f"goroutines are lighter, but by {num(r)}×, not about {num(claimed)}×"
+    else:
+        verdict = "does not hold here: a goroutine's connection is not lighter in resident memory"
+    return Claim(f"So goroutines are far lighter than threads (about {num(claimed)}×)",
+                 f"RSS per connection: threads {num(thread_kib)} KiB / go {num(go_kib)} KiB = {num(r)}×", verdict)
+
+
+def switch_claim(run) -> Claim:
+    costs = findings.switch_costs(derive.switch_micro(run))
+    name = "Switching threads (kernel) costs more than switching coroutines (user space)"
+    coroutines = {b: costs[b] for b in COROUTINE_BENCHES if b in costs}
+    if "thread" not in costs or not coroutines:
+        return Claim(name, "the switch microbenchmarks were not run", "not measured")
+    thread = costs["thread"]
+    parts = [f"{b} {num(ns)} ns ({num(thread / ns)}× cheaper)" for b, ns in coroutines.items()]
+    beaten = sum(thread > ns for ns in coroutines.values())
+    verdict = "holds" if beaten == len(coroutines) else "partly holds" if beaten else "does not hold here"
+    return Claim(name, f"thread hand-off {num(thread)} ns; " + "; ".join(parts), verdict)
+
+
+def pool_claim(run) -> Claim:
+    name = "A thread pool caps concurrency (and so the resources used)"
+    io = derive.io_bound(run)
+    pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & io.workers.notna()] if not io.empty else io
+    if pools.empty:
+        return Claim(name, "io_bound was not measured with a thread pool in this run", "not measured")
+    best = pools.loc[pools.throughput_rps.idxmax()]
+    ceiling = best.workers / (best.io_us / 1e6)
+    others = io[~io.variant.str.startswith(derive.POOL_BACKEND)]
+    top = others.loc[others.throughput_rps.idxmax()] if not others.empty else None
+    measured = (f"io_bound: {best.variant} ({num(best.workers)} workers) peaked at {num(best.throughput_rps)} rps, "
+                f"ceiling workers / wait = {num(ceiling)} rps")
+    if top is not None:
+        measured += f"; {top.variant} reached {num(top.throughput_rps)} rps at {num(top.conns)} connections"
+    capped = best.throughput_rps <= ceiling * (1 + CEILING_SLACK)
+    binding = top is not None and top.throughput_rps >= ceiling * UNCAPPED_FACTOR
+    starved = _pool_starved_in_c10k(run)
+    if starved:
+        measured += f"; c10k: the {starved} probe got no answer while the workers held idle connections"
+    verdict = "holds" if capped and (binding or starved) else "holds (the cap was not reached)" if capped \
+        else "does not hold here"
+    return Claim(name, measured, verdict)
+
+
+def _pool_starved_in_c10k(run) -> str | None:
+    c = derive.c10k(run)
+    rows = c[(c.variant == derive.POOL_BACKEND) & (c.requests.fillna(0) == 0)] if not c.empty else c
+    return rows.iloc[0].variant if not rows.empty else None
+
+
+def _c10k_row(r, ok: bool) -> str:
+    text = f"{r.variant} held {num(r.held)}/{num(r.hold_target)}"
+    if r.connect_errors:
+        text += f", {num(r.connect_errors)} failed"
+    if not r.requests:
+        text += ", probe starved"
+    return text + f", {num(r.rss_kib / 1024)} MiB" + ("" if ok else " (not C10K-capable here)")
+
+
+def c10k_claim(run) -> Claim:
+    name = "epoll / Go's netpoll make C10K (10,000 connections) possible"
+    c = derive.c10k(run)
+    if c.empty:
+        return Claim(name, "c10k was not measured in this run", "not measured")
+    ok = (c.held >= findings.HELD_FRACTION * c.hold_target) & (c.connect_errors.fillna(0) == 0) & \
+        (c.requests > 0) & (c.errors.fillna(0) == 0)
+    events = ok[c.variant.isin(EVENT_VARIANTS)]
+    if events.empty:
+        verdict = "not measured (no event-loop backend ran)"
+    elif events.all():
+        verdict = "holds" + _threads_too(c, ok)
+    else:
+        verdict = "partly holds" if events.any() else "does not hold here"
+    if c.hold_target.max() < C10K:
+        verdict += f"; only {num(c.hold_target.max())} connections in this profile, not a C10K test"
+    return Claim(name, "; ".join(_c10k_row(r, good) for r, good in zip(c.itertuples(), ok)), verdict)
+
+
+def _threads_too(c: pd.DataFrame, ok: pd.Series) -> str:
+    """' (but threads held them too: X MiB vs Y MiB)' when the thread-per-connection server also managed."""
+    threads = c[(c.variant == derive.THREAD_VARIANT) & ok]
+    if threads.empty:
+        return ""
+    lightest = c[c.variant.isin(EVENT_VARIANTS) & ok].sort_values("rss_kib").iloc[0]
+    return (f" (but one thread per connection held them too: {num(threads.iloc[0].rss_kib / 1024)} MiB vs "
+            f"{num(lightest.rss_kib / 1024)} MiB for {lightest.variant})")
+
+
+def claims(run) -> list:
+    return [*memory_claims(run), switch_claim(run), pool_claim(run), c10k_claim(run)]
+
+
+# -- targets --------------------------------------------------------------------------------------
+
+def targets(run) -> pd.DataFrame:
+    """One row per (target, variant): value, goal, met/missed/not measured, and how it was measured."""
+    t = run.tables["targets"]
+    rows = []
+    for target, goals, op in (("throughput_ratio_to_go", THROUGHPUT_TARGETS, ">="),
+                              ("rss_kib_per_idle_conn", MEMORY_TARGETS_KIB, "<=")):
+        got = t[t.target == target].set_index("variant") if not t.empty else pd.DataFrame()
+        for variant, goal in goals.items():
+            row = got.loc[variant] if variant in got.index else None
+            value = row["value"] if row is not None else None
+            rows.append({"target": target, "variant": variant, "value": value,
+                         "goal": f"{op} {num(goal)}", "status": _status(value, goal, op),
+                         "detail": _detail(run, target, variant, row)})
+    return pd.DataFrame(rows)
+
+
+def _status(value, goal, op) -> str:
+    if value is None or pd.isna(value):
+        return "not measured"
+    met = value >= goal if op == ">=" else value <= goal
+    return "met" if met else "missed"
+
+
+def _detail(run, target, variant, row) -> str:
+    detail = "" if row is None or pd.isna(row.get("detail")) else str(row["detail"])
+    if row is None:
+        skipped = run.skipped[run.skipped.variant == variant] if not run.skipped.empty else run.skipped
+        detail = skipped.iloc[0].reason if not skipped.empty else f"{variant} was not measured in this run"
+    if target == "throughput_ratio_to_go":
+        ref = derive.at_reference(run)
+        sat = ref[ref.variant.isin([variant, "go"]) & (ref.saturated > 0)].variant.tolist() if not ref.empty else []
+        if sat:
+            detail += f"; load generator saturated for {', '.join(sat)}: the ratio partly measures the generator"
+        conns = derive.reference_conns(run)
+        if conns != TARGET_POINT_CONNS:
+            detail += f"; this profile's reference point is {conns} connections, not {TARGET_POINT_CONNS}"
+    return detail

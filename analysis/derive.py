@@ -1,0 +1,196 @@
+"""Per-experiment frames the charts, findings and tables share: medians over repeats, one row per point.
+
+Every function takes a loaded ``Run`` and returns a tidy DataFrame (empty when
+the experiment has no rows). Medians are over repeats, as in summary.csv;
+``saturated`` is 1 when any repeat of the point had the load generator
+saturated, so a warning is never averaged away.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .style import order
+
+DEFAULT_REFERENCE_CONNS = 50     # docs/experiments.md: the targets' point
+KEEPUP = 0.95                    # served at least this fraction of the offered rate = kept up (summary.py's)
+KNEE_P99_FACTOR = 10            # latency has bent once p99 exceeds this many times its value at the lightest load
+SPECTRUM_FRACTION = 0.9          # the latency spectrum is drawn at this fraction of capacity (nearest measured)
+PERCENTILES = {"p50_us": 50.0, "p90_us": 90.0, "p99_us": 99.0, "p999_us": 99.9, "p9999_us": 99.99}
+THREAD_VARIANT = "threads"       # the thread-per-connection model ("1 MB per thread")
+POOL_BACKEND = "threadpool"
+MICRO = "micro"
+PER_REQUEST = "server_per_request"
+
+
+def medians(frame: pd.DataFrame, keys: list, values: list) -> pd.DataFrame:
+    """Median of values per keys (over repeats), plus n and saturated; rows in the lab's variant order."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*keys, *values, "n", "saturated"])
+    present = [v for v in values if v in frame]
+    grouped = frame.groupby(keys, dropna=False)
+    out = grouped[present].median(numeric_only=True)
+    out["n"] = grouped.size()
+    out["saturated"] = grouped["loadgen_saturated"].max().fillna(0) if "loadgen_saturated" in frame else 0
+    return sort_variants(out.reset_index())
+
+
+def sort_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or "variant" not in frame:
+        return frame
+    rank = {v: i for i, v in enumerate(order(frame["variant"].unique()))}
+    others = [c for c in frame.columns if c != "variant"][:1]
+    return frame.assign(_rank=frame["variant"].map(rank)).sort_values(["_rank", *others]).drop(columns="_rank") \
+        .reset_index(drop=True)
+
+
+def reference_conns(run) -> int:
+    return int(run.profile.get("reference_conns") or DEFAULT_REFERENCE_CONNS)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+def memory_points(run) -> pd.DataFrame:
+    return medians(run.tables["memory"], ["variant", "n_target"],
+                   ["n_conns", "rss_kib", "uss_kib", "vms_kib", "threads", "fds", "connect_errors"])
+
+
+def memory_slopes(run) -> pd.DataFrame:
+    """One row per variant: KiB per connection of RSS, USS, VMS (median slope over repeats), and r2."""
+    fit = run.tables["memory_fit"]
+    if fit.empty:
+        return pd.DataFrame(columns=["variant", "rss_kib", "uss_kib", "vms_kib", "threads", "rss_r2"])
+    per_conn = fit.pivot_table(index="variant", columns="metric", values="per_conn", aggfunc="median")
+    r2 = fit[fit.metric == "rss_kib"].groupby("variant")["r2"].median().rename("rss_r2")
+    return sort_variants(per_conn.join(r2).reset_index())
+
+
+# -- throughput and latency -----------------------------------------------------------------------
+
+LOAD_VALUES = ["throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us", "errors",
+               "requests", "cpu_us_per_req", "ctx_per_req", "server_cpu_percent", "workers"]
+
+
+def throughput(run) -> pd.DataFrame:
+    return medians(run.tables["throughput"], ["variant", "conns"], LOAD_VALUES)
+
+
+def at_reference(run) -> pd.DataFrame:
+    """Throughput rows at the reference concurrency (closed loop, 64 B ECHO)."""
+    t = throughput(run)
+    return t[t.conns == reference_conns(run)].reset_index(drop=True) if not t.empty else t
+
+
+def latency(run) -> pd.DataFrame:
+    return medians(run.tables["latency"], ["variant", "rate_fraction"],
+                   ["offered_rps", "capacity_rps", *LOAD_VALUES])
+
+
+def knees(run) -> pd.DataFrame:
+    """Per variant: where latency under load bends, from two signs, whichever comes first.
+
+    ``served_knee``: summary.csv's knee_rps, the highest offered rate served within 95% and without
+    errors (empty: none was). ``p99_knee``: the highest offered rate before p99 first exceeds
+    KNEE_P99_FACTOR x its value at the lightest load (an open-loop generator can answer everything
+    late, so the served rate alone can miss a knee). ``knee``: the lower of the two inside the range
+    tested; ``where``: "in range", "beyond" (no knee up to the highest rate) or "below" (none served).
+    """
+    lat = latency(run)
+    rows = run.summary("latency", "knee_rps", "knee")
+    served = rows.set_index("variant")["median"] if not rows.empty else pd.Series(dtype=float)
+    out = []
+    for variant, group in lat.groupby("variant", sort=False):
+        group = group.sort_values("offered_rps")
+        top, served_knee, p99_knee = group.offered_rps.max(), served.get(variant), _p99_knee(group)
+        inside = [k for k in (served_knee, p99_knee) if k is not None and pd.notna(k) and k < top]
+        where = "below" if served_knee is None or pd.isna(served_knee) else "in range" if inside else "beyond"
+        out.append({"variant": variant, "served_knee": served_knee, "p99_knee": p99_knee, "top_rps": top,
+                    "knee": min(inside) if inside and where == "in range" else None, "where": where})
+    return pd.DataFrame(out, columns=["variant", "served_knee", "p99_knee", "top_rps", "knee", "where"])
+
+
+def _p99_knee(group: pd.DataFrame):
+    base = group.p99_us.iloc[0]
+    over = group.index[group.p99_us > KNEE_P99_FACTOR * base]
+    if pd.isna(base) or len(over) == 0:
+        return None
+    position = group.index.get_loc(over[0])
+    return group.offered_rps.iloc[position - 1] if position > 0 else None
+
+
+def spectrum(run) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:
+    """The spectrum's points (variant, percentile, latency_us), the latency rows they come from, and the
+    fraction of capacity (nearest SPECTRUM_FRACTION) they were measured at; empty without latency rows."""
+    lat = latency(run)
+    if lat.empty:
+        return _percentile_rows(lat), lat, None
+    chosen = min(lat.rate_fraction.dropna().unique(), key=lambda f: (abs(f - SPECTRUM_FRACTION), -f))
+    rows = lat[lat.rate_fraction == chosen]
+    return _percentile_rows(rows), rows, chosen
+
+
+def _percentile_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for _, r in rows.iterrows():
+        for column, p in PERCENTILES.items():
+            if pd.notna(r.get(column)):
+                out.append({"variant": r.variant, "percentile": p, "latency_us": r[column]})
+        max_p = 100.0 * (1 - 1 / r["requests"]) if r.get("requests", 0) > 1 else None
+        if pd.notna(r.get("max_us")) and max_p and max_p > max(PERCENTILES.values()):
+            out.append({"variant": r.variant, "percentile": max_p, "latency_us": r["max_us"]})
+    return pd.DataFrame(out, columns=["variant", "percentile", "latency_us"])
+
+
+# -- io_bound, cpu_bound ----------------------------------------------------------------------------
+
+def io_bound(run) -> pd.DataFrame:
+    return medians(run.tables["io_bound"], ["variant", "conns"],
+                   ["throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors",
+                    "workers", "io_us"])
+
+
+def cpu_bound(run) -> pd.DataFrame:
+    """Per variant and number of server CPUs: the best median throughput over concurrency, and its ceiling."""
+    t = medians(run.tables["cpu_bound"], ["variant", "n_server_cpus", "conns"],
+                ["throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors", "cpu_us"])
+    if t.empty:
+        return t
+    best = t.loc[t.groupby(["variant", "n_server_cpus"])["throughput_rps"].idxmax().dropna()]
+    return sort_variants(best.reset_index(drop=True))
+
+
+# -- switch ---------------------------------------------------------------------------------------
+
+def switch_micro(run) -> pd.DataFrame:
+    """Microbenchmarks: one row per (bench, pinned) with the median ns per switch."""
+    s = run.tables["switch"]
+    s = s[s.backend == MICRO]
+    if s.empty:
+        return pd.DataFrame(columns=["variant", "bench", "pinned", "ns_per_switch", "ns_min", "ns_max"])
+    out = s.groupby(["variant", "bench", "pinned"])[["ns_per_switch", "ns_min", "ns_max"]].median()
+    return out.reset_index().sort_values("ns_per_switch").reset_index(drop=True)
+
+
+def per_request(run) -> pd.DataFrame:
+    """Per server variant: CPU µs and context switches per request at the reference point."""
+    s = run.tables["switch"]
+    s = s[(s.backend != MICRO) & (s.bench == PER_REQUEST)]
+    if s.empty:
+        ref = at_reference(run)
+        return ref[["variant", "cpu_us_per_req", "ctx_per_req"]].dropna(how="all", subset=["cpu_us_per_req"]) \
+            if not ref.empty else pd.DataFrame(columns=["variant", "cpu_us_per_req", "ctx_per_req"])
+    out = s.groupby("variant")[["cpu_us_per_req", "ctx_per_req"]].median().reset_index()
+    return sort_variants(out)
+
+
+# -- c10k -----------------------------------------------------------------------------------------
+
+def c10k(run) -> pd.DataFrame:
+    c = run.tables["c10k"]
+    if c.empty:
+        return pd.DataFrame(columns=["variant", "hold_target", "held", "connect_errors", "requests", "errors",
+                                     "p99_us", "rss_kib", "threads", "note", "saturated"])
+    out = medians(c, ["variant"], ["hold_target", "held", "connect_errors", "probe_conns", "requests", "errors",
+                                   "throughput_rps", "p50_us", "p99_us", "rss_kib", "vms_kib", "threads", "fds",
+                                   "workers"])
+    notes = c.groupby("variant")["note"].agg(lambda s: "; ".join(sorted(set(s.dropna()))))
+    return out.merge(notes.reset_index(), on="variant", how="left")

@@ -1,0 +1,277 @@
+"""The sentence under each chart, computed from the derived frames (analysis.derive).
+
+Every function takes frames and returns a ``Finding`` (analysis.fmt): a title
+that states the result, a short text, and the facts (numbers in the units the
+text shows: ms, MiB, KiB, rps, ns) they were written from. Which backend is
+best or worst, whether a claim holds: all of it is decided here from the
+numbers, never written in advance.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from . import derive
+from .fmt import Builder, Finding, nothing
+
+MIN_SLOPE_KIB = 0.25             # a per-connection slope below this is "no measurable growth"
+VMS_RESERVED_KIB = 1024          # VMS growth per thread at least this (1 MiB): address space is reserved...
+RSS_TOUCHED_KIB = 256            # ...while RSS growth below this means little of it is touched
+HELD_FRACTION = 0.99             # held at least this fraction of the target = "held them all"
+
+
+def _extremes(frame: pd.DataFrame, column: str):
+    """(row of the minimum, row of the maximum) of one column, ignoring missing values."""
+    f = frame.dropna(subset=[column])
+    if f.empty:
+        return None, None
+    return f.loc[f[column].idxmin()], f.loc[f[column].idxmax()]
+
+
+def _names(variants) -> str:
+    variants = list(variants)
+    return ", ".join(variants[:-1]) + " and " + variants[-1] if len(variants) > 1 else "".join(variants)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def memory_growth(points: pd.DataFrame) -> Finding:
+    if points.empty:
+        return nothing("memory was not measured in this run")
+    n = points.n_target.max()
+    top = points[points.n_target == n]
+    lo, hi = _extremes(top, "rss_kib")
+    b = Builder()
+    b.add("Holding {n} idle connections, the server's RSS ranged from {lo_mib} MiB ({lo}) to {hi_mib} MiB ({hi}).",
+          n=n, lo_mib=lo.rss_kib / 1024, lo=lo.variant, hi_mib=hi.rss_kib / 1024, hi=hi.variant)
+    for _, row in top.iterrows():
+        if row.n_conns < HELD_FRACTION * n:
+            b.add("{v} accepted only {held} of the {n}, so its line stops short.", prefix=f"{row.variant}.",
+                  v=row.variant, held=row.n_conns, n=n)
+    return b.finding("{hi} needs the most memory for {n} idle connections ({hi_mib} MiB), {lo} the least "
+                     "({lo_mib} MiB)")
+
+
+def memory_per_conn(slopes: pd.DataFrame) -> Finding:
+    if slopes.empty or "rss_kib" not in slopes:
+        return nothing("no memory fit in this run")
+    lo, hi = _extremes(slopes, "rss_kib")
+    b = Builder()
+    b.add("Each idle connection adds {hi_kib} KiB of RSS with {hi} and {lo_kib} KiB with {lo}.",
+          hi_kib=hi.rss_kib, hi=hi.variant, lo_kib=lo.rss_kib, lo=lo.variant)
+    if lo.rss_kib >= MIN_SLOPE_KIB:
+        b.add("That is {times}× more.", times=hi.rss_kib / lo.rss_kib)
+    else:
+        b.add("Below {floor} KiB the slope is within measurement noise of zero.", floor=MIN_SLOPE_KIB)
+    return b.finding("An idle connection costs {hi_kib} KiB of RSS with {hi}, {lo_kib} KiB with {lo}")
+
+
+def thread_vms(slopes: pd.DataFrame) -> Finding:
+    row = slopes[slopes.variant == derive.THREAD_VARIANT] if not slopes.empty else slopes
+    if row.empty or pd.isna(row.iloc[0].get("vms_kib")):
+        return nothing(f"the {derive.THREAD_VARIANT} backend's memory was not measured in this run")
+    r = row.iloc[0]
+    b = Builder()
+    b.add("Each connection of {v} (one OS thread each) added {vms_mib} MiB of virtual memory (VMS) "
+          "and {rss_kib} KiB of resident memory (RSS).", v=r.variant, vms_mib=r.vms_kib / 1024, rss_kib=r.rss_kib)
+    if r.vms_kib >= VMS_RESERVED_KIB and r.rss_kib < RSS_TOUCHED_KIB:
+        b.add("The 'a thread costs {claim_mb} MB' figure is address space reserved for its stack, "
+              "not memory in use: only the few KiB a thread touches become resident.", claim_mb=1)
+        title = "A thread reserves {vms_mib} MiB of address space but uses only {rss_kib} KiB of RAM"
+    else:
+        title = "Per thread: {vms_mib} MiB of virtual memory, {rss_kib} KiB resident"
+    return b.finding(title)
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+SPECTRUM_SOURCE = "open loop at {fraction}× each backend's capacity"
+
+
+def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction) -> Finding:
+    p99 = points[points.percentile == 99.0]
+    if p99.empty:
+        return nothing("no latency percentiles in this run")
+    lo, hi = _extremes(p99, "latency_us")
+    tail = points.loc[points.latency_us.idxmax()]
+    b = Builder()
+    b.add("Measured " + SPECTRUM_SOURCE + ": p99 from {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}); the slowest "
+          "request of all took {max_ms} ms ({max_v}).", fraction=fraction, lo_ms=lo.latency_us / 1000, lo=lo.variant,
+          hi_ms=hi.latency_us / 1000, hi=hi.variant, max_ms=tail.latency_us / 1000, max_v=tail.variant)
+    for _, r in rows[rows.throughput_rps < derive.KEEPUP * rows.offered_rps].iterrows():
+        b.add("{v} answered only {rps} of the {offered} rps offered: its percentiles describe the requests it "
+              "answered, not the ones left waiting.", prefix=f"{r.variant}.", v=r.variant, rps=r.throughput_rps,
+              offered=r.offered_rps)
+    return b.finding("p99 latency: {lo} {lo_ms} ms, {hi} {hi_ms} ms")
+
+
+def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
+    if lat.empty:
+        return nothing("latency under load was not measured in this run")
+    b = Builder()
+    bent = knees[knees["where"] == "in range"].set_index("variant").knee.astype(float)
+    if not bent.empty:
+        b.add("The knee, the highest offered rate before p99 grew over {factor}× its light-load value or the "
+              "server answered less than {keepup}% of the offered rate: " +
+              ("{hi} {hi_rps} rps." if len(bent) == 1 else "{hi} {hi_rps} rps, {lo} {lo_rps} rps."),
+              factor=derive.KNEE_P99_FACTOR, keepup=derive.KEEPUP * 100, hi=bent.idxmax(), hi_rps=bent.max(),
+              lo=bent.idxmin(), lo_rps=bent.min())
+    top_fraction = lat.rate_fraction.max()
+    kept = knees[knees["where"] == "beyond"].variant.tolist()
+    if kept:
+        b.add("{vs} kept up with every rate tested (up to {top_f}× capacity): no knee in range.", vs=_names(kept),
+              top_f=top_fraction)
+    none = knees[knees["where"] == "below"].variant.tolist()
+    if none:
+        b.add("{vs} did not keep up at any offered rate.", vs=_names(none))
+    top = lat[lat.rate_fraction == top_fraction]
+    if top.p99_us.notna().any():
+        worst = top.loc[top.p99_us.idxmax()]
+        b.add("At {f}× capacity p99 reached {p99_ms} ms ({v}).", f=worst.rate_fraction,
+              p99_ms=worst.p99_us / 1000, v=worst.variant)
+    if len(bent) == 1:
+        return b.finding("Latency climbs past {hi}'s knee at {hi_rps} rps; no other backend bends in the range tested")
+    if not bent.empty:
+        return b.finding("Past its knee latency climbs: {hi} keeps up to {hi_rps} rps, {lo} to {lo_rps} rps")
+    if kept and not none:
+        return b.finding("Every backend kept up with every rate tested, up to {top_f}× capacity")
+    return b.finding("No backend shows a knee within the rates tested")
+
+
+# -- throughput -----------------------------------------------------------------------------------
+
+def throughput(ref: pd.DataFrame, conns: int) -> Finding:
+    if ref.empty:
+        return nothing(f"throughput at {conns} connections was not measured in this run")
+    lo, hi = _extremes(ref, "throughput_rps")
+    b = Builder()
+    b.add("At {conns} connections {hi} served {hi_rps} rps, {times}× {lo} ({lo_rps} rps).", conns=conns,
+          hi=hi.variant, hi_rps=hi.throughput_rps, times=hi.throughput_rps / lo.throughput_rps, lo=lo.variant,
+          lo_rps=lo.throughput_rps)
+    saturated = ref[ref.saturated > 0].variant.tolist()
+    if saturated:
+        b.add("The load generator was saturated for {vs}: their numbers are a lower bound.", vs=_names(saturated))
+    return b.finding("At {conns} connections {hi} is fastest ({hi_rps} rps), {lo} slowest ({lo_rps} rps)")
+
+
+def io_bound(io: pd.DataFrame) -> Finding:
+    if io.empty:
+        return nothing("io_bound was not measured in this run")
+    b = Builder()
+    wait_ms = io.io_us.dropna().iloc[0] / 1000 if io.io_us.notna().any() else None
+    pools = io[io.variant.str.startswith(derive.POOL_BACKEND)]
+    title = "Waiting requests scale with concurrency"
+    if not pools.empty and pools.workers.notna().any():
+        best = pools.loc[pools.throughput_rps.idxmax()]
+        ceiling = best.workers / (wait_ms / 1000) if wait_ms else best.little_ceiling_rps
+        b.add("With {wait_ms} ms of waiting per request, the thread pool ({workers} workers) peaked at {pool_rps} rps"
+              " ({v}); its Little's-law ceiling is workers / wait = {ceiling} rps.", wait_ms=wait_ms,
+              workers=best.workers, pool_rps=best.throughput_rps, v=best.variant, ceiling=ceiling)
+        title = "The thread pool peaks at {pool_rps} rps (ceiling workers / wait = {ceiling}); {top} reaches {top_rps}"
+    n = io.conns.max()
+    top_rows = io[io.conns == n]
+    top = top_rows.loc[top_rows.throughput_rps.idxmax()]
+    b.add("At {n} connections {top} reached {top_rps} rps (ceiling connections / wait = {conc} rps).", n=n,
+          top=top.variant, top_rps=top.throughput_rps, conc=top.conc_ceiling_rps)
+    return b.finding(title)
+
+
+def cpu_bound(cpu: pd.DataFrame) -> Finding:
+    if cpu.empty:
+        return nothing("cpu_bound was not measured in this run")
+    narrow = cpu.n_server_cpus.min()
+    one = cpu[cpu.n_server_cpus == narrow]
+    python, go = one[one.variant != "go"], one[one.variant == "go"]
+    b = Builder()
+    cpu_us = cpu.cpu_us.dropna().iloc[0] if cpu.cpu_us.notna().any() else None
+    title = "CPU-bound work per backend"
+    if not python.empty:
+        lo, hi = _extremes(python, "throughput_rps")
+        b.add("With {cpu_us} µs of GIL-holding work per request on {k} CPU(s), the Python models reached "
+              "{py_lo} rps ({lo}) to {py_hi} rps ({hi}) against a ceiling of {cap} rps.", cpu_us=cpu_us,
+              k=narrow, py_lo=lo.throughput_rps, lo=lo.variant, py_hi=hi.throughput_rps, hi=hi.variant,
+              cap=hi.ceiling_rps)
+        title = "CPU-bound: Python models reach {py_lo}–{py_hi} rps against a ceiling of {cap} rps"
+    if not go.empty:
+        b.add("go reached {go_rps} rps (ceiling {go_cap} rps).", go_rps=go.iloc[0].throughput_rps,
+              go_cap=go.iloc[0].ceiling_rps)
+        title += "; go {go_rps} rps" if not python.empty else "go reaches {go_rps} rps"
+    for _, row in cpu[cpu.n_server_cpus > narrow].iterrows():
+        base = one[one.variant == row.variant]
+        gain = row.throughput_rps / base.iloc[0].throughput_rps if not base.empty else None
+        b.add("On {k} CPUs {v} reached {rps} rps" + (" ({gain}× its rate on {k1})." if gain else "."),
+              prefix=f"{row.variant}@{row.n_server_cpus:g}.", k=row.n_server_cpus, v=row.variant,
+              rps=row.throughput_rps, gain=gain, k1=narrow)
+    return b.finding(title)
+
+
+# -- switch ---------------------------------------------------------------------------------------
+
+SWITCH_WORDS = {"thread": "a thread hand-off", "greenlet": "a greenlet switch", "generator": "a generator send",
+                "asyncio": "an asyncio future hand-off", "uvloop": "a uvloop future hand-off",
+                "goroutine": "a goroutine hand-off", "process_pipe": "a process pipe ping-pong"}
+
+
+def switch_costs(micro: pd.DataFrame) -> dict:
+    """bench -> ns per switch, pinned runs preferred (that is what the claim compares: one core)."""
+    if micro.empty:
+        return {}
+    ranked = micro.sort_values("pinned", ascending=False)
+    return ranked.groupby("bench", sort=False)["ns_per_switch"].first().to_dict()
+
+
+def switch(micro: pd.DataFrame) -> Finding:
+    costs = switch_costs(micro)
+    if not costs:
+        return nothing("the switch microbenchmarks were not run")
+    b = Builder()
+    cheapest = min((k for k in costs if k != "thread"), key=costs.get, default=None)
+    if "thread" in costs and cheapest:
+        b.add("On one core, a thread hand-off costs {thread_ns} ns, {times}× {what} ({cheap_ns} ns).",
+              thread_ns=costs["thread"], times=costs["thread"] / costs[cheapest], what=SWITCH_WORDS.get(cheapest,
+              cheapest), cheap_ns=costs[cheapest])
+    for bench in ("greenlet", "asyncio", "goroutine"):
+        if bench in costs and bench != cheapest:
+            b.add("{what}: {ns} ns.", prefix=f"{bench}.", what=SWITCH_WORDS[bench].capitalize(), ns=costs[bench])
+    if "thread" in costs and cheapest:
+        return b.finding("A thread hand-off costs {times}× {what}: {thread_ns} ns vs {cheap_ns} ns")
+    lo, hi = min(costs, key=costs.get), max(costs, key=costs.get)
+    return b.finding("Switch cost: {hi_what} {hi_ns} ns, {lo_what} {lo_ns} ns", hi_what=SWITCH_WORDS.get(hi, hi),
+                     hi_ns=costs[hi], lo_what=SWITCH_WORDS.get(lo, lo), lo_ns=costs[lo])
+
+
+def per_request(pr: pd.DataFrame) -> Finding:
+    if pr.empty:
+        return nothing("server CPU and context switches per request were not measured in this run")
+    b = Builder()
+    lo, hi = _extremes(pr, "ctx_per_req")
+    if lo is not None:
+        b.add("Per request, {hi} made {hi_ctx} context switches and {lo} {lo_ctx}.", hi=hi.variant,
+              hi_ctx=hi.ctx_per_req, lo=lo.variant, lo_ctx=lo.ctx_per_req)
+    clo, chi = _extremes(pr, "cpu_us_per_req")
+    if clo is not None:
+        b.add("Server CPU per request ranged from {clo_us} µs ({clo}) to {chi_us} µs ({chi}).",
+              clo_us=clo.cpu_us_per_req, clo=clo.variant, chi_us=chi.cpu_us_per_req, chi=chi.variant)
+    if lo is None:
+        return b.finding("CPU per request: {clo} {clo_us} µs, {chi} {chi_us} µs")
+    return b.finding("{hi} switches {hi_ctx} times per request, {lo} {lo_ctx}")
+
+
+# -- c10k -----------------------------------------------------------------------------------------
+
+def c10k(c: pd.DataFrame) -> Finding:
+    if c.empty:
+        return nothing("c10k was not measured in this run")
+    target = c.hold_target.max()
+    held_all = c[(c.held >= HELD_FRACTION * c.hold_target) & (c.connect_errors.fillna(0) == 0)]
+    served = held_all[(held_all.requests > 0) & (held_all.errors.fillna(0) == 0)]
+    b = Builder()
+    b.add("{k} of {n} variants held all {target} connections and kept answering the probe ({vs}).",
+          k=len(served), n=len(c), target=target, vs=_names(served.variant) if len(served) else "none")
+    for _, row in c[~c.variant.isin(served.variant)].iterrows():
+        b.add("{v}: held {held}, {failed} failed, {req} probe requests answered.", prefix=f"{row.variant}.",
+              v=row.variant, held=row.held, failed=row.connect_errors, req=row.requests)
+    lo, hi = _extremes(served, "p99_us") if len(served) else (None, None)
+    if lo is not None:
+        b.add("Probe p99 while holding: {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}).", lo_ms=lo.p99_us / 1000,
+              lo=lo.variant, hi_ms=hi.p99_us / 1000, hi=hi.variant)
+    return b.finding("{k} of {n} variants hold {target} idle connections and keep serving")

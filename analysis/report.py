@@ -1,0 +1,307 @@
+"""``conclab report RUN``: results/<run-id>/report.html, one page with charts, tables and findings.
+
+The page, top to bottom: a short summary (the charts' findings and the
+verdicts), warnings (saturated load generator, skipped backends, a noisy
+machine, an unfinished run), the machine, the seed's claims against the
+numbers, the performance targets, then one section per experiment: charts
+(PNG beside the page in charts/, SVG linked), the sentence each chart
+supports, and a table of the medians. An experiment the run lacks gets a
+section that says so. Everything on the page is computed from the run's files.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from . import charts, claims, derive, findings, html, style, tables
+from .fmt import Finding, num
+from .results import Run
+
+REPORT_FILE = "report.html"
+CHART_DIR = "charts"
+SIZE_LIMIT_BYTES = 1_000_000       # a file of the run directory (raw/ aside) above this gets a warning
+RAW_DIR = "raw"
+SUMMARY_CHARTS = ("throughput", "memory_per_conn", "latency_load", "io_bound", "switch", "c10k")
+ABOUT = {
+    "memory": "A fresh server per point holds N idle connections; RSS, USS and VMS are read once it settles.",
+    "throughput": "Closed loop: each connection sends a {size} B ECHO and waits for the reply, concurrency swept.",
+    "latency": "Open loop: requests are sent on schedule at fractions of each backend's capacity; latency is "
+               "measured from the scheduled send, so queueing counts.",
+    "io_bound": "Each request waits (a simulated downstream call) before it is answered, concurrency swept.",
+    "cpu_bound": "Each request computes in a busy loop that holds the GIL.",
+    "switch": "Microbenchmarks of one hand-off between two execution contexts, and what each server spent "
+              "per request at the reference point.",
+    "c10k": "Each server holds many idle connections while a small closed loop measures latency.",
+}
+
+
+@dataclass
+class ChartSpec:
+    name: str
+    experiment: str
+    make: object                       # make(run) -> (Finding, draw() -> figure, or None when there is no data)
+
+
+@dataclass
+class ChartResult:
+    name: str
+    experiment: str
+    finding: Finding
+    files: dict = field(default_factory=dict)      # {"png": relative path, "svg": ...}; empty: not drawn
+
+
+# -- the charts: data -> finding -> figure ----------------------------------------------------------
+
+def _memory_rss(run):
+    points = derive.memory_points(run)
+    f = findings.memory_growth(points)
+    return f, (lambda: charts.draw_memory_rss(points, f)) if not points.empty else None
+
+
+def _memory_per_conn(run):
+    slopes = derive.memory_slopes(run)
+    f = findings.memory_per_conn(slopes)
+    return f, (lambda: charts.draw_memory_per_conn(slopes, f)) if not slopes.empty else None
+
+
+def _thread_vms(run):
+    slopes, points = derive.memory_slopes(run), derive.memory_points(run)
+    f = findings.thread_vms(slopes)
+    return f, (lambda: charts.draw_thread_vms(points, slopes, f)) if f.facts else None
+
+
+def _spectrum(run):
+    points, rows, fraction = derive.spectrum(run)
+    f = findings.spectrum(points, rows, fraction)
+    source = findings.SPECTRUM_SOURCE.format(fraction=num(fraction))
+    return f, (lambda: charts.draw_spectrum(points, f, source)) if not points.empty else None
+
+
+def _latency_load(run):
+    lat, knees = derive.latency(run), derive.knees(run)
+    f = findings.latency_load(lat, knees)
+    return f, (lambda: charts.draw_latency_load(lat, knees, f)) if not lat.empty else None
+
+
+def _throughput(run):
+    t, conns = derive.throughput(run), derive.reference_conns(run)
+    f = findings.throughput(derive.at_reference(run), conns)
+    return f, (lambda: charts.draw_throughput(t, f, conns)) if not t.empty else None
+
+
+def _io_bound(run):
+    io = derive.io_bound(run)
+    f = findings.io_bound(io)
+    return f, (lambda: charts.draw_io_bound(io, f)) if not io.empty else None
+
+
+def _cpu_bound(run):
+    cpu = derive.cpu_bound(run)
+    f = findings.cpu_bound(cpu)
+    return f, (lambda: charts.draw_cpu_bound(cpu, f)) if not cpu.empty else None
+
+
+def _switch(run):
+    micro = derive.switch_micro(run)
+    f = findings.switch(micro)
+    return f, (lambda: charts.draw_switch(micro, f)) if not micro.empty else None
+
+
+def _per_request(run):
+    pr = derive.per_request(run)
+    f = findings.per_request(pr)
+    return f, (lambda: charts.draw_per_request(pr, f)) if not pr.empty else None
+
+
+def _c10k(run):
+    c = derive.c10k(run)
+    f = findings.c10k(c)
+    return f, (lambda: charts.draw_c10k(c, f)) if not c.empty else None
+
+
+CHARTS = (
+    ChartSpec("memory_rss", "memory", _memory_rss),
+    ChartSpec("memory_per_conn", "memory", _memory_per_conn),
+    ChartSpec("memory_thread_vms", "memory", _thread_vms),
+    ChartSpec("throughput", "throughput", _throughput),
+    ChartSpec("latency_spectrum", "latency", _spectrum),
+    ChartSpec("latency_load", "latency", _latency_load),
+    ChartSpec("io_bound", "io_bound", _io_bound),
+    ChartSpec("cpu_bound", "cpu_bound", _cpu_bound),
+    ChartSpec("switch", "switch", _switch),
+    ChartSpec("per_request", "switch", _per_request),
+    ChartSpec("c10k", "c10k", _c10k),
+)
+SECTION_ORDER = ("memory", "throughput", "latency", "io_bound", "cpu_bound", "switch", "c10k")
+
+
+def draw_charts(run: Run, out_dir: str) -> list:
+    """Every chart of the run (PNG + SVG in out_dir/charts); a chart without data keeps its finding only."""
+    results = []
+    for spec in CHARTS:
+        finding, draw = spec.make(run)
+        result = ChartResult(spec.name, spec.experiment, finding)
+        if draw is not None:
+            with style.context():
+                paths = style.save(draw(), os.path.join(out_dir, CHART_DIR), spec.name)
+            result.files = {ext: os.path.relpath(p, out_dir) for ext, p in paths.items()}
+        results.append(result)
+    return results
+
+
+# -- warnings and metadata ------------------------------------------------------------------------
+
+LOAD_TABLES = ("throughput", "latency", "io_bound", "cpu_bound", "c10k")
+POINT_COLUMNS = {"throughput": "conns", "latency": "rate_fraction", "io_bound": "conns", "cpu_bound": "conns",
+                 "c10k": "hold_target"}
+
+
+def warnings(run: Run) -> list:
+    out = []
+    status = run.manifest.get("status")
+    if status != "complete":
+        out.append(f"The run's status is {status or 'unknown'!r}: it did not complete, some points are missing.")
+    for row in run.skipped.itertuples():
+        where = f" ({row.point})" if isinstance(row.point, str) and row.point else ""
+        out.append(f"{row.experiment}: {row.variant or '-'}{where} skipped: {row.reason}")
+    for table in LOAD_TABLES:
+        t = run.tables[table]
+        sat = t[t.loadgen_saturated.fillna(0) > 0] if not t.empty else t
+        if not sat.empty:
+            points = sorted({f"{r.variant}@{POINT_COLUMNS[table]}={num(getattr(r, POINT_COLUMNS[table]))}"
+                             for r in sat.itertuples()})
+            out.append(f"{table}: the load generator was saturated at {len(points)} point(s) ({', '.join(points)}); "
+                       "there it measured itself, not the server.")
+    host = run.manifest.get("host") or {}
+    load, cpus = (host.get("loadavg_at_start") or [None])[0], host.get("cpu_count")
+    if load is not None and cpus and load > cpus:
+        out.append(f"Load average {num(load)} at start on {cpus} CPUs: other work shared the machine, "
+                   "every number is noisy.")
+    return out
+
+
+def machine(run: Run) -> pd.DataFrame:
+    """The run and the machine it ran on (manifest.json) as (what, value) rows."""
+    m, profile = run.manifest, run.profile
+    host, params, git = m.get("host") or {}, m.get("parameters") or {}, m.get("git") or {}
+    ram_gib = num((host.get("memory_total_kib") or 0) / 1024 ** 2)
+    dirty = " (uncommitted changes)" if git.get("dirty") else ""
+    rows = {
+        "run": f"{run.id}: {m.get('status', '?')}, {num(m.get('elapsed_s'))} s, started {m.get('start', '?')}",
+        "machine": f"{host.get('cpu_model', '?')}, {host.get('cpu_count', '?')} CPUs, {ram_gib} GiB RAM",
+        "system": f"{host.get('os', '?')} {host.get('kernel', '?')}, Python "
+                  f"{(host.get('python') or {}).get('version', '?')}, {host.get('go') or 'no Go'}",
+        "pinning": f"servers on CPUs {params.get('server_cpus', '?')}, "
+                   f"load generator on {params.get('loadgen_cpus', '?')}",
+        "profile": f"{profile.get('name', '?')}: {num(profile.get('point_s'))} s per point, "
+                   f"{params.get('repeat', 1)} repeat(s), reference point {profile.get('reference_conns', '?')} conns",
+        "load average": f"start {_loadavg(host.get('loadavg_at_start'))}, end {_loadavg(m.get('loadavg_at_end'))}",
+        "limits": f"open files {host.get('rlimit_nofile', '?')}, stack {host.get('rlimit_stack', '?')}",
+        "git": f"{git.get('branch', '?')} {str(git.get('commit', '?'))[:12]}{dirty}",
+    }
+    return pd.DataFrame(list(rows.items()), columns=["what", "value"])
+
+
+def _loadavg(values) -> str:
+    return " / ".join(num(v) for v in values) if values else "?"
+
+
+def big_files(path: str) -> list:
+    """Files of the run directory (raw/ aside) larger than SIZE_LIMIT_BYTES."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not (root == path and d == RAW_DIR)]
+        out += [os.path.join(root, f) for f in files if os.path.getsize(os.path.join(root, f)) > SIZE_LIMIT_BYTES]
+    return sorted(out)
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+def summary(run: Run, results: list, claim_rows: list, target_rows: pd.DataFrame) -> list:
+    by_name = {r.name: r for r in results}
+    items = [by_name[n].finding.title + "." for n in SUMMARY_CHARTS if n in by_name and by_name[n].files]
+    holds = sum(c.verdict.startswith(("holds", "agrees")) for c in claim_rows)
+    measured = [c for c in claim_rows if c.verdict != "not measured"]
+    items.append(f"The seed article's claims: {holds} of {len(measured)} measured agree with this run "
+                 "(details below).")
+    counted = target_rows[target_rows.status != "not measured"]
+    items.append(f"Performance targets: {int((counted.status == 'met').sum())} met, "
+                 f"{int((counted.status == 'missed').sum())} missed, "
+                 f"{int((target_rows.status == 'not measured').sum())} not measured.")
+    return items
+
+
+def section(run: Run, experiment: str, results: list) -> str:
+    about = ABOUT.get(experiment, "").format(size=num(run.profile.get("size")))
+    parts = [f'<h2 id="{experiment}">{html.esc(experiment)}</h2>', f"<p>{html.esc(about)}</p>"]
+    if not run.has(experiment):
+        why = ("was requested but produced no rows (see the warnings)" if run.requested(experiment)
+               else "was not part of this run")
+        parts.append(html.bullets([f"No data: {experiment} {why}. Run `conclab run {experiment}` to measure it."],
+                                  "missing"))
+        return "\n".join(parts)
+    for result in (r for r in results if r.experiment == experiment):
+        if result.files:
+            parts.append(html.figure(result.files["png"], result.files["svg"], result.finding.title))
+        parts.append(f'<p class="finding">{html.esc(result.finding.text)}</p>')
+    for caption, frame in tables.experiment_tables(run, experiment):
+        if not frame.empty:
+            parts.append(f"<h3>{html.esc(caption)}</h3>" + html.table(frame, swatch=style.color))
+    return "\n".join(parts)
+
+
+def render(run: Run, results: list, out_dir: str) -> str:
+    claim_rows, target_rows = claims.claims(run), claims.targets(run)
+    body = ["<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
+            f'<p class="small">Run {html.esc(run.id)} · computed from {html.esc(run.path)} · sections: '
+            + " · ".join(f'<a href="#{e}">{e}</a>' for e in ("warnings", "claims", "targets", *SECTION_ORDER))
+            + "</p>",
+            "<h2>Summary</h2>", html.bullets(summary(run, results, claim_rows, target_rows), "summary"),
+            '<h2 id="warnings">Warnings</h2>', html.bullets(warnings(run) or ["None."], "warnings"),
+            "<h2>Machine</h2>", html.table(machine(run)),
+            '<h2 id="claims">Claims vs measured</h2>',
+            "<p>The statements of the seed article (a Go interview write-up) against this run's numbers.</p>",
+            html.table(pd.DataFrame([c.__dict__ for c in claim_rows])),
+            '<h2 id="targets">Targets</h2>',
+            (f"<p>Throughput ratio to go at the reference point (closed loop, {derive.reference_conns(run)} "
+            f"connections, {num(run.profile.get('size'))} B ECHO) and RSS per idle connection, against the "
+            "experiments issue's goals.</p>"),
+            html.table(target_rows, status_column="status", swatch=style.color)]
+    body += [section(run, e, results) for e in SECTION_ORDER]
+    body.append(files_section(run, out_dir))
+    return html.page(f"conclab report {run.id}", "\n".join(body))
+
+
+def files_section(run: Run, out_dir: str) -> str:
+    """Links to the run's tables (relative to the page, wherever it was written)."""
+    names = sorted(f for f in os.listdir(run.path) if f.endswith((".csv", ".json")))
+    where = os.path.relpath(run.path, out_dir)
+    links = "".join(f'<li><a href="{html.esc(os.path.join(where, n) if where != "." else n)}">{html.esc(n)}</a> '
+                    f'<span class="small">{num(os.path.getsize(os.path.join(run.path, n)) / 1024)} KiB</span></li>'
+                    for n in names)
+    return f"<h2>Files</h2><ul>{links}</ul>"
+
+
+def write(run: Run, out_dir: str | None = None) -> tuple[str, list]:
+    """Write report.html and charts/ for one run (into the run's directory by default).
+
+    Returns the page's path and the ChartResults (each chart's finding and files).
+    """
+    out_dir = out_dir or run.path
+    os.makedirs(out_dir, exist_ok=True)
+    results = draw_charts(run, out_dir)
+    path = os.path.join(out_dir, REPORT_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(run, results, out_dir))
+    for big in big_files(out_dir):
+        print(f"conclab report: warning: {big} is over {SIZE_LIMIT_BYTES // 1_000_000} MB; keep raw dumps in "
+              f"{RAW_DIR}/ (git-ignored)", file=sys.stderr)
+    return path, results
+
+
+def build(run: Run, out_dir: str | None = None) -> str:
+    """Write the report (see ``write``) and return the page's path."""
+    return write(run, out_dir)[0]

@@ -1,0 +1,6 @@
+"""``python -m experiments EXPERIMENT [options]``: the same as ``conclab run``."""
+import sys
+
+from .cli import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,214 @@
+"""``conclab run EXPERIMENT``: the command line of the harness.
+
+``add_parser(subparsers)`` adds the ``run`` subcommand to the ``conclab``
+command (it sets ``run=cmd_run``); ``main(argv)`` is ``python -m experiments``,
+which takes the same arguments as ``conclab run``. Progress goes to stderr (one
+line per point); stdout gets one line, the run's directory. Exit status: 0 the
+run completed (skipped backends are recorded, not failures), 2 bad usage or the
+load generator cannot run, 130 interrupted, 1 an unexpected error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+from . import EXPERIMENTS, load, module, processes, summary
+from .harness import Run
+from .profiles import PROFILES
+from .tables import EXPERIMENT_TABLES
+from .variants import all_variants, select
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_RESULTS = "results"
+PREFLIGHT_TIMEOUT_S = 60.0
+NEEDS_LOADGEN = set(EXPERIMENTS) - {"switch"}
+
+
+class UsageError(Exception):
+    """Bad arguments or an environment that cannot run: one line for the user."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwind like Ctrl-C so every child is stopped."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", metavar="EXPERIMENT",
+                        help=f"all, or one or more of {', '.join(EXPERIMENTS)} (comma-separated)")
+    parser.add_argument("--backends", metavar="A,B,...",
+                        help="variants to run (default all): " + ", ".join(v.name for v in all_variants()))
+    parser.add_argument("--profile", choices=list(PROFILES), default="quick",
+                        help="quick (about 5 minutes for all), full (the real sweep), tiny (seconds; tests)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure every point N times; tables keep each, summaries use the median (default 1)")
+    parser.add_argument("--server-cpus", metavar="LIST", help="CPUs the servers are pinned to (default: the first)")
+    parser.add_argument("--loadgen-cpus", metavar="LIST",
+                        help="CPUs the load generator (and this harness) use (default: all the others)")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                        help=f"where run directories go (default: {DEFAULT_RESULTS}/)")
+    parser.add_argument("--run-id", metavar="ID", help="name of the run directory (default: time and experiment)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("run", help="run experiments against every backend, write results/<run-id>/",
+                                   description="Measure the backends: " + ", ".join(EXPERIMENTS) +
+                                   ". Writes results/<run-id>/manifest.json and tidy CSV tables "
+                                   "(docs/experiments.md).")
+    add_arguments(parser)
+    parser.set_defaults(run=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description="Same as `conclab run`.")
+    add_arguments(parser)
+    return cmd_run(parser.parse_args(argv))
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+def parse_experiments(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        raise UsageError(f"unknown experiment {(unknown or [spec])[0]!r}: choose all or {', '.join(EXPERIMENTS)}")
+    return [n for n in EXPERIMENTS if n in names]
+
+
+def parse_cpus(spec: str, option: str) -> list[int]:
+    """'0', '0,2', '0-3' -> sorted CPU numbers, each one this process may use."""
+    cpus = set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UsageError(f"{option} {spec!r} is not a CPU list like 0 or 0,1 or 0-3")
+        first, last = int(match[1]), int(match[2] or match[1])
+        cpus.update(range(first, last + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise UsageError(f"{option} {spec}: CPU {min(cpus - allowed or cpus)} is not available "
+                         f"(this process may use {sorted(allowed)})")
+    return sorted(cpus)
+
+
+def choose_cpus(args) -> tuple[list[int], list[int]]:
+    allowed = sorted(os.sched_getaffinity(0))
+    server = parse_cpus(args.server_cpus, "--server-cpus") if args.server_cpus else allowed[:1]
+    rest = [c for c in allowed if c not in server] or server
+    loadgen = parse_cpus(args.loadgen_cpus, "--loadgen-cpus") if args.loadgen_cpus else rest
+    return server, loadgen
+
+
+def preflight_loadgen() -> None:
+    """Fail fast, in one line, if the load generator cannot even show its help."""
+    command = load.command()
+    try:
+        done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"load generator {' '.join(command)!r} cannot run: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise UsageError(f"load generator {' '.join(command)!r} cannot run: {last}")
+
+
+def new_run_id(results: str, experiments: list[str]) -> str:
+    label = "all" if experiments == list(EXPERIMENTS) else "+".join(experiments)
+    base = time.strftime("%Y%m%d-%H%M%S") + "-" + label
+    run_id, n = base, 1
+    while os.path.exists(os.path.join(results, run_id)):
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    prog = "conclab run"
+    try:
+        run = prepare(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return execute(run, prog)
+
+
+def prepare(args) -> Run:
+    experiments = parse_experiments(args.experiment)
+    try:
+        variants = select(args.backends)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    server_cpus, loadgen_cpus = choose_cpus(args)
+    if NEEDS_LOADGEN & set(experiments):
+        preflight_loadgen()
+    profile = PROFILES[args.profile]
+    run_id = args.run_id or new_run_id(args.results, experiments)
+    if args.run_id and os.path.exists(os.path.join(args.results, run_id)):
+        raise UsageError(f"--run-id {run_id}: {os.path.join(args.results, run_id)} already exists")
+    params = {"argv": sys.argv, "experiments": experiments, "backends": [v.name for v in variants],
+              "profile": profile.name, "repeat": args.repeat, "server_cpus": server_cpus,
+              "loadgen_cpus": loadgen_cpus, "results": args.results}
+    return Run(run_id=run_id, results_dir=args.results, experiments=experiments, variants=variants,
+               profile=profile, repeat=args.repeat, server_cpus=server_cpus, loadgen_cpus=loadgen_cpus,
+               params=params)
+
+
+def execute(run: Run, prog: str) -> int:
+    """Run every experiment; whatever happens, stop the children and write summaries and the manifest."""
+    status, code = "complete", EXIT_OK
+    own_cpus = os.sched_getaffinity(0)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    run.progress(f"{prog}: {', '.join(run.experiments)} (profile {run.profile.name}, repeat {run.repeat}) on "
+                 f"{len(run.variants)} variants; server CPUs {run.server_cpus}, load generator CPUs "
+                 f"{run.loadgen_cpus} -> {run.dir}")
+    try:
+        os.sched_setaffinity(0, run.loadgen_cpus)        # the sampler stays off the server's CPUs
+        for name in run.experiments:
+            for table in EXPERIMENT_TABLES[name]:
+                run.table(table)
+            started = time.monotonic()
+            module(name).run(run)
+            run.manifest.setdefault("experiment_s", {})[name] = round(time.monotonic() - started, 1)
+            run.save_manifest()
+    except (KeyboardInterrupt, Interrupted):
+        status, code = "interrupted", EXIT_INTERRUPTED
+        print(f"{prog}: interrupted; stopping servers and load generators", file=sys.stderr)
+    except Exception as exc:                              # one line here, the traceback in raw/error.log
+        status, code = "error", EXIT_ERROR
+        with open(os.path.join(run.raw_dir, "error.log"), "w", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
+        print(f"{prog}: error: {type(exc).__name__}: {exc} (traceback: {run.raw_dir}/error.log)", file=sys.stderr)
+    finally:
+        processes.stop_all()
+        os.sched_setaffinity(0, own_cpus)
+        signal.signal(signal.SIGTERM, previous)
+        write_summaries(run)
+        run.finish(status)
+    run.progress(f"{prog}: {status} in {run.elapsed():.0f} s; {len(run.manifest['skipped'])} skipped; {run.dir}")
+    print(run.dir, flush=True)
+    return code
+
+
+def write_summaries(run: Run) -> None:
+    rows = {name: writer.rows for name, writer in run.tables.items()}
+    summary_rows = summary.summarize(rows)
+    for row in summary_rows:
+        run.write("summary", row)
+    for row in summary.targets(summary_rows, run.profile.reference_conns, rows.get("skipped", [])):
+        run.write("targets", row)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)

@@ -1,0 +1,3 @@
+module conclab/switchbench
+
+go 1.13

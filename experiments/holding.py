@@ -1,0 +1,106 @@
+"""Holding N idle connections open against a server (the generator's hold mode), and reading the server then.
+
+The generator ramps N connections at ``--connect-rate``, PINGs each once and
+then holds them for ``--duration`` seconds after the ramp; the harness reads
+the server inside that window. The window is long enough for the harness to
+notice a stalled ramp (``STALL_S``) and still measure inside it. Then, if the
+server accepted all N, the generator is stopped at once (nothing failed, there
+is nothing to wait for); if not, it is left to finish, so its JSON says how
+many connections failed and why.
+
+The server's own count of accepted connections is its fd count above what it
+had before the hold (every backend gives each accepted socket an fd; kernel
+TCP state would also count connections still waiting in the accept backlog).
+The ramp is over, for the harness, when that count reaches N, stops growing for
+``STALL_S`` (a server that no longer accepts), or the generator exits.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from . import load
+
+STALL_S = 3.0                  # no newly accepted connection for this long: the ramp is over
+POLL_S = 0.05
+HOLD_MARGIN_S = 0.5            # the hold lasts this much longer than what is measured inside it
+RAMP_SLACK_S = 10.0            # time budget for the ramp beyond N / connect rate (covers connect timeouts)
+MEASURE_SAMPLES = 3            # gauges are the median of this many reads...
+MEASURE_GAP_S = 0.1            # ...this far apart
+GAUGE_KEYS = ("rss_kib", "uss_kib", "vms_kib", "threads", "fds", "tcp_established", "tcp_close_wait",
+              "tcp_time_wait")
+
+
+@dataclass
+class Hold:
+    run: load.LoadRun | None
+    target: int
+    held: int                  # connections the server accepted (fds above the baseline)
+    ramp_s: float
+    base_fds: int
+
+
+def accepted(server, base_fds: int) -> int:
+    return max(0, server.sampler.probe.process.num_fds() - base_fds)
+
+
+def hold(run, server, n: int, measure_s: float) -> Hold:
+    """Hold ``n`` connections for ``measure_s`` (+ a margin) after the ramp; return once the server has them."""
+    base_fds = server.sampler.probe.process.num_fds()
+    if n <= 0:
+        return Hold(None, 0, 0, 0.0, base_fds)
+    profile = run.profile
+    handle = load.start_load(server.target, "hold", n, measure_s + STALL_S + HOLD_MARGIN_S,
+                             connect_rate=profile.connect_rate, cpus=run.loadgen_cpus,
+                             extra_s=n / profile.connect_rate + RAMP_SLACK_S)
+    t0 = time.monotonic()
+    best, best_at = 0, t0
+    while time.monotonic() - t0 < profile.ramp_timeout_s and handle.running():
+        now_held = accepted(server, base_fds)
+        if now_held >= n:
+            break
+        if now_held > best:
+            best, best_at = now_held, time.monotonic()
+        elif time.monotonic() - best_at > STALL_S:
+            break
+        time.sleep(POLL_S)
+    return Hold(handle, n, accepted(server, base_fds), time.monotonic() - t0, base_fds)
+
+
+def gauges(server) -> dict:
+    """The server's memory, threads, fds and TCP states: the median of a few reads."""
+    reads = []
+    for i in range(MEASURE_SAMPLES):
+        if i:
+            time.sleep(MEASURE_GAP_S)
+        reads.append(server.sampler.sample() or server.sampler.probe.read())
+    values = {key: [r[key] for r in reads if r.get(key) is not None] for key in GAUGE_KEYS}
+    return {key: statistics.median(v) if v else None for key, v in values.items()}
+
+
+def measure_window(run) -> float:
+    """Seconds to read gauges inside a hold: settle, then the samples."""
+    return run.profile.settle_s + MEASURE_SAMPLES * MEASURE_GAP_S
+
+
+def release(h: Hold, tcp_established=None, clean: bool | None = None) -> tuple[dict | None, int | None]:
+    """End the hold; (its JSON or None, connect failures: the generator's count, else N - ESTABLISHED).
+
+    ``clean`` (default: the server accepted all N): stop it now, there is no failure
+    to explain. Otherwise it runs to its end and its JSON says what failed and why.
+    """
+    if h.run is None:
+        return None, 0
+    if clean is None:
+        clean = h.held >= h.target
+    try:
+        result = h.run.stop() if clean else h.run.wait()
+    except load.LoadgenError:
+        result = None
+    finally:
+        h.run.close()
+    errors = load.connect_errors(result, h.target)
+    if errors is None and tcp_established is not None:
+        errors = max(0, h.target - int(tcp_established))
+    return result, errors

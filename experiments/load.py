@@ -1,0 +1,195 @@
+"""The adapter to the load generator: the only code that knows its command line.
+
+The harness never imports loadgen; it runs ``python -m loadgen ... --json`` as a
+subprocess (DESIGN.md section 5) and parses the one JSON object it prints, so
+it keeps working whatever the generator's internals. ``run_load`` is the whole
+contract; ``start_load`` is the same run in the background (hold N connections
+while something else is measured) and ``flatten`` maps the JSON onto the
+tables' LOAD columns.
+
+``CONCLAB_LOADGEN`` (a command line, shell-split) replaces ``python -m loadgen``:
+the tests point it at a stand-in; anyone can point it at another generator
+that honours the same options and JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+
+from . import processes
+
+LOADGEN_ENV = "CONCLAB_LOADGEN"
+EXIT_SLACK_S = 30.0         # past duration + warm-up, how long before a run counts as hung
+STOP_GRACE_S = 3.0          # after SIGINT, how long a stopped run gets to print its JSON
+POLL_S = 0.05
+REQUIRED_KEYS = ("throughput_rps", "requests", "errors", "duration_s", "latency_us")
+PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
+               "max_us": "max"}
+
+
+class LoadgenError(Exception):
+    """The load generator failed or printed no usable JSON; the message is one line."""
+
+
+def command() -> list[str]:
+    """How to start the load generator: $CONCLAB_LOADGEN or ``python -m loadgen``."""
+    custom = os.environ.get(LOADGEN_ENV)
+    return shlex.split(custom) if custom else [sys.executable, "-m", "loadgen"]
+
+
+def argv(target: str, mode: str, conns: int, duration: float, *, size: int | None = None,
+         rate: float | None = None, op: str | None = None, work: tuple | None = None,
+         pipeline: int | None = None, warmup: float | None = None, connect_rate: float | None = None,
+         procs: int | None = None, cpus: list[int] | None = None) -> list[str]:
+    """The command line for one run; options left None are not passed (the generator's defaults)."""
+    args = [*command(), "--target", target, "--mode", mode, "--conns", str(conns), "--duration", f"{duration:g}"]
+    optional = {"--size": size, "--rate": rate, "--op": op, "--pipeline": pipeline, "--warmup": warmup,
+                "--connect-rate": connect_rate, "--procs": procs}
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if work is not None:
+        args += ["--work", f"{int(work[0])},{int(work[1])}"]
+    if cpus:
+        args += ["--cpus", ",".join(map(str, cpus))]
+    return args + ["--json"]
+
+
+class LoadRun:
+    """One load generator process; its output goes to temporary files (no pipe can fill up)."""
+
+    def __init__(self, args: list[str], budget_s: float, cpus: list[int] | None) -> None:
+        self.args = args
+        self.deadline = time.monotonic() + budget_s
+        self._out = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()
+        try:
+            self.proc = processes.spawn(args, stdout=self._out, stderr=self._err, cpus=cpus, group=True)
+        except OSError as exc:
+            raise LoadgenError(f"cannot run the load generator {shlex.join(args[:3])}: {exc.strerror}") from None
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self) -> dict:
+        """Wait for the run to end by itself (within its budget) and return its JSON."""
+        while self.running() and time.monotonic() < self.deadline:
+            time.sleep(POLL_S)
+        if self.running():
+            processes.stop(self.proc, signal.SIGINT, STOP_GRACE_S)
+            raise LoadgenError(f"load generator still running past its time budget; stopped ({self._tail()})")
+        return self._result()
+
+    def stop(self) -> dict | None:
+        """End the run early (SIGINT, then kill); its JSON if it printed any, else None."""
+        if self.running():
+            processes.stop(self.proc, signal.SIGINT, STOP_GRACE_S)
+        try:
+            return self._result()
+        except LoadgenError:
+            return None
+
+    def _result(self) -> dict:
+        self._out.seek(0)
+        text = self._out.read().decode("utf-8", "replace")
+        result = parse(text)
+        if result is None:
+            status = self.proc.returncode
+            raise LoadgenError(f"load generator exited {status} without JSON: {self._tail()}")
+        return result
+
+    def _tail(self) -> str:
+        self._err.seek(0)
+        lines = [line for line in self._err.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "no message on stderr"
+
+    def close(self) -> None:
+        processes.stop(self.proc, signal.SIGINT, STOP_GRACE_S)
+        self._out.close()
+        self._err.close()
+
+
+def parse(text: str) -> dict | None:
+    """The generator's result: the last JSON object (one line or pretty-printed) that starts a line."""
+    decoder = json.JSONDecoder()
+    starts = [m.start() for m in re.finditer(r"^[ \t]*\{", text, re.MULTILINE)]
+    for start in reversed(starts):
+        try:
+            value, _ = decoder.raw_decode(text[start:].lstrip())
+        except ValueError:
+            continue
+        if isinstance(value, dict) and all(key in value for key in REQUIRED_KEYS):
+            return value
+    return None
+
+
+def start_load(target: str, mode: str, conns: int, duration: float, *, cpus=None, warmup=None,
+               extra_s: float = 0.0, **options) -> LoadRun:
+    """Start one run in the background; ``.wait()`` or ``.stop()`` it (``.close()`` always).
+
+    ``extra_s``: time the run may take besides duration and warm-up (a hold's ramp).
+    """
+    args = argv(target, mode, conns, duration, cpus=cpus, warmup=warmup, **options)
+    return LoadRun(args, duration + (warmup or 0) + extra_s + EXIT_SLACK_S, cpus)
+
+
+def run_load(target: str, mode: str, conns: int, duration: float, **options) -> dict:
+    """Run the load generator once, to its end, and return its JSON object (DESIGN.md section 5)."""
+    run = start_load(target, mode, conns, duration, **options)
+    try:
+        return run.wait()
+    finally:
+        run.close()
+
+
+def error_count(result: dict) -> int:
+    """``errors`` as one number (a generator may report a count or a dict of counts by kind)."""
+    errors = result.get("errors") or 0
+    if isinstance(errors, dict):
+        return int(sum(v for v in errors.values() if isinstance(v, (int, float))))
+    return int(errors)
+
+
+def connect_errors(result: dict | None, conns: int) -> int | None:
+    """Of ``conns`` asked for, how many the generator could not open (None if it does not say)."""
+    if not result:
+        return None
+    hold = result.get("hold") or {}
+    if isinstance(hold.get("failed"), int):
+        return hold["failed"]
+    for key in ("connect_errors", "connect_failures"):
+        if isinstance(result.get(key), (int, float)):
+            return int(result[key])
+    opened = (result.get("connections") or {}).get("opened")
+    if isinstance(opened, int):
+        return max(0, conns - opened)
+    return None
+
+
+def failure_reasons(result: dict | None) -> dict:
+    """Why connections failed, by kind ({"timeout": 9994, ...}), if the generator says."""
+    if not result:
+        return {}
+    reasons = (result.get("hold") or {}).get("failure_reasons")
+    if isinstance(reasons, dict):
+        return reasons
+    errors = result.get("errors")
+    return errors if isinstance(errors, dict) else {}
+
+
+def flatten(result: dict) -> dict:
+    """The tables' LOAD columns from one JSON result."""
+    latency = result.get("latency_us") or {}
+    row = {"duration_s": result.get("duration_s"), "requests": result.get("requests"),
+           "errors": error_count(result), "throughput_rps": result.get("throughput_rps"),
+           "loadgen_cpu_percent": result.get("loadgen_cpu_percent"),
+           "loadgen_saturated": result.get("loadgen_saturated")}
+    if result.get("requests"):                     # an empty histogram's "percentiles" are not latencies
+        row.update({column: latency.get(key) for column, key in PERCENTILES.items()})
+    return row

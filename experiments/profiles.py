@@ -1,0 +1,89 @@
+"""Profiles: how many points, how long each, per experiment.
+
+``quick`` is sized so that ``conclab run all --profile quick`` finishes in about
+five minutes on a 2-core box with every backend (few points, 1 s each plus a
+short warm-up: 8 variants x 7 experiments leave no room for more);
+``full`` is the real sweep (10 s points, the whole concurrency range, memory up
+to the file limit); ``tiny`` exists for the harness's own tests (seconds).
+Every field is a named tunable and is written to manifest.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+from dataclasses import dataclass
+
+FD_MARGIN = 200                 # fds a server keeps besides connections (listener, stdio, epoll, Go's runtime)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    point_s: float              # measured duration of one load point
+    warmup_s: float             # load generator warm-up before measuring (not counted)
+    sample_interval_s: float    # server sampler period
+    settle_s: float             # pause after connections are up, before memory is read
+    ramp_timeout_s: float       # longest wait for held connections to be accepted
+    connect_rate: float         # new connections/s the generator opens when holding (--connect-rate)
+    memory_conns: tuple         # idle connections held per memory point ("limit": the file limit)
+    throughput_conns: tuple     # closed-loop concurrency sweep
+    reference_conns: int        # the targets' point: closed loop, this many conns, 64 B ECHO
+    size: int                   # payload bytes of ECHO
+    latency_conns: int          # connections the open-loop generator spreads its rate over
+    latency_fractions: tuple    # offered rates, as fractions of the backend's measured capacity
+    io_conns: tuple             # io_bound concurrency sweep
+    io_us: int                  # WORK wait per request
+    cpu_conns: tuple            # cpu_bound concurrency
+    cpu_us: int                 # WORK compute per request
+    cpu_wide_variants: tuple    # variants also run with the server on every CPU ("*": all)
+    c10k_conns: int             # idle connections held in c10k
+    c10k_probe_conns: int       # the small closed loop that measures p99 meanwhile
+    switch_rounds: int          # rounds per microbenchmark (the median is reported)
+    switch_round_s: float       # target duration of one round
+    pool_workers: int           # threadpool --workers (ThreadPoolExecutor's default formula)
+
+    def memory_points(self) -> list[int]:
+        """memory_conns with "limit" resolved to this process's file limit (minus a margin)."""
+        limit = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_MARGIN)
+        points = {limit if n == "limit" else min(int(n), limit) for n in self.memory_conns}
+        return sorted(points)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_workers() -> int:
+    """ThreadPoolExecutor's default: min(32, cpu count + 4)."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+QUICK = Profile(
+    name="quick", point_s=1.0, warmup_s=0.2, sample_interval_s=0.25, settle_s=0.3, ramp_timeout_s=20.0,
+    connect_rate=5000,
+    memory_conns=(0, 10_000), throughput_conns=(1, 50, 500), reference_conns=50, size=64,
+    latency_conns=50, latency_fractions=(0.5, 0.9, 1.2), io_conns=(10, 100, 1000), io_us=10_000,
+    cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go", "threads"), c10k_conns=10_000, c10k_probe_conns=10,
+    switch_rounds=3, switch_round_s=0.1, pool_workers=default_workers(),
+)
+
+FULL = Profile(
+    name="full", point_s=10.0, warmup_s=1.0, sample_interval_s=0.5, settle_s=1.0, ramp_timeout_s=60.0,
+    connect_rate=5000,
+    memory_conns=(0, 1000, 2500, 5000, 10_000, 15_000, "limit"),
+    throughput_conns=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), reference_conns=50, size=64,
+    latency_conns=50, latency_fractions=(0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5),
+    io_conns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000), io_us=10_000,
+    cpu_conns=(1, 10, 50, 200), cpu_us=200, cpu_wide_variants=("*",), c10k_conns=10_000, c10k_probe_conns=10,
+    switch_rounds=7, switch_round_s=0.5, pool_workers=default_workers(),
+)
+
+TINY = Profile(
+    name="tiny", point_s=0.3, warmup_s=0.0, sample_interval_s=0.1, settle_s=0.05, ramp_timeout_s=5.0,
+    connect_rate=2000, memory_conns=(0, 30), throughput_conns=(4,), reference_conns=4, size=64,
+    latency_conns=4, latency_fractions=(0.5, 1.5), io_conns=(8,), io_us=10_000,
+    cpu_conns=(4,), cpu_us=200, cpu_wide_variants=(), c10k_conns=40, c10k_probe_conns=2,
+    switch_rounds=1, switch_round_s=0.01, pool_workers=default_workers(),
+)
+
+PROFILES = {p.name: p for p in (QUICK, FULL, TINY)}

@@ -1,0 +1,167 @@
+"""What a server process is doing, read from psutil and /proc at a fixed interval.
+
+One ``Probe`` per server process reads:
+
+* memory: RSS and VMS (psutil, /proc/PID/statm), USS (psutil, smaps_rollup);
+* threads, open fds;
+* user/sys CPU seconds (/proc/PID/stat: the whole process, exited threads included);
+* voluntary/involuntary context switches, summed over *every thread*:
+  /proc/PID/status (and so psutil's ``num_ctx_switches``) counts only the main
+  thread, which would make a thread-per-connection server look like it never
+  switches. Threads that exit take their counts with them, so the probe keeps
+  the last count it saw per thread id: exact for threads alive at both ends of
+  a point, a lower bound for threads that exit within one sampling interval;
+* TCP states of sockets whose local port is the server's (its side of every
+  connection): ESTABLISHED, CLOSE_WAIT, TIME_WAIT (sock_diag, filtered in the
+  kernel; /proc/net/tcp and tcp6 if netlink is unavailable).
+
+``Sampler`` runs a probe in a thread every ``interval`` seconds and keeps the
+rows (the raw time series, samples.csv).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+import psutil
+
+from . import tcpdiag
+
+TCP_STATES = {b"01": "tcp_established", b"06": "tcp_time_wait", b"08": "tcp_close_wait"}
+TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+KIB = 1024
+
+
+def tcp_states(port: int) -> dict:
+    """Count the sockets on local ``port`` by state (ESTABLISHED, CLOSE_WAIT, TIME_WAIT)."""
+    try:
+        return tcpdiag.count(port)
+    except OSError:
+        return proc_tcp_states(port)
+
+
+def proc_tcp_states(port: int) -> dict:
+    """tcp_states from /proc/net/tcp{,6}: the fallback (it reads every socket of the machine)."""
+    counts = dict.fromkeys(TCP_STATES.values(), 0)
+    suffix = f":{port:04X}".encode()
+    for path in TCP_TABLES:
+        with contextlib.suppress(OSError), open(path, "rb") as table:
+            next(table, None)                          # header
+            for line in table:
+                fields = line.split(None, 4)
+                if len(fields) > 3 and fields[1].endswith(suffix):
+                    name = TCP_STATES.get(fields[3])
+                    if name:
+                        counts[name] += 1
+    return counts
+
+
+def task_ctx_switches(pid: int) -> dict:
+    """{tid: (voluntary, involuntary)} for every live thread of ``pid``."""
+    counts = {}
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            voluntary = involuntary = 0
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status", "rb") as status:
+                for line in status:
+                    if line.startswith(b"voluntary_ctxt_switches"):
+                        voluntary = int(line.split()[1])
+                    elif line.startswith(b"nonvoluntary_ctxt_switches"):
+                        involuntary = int(line.split()[1])
+            counts[tid] = (voluntary, involuntary)
+    return counts
+
+
+class Probe:
+    """Reads one process; ``track_ctx`` sums context switches over its threads (costs a file per thread)."""
+
+    def __init__(self, pid: int, port: int | None, track_ctx: bool = True) -> None:
+        self.pid = pid
+        self.port = port
+        self.track_ctx = track_ctx
+        self.process = psutil.Process(pid)
+        self._ctx_seen: dict = {}
+        self._lock = threading.Lock()
+
+    def ctx_switches(self) -> tuple[int, int]:
+        """(voluntary, involuntary) over every thread seen so far (see the module doc)."""
+        with self._lock:
+            self._ctx_seen.update(task_ctx_switches(self.pid))
+            seen = list(self._ctx_seen.values())
+        return sum(v for v, _ in seen), sum(i for _, i in seen)
+
+    def read(self, uss: bool = True) -> dict:
+        """One sample: gauges, cumulative CPU and context switches, TCP states."""
+        with self.process.oneshot():
+            memory = self.process.memory_full_info() if uss else self.process.memory_info()
+            cpu = self.process.cpu_times()
+            row = {"pid": self.pid, "rss_kib": memory.rss // KIB, "vms_kib": memory.vms // KIB,
+                   "uss_kib": memory.uss // KIB if uss else None, "threads": self.process.num_threads(),
+                   "fds": self.process.num_fds(), "cpu_user_s": cpu.user, "cpu_sys_s": cpu.system}
+        if self.track_ctx:
+            row["ctx_voluntary"], row["ctx_involuntary"] = self.ctx_switches()
+        if self.port is not None:
+            row.update(tcp_states(self.port))
+        return row
+
+    def counters(self) -> dict:
+        """The cumulative counters only (for deltas around one load point)."""
+        cpu = self.process.cpu_times()
+        voluntary, involuntary = self.ctx_switches() if self.track_ctx else (None, None)
+        return {"cpu_user_s": cpu.user, "cpu_sys_s": cpu.system, "ctx_voluntary": voluntary,
+                "ctx_involuntary": involuntary, "t": time.monotonic()}
+
+
+class Sampler:
+    """Samples a Probe every ``interval`` seconds in a daemon thread; ``rows`` is the time series."""
+
+    def __init__(self, probe: Probe, interval: float, labels: dict) -> None:
+        self.probe = probe
+        self.interval = interval
+        self.labels = dict(labels)
+        self.point = ""
+        self.rows: list = []
+        self.peaks: dict = {}
+        self._stop = threading.Event()
+        self._rows_lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def sample(self) -> dict | None:
+        try:
+            row = self.probe.read()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, FileNotFoundError):
+            return None
+        row = {**self.labels, "point": self.point, "t_s": round(time.monotonic() - self._t0, 3), **row}
+        with self._rows_lock:
+            self.rows.append(row)
+        for key in ("rss_kib", "threads", "fds"):
+            self.peaks[key] = max(self.peaks.get(key, 0), row[key])
+        return row
+
+    def reset_peaks(self) -> None:
+        self.peaks = {}
+
+    def stop(self) -> list:
+        """Stop sampling; return the rows not yet taken."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.take()
+
+    def take(self) -> list:
+        with self._rows_lock:
+            rows, self.rows = self.rows, []
+        return rows

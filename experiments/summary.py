@@ -1,0 +1,138 @@
+"""summary.csv and targets.csv: the medians (and spread) over repeats, and the headline numbers.
+
+summary.csv is long and tidy: one row per (experiment, variant, point, metric)
+with the median, min, max and count over the repeats. It also carries the
+latency knee of each variant (point ``knee``): the highest offered rate that
+was still served, within ``KNEE_KEEPUP``, without errors, and with p99 at most
+``KNEE_P99_FACTOR`` times its p99 at the lowest rate.
+
+targets.csv holds the numbers the issue asks to report: at the reference point
+(closed loop, 50 conns, 64 B ECHO, server and generator on their own CPUs) each
+variant's throughput as a ratio to go's, and each variant's memory per idle
+connection (slope of RSS, and of USS, over connections held).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .fit import spread
+
+KNEE_KEEPUP = 0.95          # served at least this fraction of the offered rate...
+KNEE_P99_FACTOR = 10.0      # ...with p99 at most this multiple of the p99 at the lowest rate
+REFERENCE_VARIANT = "go"    # ...and throughput ratios are to this variant
+
+# experiment table -> (point label, x column, metrics summarised)
+SPECS = {
+    "memory": (lambda r: f"n={r['n_target']}", "n_target",
+               ("n_conns", "rss_kib", "uss_kib", "vms_kib", "threads", "fds", "connect_errors")),
+    "throughput": (lambda r: f"conns={r['conns']}", "conns",
+                   ("throughput_rps", "p50_us", "p99_us", "p999_us", "errors", "server_cpu_percent",
+                    "cpu_us_per_req", "ctx_per_req")),
+    "latency": (lambda r: f"fraction={r['rate_fraction']}", "rate_fraction",
+                ("offered_rps", "throughput_rps", "p50_us", "p99_us", "p999_us", "errors")),
+    "io_bound": (lambda r: f"conns={r['conns']}", "conns",
+                 ("throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors")),
+    "cpu_bound": (lambda r: f"conns={r['conns']} cpus={r['server_cpus']}", "conns",
+                  ("throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors")),
+    "switch": (lambda r: r["bench"], None, ("ns_per_switch", "cpu_us_per_req", "ctx_per_req")),
+    "c10k": (lambda r: f"hold={r['hold_target']}", "hold_target",
+             ("held", "connect_errors", "requests", "errors", "p99_us", "rss_kib", "threads")),
+}
+
+
+def number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarize(tables: dict) -> list:
+    """summary.csv rows from this run's table rows ({table: [row, ...]})."""
+    out = []
+    for table, (point_of, x_column, metrics) in SPECS.items():
+        groups = defaultdict(list)
+        for row in tables.get(table, []):
+            groups[(row["backend"], row["variant"], point_of(row))].append(row)
+        for (backend, variant, point), rows in groups.items():
+            x = rows[0][x_column] if x_column else ""
+            for metric in metrics:
+                stats = spread(r.get(metric) for r in rows)
+                if stats:
+                    out.append({"experiment": table, "backend": backend, "variant": variant, "point": point,
+                                "x": x, "metric": metric, **stats})
+    out += fit_summary(tables.get("memory_fit", []))
+    out += knee_summary(tables.get("latency", []))
+    return out
+
+
+def fit_summary(rows: list) -> list:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["backend"], row["variant"], row["metric"])].append(row)
+    out = []
+    for (backend, variant, metric), group in groups.items():
+        stats = spread(r["per_conn"] for r in group)
+        if stats:
+            out.append({"experiment": "memory", "backend": backend, "variant": variant, "point": "fit", "x": "",
+                        "metric": f"{metric}_per_conn", **stats})
+    return out
+
+
+def knee(rows: list) -> float | None:
+    """The highest offered rate still served well (None if none was).
+
+    Served well: throughput within KNEE_KEEPUP of the offered rate, no errors,
+    and p99 at most KNEE_P99_FACTOR times the p99 at the lowest offered rate.
+    """
+    rows = sorted((r for r in rows if number(r.get("offered_rps"))), key=lambda r: number(r["offered_rps"]))
+    if not rows:
+        return None
+    base_p99 = number(rows[0].get("p99_us"))
+    best = None
+    for r in rows:
+        offered, served, p99 = number(r["offered_rps"]), number(r.get("throughput_rps")), number(r.get("p99_us"))
+        keeps_up = served is not None and served >= KNEE_KEEPUP * offered and not number(r.get("errors"))
+        fast = p99 is not None and base_p99 is not None and p99 <= KNEE_P99_FACTOR * max(base_p99, 1.0)
+        if keeps_up and fast:
+            best = offered
+    return best
+
+
+def knee_summary(rows: list) -> list:
+    per_repeat = defaultdict(list)
+    for row in rows:
+        per_repeat[(row["backend"], row["variant"], row["repeat"])].append(row)
+    knees = defaultdict(list)
+    for (backend, variant, _), group in per_repeat.items():
+        knees[(backend, variant)].append(knee(group))
+    out = []
+    for (backend, variant), values in knees.items():
+        stats = spread(values)
+        if stats:
+            out.append({"experiment": "latency", "backend": backend, "variant": variant, "point": "knee", "x": "",
+                        "metric": "knee_rps", **stats})
+    return out
+
+
+def targets(summary: list, reference_conns: int, skipped: list) -> list:
+    """targets.csv rows: throughput ratio to go at the reference point, KiB per idle connection."""
+    point = f"conns={reference_conns}"
+    rps = {r["variant"]: (r["backend"], r["median"]) for r in summary
+           if r["experiment"] == "throughput" and r["point"] == point and r["metric"] == "throughput_rps"}
+    out = []
+    go = rps.get(REFERENCE_VARIANT, (None, None))[1]
+    why_no_go = next((s["reason"] for s in skipped if s["variant"] == REFERENCE_VARIANT), "go was not measured")
+    for variant, (backend, value) in rps.items():
+        ratio = value / go if go else None
+        detail = (f"closed loop {reference_conns} conns, 64 B ECHO; {value:.0f} rps vs go {go:.0f} rps" if go
+                  else f"closed loop {reference_conns} conns, 64 B ECHO; {value:.0f} rps; no ratio: {why_no_go}")
+        out.append({"target": "throughput_ratio_to_go", "backend": backend, "variant": variant, "value": ratio,
+                    "unit": "ratio", "detail": detail})
+    for r in summary:
+        if r["experiment"] == "memory" and r["metric"] in ("rss_kib_per_conn", "uss_kib_per_conn"):
+            out.append({"target": r["metric"].replace("_per_conn", "_per_idle_conn"), "backend": r["backend"],
+                        "variant": r["variant"], "value": r["median"], "unit": "KiB/conn",
+                        "detail": f"least-squares slope, median of {r['n']} repeat(s), spread {r['min']:.3g}.."
+                                  f"{r['max']:.3g}"})
+    return out

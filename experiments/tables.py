@@ -1,0 +1,116 @@
+"""The tidy tables every run writes: one CSV per experiment, column lists as constants.
+
+The report (and anyone with pandas) relies on these names: ``COLUMNS[table]``
+is the exact header of ``results/<run-id>/<table>.csv``, in order. One row is
+one measurement (one backend variant, one repeat, one point); nothing is
+aggregated in these tables except ``summary.csv``, ``memory_fit.csv`` and
+``targets.csv``, which are computed from them. docs/experiments.md documents
+every column and its unit.
+
+Units are in the names: ``_kib`` KiB, ``_us`` microseconds, ``_s`` seconds,
+``_rps`` requests per second, ``_ns`` nanoseconds. An empty cell means "not
+measured" (for instance ``uss_kib`` where /proc/PID/smaps_rollup is not readable).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+# Every measurement row starts with these: who measured what, and which repeat.
+KEY = ("run_id", "experiment", "backend", "variant", "repeat")
+
+# What the load generator reported for one point (adapter: experiments.load).
+LOAD = ("duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us",
+        "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated")
+
+# What the server process did during that point (deltas of /proc counters, peaks of gauges).
+SERVER = ("server_requests", "server_cpu_user_s", "server_cpu_sys_s", "server_cpu_percent",
+          "server_ctx_voluntary", "server_ctx_involuntary", "cpu_us_per_req", "ctx_per_req",
+          "server_rss_kib", "server_threads", "server_fds")
+
+# One point of a server's gauges (memory and c10k).
+GAUGES = ("rss_kib", "uss_kib", "vms_kib", "threads", "fds", "tcp_established", "tcp_close_wait", "tcp_time_wait")
+
+COLUMNS = {
+    "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus"),
+    "memory_fit": KEY + ("metric", "per_conn", "intercept", "r2", "n_points", "unit"),
+    "throughput": KEY + ("conns", "size", "op", "workers", "server_cpus", *LOAD, *SERVER),
+    "latency": KEY + ("conns", "size", "capacity_rps", "rate_fraction", "offered_rps", "workers", "server_cpus",
+                      *LOAD, *SERVER),
+    "io_bound": KEY + ("conns", "io_us", "workers", "conc_ceiling_rps", "little_ceiling_rps", "server_cpus",
+                       *LOAD, *SERVER),
+    "cpu_bound": KEY + ("conns", "cpu_us", "server_cpus", "n_server_cpus", "gomaxprocs", "ceiling_rps",
+                        *LOAD, *SERVER),
+    "switch": KEY + ("bench", "pinned", "cpus", "iterations", "rounds", "ns_per_switch", "ns_min", "ns_max",
+                     "ctx_voluntary", "ctx_involuntary", "cpu_us_per_req", "ctx_per_req", "source"),
+    "c10k": KEY + ("hold_target", "held", "connect_errors", "probe_conns", "requests", "errors", "throughput_rps",
+                   "p50_us", "p99_us", "p999_us", "max_us", "loadgen_saturated", "rss_kib", "vms_kib", "threads",
+                   "fds", "tcp_established", "tcp_close_wait", "workers", "note"),
+    "samples": KEY + ("point", "t_s", "pid", "rss_kib", "uss_kib", "vms_kib", "threads", "fds",
+                      "ctx_voluntary", "ctx_involuntary", "cpu_user_s", "cpu_sys_s",
+                      "tcp_established", "tcp_close_wait", "tcp_time_wait"),
+    "skipped": ("run_id", "experiment", "backend", "variant", "point", "reason"),
+    "summary": ("run_id", "experiment", "backend", "variant", "point", "x", "metric", "median", "min", "max", "n"),
+    "targets": ("run_id", "target", "backend", "variant", "value", "unit", "detail"),
+}
+
+# The table each experiment writes its measurements to (besides samples/skipped).
+EXPERIMENT_TABLES = {
+    "memory": ("memory", "memory_fit"),
+    "throughput": ("throughput",),
+    "latency": ("latency",),
+    "io_bound": ("io_bound",),
+    "cpu_bound": ("cpu_bound",),
+    "switch": ("switch",),
+    "c10k": ("c10k",),
+}
+
+FLOAT_DIGITS = 6          # significant digits kept for floats: small files, no false precision
+
+
+def cell(value):
+    """A value as written to CSV: floats rounded, None/NaN empty, bools as 0/1."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ""
+        return float(f"{value:.{FLOAT_DIGITS}g}")
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return value
+
+
+class ColumnError(Exception):
+    """A row names a column its table does not have: a bug in the harness, never data."""
+
+
+class TableWriter:
+    """Append rows to one CSV, header first; every row is flushed so Ctrl-C keeps what was measured."""
+
+    def __init__(self, path: str, columns: tuple) -> None:
+        self.path = path
+        self.columns = columns
+        new = not os.path.exists(path)
+        self._file = open(path, "a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="raise")
+        if new:
+            self._writer.writeheader()
+            self._file.flush()
+        self.rows = []         # what this run wrote, for the summaries
+
+    def write(self, row: dict) -> None:
+        """Write one row; a column it lacks is left empty, a column the table lacks is a bug."""
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise ColumnError(f"{os.path.basename(self.path)}: unknown columns {sorted(unknown)}")
+        full = {c: cell(row.get(c)) for c in self.columns}
+        self._writer.writerow(full)
+        self._file.flush()
+        self.rows.append(dict(full))
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,335 @@
+"""The report layer (analysis/): loading a run, charts, findings, claims, targets, --compare, the CLI.
+
+Built from tests/fixtures/run-tiny: a real ``conclab run all --profile tiny``
+of every backend (raw/ left out), copied to a temporary directory per test
+module so nothing is written into the repository. Variants of it (an
+experiment missing, a saturated point, a skipped backend, doubled
+throughput) are made here by editing the copy's CSVs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from analysis import cli, compare, derive, report
+from analysis.claims import MEMORY_TARGETS_KIB, THROUGHPUT_TARGETS, targets
+from analysis.fmt import num
+from analysis.results import load_run, read_table
+from experiments.tables import COLUMNS, EXPERIMENT_TABLES
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-tiny"
+MIN_PIXEL_STD = 0.02          # a blank (one-colour) image has 0
+MIN_INK_FRACTION = 0.01       # at least 1% of the pixels are not background
+MAX_REPORT_FILE_BYTES = 1_000_000
+
+
+def copy_run(tmp_path: Path, name: str = "run") -> Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURE, target)
+    return target
+
+
+def edit_csv(run_dir: Path, table: str, change) -> None:
+    path = run_dir / f"{table}.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    change(frame)
+    frame.to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The fixture run and its report, built once: (run, report path, chart results)."""
+    run_dir = copy_run(tmp_path_factory.mktemp("report"))
+    run = load_run(str(run_dir))
+    path, results = report.write(run)
+    return run, Path(path), results
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href") and value and not value.startswith(("http:", "https:", "#", "mailto:")):
+                self.refs.append(value)
+
+
+def page_text(path: Path) -> str:
+    """The page's visible text, entities decoded, whitespace collapsed."""
+    import html
+    raw = re.sub(r"<style>.*?</style>", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", raw)))
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def test_fixture_follows_the_contract():
+    for table, columns in COLUMNS.items():
+        path = FIXTURE / f"{table}.csv"
+        assert path.exists(), f"fixture lacks {table}.csv: regenerate it (see tests/fixtures/README.md)"
+        assert list(pd.read_csv(path, nrows=0).columns) == list(columns), f"{table}.csv is stale"
+
+
+def test_load_run_reads_every_table_and_fills_missing_ones(tmp_path):
+    run = load_run(str(FIXTURE))
+    assert set(run.tables) == set(COLUMNS)
+    assert run.has("throughput") and run.manifest["status"] == "complete"
+    run_dir = copy_run(tmp_path)
+    (run_dir / "c10k.csv").unlink()
+    frame = read_table(str(run_dir), "c10k")
+    assert frame.empty and list(frame.columns) == list(COLUMNS["c10k"])
+    assert not load_run(str(run_dir)).has("c10k")
+
+
+def test_load_run_by_id_and_latest(tmp_path):
+    copy_run(tmp_path, "20000101-000000-all")
+    assert Path(load_run("20000101-000000-all", str(tmp_path)).path).name == "20000101-000000-all"
+    assert Path(load_run("latest", str(tmp_path)).path).name == "20000101-000000-all"
+
+
+# -- charts and page ------------------------------------------------------------------------------
+
+def test_every_chart_is_written_and_not_blank(built):
+    _run, path, results = built
+    drawn = [r for r in results if r.files]
+    assert {r.name for r in drawn} == {spec.name for spec in report.CHARTS}, "the fixture has data for every chart"
+    for result in drawn:
+        svg = (path.parent / result.files["svg"]).read_text(encoding="utf-8")
+        assert "<svg" in svg and svg.rstrip().endswith("</svg>")
+        pixels = matplotlib.image.imread(path.parent / result.files["png"])[..., :3]
+        assert pixels.std() > MIN_PIXEL_STD, f"{result.name}.png is blank"
+        assert (pixels.mean(axis=2) < 0.95).mean() > MIN_INK_FRACTION, f"{result.name}.png is nearly empty"
+
+
+def test_html_references_only_files_that_exist(built):
+    _, path, _ = built
+    links = Links()
+    links.feed(path.read_text(encoding="utf-8"))
+    assert any(r.endswith(".png") for r in links.refs)
+    for ref in links.refs:
+        assert (path.parent / ref).exists(), f"report.html links to missing {ref}"
+
+
+def test_report_directory_is_small(built):
+    _, path, _ = built
+    for file in path.parent.rglob("*"):
+        if file.is_file():
+            assert file.stat().st_size < MAX_REPORT_FILE_BYTES, f"{file} is too big for the repository"
+
+
+def test_page_has_summary_machine_claims_targets_and_every_finding(built):
+    run, path, results = built
+    text = page_text(path)
+    for heading in ("Summary", "Machine", "Claims vs measured", "Targets", *report.SECTION_ORDER):
+        assert heading in text
+    assert run.manifest["host"]["cpu_model"] in text
+    for result in results:
+        assert re.sub(r"\s+", " ", result.finding.text) in text
+
+
+def test_numbers_are_printed_for_people():
+    assert [num(v) for v in (50.0, 12345.6, 0.5, 2.50, 0.0123, None)] == ["50", "12,346", "0.5", "2.5", "0.0123", "–"]
+
+
+# -- findings agree with the tables ------------------------------------------------------------------
+
+def test_every_number_of_a_finding_is_one_of_its_facts(built):
+    _, _, results = built
+    for result in results:
+        shown = re.findall(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?", result.finding.text)   # not p99's 99
+        allowed = {num(v) for v in result.finding.numbers.values()}
+        for token in shown:
+            assert token in allowed, f"{result.name}: {token} in {result.finding.text!r} is not one of its facts"
+
+
+def facts(results, name):
+    return next(r.finding.facts for r in results if r.name == name)
+
+
+def test_throughput_finding_matches_the_csv(built):
+    run, _, results = built
+    t = pd.read_csv(FIXTURE / "throughput.csv")
+    ref = t[t.conns == run.profile["reference_conns"]].groupby("variant").throughput_rps.median()
+    f = facts(results, "throughput")
+    assert (f["hi"], f["hi_rps"]) == (ref.idxmax(), pytest.approx(ref.max()))
+    assert (f["lo"], f["lo_rps"]) == (ref.idxmin(), pytest.approx(ref.min()))
+    assert f["times"] == pytest.approx(ref.max() / ref.min())
+
+
+def test_memory_finding_matches_the_fit(built):
+    _, _, results = built
+    fit = pd.read_csv(FIXTURE / "memory_fit.csv")
+    rss = fit[fit.metric == "rss_kib"].groupby("variant").per_conn.median()
+    f = facts(results, "memory_per_conn")
+    assert (f["hi"], f["hi_kib"]) == (rss.idxmax(), pytest.approx(rss.max()))
+    assert (f["lo"], f["lo_kib"]) == (rss.idxmin(), pytest.approx(rss.min()))
+    threads = fit[(fit.variant == "threads")].set_index("metric").per_conn
+    v = facts(results, "memory_thread_vms")
+    assert v["vms_mib"] == pytest.approx(threads["vms_kib"] / 1024)
+    assert v["rss_kib"] == pytest.approx(threads["rss_kib"])
+
+
+def test_io_bound_finding_uses_the_pool_ceiling(built):
+    _, _, results = built
+    io = pd.read_csv(FIXTURE / "io_bound.csv")
+    pool = io[io.variant.str.startswith("threadpool")]
+    f = facts(results, "io_bound")
+    assert f["ceiling"] == pytest.approx(pool.workers.iloc[0] / (pool.io_us.iloc[0] / 1e6))
+    assert f["pool_rps"] == pytest.approx(pool.groupby(["variant", "conns"]).throughput_rps.median().max())
+    top = io[io.conns == io.conns.max()].groupby("variant").throughput_rps.median()
+    assert (f["top"], f["top_rps"]) == (top.idxmax(), pytest.approx(top.max()))
+
+
+def test_switch_and_c10k_findings_match_the_csv(built):
+    _, _, results = built
+    s = pd.read_csv(FIXTURE / "switch.csv")
+    thread = s[s.variant == "thread-pinned"].ns_per_switch.median()
+    assert facts(results, "switch")["thread_ns"] == pytest.approx(thread)
+    c = pd.read_csv(FIXTURE / "c10k.csv")
+    served = c[(c.held >= c.hold_target) & (c.connect_errors == 0) & (c.requests > 0) & (c.errors == 0)]
+    f = facts(results, "c10k")
+    assert (f["k"], f["n"], f["target"]) == (len(served), len(c), c.hold_target.max())
+
+
+def test_targets_are_judged_from_targets_csv(built):
+    run, _, _ = built
+    t = pd.read_csv(FIXTURE / "targets.csv")
+    table = targets(run)
+    for row in table.itertuples():
+        goals = THROUGHPUT_TARGETS if row.target == "throughput_ratio_to_go" else MEMORY_TARGETS_KIB
+        source = t[(t.target == row.target) & (t.variant == row.variant)]
+        if source.empty or source.value.isna().all():
+            assert row.status == "not measured"
+            continue
+        value = source.value.iloc[0]
+        assert row.value == pytest.approx(value)
+        met = value >= goals[row.variant] if row.target == "throughput_ratio_to_go" else value <= goals[row.variant]
+        assert row.status == ("met" if met else "missed")
+
+
+# -- degraded runs ----------------------------------------------------------------------------------
+
+KEPT_IN_DEGRADED = ("throughput", "switch")
+
+
+def keep_only(run_dir: Path, experiments) -> None:
+    """Make the copy a run of only these experiments: other tables gone, the manifest says so."""
+    for name in EXPERIMENT_TABLES.keys() - set(experiments):
+        for table in EXPERIMENT_TABLES[name]:
+            (run_dir / f"{table}.csv").unlink()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["experiments"] = manifest["parameters"]["experiments"] = list(experiments)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory):
+    """Through the CLI: a run of only throughput and switch, one saturated point, one skipped backend."""
+    run_dir = copy_run(tmp_path_factory.mktemp("degraded"))
+    keep_only(run_dir, KEPT_IN_DEGRADED)
+
+    def saturate(frame):
+        frame.loc[0, "loadgen_saturated"] = "1"
+
+    def skip(frame):
+        frame.loc[len(frame)] = {"run_id": "x", "experiment": "throughput", "backend": "go", "variant": "go",
+                                 "point": "", "reason": "pretend: no Go toolchain on PATH"}
+    edit_csv(run_dir, "throughput", saturate)
+    edit_csv(run_dir, "skipped", skip)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(["report", str(run_dir)])
+    return load_run(str(run_dir)), status, printed.getvalue()
+
+
+def test_cli_report_prints_the_path(degraded):
+    run, status, printed = degraded
+    assert status == 0
+    assert printed.strip().splitlines()[-1] == str(Path(run.path) / "report.html")
+
+
+def test_cli_report_rejects_unknown_runs(tmp_path, capsys):
+    assert cli.main(["report", "no-such-run", "--results", str(tmp_path)]) == 2
+    assert "no-such-run" in capsys.readouterr().err
+    assert cli.main(["report", "--compare", "a", "b", "c"]) == 2
+
+
+def test_missing_experiments_are_reported_not_fatal(degraded):
+    run, _, _ = degraded
+    text = page_text(Path(run.path) / "report.html")
+    for name in EXPERIMENT_TABLES.keys() - set(KEPT_IN_DEGRADED):
+        assert f"No data: {name} was not part of this run" in text
+    assert "c10k was not measured in this run" in text          # the claims table says so too
+    charts = {p.stem for p in (Path(run.path) / "charts").glob("*.png")}
+    assert charts == {s.name for s in report.CHARTS if s.experiment in KEPT_IN_DEGRADED}
+
+
+def test_saturation_and_skips_are_warned(degraded):
+    run, _, _ = degraded
+    text = page_text(Path(run.path) / "report.html")
+    t = run.tables["throughput"]
+    first = t.iloc[0]
+    assert f"throughput: the load generator was saturated at 1 point(s) ({first.variant}@conns={num(first.conns)})" \
+        in text
+    assert "throughput: go skipped: pretend: no Go toolchain on PATH" in text
+
+
+# -- compare --------------------------------------------------------------------------------------
+
+def test_compare_computes_ratios(tmp_path):
+    a_dir, b_dir = copy_run(tmp_path, "before"), copy_run(tmp_path, "after")
+    edit_csv(b_dir, "throughput", lambda f: f.__setitem__("throughput_rps",
+                                                          pd.to_numeric(f.throughput_rps) * 2))
+    edit_csv(b_dir, "memory_fit", lambda f: f.__setitem__("per_conn", pd.to_numeric(f.per_conn) / 4))
+    a, b = load_run(str(a_dir)), load_run(str(b_dir))
+    table = compare.compare(a, b)
+    tput = table[table.key == "throughput"]
+    assert len(tput) == len(derive.at_reference(a)) and (tput.ratio.round(9) == 2).all()
+    assert set(tput.change) == {"better in B"}
+    rss = table[(table.key == "rss_per_conn") & (table.value_a > 0)]
+    assert (rss.ratio.round(9) == 0.25).all() and set(rss.change) == {"better in B"}
+    same = table[table.key == "switch"]
+    assert (same.ratio == 1).all() and set(same.change) == {"same (within noise)"}
+    path = Path(compare.build(a, b, str(tmp_path / "cmp")))
+    links = Links()
+    links.feed(path.read_text(encoding="utf-8"))
+    assert links.refs and all((path.parent / r).exists() for r in links.refs)
+    assert f"{num(2)}×" in path.read_text(encoding="utf-8")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def test_add_parsers_gives_report_and_demo_with_help():
+    import argparse
+    parser = argparse.ArgumentParser(prog="conclab")
+    cli.add_parsers(parser.add_subparsers(dest="command"))
+    for command in ("report", "demo"):
+        args = parser.parse_args([command])
+        assert callable(args.run)
+    assert parser.parse_args(["report", "--compare", "a", "b"]).compare == ["a", "b"]
+
+
+def test_demo_runs_the_harness_then_prints_the_report_path_last(tmp_path, capsys, monkeypatch):
+    """The harness is replaced by a stand-in that 'measures' by printing a prepared run (the real one takes minutes)."""
+    run_dir = copy_run(tmp_path / "results", "demo-run")
+    keep_only(run_dir, ("switch",))
+    fake = tmp_path / "fake_harness.py"
+    fake.write_text(f"import sys\nprint('[   0.0s] measuring...', file=sys.stderr)\nprint({str(run_dir)!r})\n")
+    monkeypatch.setattr(cli, "harness_command", lambda args: [sys.executable, str(fake)])
+    assert cli.main(["demo", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == str(tmp_path / "results" / "demo-run" / "report.html")
+    assert "conclab demo: 2/2" in out.err
+    assert (tmp_path / "results" / "demo-run" / "report.html").exists()
