@@ -44,6 +44,7 @@ def measure_variant(run, variant, repeat: int) -> None:
             probe, failure = run_probe(run, server, probe_conns)
             gauges = holding.gauges(server)
         finally:
+            server.sampler.stop()              # before thousands of connections (and threads) go away
             clean = h.held >= n and bool(probe.get("requests")) and failure is None
             result, connect_errors = holding.release(h, gauges.get("tcp_established"), clean)
     row = {**key(NAME, variant, repeat), "hold_target": n, "held": h.held, "connect_errors": connect_errors,

@@ -24,7 +24,7 @@ from .tables import COLUMNS, TableWriter
 RAW_DIR = "raw"
 STATS_RETRIES = 2
 SERVER_STOP_GRACE_S = 10.0     # a server's drain after SIGTERM, then SIGKILL
-HELD_STOP_GRACE_S = 2.0        # the same after holding thousands of idle connections (memory, c10k)
+HELD_STOP_GRACE_S = 1.0        # the same after holding thousands of idle connections (memory, c10k)
 
 
 class Run:
@@ -150,7 +150,9 @@ class Run:
             server.sampler = sampler.start()
             yield server
         finally:
-            rows = sampler.stop() if sampler else []
+            if sampler:
+                sampler.stop()
+            rows = sampler.take() if sampler else []
             server.stop(stop_grace)
             for row in rows:
                 self.write("samples", row)

@@ -69,6 +69,7 @@ def read_point(run, variant, repeat: int, server, n: int, h, started: float) -> 
         held = holding.accepted(server, h.base_fds) if h else 0
     finally:
         if h:
+            server.sampler.stop()              # before thousands of connections (and threads) go away
             _, connect_errors = holding.release(h, gauges.get("tcp_established"))
     row = {"experiment": NAME, "backend": variant.backend, "variant": variant.name, "repeat": repeat,
            "n_target": n, "n_conns": held, **gauges, "connect_errors": connect_errors,

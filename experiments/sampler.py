@@ -154,12 +154,11 @@ class Sampler:
     def reset_peaks(self) -> None:
         self.peaks = {}
 
-    def stop(self) -> list:
-        """Stop sampling; return the rows not yet taken."""
+    def stop(self) -> None:
+        """Stop sampling (idempotent); the rows stay for ``take``."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        return self.take()
 
     def take(self) -> list:
         with self._rows_lock:
