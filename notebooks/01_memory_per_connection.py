@@ -1,0 +1,126 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. What does an idle connection cost?
+#
+# The article this lab grew from says a goroutine starts with a stack of about **2 KB** while an OS
+# thread costs about **1 MB**, so "one goroutine per connection" scales where "one thread per
+# connection" cannot. Here we check that claim against measurements.
+#
+# **How it was measured** (the `memory` experiment): a fresh server of each backend holds N idle
+# connections (each sent one PING, then stays silent); once the server has accepted them all, we read
+# its memory. The least-squares slope of memory against N is the price of *one more* connection.
+#
+# Three ways to count a process's memory:
+#
+# * **RSS** (resident set size): pages that are in RAM right now. This is what you pay for.
+# * **USS** (unique set size): the part of RSS no other process shares.
+# * **VMS** (virtual memory size): address space *reserved*, used or not. A new thread's stack is
+#   reserved here in full (8 MiB by default on Linux), but only the pages the thread touches become
+#   resident.
+
+# %%
+import pandas as pd
+
+import common
+from analysis import charts, claims, derive, findings
+from analysis.fmt import num
+
+run = common.load()
+common.describe(run)
+points = derive.memory_points(run)       # median per (variant, N)
+slopes = derive.memory_slopes(run)       # one row per variant: KiB per connection of RSS, USS, VMS
+
+# %% [markdown]
+# ## Memory as connections pile up
+#
+# Solid lines are RSS, dashed lines USS. A steep line is an expensive connection; the height at 0 is
+# the empty server (a Python interpreter with its libraries, or a Go binary).
+
+# %%
+if points.empty:
+    common.missing("memory (the idle-connection sweep)")
+else:
+    growth = findings.memory_growth(points)
+    common.chart(charts.draw_memory_rss, points, growth)
+    common.finding(growth)
+
+# %% [markdown]
+# ## The price of one more connection
+#
+# The slope of each line above, as a bar. Compare the bars with the article's "2 KB" and "1 MB".
+
+# %%
+if slopes.empty:
+    common.missing("memory (no per-connection fit)")
+else:
+    per_conn = findings.memory_per_conn(slopes)
+    common.chart(charts.draw_memory_per_conn, slopes, per_conn)
+    common.finding(per_conn)
+    common.table(slopes.rename(columns={"rss_kib": "RSS KiB/conn", "uss_kib": "USS KiB/conn",
+                                        "vms_kib": "VMS KiB/conn", "threads": "threads/conn",
+                                        "fds": "fds/conn", "rss_r2": "RSS fit r²"}))
+
+# %% [markdown]
+# ## Where does "1 MB per thread" come from?
+#
+# The `threads` backend starts one OS thread per connection. Left: its reserved address space (VMS)
+# and its RAM (RSS) as connections grow. Right: the per-connection slopes on a log scale, with the
+# article's two figures drawn as dashed lines.
+
+# %%
+thread_finding = findings.thread_vms(slopes)
+if not thread_finding.facts:
+    common.missing(f"memory for the {derive.THREAD_VARIANT} backend")
+else:
+    common.chart(charts.draw_thread_vms, points, slopes, thread_finding)
+    common.finding(thread_finding)
+
+# %% [markdown]
+# ## Question
+#
+# 1. The article says "a thread costs ~1 MB, a goroutine ~2 KB". In this run, how much **RAM** (RSS)
+#    did one more idle connection add with `threads`, and with `go`? How much **address space** (VMS)
+#    did one thread reserve? So which of the two numbers is the "1 MB" really about?
+# 2. Say each server may use 1 GiB of RAM for idle connections. About how many could each backend
+#    hold, going by its slope?
+#
+# Think about it with the charts above, then run the next cell.
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+GIB_KIB = 1024 ** 2
+lines = []
+by_variant = slopes.set_index("variant") if not slopes.empty else pd.DataFrame()
+if derive.THREAD_VARIANT in by_variant.index:
+    t = by_variant.loc[derive.THREAD_VARIANT]
+    reserved = pd.notna(t.vms_kib) and t.vms_kib >= findings.VMS_RESERVED_KIB
+    touched = t.rss_kib < findings.RSS_TOUCHED_KIB
+    lines.append(f"threads: each connection added {num(t.rss_kib)} KiB of RSS"
+                 + (f" and reserved {num(t.vms_kib / 1024)} MiB of VMS (its stack)" if pd.notna(t.vms_kib) else "")
+                 + (". So the '1 MB' is reserved address space, not RAM: a thread's RAM was "
+                    f"{num(100 * t.rss_kib / 1024)}% of 1 MiB here." if reserved and touched else
+                    ". Here a thread did cost the order of 1 MB of RAM." if not touched else "."))
+else:
+    lines.append("threads was not measured in this run, so the '1 MB' side cannot be checked.")
+if "go" in by_variant.index:
+    g = by_variant.loc["go"]
+    lines.append(f"go: each connection added {num(g.rss_kib)} KiB of RSS, {num(g.rss_kib / 2)}× the 2 KB "
+                 "goroutine stack" + (": the connection's buffers and the runtime's bookkeeping cost more than "
+                                      "the stack itself." if g.rss_kib > 2 else "."))
+else:
+    lines.append("go was not measured in this run (see 'skipped' above), so the '2 KB' side cannot be checked.")
+if not by_variant.empty and by_variant.rss_kib.notna().any():
+    positive = by_variant.rss_kib[by_variant.rss_kib > 0]
+    fits = (GIB_KIB / positive).sort_values(ascending=False)
+    lines.append("Idle connections per GiB of RAM (1 GiB / RSS slope): "
+                 + ", ".join(f"{v} ≈ {num(n)}" for v, n in fits.items()) + ".")
+common.answer(*lines)
+common.table(pd.DataFrame([vars(c) for c in claims.memory_claims(run)]))
