@@ -275,3 +275,64 @@ def c10k(c: pd.DataFrame) -> Finding:
         b.add("Probe p99 while holding: {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}).", lo_ms=lo.p99_us / 1000,
               lo=lo.variant, hi_ms=hi.p99_us / 1000, hi=hi.variant)
     return b.finding("{k} of {n} variants hold {target} idle connections and keep serving")
+
+
+# -- pitfalls -------------------------------------------------------------------------------------
+
+# The seed's risk table, row by row: (风险点 risk, 后果 consequence, 解决方案 remedy), Chinese and English.
+PITFALL_ROWS = {
+    "leak": ("未关闭conn", "conn not closed", "文件描述符泄漏", "file descriptor leak",
+             "defer conn.Close()", "close every connection, whatever path the handler leaves by"),
+    "no-deadline": ("无读超时机制", "no read timeout", "恶意客户端占连接", "malicious clients hold connections",
+                    "conn.SetReadDeadline()", "a read deadline: --idle-timeout"),
+    "unbounded": ("不限并发数", "unbounded concurrency", "内存/CPU过载", "memory/CPU overload",
+                  "使用带缓冲的channel做限流", "a buffered channel as a limiter: --max-conns"),
+    "hard-kill": ("优雅关闭", "graceful shutdown: the seed's advice list, not its table", "", "replies in flight lost",
+                  "sync.WaitGroup", "wait for the handlers before exiting: drain on SIGTERM"),
+}
+
+
+def pitfalls(summary: pd.DataFrame) -> Finding:
+    """What each fault did against its fix, from pitfalls_summary.csv (one row per variant x pitfall x fixed)."""
+    if summary.empty:
+        return nothing("pitfalls was not measured in this run")
+    b = Builder()
+    cases = summary.set_index(["pitfall", "fixed", "variant"])
+    worse = []                          # pitfalls whose broken server measured worse than its fixed one
+
+    def pair(pitfall):
+        if pitfall not in cases.index.get_level_values(0):
+            return None, None
+        rows = cases.loc[pitfall]
+        broken = rows.loc[0] if 0 in rows.index.get_level_values(0) else None
+        fixed = rows.loc[1] if 1 in rows.index.get_level_values(0) else None
+        return broken, fixed
+    broken, fixed = pair("leak")
+    if broken is not None and fixed is not None:
+        b.add("leak: after {n} connect-PING-hang-up clients, CLOSE_WAIT reached {bmax} broken (max over variants) "
+              "vs {fmax} fixed.", prefix="leak.", n=broken.served.max(),
+              bmax=broken.close_wait_end.max(), fmax=fixed.close_wait_end.max())
+        worse += ["leak"] if broken.close_wait_end.max() > fixed.close_wait_end.max() else []
+    broken, fixed = pair("no-deadline")
+    if broken is not None and fixed is not None:
+        starved = [v for v in broken.index if broken.loc[v, "served"] == 0 and broken.loc[v, "starved"] > 0]
+        b.add("no-deadline: fresh clients were starved in {starved} broken; fixed, {fserved} fresh clients "
+              "were served in all.", prefix="nodeadline.",
+              starved=_names(starved) if starved else "no variant", fserved=fixed.served.min())
+        worse += ["no-deadline"] if broken.starved.sum() > fixed.starved.sum() else []
+    broken, fixed = pair("unbounded")
+    if broken is not None and fixed is not None:
+        growth = (broken.rss_kib_peak - broken.rss_kib_start) / 1024
+        top = growth.idxmax()
+        b.add("unbounded: without the cap RSS grew up to {mib} MiB ({v}); with it {rej} connections were "
+              "refused with \"server busy\".", prefix="unbounded.", mib=growth.max(), v=top,
+              rej=fixed.rejected.max())
+        worse += ["unbounded"] if fixed.rejected.max() > 0 and broken.fds_peak.max() > fixed.fds_peak.max() else []
+    broken, fixed = pair("hard-kill")
+    if broken is not None and fixed is not None:
+        b.add("hard-kill: SIGTERM lost {blost} replies in flight (total) without the drain, {flost} with it.",
+              prefix="hardkill.", blost=broken.replies_lost.sum(), flost=fixed.replies_lost.sum())
+        worse += ["hard-kill"] if broken.replies_lost.sum() > fixed.replies_lost.sum() else []
+    measured = sorted(set(summary.pitfall), key=list(PITFALL_ROWS).index)
+    return b.finding("{k} of {n} pitfalls measured worse broken than fixed ({which})", k=len(worse),
+                     n=len(measured), which=", ".join(worse) or "none")

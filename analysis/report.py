@@ -35,6 +35,9 @@ ABOUT = {
     "switch": "Microbenchmarks of one hand-off between two execution contexts, and what each server spent "
               "per request at the reference point.",
     "c10k": "Each server holds many idle connections while a small closed loop measures latency.",
+    "pitfalls": "Each row of the seed article's risk table, run twice per backend under the same scripted "
+                "clients: broken (--fault X: the safeguard off) and fixed, sampled over time. Not part of "
+                "`conclab run all`: run `conclab run pitfalls`.",
 }
 
 
@@ -122,6 +125,12 @@ def _c10k(run):
     return f, (lambda: charts.draw_c10k(c, f)) if not c.empty else None
 
 
+def _pitfalls(run):
+    series, summary = run.tables["pitfalls"], run.tables["pitfalls_summary"]
+    f = findings.pitfalls(summary)
+    return f, (lambda: charts.draw_pitfalls(series, f)) if not series.empty else None
+
+
 CHARTS = (
     ChartSpec("memory_rss", "memory", _memory_rss),
     ChartSpec("memory_per_conn", "memory", _memory_per_conn),
@@ -134,8 +143,9 @@ CHARTS = (
     ChartSpec("switch", "switch", _switch),
     ChartSpec("per_request", "switch", _per_request),
     ChartSpec("c10k", "c10k", _c10k),
+    ChartSpec("pitfalls", "pitfalls", _pitfalls),
 )
-SECTION_ORDER = ("memory", "throughput", "latency", "io_bound", "cpu_bound", "switch", "c10k")
+SECTION_ORDER = ("memory", "throughput", "latency", "io_bound", "cpu_bound", "switch", "c10k", "pitfalls")
 
 
 def draw_charts(run: Run, out_dir: str) -> list:
@@ -247,10 +257,50 @@ def section(run: Run, experiment: str, results: list) -> str:
         if result.files:
             parts.append(html.figure(result.files["png"], result.files["svg"], result.finding.title))
         parts.append(f'<p class="finding">{html.esc(result.finding.text)}</p>')
+    if experiment == "pitfalls":
+        parts.append("<h3>The seed's risk table, measured</h3>" + html.table(pitfall_table(run)))
     for caption, frame in tables.experiment_tables(run, experiment):
         if not frame.empty:
             parts.append(f"<h3>{html.esc(caption)}</h3>" + html.table(frame, swatch=style.color))
     return "\n".join(parts)
+
+
+def pitfall_table(run: Run) -> pd.DataFrame:
+    """One row per pitfall: the seed's row (Chinese, with English) and what broken vs fixed measured."""
+    s = run.tables["pitfalls_summary"]
+    rows = []
+    for pitfall, (risk_zh, risk, cons_zh, cons, remedy_zh, remedy) in findings.PITFALL_ROWS.items():
+        cases = s[s.pitfall == pitfall]
+        if cases.empty:
+            continue
+        broken, fixed = cases[cases.fixed == 0], cases[cases.fixed == 1]
+        column = charts.PITFALL_METRICS[pitfall][0]
+        measure = {"close_wait": "close_wait_end", "rss_kib": "rss_kib_peak"}.get(column, column)
+        rows.append({"pitfall": pitfall, "risk (风险点)": f"{risk_zh} ({risk})",
+                     "consequence (后果)": f"{cons_zh} ({cons})" if cons_zh else cons, "remedy (解决方案)": f"{remedy_zh} ({remedy})",
+                     "measure": measure, "broken": _by_variant(broken, measure),
+                     "fixed": _by_variant(fixed, measure),
+                     "also": _also(pitfall, broken, fixed)})
+    return pd.DataFrame(rows)
+
+
+def _by_variant(frame: pd.DataFrame, column: str) -> str:
+    scale = 1 / 1024 if column.startswith("rss") else 1
+    unit = " MiB" if column.startswith("rss") else ""
+    return ", ".join(f"{r.variant} {num(getattr(r, column) * scale)}{unit}" for r in frame.itertuples())
+
+
+def _also(pitfall: str, broken: pd.DataFrame, fixed: pd.DataFrame) -> str:
+    if pitfall == "leak":
+        return f"fds +{num((broken.fds_end - broken.fds_start).max())} broken, " \
+               f"+{num((fixed.fds_end - fixed.fds_start).max())} fixed"
+    if pitfall == "no-deadline":
+        return f"served {num(broken.served.sum())} broken, {num(fixed.served.sum())} fixed"
+    if pitfall == "unbounded":
+        return f"threads peak {num(broken.threads_peak.max())} broken, {num(fixed.threads_peak.max())} fixed; " \
+               f"rejected {num(fixed.rejected.sum())} fixed"
+    return ("exit " + ", ".join(f"{r.variant} {num(r.exit_status)}" for r in broken.itertuples()) + " broken; "
+            + ", ".join(f"{r.variant} {num(r.exit_status)}" for r in fixed.itertuples()) + " fixed")
 
 
 def render(run: Run, results: list, out_dir: str) -> str:

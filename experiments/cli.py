@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from . import EXPERIMENTS, load, module, processes, summary
+from . import EXPERIMENTS, KNOWN, load, module, processes, summary
 from .harness import Run
 from .profiles import PROFILES
 from .tables import EXPERIMENT_TABLES
@@ -40,7 +40,8 @@ class Interrupted(BaseException):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", metavar="EXPERIMENT",
-                        help=f"all, or one or more of {', '.join(EXPERIMENTS)} (comma-separated)")
+                        help=f"all ({', '.join(EXPERIMENTS)}), or one or more of {', '.join(KNOWN)} "
+                             "(comma-separated; pitfalls runs only when named)")
     parser.add_argument("--backends", metavar="A,B,...",
                         help="variants to run (default all): " + ", ".join(v.name for v in all_variants()))
     parser.add_argument("--profile", choices=list(PROFILES), default="quick",
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("run", help="run experiments against every backend, write results/<run-id>/",
-                                   description="Measure the backends: " + ", ".join(EXPERIMENTS) +
+                                   description="Measure the backends: " + ", ".join(KNOWN) +
                                    ". Writes results/<run-id>/manifest.json and tidy CSV tables "
                                    "(docs/experiments.md).")
     add_arguments(parser)
@@ -77,10 +78,10 @@ def parse_experiments(spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
         return list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    unknown = [n for n in names if n not in KNOWN]
     if unknown or not names:
-        raise UsageError(f"unknown experiment {(unknown or [spec])[0]!r}: choose all or {', '.join(EXPERIMENTS)}")
-    return [n for n in EXPERIMENTS if n in names]
+        raise UsageError(f"unknown experiment {(unknown or [spec])[0]!r}: choose all or {', '.join(KNOWN)}")
+    return [n for n in KNOWN if n in names]
 
 
 def parse_cpus(spec: str, option: str) -> list[int]:
@@ -158,6 +159,7 @@ def prepare(args) -> Run:
     if args.run_id and os.path.exists(os.path.join(args.results, run_id)):
         raise UsageError(f"--run-id {run_id}: {os.path.join(args.results, run_id)} already exists")
     params = {"argv": sys.argv, "experiments": experiments, "backends": [v.name for v in variants],
+              "backends_option": args.backends,
               "profile": profile.name, "repeat": args.repeat, "server_cpus": server_cpus,
               "loadgen_cpus": loadgen_cpus, "results": args.results}
     return Run(run_id=run_id, results_dir=args.results, experiments=experiments, variants=variants,

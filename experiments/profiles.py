@@ -42,6 +42,11 @@ class Profile:
     switch_rounds: int          # rounds per microbenchmark (the median is reported)
     switch_round_s: float       # target duration of one round
     pool_workers: int           # threadpool --workers (ThreadPoolExecutor's default formula)
+    pitfall_s: float = 2.0      # pitfalls: how long the clients run (leak churn, hard-kill before SIGTERM)
+    pitfall_rate: float = 200   # pitfalls: new connections/s (leak churn, silent and unbounded ramps)
+    pitfall_silent: int = 100   # pitfalls no-deadline: silent clients holding connections
+    pitfall_idle_s: float = 0.5  # pitfalls no-deadline: the fixed server's --idle-timeout
+    pitfall_cap: int = 200      # pitfalls unbounded: the fixed server's --max-conns (3x as many connect)
 
     def memory_points(self) -> list[int]:
         """memory_conns with "limit" resolved to this process's file limit (minus a margin)."""
@@ -65,6 +70,7 @@ QUICK = Profile(
     latency_conns=50, latency_fractions=(0.5, 0.9, 1.2), io_conns=(10, 100, 1000), io_us=10_000,
     cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go", "threads"), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=3, switch_round_s=0.1, pool_workers=default_workers(),
+    pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
 )
 
 FULL = Profile(
@@ -76,6 +82,7 @@ FULL = Profile(
     io_conns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000), io_us=10_000,
     cpu_conns=(1, 10, 50, 200), cpu_us=200, cpu_wide_variants=("*",), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=7, switch_round_s=0.5, pool_workers=default_workers(),
+    pitfall_s=10.0, pitfall_rate=300, pitfall_silent=300, pitfall_idle_s=1.0, pitfall_cap=1000,
 )
 
 TINY = Profile(
@@ -84,6 +91,7 @@ TINY = Profile(
     latency_conns=4, latency_fractions=(0.5, 1.5), io_conns=(8,), io_us=10_000,
     cpu_conns=(4,), cpu_us=200, cpu_wide_variants=(), c10k_conns=40, c10k_probe_conns=2,
     switch_rounds=1, switch_round_s=0.01, pool_workers=default_workers(),
+    pitfall_s=0.8, pitfall_rate=200, pitfall_silent=20, pitfall_idle_s=0.3, pitfall_cap=20,
 )
 
 PROFILES = {p.name: p for p in (QUICK, FULL, TINY)}

@@ -47,6 +47,12 @@ COLUMNS = {
     "c10k": KEY + ("hold_target", "held", "connect_errors", "probe_conns", "requests", "errors", "throughput_rps",
                    "p50_us", "p99_us", "p999_us", "max_us", "loadgen_saturated", "rss_kib", "vms_kib", "threads",
                    "fds", "tcp_established", "tcp_close_wait", "workers", "note"),
+    "pitfalls": ("run_id", "backend", "variant", "pitfall", "fixed", "t_s", "fds", "close_wait", "rss_kib",
+                 "threads", "served", "starved", "replies_lost"),
+    "pitfalls_summary": ("run_id", "backend", "variant", "pitfall", "fixed", "duration_s", "clients", "sent",
+                         "served", "starved", "rejected", "replies_lost", "silent_dropped", "fds_start",
+                         "fds_end", "fds_peak", "close_wait_end", "close_wait_peak", "rss_kib_start",
+                         "rss_kib_peak", "threads_start", "threads_peak", "exit_status"),
     "samples": KEY + ("point", "t_s", "pid", "rss_kib", "uss_kib", "vms_kib", "threads", "fds",
                       "ctx_voluntary", "ctx_involuntary", "cpu_user_s", "cpu_sys_s",
                       "tcp_established", "tcp_close_wait", "tcp_time_wait"),
@@ -64,6 +70,7 @@ EXPERIMENT_TABLES = {
     "cpu_bound": ("cpu_bound",),
     "switch": ("switch",),
     "c10k": ("c10k",),
+    "pitfalls": ("pitfalls", "pitfalls_summary"),
 }
 
 FLOAT_DIGITS = 6          # significant digits kept for floats: small files, no false precision
