@@ -8,6 +8,7 @@ client. Everything here is bounded in time: every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -25,6 +26,8 @@ import psutil
 from servers import protocol
 from servers.protocol import FrameDecoder
 
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0        # the go backend compiles itself on first use
 IO_TIMEOUT = 10.0
 STOP_TIMEOUT = 20.0
@@ -65,11 +68,11 @@ class LiveServer:
             build()                                    # compile here, not under the server's low fd limit
         cmd = [sys.executable, "-m", "servers", backend, "--port", "0", *options, *extra]
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        preexec = None
-        if nofile is not None:
-            def preexec():                             # soft = hard: Go would raise a soft limit to the hard one
+        def in_child():
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)   # never outlive the checker, even a SIGKILLed one
+            if nofile is not None:                     # soft = hard: Go would raise a soft limit to the hard one
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, preexec_fn=preexec)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, preexec_fn=in_child)
         self.pid = self.proc.pid
         self.stopped_in: float | None = None           # seconds from the signal to the exit
         line = self._readline(START_TIMEOUT)

@@ -31,22 +31,33 @@ SIGTERM/SIGINT: the listener closes and every read side is shut (as in the
 threads backend), so reads return what the kernel holds, then EOF: idle
 connections close at once, busy ones after their replies, and what is left is
 aborted at --drain-timeout. uvloop (libuv, in C) runs this very code.
+
+Rate limiting: the token bucket is in each connection's Session, and every
+callback runs on the loop's one thread, one at a time, with no ``await`` inside
+the bucket's arithmetic: no lock. A delayed request waits like a WORK, in the
+connection's worker task (``asyncio.sleep``), with reading paused meanwhile.
+
+Out of fds (EMFILE) the stdlib loop retries accept() after 1 s; ``Listener``
+fixes the busy loop CPython 3.11's accept batch makes of that (gh-151615).
+uvloop (libuv) instead accepts and closes what it cannot hold.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import errno
 import socket
 import time
 
-from .base import ABORT_GRACE, DRAIN_POLL_INTERVAL, LEAKED, LISTEN_BACKLOG, announce, ignore_signals, stop_signals
+from .base import (ABORT_GRACE, DRAIN_POLL_INTERVAL, FD_EXHAUSTED, LEAKED, LISTEN_BACKLOG, announce, ignore_signals,
+                   stop_signals)
 from .session import open_session, rejection
 
 
 def serve(listener, config, stats) -> None:
     """The standard library's loop (selectors over epoll)."""
-    _run(listener, config, stats, asyncio.new_event_loop)
+    _run(Listener(fileno=listener.detach()), config, stats, asyncio.new_event_loop)
 
 
 def serve_uvloop(listener, config, stats) -> None:
@@ -59,6 +70,31 @@ def _run(listener, config, stats, loop_factory) -> None:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_serve(listener, config, stats))
     ignore_signals()                       # the loop is gone: a late signal must not cut the final line
+
+
+class Listener(socket.socket):
+    """The listening socket, with one fix for the stdlib loop's accept (CPython gh-151615, fixed upstream).
+
+    Out of fds (EMFILE), asyncio stops watching the listener and retries in 1 s,
+    as it should, but then carries on with its accept batch: up to ``backlog``
+    (4096) more accept() calls that fail at once, each logged with a traceback
+    and each scheduling one more retry: a busy loop, just when the process is
+    short of everything. After one such failure this accept() answers "nothing
+    to accept", which ends the batch. (uvloop's libuv has its own answer: it
+    accepts and closes what it cannot hold.)
+    """
+
+    exhausted = False
+
+    def accept(self):
+        if self.exhausted:
+            self.exhausted = False
+            raise BlockingIOError(errno.EAGAIN, "out of file descriptors: retry later")
+        try:
+            return super().accept()
+        except OSError as exc:
+            self.exhausted = exc.errno in FD_EXHAUSTED
+            raise
 
 
 async def _serve(listener, config, stats) -> None:

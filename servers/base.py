@@ -24,6 +24,8 @@ from .config import ServerConfig
 LISTEN_BACKLOG = 4096          # the kernel caps it at net.core.somaxconn
 DRAIN_POLL_INTERVAL = 0.01     # how often the drain looks whether everyone has left
 ABORT_GRACE = 1.0              # after aborting, how long to wait for handlers to notice
+ACCEPT_BACKOFF = 0.1           # out of fds (EMFILE): stop accepting this long; retrying at once would spin
+FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}   # accept() errors that call for it
 
 
 class StartupError(Exception):

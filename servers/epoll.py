@@ -23,11 +23,14 @@ Go keeps a connection's state on its goroutine's stack; here it is a
 the socket is ready. Waits (WORK's io_us, idle/frame/drain deadlines) are a timer
 heap whose next entry is the ``epoll_wait`` timeout. WORK's cpu_us runs in this
 one thread and stalls every connection: what the lab measures.
+
+Rate limiting: the token bucket is in each connection's Session, and this one
+thread is the only code that ever runs: no lock. A delayed request is a timer on
+the heap, like WORK's wait, and the connection is not read until it fires.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import itertools
 import math
@@ -38,15 +41,13 @@ import time
 from collections import deque
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
-from .base import abort, announce, ignore_signals, no_delay, release, stop_signals
+from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, abort, announce, ignore_signals, no_delay, release, stop_signals
 from .session import open_session, rejection
 
 RECV_SIZE = 65536              # one recv per readiness event
 MAX_EVENTS = 1024              # events taken from one epoll_wait
 ACCEPT_BATCH = 64              # accepts per listener event, so a connect storm cannot starve reads
 OUTPUT_CAP = 1 << 20           # stop reading while more than this waits to be sent (+ one read's replies)
-ACCEPT_BACKOFF = 0.1           # out of fds (EMFILE): stop polling the listener this long, not busy-spin
-FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Connection:

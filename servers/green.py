@@ -23,6 +23,14 @@ the objects this module makes (StreamServer's accepted sockets,
 thread stays a real OS thread. The shared ``Stats`` keeps its plain
 ``threading.Lock``: no greenlet switch happens while it is held, so
 greenlets never contend for it, and a real thread beside the hub still can.
+
+Rate limiting: the token bucket is in the Session of one connection, used by
+that connection's greenlet only, and a greenlet is never switched out in the
+middle of its arithmetic (there is no I/O in it): no lock. A delayed request
+waits like a WORK, in ``gevent.sleep``, parking only its own greenlet.
+
+Out of fds (EMFILE), gevent's StreamServer stops accepting and retries after
+10 ms, doubling up to 1 s (printing each error to stderr): no busy loop.
 """
 from __future__ import annotations
 

@@ -16,6 +16,20 @@ however many clients come. What a worker is handed, ``--dispatch``, is the lesso
 WORK's wait releases the GIL as in threads.py but is an Event wait, not
 ``time.sleep``: Python joins pool threads at exit, so the drain deadline must
 be able to end a wait, or a 10 s WORK would outlive the server.
+
+Rate limiting: each connection's token bucket is in its ``Session``. With
+connection dispatch one worker owns the connection, bucket included, for its
+whole life. With request dispatch the bucket is used only in ``Session.feed``,
+which only the selector loop calls; a worker just waits the delay it was
+handed (``Request.io_s``) like a WORK wait. One thread per bucket either way:
+no lock.
+
+Limits, request dispatch: the loop stops reading a connection whose queue holds
+more than ``BACKLOG_CAP`` (replies plus bookkeeping) and reads it again once its
+worker catches up, so a client that pipelines and never reads costs a bounded
+amount; the worker's ``sendall`` times out after ``--idle-timeout``. Out of fds,
+the loop takes the listener out of the selector for ``ACCEPT_BACKOFF``
+(connection dispatch uses threads.py's accept loop, which sleeps).
 """
 from __future__ import annotations
 
@@ -26,11 +40,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import ConnectionSet, abort, announce, ignore_signals, no_delay, release, stop_signals
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, ConnectionSet, abort, announce, ignore_signals, no_delay, release,
+                   stop_signals)
 from .session import Request, open_session
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
 SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and the stop flag, s
+BACKLOG_CAP = 1 << 20      # request mode: stop reading a connection while its queue holds more bytes than this
+REQUEST_OVERHEAD = 128     # bytes a queued request holds beside its reply (the Request, its slot in the deque)
 THREAD_NAME_PREFIX = "conclab-pool"
 
 
@@ -67,7 +84,8 @@ def serve_requests(listener, config, stats, pool, connections, wait) -> int:
     announce(listener)
     while not loop.stopping:
         loop.poll(SWEEP_INTERVAL)
-    loop.selector.unregister(listener)
+    if not loop.accept_again:                      # else it is out of the selector already (EMFILE)
+        loop.selector.unregister(listener)
     with loop.selector:
         return drain(listener, config, connections, wait, sleep=loop.poll)   # the loop keeps serving
 
@@ -84,15 +102,21 @@ def drain(listener, config, connections, wait, sleep=time.sleep) -> int:
     return connections.drain(config.drain_timeout, sleep=pause)
 
 
+def held(request: Request) -> int:
+    """Memory a queued request holds: its reply and its bookkeeping (tiny rate-limited PINGs add up)."""
+    return len(request.reply) + REQUEST_OVERHEAD
+
+
 class Connection:
     """One client in request mode: its session and the requests waiting for its reply order."""
 
-    __slots__ = ("sock", "session", "queue", "lock", "busy", "done")
+    __slots__ = ("sock", "session", "queue", "backlog", "lock", "busy", "done")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session = sock, session
         self.queue = collections.deque()    # requests received, not yet answered
-        self.lock = threading.Lock()        # guards queue, busy and done between loop and worker
+        self.backlog = 0                    # bytes they hold (see held)
+        self.lock = threading.Lock()        # guards queue, backlog, busy and done between loop and worker
         self.busy = self.done = False       # busy: a worker answers the queue; done: close once it is empty
 
 
@@ -106,6 +130,8 @@ class RequestLoop:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ)
         self.next_sweep, self.stopping = time.monotonic() + SWEEP_INTERVAL, False
+        self.paused: set[Connection] = set()   # not read until their worker catches up (BACKLOG_CAP)
+        self.accept_again = 0.0                # out of fds: when to watch the listener again
 
     def stop(self, signum, frame) -> None:
         # Only a flag: a Shutdown raised mid-dispatch could strand a half-handed-over connection.
@@ -127,6 +153,12 @@ class RequestLoop:
             sock, _ = self.listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
+        except OSError as exc:
+            if exc.errno not in FD_EXHAUSTED:
+                raise
+            self.selector.unregister(self.listener)   # it stays readable: selecting it now would spin
+            self.accept_again = time.monotonic() + ACCEPT_BACKOFF
+            return
         if not self.stats.try_open():
             reject(sock, self.config)
             return
@@ -143,10 +175,21 @@ class RequestLoop:
         if not data:
             conn.session.eof()
         requests = conn.session.feed(data) if data else []
-        self.deliver(conn, requests, done=not data or conn.session.closing)   # closing: ERROR is last
+        done = not data or conn.session.closing
+        self.deliver(conn, requests, done)          # closing: ERROR is last
+        if not done and conn.backlog > BACKLOG_CAP: # a client that does not read its replies: stop reading it
+            self.selector.unregister(conn.sock)
+            self.paused.add(conn)
 
     def sweep(self, now: float) -> None:
-        """Expire idle and slow-frame connections; never one with requests in progress."""
+        """Read again from paused connections whose worker caught up; expire idle and slow-frame
+        connections, never one with requests in progress."""
+        if self.accept_again and now >= self.accept_again and not self.stopping:
+            self.selector.register(self.listener, selectors.EVENT_READ)
+            self.accept_again = 0.0
+        for conn in [conn for conn in self.paused if conn.backlog <= BACKLOG_CAP]:
+            self.paused.discard(conn)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
         for conn in [key.data for key in self.selector.get_map().values() if key.data is not None]:
             if not conn.busy and now >= conn.session.deadline:
                 self.deliver(conn, [Request(conn.session.expire())], done=True)
@@ -157,6 +200,7 @@ class RequestLoop:
             self.selector.unregister(conn.sock)
         with conn.lock:
             conn.queue.extend(requests)
+            conn.backlog += sum(map(held, requests))
             conn.done = done
             if conn.busy:                           # the worker answering conn takes these too
                 return
@@ -175,6 +219,7 @@ class RequestLoop:
                     conn.busy, done = False, conn.done
                     break
                 request = queue.popleft()
+                conn.backlog -= held(request)
             try:
                 if request.io_s:
                     wait(request.io_s)
@@ -182,6 +227,7 @@ class RequestLoop:
             except OSError:                         # reset, unread for too long, or aborted
                 with lock:
                     queue.clear()
+                    conn.backlog = 0
                 abort(sock)                         # the loop then reads EOF: done
         if done:
             self.close(conn)

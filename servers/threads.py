@@ -9,6 +9,17 @@ one GIL that lets only one thread compute at a time.
 
 WORK's wait is ``time.sleep``: it releases the GIL, so other connections are
 served meanwhile.
+
+Rate limiting (``--rate-limit``): the token bucket is in the connection's
+``Session``, and only that connection's thread ever calls into it, so it needs
+no lock: the state is per connection, and the connection is per thread. A
+delayed request waits like WORK, in ``time.sleep``, holding only its own thread.
+
+Limits: replies go out with a blocking ``sendall`` whose socket timeout is the
+time left until the session's idle deadline, so a client that stops reading
+holds one read's replies and its thread until then, and is dropped. Out of fds
+(EMFILE), the accept loop sleeps ``ACCEPT_BACKOFF`` instead of retrying at once:
+the listener stays readable, and retrying would spin until a connection closes.
 """
 from __future__ import annotations
 
@@ -16,7 +27,8 @@ import contextlib
 import threading
 import time
 
-from .base import ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals, no_delay, release
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals,
+                   no_delay, release)
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
@@ -40,7 +52,15 @@ def accept_until_signalled(listener, config, stats, connections, start) -> None:
     with graceful_signals(config):
         try:
             while True:
-                sock, _ = listener.accept()
+                try:
+                    sock, _ = listener.accept()
+                except ConnectionAbortedError:
+                    continue                   # reset while it waited in the backlog
+                except OSError as exc:
+                    if exc.errno not in FD_EXHAUSTED:
+                        raise
+                    time.sleep(ACCEPT_BACKOFF)  # out of fds: until a connection closes, a retry fails at once
+                    continue
                 if not stats.try_open():
                     reject(sock, config)
                     continue

@@ -6,7 +6,10 @@
 //   - a buffered channel as the connection semaphore (--max-conns);
 //   - signal.Notify + sync.WaitGroup for the graceful drain;
 //   - sync.Pool for payload buffers, sync/atomic for the counters;
-//   - a per-connection token bucket (--rate-limit);
+//   - a per-connection token bucket (--rate-limit), touched only by its
+//     connection's goroutine, so it needs no lock;
+//   - a write deadline on every write (--idle-timeout): a client that stops
+//     reading is dropped, and its goroutine with it;
 //   - CLOSE_WAIT monitoring in the Prometheus metrics (--metrics-port).
 //
 // The wire protocol, controls and shutdown are the lab's contract
@@ -211,6 +214,19 @@ func (p *peer) Read(b []byte) (int, error) {
 	return n, err
 }
 
+// deadlineWriter gives every write to the socket --idle-timeout to complete:
+// a client that stops reading our replies is dropped, not waited for forever
+// (what the socket timeout on sendall does in the Python thread backends).
+type deadlineWriter struct {
+	conn    net.Conn
+	timeout time.Duration
+}
+
+func (w deadlineWriter) Write(b []byte) (int, error) {
+	w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
+	return w.conn.Write(b)
+}
+
 // reply queues one frame (bufio errors are sticky: the next Flush reports them).
 func (p *peer) reply(op byte, payload []byte) {
 	p.st.bytesOut.Add(int64(len(payload) + 5))
@@ -226,7 +242,11 @@ func (s *server) handle(conn net.Conn) {
 	var err error
 	defer func() { s.release(conn, err) }() // the article's `defer conn.Close()`: every path, even a panic
 	p := &peer{Conn: conn, st: &s.stats, idleStart: time.Now()}
-	p.r, p.w = bufio.NewReader(p), bufio.NewWriter(conn)
+	var out io.Writer = deadlineWriter{conn, seconds(s.cfg.idle)}
+	if s.cfg.fault == "no-deadline" {
+		out = conn // FAULT no-deadline: a client that never reads holds its goroutine forever too
+	}
+	p.r, p.w = bufio.NewReader(p), bufio.NewWriter(out)
 	if s.cfg.protocol == "raw" {
 		err = s.serveRaw(p)
 	} else {
