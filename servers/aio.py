@@ -44,7 +44,6 @@ uvloop (libuv) instead accepts and closes what it cannot hold.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import socket
@@ -145,7 +144,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.transport = self.session = None  # the session stays None for a connection turned away
-        self.queue = collections.deque()      # requests behind a waiting WORK, in order
+        self.queue = []                       # requests behind a waiting WORK, in order (a short list)
         self.worker = None                    # the task answering self.queue
         self.timer, self.due = None, 0.0      # the deadline timer, and when it fires (time.monotonic())
         self.write_paused = False
@@ -215,7 +214,7 @@ class Connection(asyncio.Protocol):
         """One task per busy connection (none for the others): answer the queue in order."""
         queue, transport = self.queue, self.transport
         while queue:
-            request = queue.popleft()
+            request = queue.pop(0)
             if request.io_s:
                 await asyncio.sleep(request.io_s)
             transport.write(request.run())

@@ -38,7 +38,6 @@ import select
 import signal
 import socket
 import time
-from collections import deque
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
 from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, abort, announce, ignore_signals, no_delay, release, stop_signals
@@ -59,7 +58,7 @@ class Connection:
         self.sock, self.fd, self.session = sock, sock.fileno(), session
         self.out = bytearray()     # reply bytes the kernel has not taken yet
         self.mask = EPOLLIN        # the events registered in epoll for this socket
-        self.queue = deque()       # requests decoded behind a WORK that is still waiting
+        self.queue = []            # requests behind a waiting WORK (a list: an empty deque costs ~770 B)
         self.waiting = None        # the request whose wait (io_s) is on the timer heap, if any
         self.armed = math.inf      # when the deadline check in the timer heap is due
         self.closed = False
@@ -219,7 +218,7 @@ class Loop:
     def pump(self, conn: Connection) -> None:
         """Answer queued requests in order (a WORK starts a timer, the rest wait behind it)."""
         while conn.queue and not conn.waiting:
-            request = conn.queue.popleft()
+            request = conn.queue.pop(0)
             if request.io_s:
                 conn.waiting = request
                 self.call_at(time.monotonic() + request.io_s, self.work_done, conn)

@@ -95,6 +95,9 @@ class TokenBucket:
 class Session:
     """The sans-I/O state of one framed connection."""
 
+    __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
+                 "idle_since", "frame_started", "closing", "peer_closed", "leaky")   # ~200 B less per connection
+
     def __init__(self, config: ServerConfig, stats: Stats) -> None:
         self.stats = stats
         now = time.monotonic()
@@ -237,6 +240,8 @@ class Session:
 
 class RawSession(Session):
     """RFC 862 echo: every byte received goes back unchanged; no frames, no frame timeout."""
+
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Request]:
         self.idle_since = time.monotonic()

@@ -33,7 +33,6 @@ the loop takes the listener out of the selector for ``ACCEPT_BACKOFF``
 """
 from __future__ import annotations
 
-import collections
 import selectors
 import signal
 import threading
@@ -47,7 +46,7 @@ from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
 SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and the stop flag, s
 BACKLOG_CAP = 1 << 20      # request mode: stop reading a connection while its queue holds more bytes than this
-REQUEST_OVERHEAD = 128     # bytes a queued request holds beside its reply (the Request, its slot in the deque)
+REQUEST_OVERHEAD = 128     # bytes a queued request holds beside its reply (the Request, its slot in the queue)
 THREAD_NAME_PREFIX = "conclab-pool"
 
 
@@ -114,7 +113,7 @@ class Connection:
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session = sock, session
-        self.queue = collections.deque()    # requests received, not yet answered
+        self.queue = []                     # requests received, not yet answered (a short list)
         self.backlog = 0                    # bytes they hold (see held)
         self.lock = threading.Lock()        # guards queue, backlog, busy and done between loop and worker
         self.busy = self.done = False       # busy: a worker answers the queue; done: close once it is empty
@@ -218,7 +217,7 @@ class RequestLoop:
                 if not queue:
                     conn.busy, done = False, conn.done
                     break
-                request = queue.popleft()
+                request = queue.pop(0)
                 conn.backlog -= held(request)
             try:
                 if request.io_s:
