@@ -106,7 +106,7 @@ class Session:
         self.decoder = protocol.FrameDecoder(config.max_frame)
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
-        self.idle_since = time.monotonic()
+        self.idle_since = now
         self.frame_started: float | None = None
         self.closing = False
         self.peer_closed = False
