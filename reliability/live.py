@@ -159,7 +159,7 @@ class LiveServer:
 
 
 class Client:
-    """A blocking framed-protocol client."""
+    """A blocking framed-protocol client (the one the tests use too)."""
 
     def __init__(self, address, timeout: float = IO_TIMEOUT) -> None:
         self.sock = socket.create_connection(address, timeout=timeout)
@@ -177,8 +177,11 @@ class Client:
             self.frames.extend(self.decoder.feed(data))
         return self.frames.pop(0)
 
+    def send_frame(self, op: int, payload: bytes = b"") -> None:
+        self.sock.sendall(protocol.encode(op, payload))
+
     def request(self, op: int, payload: bytes = b"") -> tuple[int, bytes]:
-        self.send(protocol.encode(op, payload))
+        self.send_frame(op, payload)
         return self.recv_frame()
 
     def stats(self) -> dict:
@@ -203,6 +206,13 @@ class Client:
         except protocol.ProtocolError:
             return "garbage"
 
+    def closed_by_server(self) -> bool:
+        """True if the server closed (EOF or reset) with no more data before the timeout."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0), not FIN."""
         with contextlib.suppress(OSError):
@@ -219,7 +229,7 @@ class Client:
         self.close()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():

@@ -1,20 +1,20 @@
-"""Test helpers: start a backend as a real process, talk to it over loopback."""
+"""Test helpers: start a backend as a real process, talk to it over loopback.
+
+The client and ``wait_until`` are the reliability package's, so the tests and
+``conclab check`` talk to servers with the same code.
+"""
 from __future__ import annotations
 
 import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-from servers import protocol
-from servers.protocol import FrameDecoder
+from reliability.live import Client, wait_until  # noqa: F401  (re-exported for the tests)
 
 START_TIMEOUT = 60.0      # the go backend compiles itself on first use
-IO_TIMEOUT = 10.0
 
 # Every test that takes a ``variant`` runs once per entry: (id, backend, extra options).
 # The connection-dispatch pool gets 32 workers so the suite's 30 simultaneous clients fit;
@@ -76,60 +76,3 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate()
-
-
-class Client:
-    """A blocking framed-protocol client."""
-
-    def __init__(self, address, timeout: float = IO_TIMEOUT) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.decoder = FrameDecoder(max_frame=2**32 - 1)
-        self.frames: list = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send_frame(self, op: int, payload: bytes = b"") -> None:
-        self.sock.sendall(protocol.encode(op, payload))
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        while not self.frames:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed by the server")
-            self.frames.extend(self.decoder.feed(data))
-        return self.frames.pop(0)
-
-    def request(self, op: int, payload: bytes = b"") -> tuple[int, bytes]:
-        self.send_frame(op, payload)
-        return self.recv_frame()
-
-    def stats(self) -> dict:
-        op, payload = self.request(protocol.STATS)
-        assert op == protocol.STATS
-        return json.loads(payload)
-
-    def closed_by_server(self) -> bool:
-        """True if the server closed (EOF or reset) with no more data before the timeout."""
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
