@@ -26,6 +26,8 @@ DRAIN_POLL_INTERVAL = 0.01     # how often the drain looks whether everyone has 
 ABORT_GRACE = 1.0              # after aborting, how long to wait for handlers to notice
 ACCEPT_BACKOFF = 0.1           # out of fds (EMFILE): stop accepting this long; retrying at once would spin
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}   # accept() errors that call for it
+DEADLINE_SLACK = 0.01          # a kernel read timeout is re-armed only when it is off by more than this (seconds)
+TIMED_OUT = (TimeoutError, BlockingIOError)   # a read's deadline passed: Python's socket timeout, or the kernel's (EAGAIN)
 
 
 class StartupError(Exception):
@@ -107,6 +109,44 @@ def no_delay(sock) -> None:
     """Send small replies at once (no Nagle), as asyncio, uvloop and Go do by default."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def timeval(seconds: float) -> bytes:
+    """struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+def send_timeout(sock, seconds: float) -> None:
+    """A blocking send gives up (EAGAIN) after this long without progress: the kernel's timer, no poll()."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
+
+
+class KernelDeadline:
+    """A blocking socket whose deadlines the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO).
+
+    A Python socket timeout makes every recv and send ``poll()`` first: two more
+    syscalls per request, and each one hands the GIL to another thread, which
+    is most of what a thread costs per request. The kernel's own timeouts cost
+    nothing per call. The receive timeout counts from each ``recv``, so it is
+    set only when the time left until the session's deadline differs from the
+    armed one (a frame started, or ended); a read woken early just reads
+    again. Sends get the idle timeout once: a peer that stops reading is
+    dropped after that long without progress.
+    """
+
+    __slots__ = ("sock", "session", "armed")
+
+    def __init__(self, sock, session) -> None:
+        self.sock, self.session, self.armed = sock, session, -1.0
+        send_timeout(sock, session.idle_timeout)
+
+    def arm(self) -> None:
+        """Before a read: have the kernel give up at the session's deadline."""
+        seconds = self.session.timeout()
+        if abs(seconds - self.armed) > DEADLINE_SLACK:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
+            self.armed = seconds
 
 
 def abort(sock) -> None:

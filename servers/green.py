@@ -5,8 +5,8 @@ jump in user space, no kernel and no GIL hand-off, so 10,000 of them cost a few
 KiB each. One special greenlet, the *hub*, runs the event loop (libev by
 default, libuv with GEVENT_LOOP=libuv): it waits in epoll for ready sockets
 and expired timers and switches to the greenlet waiting on each. Each
-connection runs ``threads.handle`` itself, unchanged but for its sleep:
-only what its blocking calls do differs.
+connection runs ``threads.handle`` itself, given gevent's sleep and gevent's
+socket timeout for deadlines: only what its blocking calls do differs.
 ``sock.recv`` on a gevent socket tries the syscall, and on EWOULDBLOCK parks
 the greenlet on an I/O watcher and switches to the hub; ``gevent.sleep``
 parks it on a timer. Switching is *cooperative*: it happens only there.
@@ -54,7 +54,7 @@ def serve(listener, config, stats) -> None:
     def admit(sock, _address):                 # runs in the connection's own greenlet
         if stats.try_open():
             connections.add(sock)
-            handle(sock, config, stats, connections, sleep=gevent.sleep)   # threads.py's, verbatim
+            handle(sock, config, stats, connections, sleep=gevent.sleep, deadline=SocketTimeout)   # threads.py's
         else:
             reject(sock, config)
 
@@ -73,6 +73,22 @@ def serve(listener, config, stats) -> None:
             watcher.cancel()
         ignore_signals()
         gevent.get_hub().destroy(destroy_loop=True)   # like asyncio.run closing its loop: epoll fd and all
+
+
+class SocketTimeout:
+    """gevent's deadline: the socket's own timeout, a hub timer while a call waits.
+
+    (A kernel timeout cannot serve: gevent's sockets are non-blocking underneath,
+    and the kernel ignores SO_RCVTIMEO on those.)
+    """
+
+    __slots__ = ("sock", "session")
+
+    def __init__(self, sock, session) -> None:
+        self.sock, self.session = sock, session
+
+    def arm(self) -> None:
+        self.sock.settimeout(self.session.timeout())
 
 
 def drain(connections, greenlets, timeout: float) -> int:

@@ -89,6 +89,24 @@ def check_request(op: int, payload: bytes) -> None:
         raise UnknownOp(f"unknown op 0x{op:02x}")
 
 
+def echo_frames(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
+    """How many frames ``data`` holds if it is whole ECHO frames and nothing else; otherwise 0.
+
+    An ECHO reply is its request, byte for byte, so a server that gets such a
+    read can send the very same bytes back without decoding a payload (the
+    common case under load, and the one a server's hot path is made for).
+    """
+    count = start = 0
+    end = len(data)
+    while end - start > 4:
+        (length,) = HEADER.unpack_from(data, start)
+        if not 0 < length <= max_frame or data[start + 4] != ECHO:
+            return 0
+        start += 4 + length
+        count += 1
+    return count if start == end else 0
+
+
 class FrameDecoder:
     """Turns a byte stream, in chunks of any size, into (op, payload) frames."""
 

@@ -27,7 +27,8 @@ no lock.
 Limits, request dispatch: the loop stops reading a connection whose queue holds
 more than ``BACKLOG_CAP`` (replies plus bookkeeping) and reads it again once its
 worker catches up, so a client that pipelines and never reads costs a bounded
-amount; the worker's ``sendall`` times out after ``--idle-timeout``. Out of fds,
+amount; the worker's blocking ``sendall`` times out (SO_SNDTIMEO) after
+``--idle-timeout`` without progress. Out of fds,
 the loop takes the listener out of the selector for ``ACCEPT_BACKOFF``
 (connection dispatch uses threads.py's accept loop, which sleeps).
 """
@@ -35,12 +36,13 @@ from __future__ import annotations
 
 import selectors
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, ConnectionSet, abort, announce, ignore_signals, no_delay, release,
-                   stop_signals)
+                   send_timeout, stop_signals)
 from .session import Request, open_session
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
@@ -161,14 +163,16 @@ class RequestLoop:
         if not self.stats.try_open():
             reject(sock, self.config)
             return
-        sock.settimeout(self.config.idle_timeout)   # bounds a worker's sendall to a client that never reads
+        send_timeout(sock, self.config.idle_timeout)   # bounds a worker's sendall to a client that never reads
         no_delay(sock)
         self.connections.add(sock)
         self.selector.register(sock, selectors.EVENT_READ, Connection(sock, open_session(self.config, self.stats)))
 
     def read(self, conn: Connection) -> None:
         try:
-            data = conn.sock.recv(RECV_SIZE)        # readable: returns at once
+            data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)   # readable; never block the loop anyway
+        except BlockingIOError:
+            return                                  # a spurious wake-up: nothing to read after all
         except OSError:
             data = b""                              # reset by the peer, or aborted by the drain
         if not data:

@@ -15,11 +15,15 @@ Rate limiting (``--rate-limit``): the token bucket is in the connection's
 no lock: the state is per connection, and the connection is per thread. A
 delayed request waits like WORK, in ``time.sleep``, holding only its own thread.
 
-Limits: replies go out with a blocking ``sendall`` whose socket timeout is the
-time left until the session's idle deadline, so a client that stops reading
-holds one read's replies and its thread until then, and is dropped. Out of fds
-(EMFILE), the accept loop sleeps ``ACCEPT_BACKOFF`` instead of retrying at once:
-the listener stays readable, and retrying would spin until a connection closes.
+Deadlines are the kernel's (``base.KernelDeadline``: SO_RCVTIMEO and
+SO_SNDTIMEO), not Python's socket timeout, which would poll before every recv
+and send and hand the GIL around twice more per request. A client that stops
+reading holds one read's replies and its thread for ``--idle-timeout`` without
+progress, and is dropped.
+
+Out of fds (EMFILE), the accept loop sleeps ``ACCEPT_BACKOFF`` instead of
+retrying at once: the listener stays readable, and retrying would spin until a
+connection closes.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ import contextlib
 import threading
 import time
 
-from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, ConnectionSet, Shutdown, announce, graceful_signals, ignore_signals,
-                   no_delay, release)
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, ConnectionSet, KernelDeadline, Shutdown, announce,
+                   graceful_signals, ignore_signals, no_delay, release)
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
@@ -75,17 +79,20 @@ def reject(sock, config) -> None:
         sock.sendall(rejection(config))
 
 
-def handle(sock, config, stats, connections, sleep=time.sleep) -> None:
+def handle(sock, config, stats, connections, sleep=time.sleep, deadline=KernelDeadline) -> None:
     session = open_session(config, stats)
+    deadline = deadline(sock, session)
     no_delay(sock)
     try:
         while not session.closing:
-            sock.settimeout(session.timeout())
+            deadline.arm()
             try:
                 data = sock.recv(RECV_SIZE)
-            except TimeoutError:
-                sock.sendall(session.expire())
-                break
+            except TIMED_OUT:
+                if session.expired:
+                    sock.sendall(session.expire())
+                    break
+                continue
             if not data:
                 session.eof()
                 break

@@ -50,6 +50,20 @@ def test_random_bytes_give_frames_or_a_clear_error(data, cuts):
     assert peak < 64 * 1024, "decoding a small input must not allocate what a length field claims"
 
 
+@settings(max_examples=300)
+@given(st.one_of(frames_strategy.map(lambda frames: b"".join(protocol.encode(op, p) for op, p in frames)),
+                 st.binary(max_size=200)))
+def test_echo_frames_counts_only_reads_of_whole_echo_frames(data):
+    try:
+        decoder = FrameDecoder(max_frame=4096)
+        frames = decoder.feed(data)
+        whole_echoes = not decoder.mid_frame and all(op == ECHO for op, _ in frames)
+    except ProtocolError:
+        whole_echoes = False
+    expected = len(frames) if whole_echoes else 0
+    assert protocol.echo_frames(data, max_frame=4096) == expected
+
+
 def test_hostile_length_fails_at_the_header_without_waiting_for_the_payload():
     decoder = FrameDecoder(max_frame=1024)
     with pytest.raises(BadLength, match="4294967295"):
@@ -96,6 +110,16 @@ def test_session_answers_in_order_and_counts():
     assert replies(session, stream) == [(ECHO, b"a"), (PONG, b"id"), (WORK, struct.pack(">II", 0, 0) + b"w"),
                                         (ECHO, b"b")]
     assert stats.requests_total == 4 and stats.bytes_in == len(stream)
+
+
+@given(st.lists(st.binary(max_size=100), min_size=1, max_size=20), st.lists(st.integers(min_value=0), max_size=5))
+def test_echo_hot_path_answers_and_counts_like_the_decoder(payloads, cuts):
+    stream = b"".join(protocol.encode(ECHO, p) for p in payloads)
+    session, stats = new_session()
+    answered = b"".join(r.run() for chunk in chunked(stream, cuts) for r in session.feed(chunk))
+    assert answered == stream             # an ECHO reply is its request
+    assert stats.requests_total == len(payloads) and stats.bytes_in == stats.bytes_out == len(stream)
+    assert session.frame_started is None and not session.decoder.mid_frame
 
 
 def test_session_coalesces_immediate_replies_and_splits_at_work():
