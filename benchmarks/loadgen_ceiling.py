@@ -47,10 +47,10 @@ START_TIMEOUT_S = 120.0
 
 
 class PinnedServer:
-    """``python -m servers BACKEND`` pinned to one CPU; its CPU time is read with psutil."""
+    """``python -m servers BACKEND`` (or any ``cmd`` that prints the ready line) pinned to one CPU; its CPU time is read with psutil."""
 
-    def __init__(self, backend: str, cpu: int) -> None:
-        cmd = [sys.executable, "-m", "servers", backend, "--port", "0", "--max-conns", "20000"]
+    def __init__(self, backend: str, cpu: int, cmd: list | None = None) -> None:
+        cmd = cmd or [sys.executable, "-m", "servers", backend, "--port", "0", "--max-conns", "20000"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         with selectors.DefaultSelector() as sel:

@@ -122,8 +122,8 @@ def send_timeout(sock, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
 
 
-class KernelDeadline:
-    """A blocking socket whose deadlines the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO).
+class KernelDeadlines:
+    """A blocking socket's recv and sendall, with deadlines the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO).
 
     A Python socket timeout makes every recv and send ``poll()`` first: two more
     syscalls per request, and each one hands the GIL to another thread, which
@@ -135,18 +135,22 @@ class KernelDeadline:
     dropped after that long without progress.
     """
 
-    __slots__ = ("sock", "session", "armed")
+    __slots__ = ("sock", "session", "armed", "sendall")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session, self.armed = sock, session, -1.0
+        self.sendall = sock.sendall
         send_timeout(sock, session.idle_timeout)
 
-    def arm(self) -> None:
-        """Before a read: have the kernel give up at the session's deadline."""
+    def recv(self, size: int) -> bytes:
         seconds = self.session.timeout()
         if abs(seconds - self.armed) > DEADLINE_SLACK:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self.armed = seconds
+        return self.sock.recv(size)
+
+    def close(self) -> None:
+        """Nothing to undo: the kernel's timers go with the socket."""
 
 
 def abort(sock) -> None:

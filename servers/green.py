@@ -5,8 +5,8 @@ jump in user space, no kernel and no GIL hand-off, so 10,000 of them cost a few
 KiB each. One special greenlet, the *hub*, runs the event loop (libev by
 default, libuv with GEVENT_LOOP=libuv): it waits in epoll for ready sockets
 and expired timers and switches to the greenlet waiting on each. Each
-connection runs ``threads.handle`` itself, given gevent's sleep and gevent's
-socket timeout for deadlines: only what its blocking calls do differs.
+connection runs ``threads.handle`` itself, given gevent's sleep and a hub timer
+for its deadlines (``HubDeadlines``): only what its blocking calls do differs.
 ``sock.recv`` on a gevent socket tries the syscall, and on EWOULDBLOCK parks
 the greenlet on an I/O watcher and switches to the hub; ``gevent.sleep``
 parks it on a timer. Switching is *cooperative*: it happens only there.
@@ -35,7 +35,9 @@ Out of fds (EMFILE), gevent's StreamServer stops accepting and retries after
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
+import time
 
 import gevent
 from gevent.event import Event
@@ -54,7 +56,7 @@ def serve(listener, config, stats) -> None:
     def admit(sock, _address):                 # runs in the connection's own greenlet
         if stats.try_open():
             connections.add(sock)
-            handle(sock, config, stats, connections, sleep=gevent.sleep, deadline=SocketTimeout)   # threads.py's
+            handle(sock, config, stats, connections, sleep=gevent.sleep, deadlines=HubDeadlines)   # threads.py's
         else:
             reject(sock, config)
 
@@ -75,20 +77,64 @@ def serve(listener, config, stats) -> None:
         gevent.get_hub().destroy(destroy_loop=True)   # like asyncio.run closing its loop: epoll fd and all
 
 
-class SocketTimeout:
-    """gevent's deadline: the socket's own timeout, a hub timer while a call waits.
+class HubDeadlines:
+    """A gevent socket's recv and sendall, with the session's deadline kept by one lazy hub timer.
 
-    (A kernel timeout cannot serve: gevent's sockets are non-blocking underneath,
-    and the kernel ignores SO_RCVTIMEO on those.)
+    gevent's own socket timeout makes a ``Timeout`` (an object and a timer) for
+    every wait, and its ``sendall`` asks the kernel for the send buffer size on
+    every call: together about as much as the rest of a request. Here one timer
+    per connection is set for the session's deadline and left alone while
+    requests move the deadline later; when it fires it looks again: a deadline
+    that moved re-arms it, one that passed throws ``TimeoutError`` into the
+    greenlet, but only while it waits for its peer (never into a WORK wait).
+    (A kernel timeout cannot serve: gevent's sockets are non-blocking
+    underneath, and the kernel ignores SO_RCVTIMEO on those.)
     """
 
-    __slots__ = ("sock", "session")
+    __slots__ = ("sock", "session", "greenlet", "timer", "due", "waiting")
 
     def __init__(self, sock, session) -> None:
-        self.sock, self.session = sock, session
+        self.sock, self.session, self.greenlet = sock, session, gevent.getcurrent()
+        self.timer, self.due, self.waiting = None, math.inf, False
 
-    def arm(self) -> None:
-        self.sock.settimeout(self.session.timeout())
+    def recv(self, size: int) -> bytes:
+        self._arm()
+        self.waiting = True
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.waiting = False
+
+    def sendall(self, data: bytes) -> None:
+        self._arm()
+        self.waiting = True
+        try:
+            sent = self.sock.send(data)        # the usual small reply leaves in one call
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        finally:
+            self.waiting = False
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
+
+    def _arm(self) -> None:
+        deadline = self.session.deadline
+        if deadline < self.due:                # sooner than the timer (a frame started): set it again
+            self.close()
+            self.timer = gevent.get_hub().loop.timer(max(deadline - time.monotonic(), 0.0))
+            self.timer.start(self._fire)
+            self.due = deadline
+
+    def _fire(self) -> None:                   # in the hub
+        self.due = math.inf
+        if not self.waiting:
+            return                             # busy (WORK): its next recv or send sets the timer again
+        if self.session.expired:
+            self.greenlet.throw(TimeoutError("deadline passed"))
+        else:
+            self._arm()                        # requests moved the deadline: wait for the new one
 
 
 def drain(connections, greenlets, timeout: float) -> int:

@@ -15,7 +15,7 @@ Rate limiting (``--rate-limit``): the token bucket is in the connection's
 no lock: the state is per connection, and the connection is per thread. A
 delayed request waits like WORK, in ``time.sleep``, holding only its own thread.
 
-Deadlines are the kernel's (``base.KernelDeadline``: SO_RCVTIMEO and
+Deadlines are the kernel's (``base.KernelDeadlines``: SO_RCVTIMEO and
 SO_SNDTIMEO), not Python's socket timeout, which would poll before every recv
 and send and hand the GIL around twice more per request. A client that stops
 reading holds one read's replies and its thread for ``--idle-timeout`` without
@@ -31,7 +31,7 @@ import contextlib
 import threading
 import time
 
-from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, ConnectionSet, KernelDeadline, Shutdown, announce,
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, ConnectionSet, KernelDeadlines, Shutdown, announce,
                    graceful_signals, ignore_signals, no_delay, release)
 from .session import open_session, rejection
 
@@ -79,29 +79,29 @@ def reject(sock, config) -> None:
         sock.sendall(rejection(config))
 
 
-def handle(sock, config, stats, connections, sleep=time.sleep, deadline=KernelDeadline) -> None:
+def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelDeadlines) -> None:
     session = open_session(config, stats)
-    deadline = deadline(sock, session)
+    peer = deadlines(sock, session)            # sock's recv and sendall, giving up at the session's deadline
     no_delay(sock)
     try:
         while not session.closing:
-            deadline.arm()
             try:
-                data = sock.recv(RECV_SIZE)
+                data = peer.recv(RECV_SIZE)
             except TIMED_OUT:
-                if session.expired:
-                    sock.sendall(session.expire())
-                    break
-                continue
+                if not session.expired:
+                    continue                   # woken early: the deadline moved since the timer was set
+                peer.sendall(session.expire())
+                break
             if not data:
                 session.eof()
                 break
             for request in session.feed(data):
                 if request.io_s:
                     sleep(request.io_s)
-                sock.sendall(request.run())
+                peer.sendall(request.run())
     except OSError:
         pass                                   # reset by the peer, or aborted by the drain
     finally:
+        peer.close()
         connections.discard(sock)
         release(sock, session, stats)

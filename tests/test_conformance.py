@@ -142,6 +142,16 @@ def test_idle_timeout_closes_silent_clients_only(start):
         assert chatty.stats()["idle_timeouts"] == 1
 
 
+def test_a_request_in_progress_outlives_the_idle_deadline(start):
+    server = start("--idle-timeout", "0.3")
+    with server.connect() as client:
+        client.send(protocol.encode_work(800_000, 0, b"slow"))     # waits 0.8 s: past the idle deadline
+        assert client.recv_frame() == (WORK, struct.pack(">II", 800_000, 0) + b"slow")
+        began = time.monotonic()
+        assert client.recv_frame() == (ERROR, b"idle timeout")     # then idle: the deadline runs from the reply
+        assert 0.2 < time.monotonic() - began < 2.0
+
+
 def test_frame_timeout_defeats_byte_dribbling(start):
     server = start("--frame-timeout", "0.5", "--idle-timeout", "30")
     frame = protocol.encode(ECHO, b"x" * 100)
