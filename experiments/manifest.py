@@ -68,7 +68,8 @@ def package_versions() -> dict:
 
 def git_info(repo: str) -> dict:
     commit = _command("git", "rev-parse", "HEAD", cwd=repo)
-    status = _command("git", "status", "--porcelain", "--untracked-files=no", cwd=repo)
+    # results/ holds outputs (a run replacing the committed reference among them), not code: it does not make a run dirty
+    status = _command("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results", cwd=repo)
     return {"commit": commit, "dirty": bool(status) if status is not None else None,
             "branch": _command("git", "rev-parse", "--abbrev-ref", "HEAD", cwd=repo)}
 
