@@ -95,34 +95,21 @@ def _throughput(run):
     return f, (lambda: charts.draw_throughput(t, f, conns)) if not t.empty else None
 
 
-def _io_bound(run):
-    io = derive.io_bound(run)
-    f = findings.io_bound(io)
-    return f, (lambda: charts.draw_io_bound(io, f)) if not io.empty else None
+def _plain(name: str):
+    """A chart whose table, finding and drawing all take their name from it: derive.X, findings.X, charts.draw_X."""
+    derive_table, find, draw = getattr(derive, name), getattr(findings, name), getattr(charts, f"draw_{name}")
 
-
-def _cpu_bound(run):
-    cpu = derive.cpu_bound(run)
-    f = findings.cpu_bound(cpu)
-    return f, (lambda: charts.draw_cpu_bound(cpu, f)) if not cpu.empty else None
+    def chart(run):
+        table = derive_table(run)
+        f = find(table)
+        return f, (lambda: draw(table, f)) if not table.empty else None
+    return chart
 
 
 def _switch(run):
     micro = derive.switch_micro(run)
     f = findings.switch(micro)
     return f, (lambda: charts.draw_switch(micro, f)) if not micro.empty else None
-
-
-def _per_request(run):
-    pr = derive.per_request(run)
-    f = findings.per_request(pr)
-    return f, (lambda: charts.draw_per_request(pr, f)) if not pr.empty else None
-
-
-def _c10k(run):
-    c = derive.c10k(run)
-    f = findings.c10k(c)
-    return f, (lambda: charts.draw_c10k(c, f)) if not c.empty else None
 
 
 def _pitfalls(run):
@@ -138,11 +125,11 @@ CHARTS = (
     ChartSpec("throughput", "throughput", _throughput),
     ChartSpec("latency_spectrum", "latency", _spectrum),
     ChartSpec("latency_load", "latency", _latency_load),
-    ChartSpec("io_bound", "io_bound", _io_bound),
-    ChartSpec("cpu_bound", "cpu_bound", _cpu_bound),
+    ChartSpec("io_bound", "io_bound", _plain("io_bound")),
+    ChartSpec("cpu_bound", "cpu_bound", _plain("cpu_bound")),
     ChartSpec("switch", "switch", _switch),
-    ChartSpec("per_request", "switch", _per_request),
-    ChartSpec("c10k", "c10k", _c10k),
+    ChartSpec("per_request", "switch", _plain("per_request")),
+    ChartSpec("c10k", "c10k", _plain("c10k")),
     ChartSpec("pitfalls", "pitfalls", _pitfalls),
 )
 SECTION_ORDER = ("memory", "throughput", "latency", "io_bound", "cpu_bound", "switch", "c10k", "pitfalls")
