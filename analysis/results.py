@@ -1,6 +1,6 @@
 """Read one results/<run-id>/ into pandas: the one loader the report, the notebooks and the tests use.
 
-    from analysis.results import load_run
+    from conclab.analysis.results import load_run
     run = load_run("results/20260101-120000-all")      # or just the run id, or "latest"
     run.tables["throughput"].groupby(["variant", "conns"]).throughput_rps.median()
     run.has("c10k"), run.skipped, run.manifest["host"]["cpu_model"]
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from experiments import EXPERIMENTS
-from experiments.tables import COLUMNS, EXPERIMENT_TABLES
+from conclab.experiments import EXPERIMENTS
+from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES
 
 from .style import order
 

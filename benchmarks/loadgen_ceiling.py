@@ -21,7 +21,6 @@ results/loadgen_ceiling.json).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import selectors
@@ -36,8 +35,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loadgen import LoadParams, run_load  # noqa: E402
-from servers import BACKENDS, unavailable_reason  # noqa: E402
+from conclab.loadgen import LoadParams, run_load  # noqa: E402
+from conclab.servers import BACKENDS, unavailable_reason  # noqa: E402
 
 SERVER_CPU, LOADGEN_CPU = 0, 1
 CEILING_BACKENDS = ("go", "epoll", "threads")       # first available is the ceiling server
@@ -50,7 +49,7 @@ class PinnedServer:
     """``python -m servers BACKEND`` (or any ``cmd`` that prints the ready line) pinned to one CPU; its CPU time is read with psutil."""
 
     def __init__(self, backend: str, cpu: int, cmd: list | None = None) -> None:
-        cmd = cmd or [sys.executable, "-m", "servers", backend, "--port", "0", "--max-conns", "20000"]
+        cmd = cmd or [sys.executable, "-m", "conclab.servers", backend, "--port", "0", "--max-conns", "20000"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         with selectors.DefaultSelector() as sel:
@@ -109,8 +108,7 @@ def series(backend: str, args, repeats: int) -> dict:
 
 
 def available(name: str) -> bool:
-    module = BACKENDS[name][0].split(":")[0]
-    return unavailable_reason(name) is None and importlib.util.find_spec(module) is not None
+    return unavailable_reason(name) is None
 
 
 def show(s: dict) -> None:

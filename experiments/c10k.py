@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 
-from . import holding, load
-from .harness import HELD_STOP_GRACE_S, key
+from . import holding
+from .harness import loadproc
+from .harness.run import HELD_STOP_GRACE_S, key
 
 NAME = "c10k"
 IDLE_TIMEOUT_S = 3600.0
@@ -54,7 +55,7 @@ def measure_variant(run, variant, repeat: int) -> None:
            **{k: gauges.get(k) for k in ("rss_kib", "vms_kib", "threads", "fds", "tcp_established",
                                          "tcp_close_wait")},
            "workers": profile.pool_workers if variant.is_pool else None}
-    row["note"] = note(variant, row, failure, profile.pool_workers, load.failure_reasons(result))
+    row["note"] = note(variant, row, failure, profile.pool_workers, loadproc.failure_reasons(result))
     run.write(NAME, row)
     p99 = probe.get("p99_us")
     run.progress(f"[{NAME}] {variant.name} r{repeat}: held {h.held}/{n} in {h.ramp_s:.1f} s, connect failures "
@@ -67,11 +68,11 @@ def run_probe(run, server, conns: int) -> tuple[dict, str | None]:
     """The small closed loop; (its LOAD columns, None) or ({}, why it failed)."""
     server.sampler.point = "probe"
     try:
-        result = load.run_load(server.target, "closed", conns, run.profile.point_s, size=run.profile.size,
+        result = loadproc.run_loadgen(server.target, "closed", conns, run.profile.point_s, size=run.profile.size,
                                op="echo", **run.load_options())
-    except load.LoadgenError as exc:
+    except loadproc.LoadgenError as exc:
         return {}, str(exc)
-    return load.flatten(result), None
+    return loadproc.flatten(result), None
 
 
 def note(variant, row: dict, failure: str | None, workers: int, reasons: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .harness import describe, key
+from .harness.run import describe, key
 
 NAME = "cpu_bound"
 

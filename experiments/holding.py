@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from . import load
+from .harness import loadproc
 
 STALL_S = 3.0                  # no newly accepted connection for this long: the ramp is over
 POLL_S = 0.05
@@ -34,7 +34,7 @@ GAUGE_KEYS = ("rss_kib", "uss_kib", "vms_kib", "threads", "fds", "tcp_establishe
 
 @dataclass
 class Hold:
-    run: load.LoadRun | None
+    run: loadproc.LoadRun | None
     target: int
     held: int                  # connections the server accepted (fds above the baseline)
     ramp_s: float
@@ -51,7 +51,7 @@ def hold(run, server, n: int, measure_s: float) -> Hold:
     if n <= 0:
         return Hold(None, 0, 0, 0.0, base_fds)
     profile = run.profile
-    handle = load.start_load(server.target, "hold", n, measure_s + STALL_S + HOLD_MARGIN_S,
+    handle = loadproc.start_loadgen(server.target, "hold", n, measure_s + STALL_S + HOLD_MARGIN_S,
                              connect_rate=profile.connect_rate, cpus=run.loadgen_cpus,
                              extra_s=n / profile.connect_rate + RAMP_SLACK_S)
     t0 = time.monotonic()
@@ -96,11 +96,11 @@ def release(h: Hold, tcp_established=None, clean: bool | None = None) -> tuple[d
         clean = h.held >= h.target
     try:
         result = h.run.stop() if clean else h.run.wait()
-    except load.LoadgenError:
+    except loadproc.LoadgenError:
         result = None
     finally:
         h.run.close()
-    errors = load.connect_errors(result, h.target)
+    errors = loadproc.connect_errors(result, h.target)
     if errors is None and tcp_established is not None:
         errors = max(0, h.target - int(tcp_established))
     return result, errors

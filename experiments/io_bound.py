@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .harness import describe, key
+from .harness.run import describe, key
 
 NAME = "io_bound"
 US = 1e-6

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from .harness import describe, key
+from .harness.run import describe, key
 
 NAME = "latency"
 

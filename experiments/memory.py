@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 
 from . import holding
-from .fit import least_squares
-from .harness import HELD_STOP_GRACE_S
+from .harness.fit import least_squares
+from .harness.run import HELD_STOP_GRACE_S
 
 NAME = "memory"
 IDLE_TIMEOUT_S = 3600.0        # far longer than any point: nothing may time out while held

@@ -50,10 +50,10 @@ import socket
 import threading
 import time
 
-from servers import protocol
-from servers.protocol import ERROR, PING, PONG, WORK, FrameDecoder
+from conclab.servers import protocol
+from conclab.servers.protocol import ERROR, PING, PONG, WORK, FrameDecoder
 
-from .server import ServerStartError
+from conclab.servers.launcher import ServerStartError
 
 NAME = "pitfalls"
 PITFALLS = ("leak", "no-deadline", "unbounded", "hard-kill")

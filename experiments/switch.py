@@ -24,9 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import processes
-from .harness import describe, key
-from .variants import Variant
+from conclab.servers import processes
+from .harness.run import describe, key
+from conclab.servers import Variant
 
 NAME = "switch"
 MICRO = "micro"
@@ -60,7 +60,7 @@ def python_command(run, bench: str):
         import importlib.util
         if importlib.util.find_spec(need) is None:
             return f"Python package {need!r} is not installed: pip install {need}"
-    return [sys.executable, "-m", "experiments.switchbench", bench, "--rounds", str(run.profile.switch_rounds),
+    return [sys.executable, "-m", "conclab.experiments.switchbench", bench, "--rounds", str(run.profile.switch_rounds),
             "--round-s", f"{run.profile.switch_round_s:g}"]
 
 

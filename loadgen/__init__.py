@@ -2,7 +2,7 @@
 
 Programmatic use (what the experiments call)::
 
-    from loadgen import LoadParams, run_load
+    from conclab.loadgen import LoadParams, run_load
     result = run_load(LoadParams(target="127.0.0.1:7878", mode="closed", conns=50, duration=5))
     result["throughput_rps"], result["latency_us"]["p99"], result["loadgen_saturated"]
 

@@ -33,7 +33,7 @@ import select
 import time
 from collections import Counter, deque
 
-from servers.protocol import ERROR, FrameDecoder, ProtocolError
+from conclab.servers.protocol import ERROR, FrameDecoder, ProtocolError
 
 from . import conn as connmod
 from .histo import Recorder

@@ -26,8 +26,8 @@ import socket
 import time
 from collections import Counter, deque
 
-from servers import protocol
-from servers.protocol import ERROR, PONG, FrameDecoder, ProtocolError
+from conclab.servers import protocol
+from conclab.servers.protocol import ERROR, PONG, FrameDecoder, ProtocolError
 
 from . import conn as connmod
 from . import histo

@@ -27,9 +27,9 @@ from gevent import socket as gsocket
 from locust import User, constant, events, task
 from locust.runners import MasterRunner
 
-from loadgen.histo import Recorder
-from loadgen.params import DEFAULT_TARGET, OPS, LoadParams, parse_target
-from servers.protocol import ERROR, FrameDecoder
+from conclab.loadgen.histo import Recorder
+from conclab.loadgen.params import DEFAULT_TARGET, OPS, LoadParams, parse_target
+from conclab.servers.protocol import ERROR, FrameDecoder
 
 CONNECT_TIMEOUT_S = 5.0
 IO_TIMEOUT_S = 10.0

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from servers import protocol
+from conclab.servers import protocol
 
 DEFAULT_TARGET = "127.0.0.1:7878"     # where `conclab serve BACKEND --port 7878` listens
 MODES = ("closed", "open", "hold")

@@ -31,8 +31,8 @@
 import pandas as pd
 
 import common
-from analysis import charts, claims, derive, findings
-from analysis.fmt import num
+from conclab.analysis import charts, claims, derive, findings
+from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 import common
-from analysis import charts, derive, findings, style
-from analysis.fmt import num
+from conclab.analysis import charts, derive, findings, style
+from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 import common
-from analysis import charts, claims, derive, findings, style
-from analysis.fmt import num
+from conclab.analysis import charts, claims, derive, findings, style
+from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 import common
-from analysis import derive, findings, style
-from analysis.fmt import num
+from conclab.analysis import derive, findings, style
+from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)

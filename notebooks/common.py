@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pandas as pd                                  # noqa: E402
+import pandas as pd         # noqa: E402
 from IPython.display import Image, Markdown, display  # noqa: E402
 
-from analysis import style                           # noqa: E402
-from analysis.fmt import num                         # noqa: E402
-from analysis.results import load_run                # noqa: E402
+from conclab.analysis import style  # noqa: E402
+from conclab.analysis.fmt import num  # noqa: E402
+from conclab.analysis.results import load_run  # noqa: E402
 
 RUN_ENV = "CONCLAB_RUN"
 DEFAULT_RUN = ROOT / "results" / "reference"

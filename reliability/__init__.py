@@ -1,7 +1,7 @@
 """Reliability scenarios: resets, half-closes, clogged and slow peers, fd exhaustion, hostile frames,
 churn, shutdown under load, rate limits and safe defaults, run against live servers of every backend.
 
-    from reliability import run, SCENARIOS, CI, FULL
+    from conclab.reliability import run, SCENARIOS, CI, FULL
     outcome = run("emfile", "epoll", [], FULL)
     outcome.passed, outcome.figure, outcome.metrics
 

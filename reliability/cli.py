@@ -80,7 +80,7 @@ def pick(text: str, known, what: str) -> list[str]:
 
 
 def cmd_check(args) -> int:
-    from servers import unavailable_reason
+    from conclab.servers import unavailable_reason
     try:
         variants = pick(args.backends, VARIANTS, "backend")
         scenarios = pick(args.scenarios, SCENARIOS, "scenario")

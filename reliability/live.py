@@ -23,8 +23,8 @@ import time
 
 import psutil
 
-from servers import protocol
-from servers.protocol import FrameDecoder
+from conclab.servers import protocol
+from conclab.servers.protocol import FrameDecoder
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -64,9 +64,9 @@ class LiveServer:
     def __init__(self, backend: str, options=(), *extra: str, nofile: int | None = None) -> None:
         self.backend = backend
         if backend == "go" and nofile is not None:
-            from servers.golang import build
+            from conclab.servers.golang import build
             build()                                    # compile here, not under the server's low fd limit
-        cmd = [sys.executable, "-m", "servers", backend, "--port", "0", *options, *extra]
+        cmd = [sys.executable, "-m", "conclab.servers", backend, "--port", "0", *options, *extra]
         self.stderr = tempfile.TemporaryFile(mode="w+")
         def in_child():
             LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)   # never outlive the checker, even a SIGKILLed one

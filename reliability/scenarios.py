@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from servers import protocol
-from servers.protocol import ECHO, ERROR, PING, PONG, WORK, encode
+from conclab.servers import protocol
+from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK, encode
 
 from .live import Client, LiveServer, StartFailed, mib, variant_name, wait_until
 
@@ -610,7 +610,7 @@ SHUTDOWN_DRAIN = 5.0
 
 def shutdown_under_load(backend, options, scale: Scale) -> Outcome:
     """SIGTERM under a closed loop of many connections: every request the server counted is answered, exit 0."""
-    from loadgen import LoadParams, run_load
+    from conclab.loadgen import LoadParams, run_load
     out = Outcome("shutdown", variant_name(backend, options))
     with LiveServer(backend, options, "--drain-timeout", str(SHUTDOWN_DRAIN)) as server:
         baseline = server.fds()
@@ -661,7 +661,7 @@ RATE_RSS_LIMIT = 16 << 20      # a client pipelining tiny requests faster than t
 def rate_delay(backend, options, scale: Scale) -> Outcome:
     """--rate-limit R (delay): a pipelining client gets R requests/s (within 10%), nothing refused; and
     one that pipelines tiny requests far faster, never reading, costs the server a bounded amount of memory."""
-    from loadgen import LoadParams, run_load
+    from conclab.loadgen import LoadParams, run_load
     out = Outcome("rate_delay", variant_name(backend, options))
     with LiveServer(backend, options, "--rate-limit", str(RATE), "--burst", str(RATE_BURST)) as server:
         target = f"{server.address[0]}:{server.address[1]}"
@@ -749,9 +749,9 @@ def loopback_default(backend, options, scale: Scale) -> Outcome:
         out.check(server.address[0] == "127.0.0.1", f"default bind {server.address[0]}")
         default = server.address[0]
     warning = f"warning: binding {NON_LOOPBACK}"
-    runs = {"cli": [sys.executable, "-m", "servers", backend, *options, "--host", NON_LOOPBACK, "--port", "0"]}
+    runs = {"cli": [sys.executable, "-m", "conclab.servers", backend, *options, "--host", NON_LOOPBACK, "--port", "0"]}
     if backend == "go":
-        from servers.golang import build
+        from conclab.servers.golang import build
         runs["go binary"] = [str(build()), "--host", NON_LOOPBACK, "--port", "0"]
     for name, cmd in runs.items():
         done = run_briefly(cmd)

@@ -1,6 +1,6 @@
-"""``python -m servers BACKEND [options]``: the same as ``conclab serve``."""
+"""``python -m conclab.servers BACKEND [options]``: the same as ``conclab serve``."""
 import sys
 
 from .cli import main
 
-sys.exit(main(["serve", *sys.argv[1:]], prog="python -m servers"))
+sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,11 @@
-"""The ``conclab`` command: serve, backends (and the lab's other tools as they land)."""
+"""``conclab serve`` and ``conclab backends``: the servers' own command line.
+
+``add_parsers(subparsers)`` adds both subcommands (the ``conclab`` command
+builds its parser from each layer's ``add_parser(s)``); ``main`` is
+``python -m conclab.servers BACKEND ...``, the same as ``conclab serve``. This
+module imports nothing above the servers layer, so a server process stays lean:
+no pandas, no matplotlib, no load generator.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,39 +20,33 @@ from .stats import Stats
 EXIT_USAGE = 2
 
 
-SERVER_COMMANDS = ("serve", "backends")      # need no pandas, no matplotlib: a server process stays lean
-
-
-def build_parser(prog: str = "conclab", tools: bool = True) -> argparse.ArgumentParser:
-    """The conclab parser; ``tools=False`` leaves out the commands that import the analysis stack."""
-    parser = argparse.ArgumentParser(prog=prog, description="conclab: thread pools vs coroutines, measured.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run one backend in the foreground",
-                                description="Serve the lab protocol with one concurrency model until SIGTERM/SIGINT.")
-    serve.add_argument("backend", choices=list(BACKENDS), metavar="BACKEND",
-                       help="one of: " + ", ".join(BACKENDS))
-    add_arguments(serve)
-    serve.set_defaults(run=cmd_serve)
+def add_parsers(commands) -> None:
+    """Add ``serve`` and ``backends`` to an argparse subparsers object."""
+    serve = commands.add_parser("serve", help="run one backend in the foreground", description=SERVE_DESCRIPTION)
+    add_serve_arguments(serve)
     backends = commands.add_parser("backends", help="list the backends and whether each can run here")
     backends.set_defaults(run=cmd_backends)
-    if tools:                                   # the lab's other tools, one subcommand each
-        from analysis.cli import add_parsers as add_report_and_demo
-        from experiments.cli import add_parser as add_run
-        from loadgen.cli import add_parser as add_load
-        from reliability.cli import add_parser as add_check
-        add_load(commands)
-        add_run(commands)
-        add_report_and_demo(commands)
-        add_check(commands)
-    return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "conclab") -> int:
-    first = next((arg for arg in (argv if argv is not None else sys.argv[1:]) if not arg.startswith("-")), None)
-    parser = build_parser(prog, tools=first not in SERVER_COMMANDS)
-    if prog != "conclab" and argv and argv[0] == "serve" and len(argv) == 1:
-        argv = ["serve", "--help"]
-    args = parser.parse_args(argv)
+SERVE_DESCRIPTION = "Serve the lab protocol with one concurrency model until SIGTERM/SIGINT."
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("backend", choices=list(BACKENDS), metavar="BACKEND", help="one of: " + ", ".join(BACKENDS))
+    add_arguments(parser)
+    parser.set_defaults(run=cmd_serve)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m conclab.servers") -> int:
+    """``python -m conclab.servers BACKEND [options]``: ``conclab serve`` without the rest of the lab."""
+    parser = argparse.ArgumentParser(prog=prog, description=SERVE_DESCRIPTION)
+    add_serve_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(parser.parse_args(argv or ["--help"]), prog)
+
+
+def run(args, prog: str) -> int:
+    """Run a parsed command: a StartupError is one line on stderr and exit status 2."""
     try:
         return args.run(args) or 0
     except StartupError as exc:
@@ -84,8 +85,8 @@ def cmd_serve(args) -> int:
 
 def cmd_backends(args) -> int:
     width = max(map(len, BACKENDS))
-    for name, (_, summary, _) in BACKENDS.items():
+    for name, backend in BACKENDS.items():
         reason = unavailable_reason(name)
         status = "available" if reason is None else f"unavailable: {reason}"
-        print(f"{name:<{width}}  {summary:<52}  {status}")
+        print(f"{name:<{width}}  {backend.summary:<52}  {status}")
     return 0

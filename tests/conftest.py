@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from servers import unavailable_reason
+from conclab.servers import unavailable_reason
 from lab import VARIANTS, Server
 
 

@@ -5,7 +5,7 @@ tests and ``conclab check`` start and talk to servers with the same code.
 """
 from __future__ import annotations
 
-from reliability.live import Client, LiveServer, wait_until  # noqa: F401  (re-exported for the tests)
+from conclab.reliability.live import Client, LiveServer, wait_until  # noqa: F401  (re-exported for the tests)
 
 # Every test that takes a ``variant`` runs once per entry: (id, backend, extra options).
 # The connection-dispatch pool gets 32 workers so the suite's 30 simultaneous clients fit;

@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-from servers import BACKENDS
+from conclab.servers import BACKENDS
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "servers", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "conclab.servers", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def conclab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    code = "import sys; from servers.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from conclab.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,7 +58,7 @@ def test_port_in_use_is_one_line():
 
 
 def test_non_loopback_bind_warns_and_fault_is_loud():
-    proc = subprocess.Popen([sys.executable, "-m", "servers", "threads", "--host", "0.0.0.0", "--fault", "leak"],
+    proc = subprocess.Popen([sys.executable, "-m", "conclab.servers", "threads", "--host", "0.0.0.0", "--fault", "leak"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("listening on 0.0.0.0:")
@@ -69,8 +69,8 @@ def test_non_loopback_bind_warns_and_fault_is_loud():
 
 
 def test_a_server_process_imports_neither_the_analysis_stack_nor_gevent():
-    code = ("import sys; from servers.cli import build_parser; build_parser(tools=False); "
-            "import servers; servers.load('threads'); servers.load('asyncio'); servers.load('epoll'); "
+    code = ("import sys; from conclab.cli import build_parser; build_parser(tools=False); "
+            "from conclab import servers; servers.load('threads'); servers.load('asyncio'); servers.load('epoll'); "
             "print(sorted(m for m in ('pandas', 'matplotlib', 'gevent', 'locust') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]"

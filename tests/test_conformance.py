@@ -9,8 +9,8 @@ import time
 import pytest
 
 from lab import wait_until
-from servers import protocol
-from servers.protocol import ECHO, ERROR, PING, PONG, WORK
+from conclab.servers import protocol
+from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK
 
 STATS_KEYS = {"backend", "pid", "connections_active", "connections_total", "connections_rejected",
               "requests_total", "bytes_in", "bytes_out", "idle_timeouts", "protocol_errors"}

@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
-from servers import protocol
-from servers.base import KernelDeadlines
-from servers.config import ServerConfig
-from servers.protocol import ECHO
-from servers.session import open_session
-from servers.stats import Stats
+from conclab.servers import protocol
+from conclab.servers.base import KernelDeadlines
+from conclab.servers.config import ServerConfig
+from conclab.servers.protocol import ECHO
+from conclab.servers.session import open_session
+from conclab.servers.stats import Stats
 
 FRAME = protocol.encode(ECHO, b"x" * 64)
 
@@ -66,7 +66,7 @@ def test_kernel_read_timeout_follows_a_started_frame_and_back():
 
 def test_hub_timer_is_kept_while_the_deadline_moves_later():
     import gevent
-    from servers.green import HubDeadlines
+    from conclab.servers.green import HubDeadlines
     session = new_session()
     peer = HubDeadlines(RecordingSocket([FRAME] * 50), session)
     peer.recv(65536)

@@ -15,10 +15,14 @@ import pandas as pd
 import psutil
 import pytest
 
-from experiments import EXPERIMENTS, SEPARATE, cli, load, memory, processes, summary, switch, variants
-from experiments.fit import least_squares
-from experiments.server import ServerProcess, ServerStartError
-from experiments.tables import COLUMNS, EXPERIMENT_TABLES, ColumnError, TableWriter
+
+from conclab import servers as variants
+from conclab.experiments import EXPERIMENTS, SEPARATE, memory, switch
+from conclab.experiments.harness import cli, loadproc, summary
+from conclab.servers import processes
+from conclab.experiments.harness.fit import least_squares
+from conclab.servers.launcher import ServerProcess, ServerStartError
+from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES, ColumnError, TableWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "experiments.md"
@@ -220,10 +224,10 @@ def test_knee_is_the_highest_rate_served_without_latency_blowing_up():
 # -- the load generator adapter ------------------------------------------------------------------
 
 def test_adapter_builds_the_contract_command_line(monkeypatch):
-    monkeypatch.delenv(load.LOADGEN_ENV, raising=False)
-    args = load.argv("127.0.0.1:9", "open", 50, 2.0, size=64, rate=1500.0, op="work", work=(10_000, 0),
+    monkeypatch.delenv(loadproc.LOADGEN_ENV, raising=False)
+    args = loadproc.argv("127.0.0.1:9", "open", 50, 2.0, size=64, rate=1500.0, op="work", work=(10_000, 0),
                      cpus=[1], warmup=0.25)
-    assert args[:3] == [sys.executable, "-m", "loadgen"]
+    assert args[:3] == [sys.executable, "-m", "conclab.loadgen"]
     text = " ".join(args)
     for part in ("--target 127.0.0.1:9", "--mode open", "--conns 50", "--duration 2", "--size 64", "--rate 1500",
                  "--op work", "--work 10000,0", "--cpus 1", "--warmup 0.25"):
@@ -235,31 +239,31 @@ def test_adapter_parses_and_flattens():
     result = {"requests": 10, "errors": {"timeout": 2, "reset": 1}, "duration_s": 1.0, "throughput_rps": 10.0,
               "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4, "p9999": 5, "max": 6}}
     text = "warming up\n" + json.dumps(result, indent=2) + "\n"
-    assert load.parse(text) == result
-    assert load.parse("junk\n" + json.dumps(result) + "\nmore junk") == result
-    assert load.parse("no json at all") is None
-    row = load.flatten(result)
+    assert loadproc.parse(text) == result
+    assert loadproc.parse("junk\n" + json.dumps(result) + "\nmore junk") == result
+    assert loadproc.parse("no json at all") is None
+    row = loadproc.flatten(result)
     assert row["errors"] == 3 and row["p99_us"] == 3 and row["max_us"] == 6
-    assert load.connect_errors({"hold": {"failed": 7}}, 100) == 7
-    assert load.connect_errors({"connections": {"opened": 90}}, 100) == 10
-    assert load.connect_errors({}, 100) is None
+    assert loadproc.connect_errors({"hold": {"failed": 7}}, 100) == 7
+    assert loadproc.connect_errors({"connections": {"opened": 90}}, 100) == 10
+    assert loadproc.connect_errors({}, 100) is None
 
 
 def test_adapter_runs_any_generator_with_the_contract(tmp_path, monkeypatch):
     fake = tmp_path / "fake_loadgen.py"
     fake.write_text(FAKE_LOADGEN)
-    monkeypatch.setenv(load.LOADGEN_ENV, f"{sys.executable} {fake}")
+    monkeypatch.setenv(loadproc.LOADGEN_ENV, f"{sys.executable} {fake}")
     server = ServerProcess("threads", [], None, str(tmp_path / "server"))
     try:
-        result = load.run_load(server.target, "closed", 2, 0.3, size=16, op="echo")
+        result = loadproc.run_loadgen(server.target, "closed", 2, 0.3, size=16, op="echo")
     finally:
         server.stop()
     assert result["requests"] > 0 and result["params"]["conns"] == 2
-    assert load.flatten(result)["p50_us"] == 50
+    assert loadproc.flatten(result)["p50_us"] == 50
 
 
 def test_missing_load_generator_is_one_line_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(load.LOADGEN_ENV, f"{sys.executable} -c \"raise SystemExit('no generator here')\"")
+    monkeypatch.setenv(loadproc.LOADGEN_ENV, f"{sys.executable} -c \"raise SystemExit('no generator here')\"")
     code = cli.main(["throughput", "--profile", "tiny", "--backends", "threads", "--results", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no generator here" in err
@@ -320,7 +324,7 @@ def test_interrupt_stops_everything_and_keeps_results(tmp_path):
     """SIGINT to the harness mid-run: exit 130, manifest 'interrupted', no server or generator left."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "CONCLAB_TEST_MARKER": marker}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments", "throughput,c10k", "--profile", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "conclab.experiments.harness", "throughput,c10k", "--profile", "tiny",
                              "--backends", "threads", "--results", str(tmp_path), "--run-id", "cut"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from lab import wait_until
-from servers.protocol import ERROR, PING, PONG, WORK, encode_work
+from conclab.servers.protocol import ERROR, PING, PONG, WORK, encode_work
 
 
 def close_wait(server) -> int:

@@ -7,7 +7,7 @@ import time
 import urllib.request
 
 from lab import wait_until
-from servers.protocol import ECHO, WORK, encode_work
+from conclab.servers.protocol import ECHO, WORK, encode_work
 
 SCRAPE_TIMEOUT = 5.0
 

@@ -25,14 +25,14 @@ import nbformat
 import pandas as pd
 import pytest
 
-from servers import BACKENDS
+from conclab.servers import BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 REFERENCE = ROOT / "results" / "reference"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
 # What a notebook must never import: the server backends (and the hooks they share), gevent, locust, uvloop.
-BACKEND_MODULES = sorted({spec.split(":")[0] for spec, _, _ in BACKENDS.values()} | {"servers.base"})
+BACKEND_MODULES = sorted({"conclab.servers." + b.entry.split(":")[0] for b in BACKENDS.values()} | {"conclab.servers.base"})
 FORBIDDEN_PACKAGES = ("gevent", "greenlet", "locust", "uvloop")
 CELL_TIMEOUT_S = 120
 PARALLEL = 3                       # kernels at once (2 CPUs: kernels spend much of their life waiting)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import report
-from analysis.results import load_run
-from experiments import cli, pitfalls, processes
-from experiments.tables import COLUMNS
+from conclab.analysis import report
+from conclab.analysis.results import load_run
+from conclab.experiments import pitfalls
+from conclab.experiments.harness import cli
+from conclab.servers import processes
+from conclab.experiments.harness.tables import COLUMNS
 
 RUN_ID = "pitfalls-tiny"
 BACKEND = "threadpool"          # connection dispatch: the one model where silent clients starve the rest

@@ -8,12 +8,12 @@ import tracemalloc
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from servers import protocol
-from servers.config import ServerConfig
-from servers.protocol import (ECHO, ERROR, PING, PONG, STATS, WORK, BadLength, FrameDecoder, PingTooLong,
+from conclab.servers import protocol
+from conclab.servers.config import ServerConfig
+from conclab.servers.protocol import (ECHO, ERROR, PING, PONG, STATS, WORK, BadLength, FrameDecoder, PingTooLong,
                               ProtocolError, ShortWork, UnknownOp)
-from servers.session import RawSession, open_session
-from servers.stats import Stats
+from conclab.servers.session import RawSession, open_session
+from conclab.servers.stats import Stats
 
 frames_strategy = st.lists(st.tuples(st.sampled_from([ECHO, PING, WORK, STATS]), st.binary(max_size=300)),
                            max_size=30)
@@ -177,7 +177,7 @@ def test_config_rejects_nonsense():
 
 
 def test_token_bucket_delay_spaces_requests_at_the_rate():
-    from servers.session import TokenBucket
+    from conclab.servers.session import TokenBucket
     bucket = TokenBucket(rate=10, burst=2, now=0.0)
     waits = [bucket.delay_for(0.0) for _ in range(5)]
     assert waits == pytest.approx([0, 0, 0.1, 0.1, 0.1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliability import scenarios
+from conclab.reliability import scenarios
 
 SCALE = scenarios.default_scale()
 

@@ -21,11 +21,13 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from analysis import cli, compare, derive, report
-from analysis.claims import MEMORY_TARGETS_KIB, THROUGHPUT_TARGETS, targets
-from analysis.fmt import num
-from analysis.results import load_run, read_table
-from experiments.tables import COLUMNS, EXPERIMENT_TABLES
+from conclab import cli as conclab_cli
+from conclab import demo
+from conclab.analysis import cli, compare, derive, report
+from conclab.analysis.claims import MEMORY_TARGETS_KIB, THROUGHPUT_TARGETS, targets
+from conclab.analysis.fmt import num
+from conclab.analysis.results import load_run, read_table
+from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-tiny"
 MIN_PIXEL_STD = 0.02          # a blank (one-colour) image has 0
@@ -250,7 +252,7 @@ def degraded(tmp_path_factory):
     edit_csv(run_dir, "skipped", skip)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        status = cli.main(["report", str(run_dir)])
+        status = cli.main([str(run_dir)])
     return load_run(str(run_dir)), status, printed.getvalue()
 
 
@@ -261,9 +263,9 @@ def test_cli_report_prints_the_path(degraded):
 
 
 def test_cli_report_rejects_unknown_runs(tmp_path, capsys):
-    assert cli.main(["report", "no-such-run", "--results", str(tmp_path)]) == 2
+    assert cli.main(["no-such-run", "--results", str(tmp_path)]) == 2
     assert "no-such-run" in capsys.readouterr().err
-    assert cli.main(["report", "--compare", "a", "b", "c"]) == 2
+    assert cli.main(["--compare", "a", "b", "c"]) == 2
 
 
 def test_missing_experiments_are_reported_not_fatal(degraded):
@@ -311,10 +313,8 @@ def test_compare_computes_ratios(tmp_path):
 
 # -- command line ---------------------------------------------------------------------------------
 
-def test_add_parsers_gives_report_and_demo_with_help():
-    import argparse
-    parser = argparse.ArgumentParser(prog="conclab")
-    cli.add_parsers(parser.add_subparsers(dest="command"))
+def test_the_conclab_parser_gives_report_and_demo():
+    parser = conclab_cli.build_parser()
     for command in ("report", "demo"):
         args = parser.parse_args([command])
         assert callable(args.run)
@@ -327,8 +327,8 @@ def test_demo_runs_the_harness_then_prints_the_report_path_last(tmp_path, capsys
     keep_only(run_dir, ("switch",))
     fake = tmp_path / "fake_harness.py"
     fake.write_text(f"import sys\nprint('[   0.0s] measuring...', file=sys.stderr)\nprint({str(run_dir)!r})\n")
-    monkeypatch.setattr(cli, "harness_command", lambda args: [sys.executable, str(fake)])
-    assert cli.main(["demo", "--results", str(tmp_path / "results")]) == 0
+    monkeypatch.setattr(demo, "harness_command", lambda args: [sys.executable, str(fake)])
+    assert conclab_cli.main(["demo", "--results", str(tmp_path / "results")]) == 0
     out = capsys.readouterr()
     assert out.out.strip().splitlines()[-1] == str(tmp_path / "results" / "demo-run" / "report.html")
     assert "conclab demo: 2/2" in out.err

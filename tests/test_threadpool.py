@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from lab import Server
-from servers.protocol import PING, PONG
+from conclab.servers.protocol import PING, PONG
 
 
 @pytest.fixture

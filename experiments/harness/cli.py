@@ -18,11 +18,13 @@ import sys
 import time
 import traceback
 
-from . import EXPERIMENTS, KNOWN, load, module, processes, summary
-from .harness import Run
+from conclab.servers import VARIANTS, processes, select_variants
+
+from .. import EXPERIMENTS, KNOWN, module
+from . import loadproc, summary
+from .run import Run
 from .profiles import PROFILES
 from .tables import EXPERIMENT_TABLES
-from .variants import all_variants, select
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_RESULTS = "results"
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"all ({', '.join(EXPERIMENTS)}), or one or more of {', '.join(KNOWN)} "
                              "(comma-separated; pitfalls runs only when named)")
     parser.add_argument("--backends", metavar="A,B,...",
-                        help="variants to run (default all): " + ", ".join(v.name for v in all_variants()))
+                        help="variants to run (default all): " + ", ".join(VARIANTS))
     parser.add_argument("--profile", choices=list(PROFILES), default="quick",
                         help="quick (about 5 minutes for all), full (the real sweep), tiny (seconds; tests)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -67,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description="Same as `conclab run`.")
+    parser = argparse.ArgumentParser(prog="python -m conclab.experiments.harness", description="Same as `conclab run`.")
     add_arguments(parser)
     return cmd_run(parser.parse_args(argv))
 
@@ -110,7 +112,7 @@ def choose_cpus(args) -> tuple[list[int], list[int]]:
 
 def preflight_loadgen() -> None:
     """Fail fast, in one line, if the load generator cannot even show its help."""
-    command = load.command()
+    command = loadproc.command()
     try:
         done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S,
                               check=False)
@@ -146,7 +148,7 @@ def cmd_run(args) -> int:
 def prepare(args) -> Run:
     experiments = parse_experiments(args.experiment)
     try:
-        variants = select(args.backends)
+        variants = select_variants(args.backends)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.repeat < 1:

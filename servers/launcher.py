@@ -14,8 +14,8 @@ import socket
 import sys
 import time
 
-from servers import protocol
-from servers.protocol import FrameDecoder
+from conclab.servers import protocol
+from conclab.servers.protocol import FrameDecoder
 
 from . import processes
 
@@ -33,7 +33,7 @@ class ServerProcess:
     def __init__(self, backend: str, options, cpus, log_stem: str) -> None:
         self.backend = backend
         self.cpus = list(cpus) if cpus else None
-        self.args = [sys.executable, "-m", "servers", backend, "--port", "0", *options]
+        self.args = [sys.executable, "-m", "conclab.servers", backend, "--port", "0", *options]
         self.out_path, self.err_path = log_stem + ".out", log_stem + ".err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = processes.spawn(self.args, stdout=out, stderr=err, cpus=self.cpus, die_with_parent=True)

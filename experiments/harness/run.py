@@ -16,9 +16,9 @@ import traceback
 
 import psutil
 
-from . import load, manifest
+from . import loadproc, manifest
 from .sampler import Probe, Sampler
-from .server import ServerProcess, ServerStartError, log_stem
+from conclab.servers.launcher import ServerProcess, ServerStartError, log_stem
 from .tables import COLUMNS, TableWriter
 
 RAW_DIR = "raw"
@@ -52,7 +52,7 @@ class Run:
                          "git": manifest.git_info(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "affinity": {"server_cpus": server_cpus, "loadgen_cpus": loadgen_cpus,
                                       "harness_cpus": loadgen_cpus, "available_cpus": self.all_cpus},
-                         "loadgen_command": load.command(), "variants": [v.__dict__ for v in variants],
+                         "loadgen_command": loadproc.command(), "variants": [v.__dict__ for v in variants],
                          "experiments": experiments, "skipped": [], "tables": {}}
         self.save_manifest()
 
@@ -114,7 +114,7 @@ class Run:
                 except ServerStartError as exc:
                     self.skip(experiment, variant, f"server did not start: {exc}")
                     break
-                except (load.LoadgenError, OSError, RuntimeError, psutil.Error) as exc:
+                except (loadproc.LoadgenError, OSError, RuntimeError, psutil.Error) as exc:
                     detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
                     self.skip(experiment, variant, f"failed: {detail}", point=f"repeat={repeat}")
 
@@ -173,12 +173,12 @@ class Run:
         sampler.reset_peaks()
         requests_before = self._server_requests(server)
         before = sampler.probe.counters()
-        result = load.run_load(server.target, mode, conns, self.profile.point_s, **self.load_options(), **options)
+        result = loadproc.run_loadgen(server.target, mode, conns, self.profile.point_s, **self.load_options(), **options)
         after = sampler.probe.counters()
         requests_after = self._server_requests(server)
         sampler.sample()
         self.flush_samples(server)
-        row = load.flatten(result)
+        row = loadproc.flatten(result)
         requests = (requests_after - requests_before) if None not in (requests_before, requests_after) else None
         row.update(server_deltas(before, after, requests, row.get("requests"), sampler.peaks))
         if not server.alive():

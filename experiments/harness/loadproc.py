@@ -1,13 +1,13 @@
 """The adapter to the load generator: the only code that knows its command line.
 
-The harness never imports loadgen; it runs ``python -m loadgen ... --json`` as a
-subprocess (DESIGN.md section 5) and parses the one JSON object it prints, so
-it keeps working whatever the generator's internals. ``run_load`` is the whole
-contract; ``start_load`` is the same run in the background (hold N connections
+The harness never imports loadgen; it runs ``python -m conclab.loadgen ... --json``
+as a subprocess (docs/protocol.md, "The command line") and parses the one JSON
+object it prints, so it keeps working whatever the generator's internals.
+``run_loadgen`` is the whole contract; ``start_loadgen`` is the same run in the background (hold N connections
 while something else is measured) and ``flatten`` maps the JSON onto the
 tables' LOAD columns.
 
-``CONCLAB_LOADGEN`` (a command line, shell-split) replaces ``python -m loadgen``:
+``CONCLAB_LOADGEN`` (a command line, shell-split) replaces ``python -m conclab.loadgen``:
 the tests point it at a stand-in; anyone can point it at another generator
 that honours the same options and JSON.
 """
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from . import processes
+from conclab.servers import processes
 
 LOADGEN_ENV = "CONCLAB_LOADGEN"
 EXIT_SLACK_S = 30.0         # past duration + warm-up, how long before a run counts as hung
@@ -40,7 +40,7 @@ class LoadgenError(Exception):
 def command() -> list[str]:
     """How to start the load generator: $CONCLAB_LOADGEN or ``python -m loadgen``."""
     custom = os.environ.get(LOADGEN_ENV)
-    return shlex.split(custom) if custom else [sys.executable, "-m", "loadgen"]
+    return shlex.split(custom) if custom else [sys.executable, "-m", "conclab.loadgen"]
 
 
 def argv(target: str, mode: str, conns: int, duration: float, *, size: int | None = None,
@@ -129,8 +129,8 @@ def parse(text: str) -> dict | None:
     return None
 
 
-def start_load(target: str, mode: str, conns: int, duration: float, *, cpus=None, warmup=None,
-               extra_s: float = 0.0, **options) -> LoadRun:
+def start_loadgen(target: str, mode: str, conns: int, duration: float, *, cpus=None, warmup=None,
+                  extra_s: float = 0.0, **options) -> LoadRun:
     """Start one run in the background; ``.wait()`` or ``.stop()`` it (``.close()`` always).
 
     ``extra_s``: time the run may take besides duration and warm-up (a hold's ramp).
@@ -139,9 +139,9 @@ def start_load(target: str, mode: str, conns: int, duration: float, *, cpus=None
     return LoadRun(args, duration + (warmup or 0) + extra_s + EXIT_SLACK_S, cpus)
 
 
-def run_load(target: str, mode: str, conns: int, duration: float, **options) -> dict:
-    """Run the load generator once, to its end, and return its JSON object (DESIGN.md section 5)."""
-    run = start_load(target, mode, conns, duration, **options)
+def run_loadgen(target: str, mode: str, conns: int, duration: float, **options) -> dict:
+    """Run the load generator once, to its end, and return its JSON object."""
+    run = start_loadgen(target, mode, conns, duration, **options)
     try:
         return run.wait()
     finally:
