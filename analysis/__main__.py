@@ -1,4 +1,4 @@
-"""``python -m analysis report|demo ...``: the same as ``conclab report`` and ``conclab demo``."""
+"""``python -m conclab.analysis [RUN ...] [options]``: the same as ``conclab report``."""
 import sys
 
 from .cli import main

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+from conclab.experiments import registry
+
 from . import derive, style
 from .fmt import num
 
@@ -84,7 +86,7 @@ def draw_memory_per_conn(slopes: pd.DataFrame, finding):
 
 def draw_thread_vms(points: pd.DataFrame, slopes: pd.DataFrame, finding):
     """Left: the thread-per-connection server's VMS and RSS as it holds more connections (linear, GiB).
-    Right: per-connection cost on a log scale, with the seed's 1 MB and 2 KB figures drawn as lines."""
+    Right: per-connection cost on a log scale, with the article's 1 MB and 2 KB figures drawn as lines."""
     fig, axes = style.figure(ncols=2)
     left, right = axes[0]
     rows = points[points.variant == derive.THREAD_VARIANT].sort_values("n_conns")
@@ -342,27 +344,20 @@ def _value_axis(ax, values: pd.Series) -> None:
 
 # -- pitfalls -------------------------------------------------------------------------------------
 
-# pitfall -> (pitfalls.csv column, axis label, scale): the measure each row of the seed's table is about
-PITFALL_METRICS = {
-    "leak": ("close_wait", "server sockets in CLOSE_WAIT", 1.0),
-    "no-deadline": ("starved", "fresh clients starved (cumulative)", 1.0),
-    "unbounded": ("rss_kib", "server RSS (MiB)", 1 / 1024),
-    "hard-kill": ("replies_lost", "replies lost (cumulative)", 1.0),
-}
-
-
 def draw_pitfalls(series: pd.DataFrame, finding):
-    """One panel per pitfall: its measure over time, a line per variant, solid broken (--fault), dashed fixed."""
+    """One panel per pitfall (the registry's, in the article's order): its series over time, a line per
+    variant, solid broken (--fault), dashed fixed."""
     fig, axes = style.figure(ncols=2, nrows=2)
-    for ax, (pitfall, (column, label, scale)) in zip(axes.flat, PITFALL_METRICS.items()):
-        rows = series[series.pitfall == pitfall]
+    for ax, pitfall in zip(axes.flat, registry.pitfalls()):
+        rows = series[series.pitfall == pitfall.name]
         for (variant, fixed), line in rows.groupby(["variant", "fixed"], sort=False):
-            line = line.dropna(subset=[column]).sort_values("t_s")
-            ax.plot(line.t_s, line[column] * scale, "--" if fixed else "-", color=style.color(variant),
-                    lw=LINE_WIDTH if not fixed else 1.8, label=variant if not fixed else None)
-        ax.set_title(f"{pitfall}: {PITFALL_LABELS.get(pitfall, '')}", fontsize=13)
+            line = line.dropna(subset=[pitfall.series]).sort_values("t_s")
+            ax.plot(line.t_s, line[pitfall.series] * pitfall.scale, "--" if fixed else "-",
+                    color=style.color(variant), lw=LINE_WIDTH if not fixed else 1.8,
+                    label=variant if not fixed else None)
+        ax.set_title(f"{pitfall.name}: {pitfall.label}", fontsize=13)
         ax.set_xlabel("time since the clients started (s)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(pitfall.axis)
         ax.set_ylim(bottom=0)
     ax = axes.flat[0]
     ax.plot([], [], "-", color=style.NEUTRAL, label="broken (--fault)")
@@ -370,7 +365,3 @@ def draw_pitfalls(series: pd.DataFrame, finding):
     _legend(ax, loc="upper left", fontsize=10, ncols=2)
     style.title(fig, finding.title)
     return fig
-
-
-PITFALL_LABELS = {"leak": "conn not closed", "no-deadline": "no read timeout",        # the fonts have no CJK glyphs:
-                  "unbounded": "unbounded concurrency", "hard-kill": "no graceful shutdown"}   # Chinese is on the page

@@ -1,10 +1,10 @@
-"""The seed article's claims against this run's numbers, and the performance targets, met or missed.
+"""The article's claims against this run's numbers, and the performance targets, met or missed.
 
-``claims(run)`` returns one row per statement of the seed article
-(/work/shared/seeds: goroutine ~2 KB vs thread ~1 MB; a thread switch costs
+``claims(run)`` returns one row per statement of the article the lab answers
+(docs/article.md: goroutine ~2 KB vs thread ~1 MB; a thread switch costs
 more than a coroutine switch; a pool caps concurrency; epoll/netpoll enables
 C10K) with what was measured and a verdict decided from the numbers.
-``targets(run)`` checks targets.csv against the experiments issue's goals.
+``targets(run)`` checks targets.csv against the lab's performance targets.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 from . import derive, findings
 from .fmt import num
 
-# The seed's figures.
+# The article's figures (docs/article.md).
 GOROUTINE_STACK_KIB = 2
 THREAD_STACK_KIB = 1024
 CLAIM_FACTOR = 4                 # a measurement within this factor of the claimed figure "agrees"
@@ -25,7 +25,7 @@ C10K = 10_000
 COROUTINE_BENCHES = ("goroutine", "greenlet", "generator", "asyncio", "uvloop")
 EVENT_VARIANTS = ("epoll", "go", "asyncio", "uvloop", "gevent")     # built on epoll (or netpoll, libuv, libev)
 
-# The experiments issue's targets: variant -> threshold.
+# The lab's performance targets: variant -> threshold.
 THROUGHPUT_TARGETS = {"uvloop": 1.0, "epoll": 0.9, "threads": 0.6, "threadpool": 0.6, "gevent": 0.55,
                       "asyncio": 0.3}
 MEMORY_TARGETS_KIB = {"epoll": 1.0, "uvloop": 2.5, "asyncio": 4.0, "gevent": 12.0, "go": 12.0, "threads": 32.0}

@@ -16,7 +16,8 @@ from .results import DEFAULT_RESULTS, LATEST, RunNotFound, load_run
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-DESCRIPTION = ("Write RUN/report.html: a summary, warnings, the machine, the seed article's claims vs the "
+DESCRIPTION = ("Write RUN/report.html: a summary, warnings, the machine, the claims of the article "
+               "the lab answers (docs/article.md) vs the "
                "numbers, the performance targets, and per experiment its charts (RUN/charts/*.png and .svg), "
                "a finding computed from the data under each, and a table. Prints each page's path.")
 EPILOG = ("examples:\n  conclab report                          # the latest run under results/\n"

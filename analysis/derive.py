@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 
+from conclab.experiments.harness import summary
+
 from .style import order
 
 DEFAULT_REFERENCE_CONNS = 50     # docs/experiments.md: the targets' point
-KEEPUP = 0.95                    # served at least this fraction of the offered rate = kept up (summary.py's)
-KNEE_P99_FACTOR = 10            # latency has bent once p99 exceeds this many times its value at the lightest load
+KEEPUP = summary.KNEE_KEEPUP     # served at least this fraction of the offered rate = kept up
+KNEE_P99_FACTOR = summary.KNEE_P99_FACTOR   # latency has bent once p99 exceeds this x its lightest-load value
 SPECTRUM_FRACTION = 0.9          # the latency spectrum is drawn at this fraction of capacity (nearest measured)
 PERCENTILES = {"p50_us": 50.0, "p90_us": 90.0, "p99_us": 99.0, "p999_us": 99.9, "p9999_us": 99.99}
 THREAD_VARIANT = "threads"       # the thread-per-connection model ("1 MB per thread")
@@ -86,35 +88,15 @@ def latency(run) -> pd.DataFrame:
 
 
 def knees(run) -> pd.DataFrame:
-    """Per variant: where latency under load bends, from two signs, whichever comes first.
+    """Per variant: where latency under load bends (served_knee, p99_knee, top_rps, knee, where).
 
-    ``served_knee``: summary.csv's knee_rps, the highest offered rate served within 95% and without
-    errors (empty: none was). ``p99_knee``: the highest offered rate before p99 first exceeds
-    KNEE_P99_FACTOR x its value at the lightest load (an open-loop generator can answer everything
-    late, so the served rate alone can miss a knee). ``knee``: the lower of the two inside the range
-    tested; ``where``: "in range", "beyond" (no knee up to the highest rate) or "below" (none served).
+    The definition is harness.summary.knee, the one place the knee is computed; this applies it to each
+    variant's rows of latency.csv.
     """
-    lat = latency(run)
-    rows = run.summary("latency", "knee_rps", "knee")
-    served = rows.set_index("variant")["median"] if not rows.empty else pd.Series(dtype=float)
-    out = []
-    for variant, group in lat.groupby("variant", sort=False):
-        group = group.sort_values("offered_rps")
-        top, served_knee, p99_knee = group.offered_rps.max(), served.get(variant), _p99_knee(group)
-        inside = [k for k in (served_knee, p99_knee) if k is not None and pd.notna(k) and k < top]
-        where = "below" if served_knee is None or pd.isna(served_knee) else "in range" if inside else "beyond"
-        out.append({"variant": variant, "served_knee": served_knee, "p99_knee": p99_knee, "top_rps": top,
-                    "knee": min(inside) if inside and where == "in range" else None, "where": where})
-    return pd.DataFrame(out, columns=["variant", "served_knee", "p99_knee", "top_rps", "knee", "where"])
-
-
-def _p99_knee(group: pd.DataFrame):
-    base = group.p99_us.iloc[0]
-    over = group.index[group.p99_us > KNEE_P99_FACTOR * base]
-    if pd.isna(base) or len(over) == 0:
-        return None
-    position = group.index.get_loc(over[0])
-    return group.offered_rps.iloc[position - 1] if position > 0 else None
+    rows = run.tables["latency"]
+    out = [{"variant": variant, **summary.knee(rows[rows.variant == variant].to_dict("records"))}
+           for variant in order(rows.variant.dropna().unique())]
+    return pd.DataFrame(out, columns=["variant", *summary.KNEE_FIELDS])
 
 
 def spectrum(run) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from conclab.experiments import registry
+
 from . import derive
 from .fmt import Builder, Finding, nothing
 
@@ -279,19 +281,6 @@ def c10k(c: pd.DataFrame) -> Finding:
 
 # -- pitfalls -------------------------------------------------------------------------------------
 
-# The seed's risk table, row by row: (风险点 risk, 后果 consequence, 解决方案 remedy), Chinese and English.
-PITFALL_ROWS = {
-    "leak": ("未关闭conn", "conn not closed", "文件描述符泄漏", "file descriptor leak",
-             "defer conn.Close()", "close every connection, whatever path the handler leaves by"),
-    "no-deadline": ("无读超时机制", "no read timeout", "恶意客户端占连接", "malicious clients hold connections",
-                    "conn.SetReadDeadline()", "a read deadline: --idle-timeout"),
-    "unbounded": ("不限并发数", "unbounded concurrency", "内存/CPU过载", "memory/CPU overload",
-                  "使用带缓冲的channel做限流", "a buffered channel as a limiter: --max-conns"),
-    "hard-kill": ("优雅关闭", "graceful shutdown: the seed's advice list, not its table", "", "replies in flight lost",
-                  "sync.WaitGroup", "wait for the handlers before exiting: drain on SIGTERM"),
-}
-
-
 def pitfalls(summary: pd.DataFrame) -> Finding:
     """What each fault did against its fix, from pitfalls_summary.csv (one row per variant x pitfall x fixed)."""
     if summary.empty:
@@ -333,6 +322,6 @@ def pitfalls(summary: pd.DataFrame) -> Finding:
         b.add("hard-kill: SIGTERM lost {blost} replies in flight (total) without the drain, {flost} with it.",
               prefix="hardkill.", blost=broken.replies_lost.sum(), flost=fixed.replies_lost.sum())
         worse += ["hard-kill"] if broken.replies_lost.sum() > fixed.replies_lost.sum() else []
-    measured = sorted(set(summary.pitfall), key=list(PITFALL_ROWS).index)
+    measured = sorted(set(summary.pitfall), key=[p.name for p in registry.pitfalls()].index)
     return b.finding("{k} of {n} pitfalls measured worse broken than fixed ({which})", k=len(worse),
                      n=len(measured), which=", ".join(worse) or "none")

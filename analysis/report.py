@@ -2,11 +2,12 @@
 
 The page, top to bottom: a short summary (the charts' findings and the
 verdicts), warnings (saturated load generator, skipped backends, a noisy
-machine, an unfinished run), the machine, the seed's claims against the
-numbers, the performance targets, then one section per experiment: charts
-(PNG beside the page in charts/, SVG linked), the sentence each chart
-supports, and a table of the medians. An experiment the run lacks gets a
-section that says so. Everything on the page is computed from the run's files.
+machine, an unfinished run), the machine, the claims of the article the lab
+answers (docs/article.md) against the numbers, the performance targets, then
+one section per experiment: charts (PNG beside the page in charts/, SVG
+linked), the sentence each chart supports, and a table of the medians. An
+experiment the run lacks gets a section that says so. Everything on the page
+is computed from the run's files.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from conclab.experiments import registry
+from conclab.experiments.harness.tables import COLUMNS
+
 from . import charts, claims, derive, findings, html, style, tables
 from .fmt import Finding, num
 from .results import Run
@@ -24,21 +28,6 @@ REPORT_FILE = "report.html"
 CHART_DIR = "charts"
 SIZE_LIMIT_BYTES = 1_000_000       # a file of the run directory (raw/ aside) above this gets a warning
 RAW_DIR = "raw"
-SUMMARY_CHARTS = ("throughput", "memory_per_conn", "latency_load", "io_bound", "switch", "c10k")
-ABOUT = {
-    "memory": "A fresh server per point holds N idle connections; RSS, USS and VMS are read once it settles.",
-    "throughput": "Closed loop: each connection sends a {size} B ECHO and waits for the reply, concurrency swept.",
-    "latency": "Open loop: requests are sent on schedule at fractions of each backend's capacity; latency is "
-               "measured from the scheduled send, so queueing counts.",
-    "io_bound": "Each request waits (a simulated downstream call) before it is answered, concurrency swept.",
-    "cpu_bound": "Each request computes in a busy loop that holds the GIL.",
-    "switch": "Microbenchmarks of one hand-off between two execution contexts, and what each server spent "
-              "per request at the reference point.",
-    "c10k": "Each server holds many idle connections while a small closed loop measures latency.",
-    "pitfalls": "Each row of the seed article's risk table, run twice per backend under the same scripted "
-                "clients: broken (--fault X: the safeguard off) and fixed, sampled over time. Not part of "
-                "`conclab run all`: run `conclab run pitfalls`.",
-}
 
 
 @dataclass
@@ -118,21 +107,12 @@ def _pitfalls(run):
     return f, (lambda: charts.draw_pitfalls(series, f)) if not series.empty else None
 
 
-CHARTS = (
-    ChartSpec("memory_rss", "memory", _memory_rss),
-    ChartSpec("memory_per_conn", "memory", _memory_per_conn),
-    ChartSpec("memory_thread_vms", "memory", _thread_vms),
-    ChartSpec("throughput", "throughput", _throughput),
-    ChartSpec("latency_spectrum", "latency", _spectrum),
-    ChartSpec("latency_load", "latency", _latency_load),
-    ChartSpec("io_bound", "io_bound", _plain("io_bound")),
-    ChartSpec("cpu_bound", "cpu_bound", _plain("cpu_bound")),
-    ChartSpec("switch", "switch", _switch),
-    ChartSpec("per_request", "switch", _plain("per_request")),
-    ChartSpec("c10k", "c10k", _plain("c10k")),
-    ChartSpec("pitfalls", "pitfalls", _pitfalls),
-)
-SECTION_ORDER = ("memory", "throughput", "latency", "io_bound", "cpu_bound", "switch", "c10k", "pitfalls")
+# How the charts that are not _plain are made; which charts there are, their order and experiment: the registry.
+MAKERS = {"memory_rss": _memory_rss, "memory_per_conn": _memory_per_conn, "memory_thread_vms": _thread_vms,
+          "throughput": _throughput, "latency_spectrum": _spectrum, "latency_load": _latency_load,
+          "switch": _switch, "pitfalls": _pitfalls}
+CHARTS = tuple(ChartSpec(name, e.name, MAKERS.get(name) or _plain(name)) for e in registry.EXPERIMENTS
+               for name in e.charts)
 
 
 def draw_charts(run: Run, out_dir: str) -> list:
@@ -151,11 +131,6 @@ def draw_charts(run: Run, out_dir: str) -> list:
 
 # -- warnings and metadata ------------------------------------------------------------------------
 
-LOAD_TABLES = ("throughput", "latency", "io_bound", "cpu_bound", "c10k")
-POINT_COLUMNS = {"throughput": "conns", "latency": "rate_fraction", "io_bound": "conns", "cpu_bound": "conns",
-                 "c10k": "hold_target"}
-
-
 def warnings(run: Run) -> list:
     out = []
     status = run.manifest.get("status")
@@ -164,14 +139,13 @@ def warnings(run: Run) -> list:
     for row in run.skipped.itertuples():
         where = f" ({row.point})" if isinstance(row.point, str) and row.point else ""
         out.append(f"{row.experiment}: {row.variant or '-'}{where} skipped: {row.reason}")
-    for table in LOAD_TABLES:
-        t = run.tables[table]
+    for table in (t for e in registry.EXPERIMENTS for t in e.tables if "loadgen_saturated" in COLUMNS[t.name]):
+        t, point = run.tables[table.name], table.point
         sat = t[t.loadgen_saturated.fillna(0) > 0] if not t.empty else t
         if not sat.empty:
-            points = sorted({f"{r.variant}@{POINT_COLUMNS[table]}={num(getattr(r, POINT_COLUMNS[table]))}"
-                             for r in sat.itertuples()})
-            out.append(f"{table}: the load generator was saturated at {len(points)} point(s) ({', '.join(points)}); "
-                       "there it measured itself, not the server.")
+            points = sorted({f"{r.variant}@{point}={num(getattr(r, point))}" for r in sat.itertuples()})
+            out.append(f"{table.name}: the load generator was saturated at {len(points)} point(s) "
+                       f"({', '.join(points)}); there it measured itself, not the server.")
     host = run.manifest.get("host") or {}
     load, cpus = (host.get("loadavg_at_start") or [None])[0], host.get("cpu_count")
     if load is not None and cpus and load > cpus:
@@ -219,10 +193,11 @@ def big_files(path: str) -> list:
 
 def summary(run: Run, results: list, claim_rows: list, target_rows: pd.DataFrame) -> list:
     by_name = {r.name: r for r in results}
-    items = [by_name[n].finding.title + "." for n in SUMMARY_CHARTS if n in by_name and by_name[n].files]
+    headlines = [n for e in registry.EXPERIMENTS for n in e.findings]
+    items = [by_name[n].finding.title + "." for n in headlines if n in by_name and by_name[n].files]
     holds = sum(c.verdict.startswith(("holds", "agrees")) for c in claim_rows)
     measured = [c for c in claim_rows if c.verdict != "not measured"]
-    items.append(f"The seed article's claims: {holds} of {len(measured)} measured agree with this run "
+    items.append(f"The article's claims: {holds} of {len(measured)} measured agree with this run "
                  "(details below).")
     counted = target_rows[target_rows.status != "not measured"]
     items.append(f"Performance targets: {int((counted.status == 'met').sum())} met, "
@@ -232,7 +207,7 @@ def summary(run: Run, results: list, claim_rows: list, target_rows: pd.DataFrame
 
 
 def section(run: Run, experiment: str, results: list) -> str:
-    about = ABOUT.get(experiment, "").format(size=num(run.profile.get("size")))
+    about = registry.get(experiment).about(size=num(run.profile.get("size")))
     parts = [f'<h2 id="{experiment}">{html.esc(experiment)}</h2>', f"<p>{html.esc(about)}</p>"]
     if not run.has(experiment):
         why = ("was requested but produced no rows (see the warnings)" if run.requested(experiment)
@@ -244,8 +219,8 @@ def section(run: Run, experiment: str, results: list) -> str:
         if result.files:
             parts.append(html.figure(result.files["png"], result.files["svg"], result.finding.title))
         parts.append(f'<p class="finding">{html.esc(result.finding.text)}</p>')
-    if experiment == "pitfalls":
-        parts.append("<h3>The seed's risk table, measured</h3>" + html.table(pitfall_table(run)))
+    if registry.get(experiment).pitfalls:
+        parts.append("<h3>The article's risk table, measured</h3>" + html.table(pitfall_table(run)))
     for caption, frame in tables.experiment_tables(run, experiment):
         if not frame.empty:
             parts.append(f"<h3>{html.esc(caption)}</h3>" + html.table(frame, swatch=style.color))
@@ -253,21 +228,20 @@ def section(run: Run, experiment: str, results: list) -> str:
 
 
 def pitfall_table(run: Run) -> pd.DataFrame:
-    """One row per pitfall: the seed's row (Chinese, with English) and what broken vs fixed measured."""
+    """One row per pitfall: the article's row (Chinese, with English) and what broken vs fixed measured."""
     s = run.tables["pitfalls_summary"]
     rows = []
-    for pitfall, (risk_zh, risk, cons_zh, cons, remedy_zh, remedy) in findings.PITFALL_ROWS.items():
-        cases = s[s.pitfall == pitfall]
+    for pitfall in registry.pitfalls():
+        cases = s[s.pitfall == pitfall.name]
         if cases.empty:
             continue
         broken, fixed = cases[cases.fixed == 0], cases[cases.fixed == 1]
-        column = charts.PITFALL_METRICS[pitfall][0]
-        measure = {"close_wait": "close_wait_end", "rss_kib": "rss_kib_peak"}.get(column, column)
-        rows.append({"pitfall": pitfall, "risk (风险点)": f"{risk_zh} ({risk})",
-                     "consequence (后果)": f"{cons_zh} ({cons})" if cons_zh else cons, "remedy (解决方案)": f"{remedy_zh} ({remedy})",
-                     "measure": measure, "broken": _by_variant(broken, measure),
-                     "fixed": _by_variant(fixed, measure),
-                     "also": _also(pitfall, broken, fixed)})
+        (risk_zh, risk), (cons_zh, cons), (remedy_zh, remedy) = pitfall.risk, pitfall.consequence, pitfall.remedy
+        rows.append({"pitfall": pitfall.name, "risk (风险点)": f"{risk_zh} ({risk})",
+                     "consequence (后果)": f"{cons_zh} ({cons})" if cons_zh else cons,
+                     "remedy (解决方案)": f"{remedy_zh} ({remedy})", "measure": pitfall.measure,
+                     "broken": _by_variant(broken, pitfall.measure), "fixed": _by_variant(fixed, pitfall.measure),
+                     "also": _also(pitfall, {"broken": broken, "fixed": fixed})})
     return pd.DataFrame(rows)
 
 
@@ -277,37 +251,42 @@ def _by_variant(frame: pd.DataFrame, column: str) -> str:
     return ", ".join(f"{r.variant} {num(getattr(r, column) * scale)}{unit}" for r in frame.itertuples())
 
 
-def _also(pitfall: str, broken: pd.DataFrame, fixed: pd.DataFrame) -> str:
-    if pitfall == "leak":
-        return f"fds +{num((broken.fds_end - broken.fds_start).max())} broken, " \
-               f"+{num((fixed.fds_end - fixed.fds_start).max())} fixed"
-    if pitfall == "no-deadline":
-        return f"served {num(broken.served.sum())} broken, {num(fixed.served.sum())} fixed"
-    if pitfall == "unbounded":
-        return f"threads peak {num(broken.threads_peak.max())} broken, {num(fixed.threads_peak.max())} fixed; " \
-               f"rejected {num(fixed.rejected.sum())} fixed"
-    return ("exit " + ", ".join(f"{r.variant} {num(r.exit_status)}" for r in broken.itertuples()) + " broken; "
-            + ", ".join(f"{r.variant} {num(r.exit_status)}" for r in fixed.itertuples()) + " fixed")
+def _also(pitfall, sides: dict) -> str:
+    """The pitfall's registry Facts in words: "fds +3 broken, +0 fixed; ..."."""
+    parts = []
+    for fact in pitfall.also:
+        values = [f"{_fact_value(fact, sides[side])} {side}" for side in fact.sides]
+        parts.append(f"{fact.label} " + ("; " if fact.agg == "each" else ", ").join(values))
+    return "; ".join(parts)
+
+
+def _fact_value(fact, frame: pd.DataFrame) -> str:
+    if fact.agg == "each":
+        return ", ".join(f"{r.variant} {num(getattr(r, fact.column))}" for r in frame.itertuples())
+    first, _, minus = fact.column.partition("-")
+    values = frame[first] - frame[minus] if minus else frame[first]
+    return fact.sign + num(getattr(values, fact.agg)())
 
 
 def render(run: Run, results: list, out_dir: str) -> str:
     claim_rows, target_rows = claims.claims(run), claims.targets(run)
     body = ["<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
             f'<p class="small">Run {html.esc(run.id)} · computed from {html.esc(run.path)} · sections: '
-            + " · ".join(f'<a href="#{e}">{e}</a>' for e in ("warnings", "claims", "targets", *SECTION_ORDER))
+            + " · ".join(f'<a href="#{e}">{e}</a>' for e in ("warnings", "claims", "targets", *registry.names()))
             + "</p>",
             "<h2>Summary</h2>", html.bullets(summary(run, results, claim_rows, target_rows), "summary"),
             '<h2 id="warnings">Warnings</h2>', html.bullets(warnings(run) or ["None."], "warnings"),
             "<h2>Machine</h2>", html.table(machine(run)),
             '<h2 id="claims">Claims vs measured</h2>',
-            "<p>The statements of the seed article (a Go interview write-up) against this run's numbers.</p>",
+            ("<p>The statements of the article the lab answers (docs/article.md: a Go interview write-up) "
+             "against this run's numbers.</p>"),
             html.table(pd.DataFrame([c.__dict__ for c in claim_rows])),
             '<h2 id="targets">Targets</h2>',
             (f"<p>Throughput ratio to go at the reference point (closed loop, {derive.reference_conns(run)} "
             f"connections, {num(run.profile.get('size'))} B ECHO) and RSS per idle connection, against the "
-            "experiments issue's goals.</p>"),
+            "lab's performance targets.</p>"),
             html.table(target_rows, status_column="status", swatch=style.color)]
-    body += [section(run, e, results) for e in SECTION_ORDER]
+    body += [section(run, e, results) for e in registry.names()]
     body.append(files_section(run, out_dir))
     return html.page(f"conclab report {run.id}", "\n".join(body))
 

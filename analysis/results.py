@@ -5,7 +5,7 @@
     run.tables["throughput"].groupby(["variant", "conns"]).throughput_rps.median()
     run.has("c10k"), run.skipped, run.manifest["host"]["cpu_model"]
 
-Every table of docs/experiments.md (``experiments.tables.COLUMNS``) is in
+Every table of docs/experiments.md (``experiments.harness.tables.COLUMNS``) is in
 ``run.tables``; a table the run did not write is an empty frame with the right
 columns, so code never needs to ask whether a file exists, only whether it
 has rows (``run.has``). Text columns (variant, CPU lists, notes) stay text.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from conclab.experiments import EXPERIMENTS
-from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES
+from conclab.experiments import registry
+from conclab.experiments.harness.tables import COLUMNS
 
 from .style import order
 
@@ -60,7 +60,8 @@ class Run:
 
     def has(self, experiment: str) -> bool:
         """Whether the experiment's main table has at least one row."""
-        return not self.tables[EXPERIMENT_TABLES.get(experiment, (experiment,))[0]].empty
+        main = registry.get(experiment).tables[0].name if experiment in registry.BY_NAME else experiment
+        return not self.tables[main].empty
 
     def variants(self, table: str | None = None) -> list:
         """Variant names: those the run measured (manifest), or those in one table; in the lab's order."""
@@ -129,7 +130,7 @@ def _dtype(column: str) -> str:
 
 def _is_run(path: str) -> bool:
     return os.path.exists(os.path.join(path, MANIFEST)) or any(
-        os.path.exists(os.path.join(path, f"{name}.csv")) for name in EXPERIMENTS)
+        os.path.exists(os.path.join(path, f"{name}.csv")) for name in registry.names(in_all=True))
 
 
 def _read_manifest(path: str) -> dict:

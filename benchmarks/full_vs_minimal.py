@@ -3,8 +3,8 @@
     python benchmarks/full_vs_minimal.py                 # 5 rounds x 5 s per server
     python benchmarks/full_vs_minimal.py --quick         # 3 rounds x 2 s
 
-Issue 5's throughput targets are ratios to the ``go`` backend, set from what
-minimal servers of each model reach. This measures both sides in the same
+The lab's throughput targets are ratios to the ``go`` backend, set from what
+minimal servers of each model reach (docs/performance.md). This measures both sides in the same
 round: ``go``, then for each model a minimal server (benchmarks/minimal/: a
 framed ECHO loop and nothing else, no deadlines, caps, counters or drain) and
 the lab's full backend. Server on CPU 0, one load-generator process on CPU 1,
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from loadgen_ceiling import LOADGEN_CPU, SERVER_CPU, PinnedServer, available, one_run  # noqa: E402
+from loadgen_ceiling import LOADGEN_CPU, SERVER_CPU, available, one_run, start_server  # noqa: E402
 
 MINIMAL = REPO / "benchmarks" / "minimal"
 MODELS = (                                  # (full backend, the minimal server of its model, or None)
@@ -56,11 +56,8 @@ def servers(models) -> list[tuple[str, str, list | None]]:
 
 def measure(entry, args) -> dict:
     label, backend, command = entry
-    server = PinnedServer(backend, SERVER_CPU, command)
-    try:
+    with start_server(backend, command) as server:
         return one_run(server, args)
-    finally:
-        server.close()
 
 
 def summarize(rounds: list[dict], labels: list[str]) -> list[dict]:

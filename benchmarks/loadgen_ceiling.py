@@ -1,6 +1,6 @@
 """How fast is the load generator itself? (a benchmark, not a test)
 
-    python benchmarks/loadgen_ceiling.py                  # go server, 3 x 10 s, the issue's setup
+    python benchmarks/loadgen_ceiling.py                  # go server, 3 x 10 s, the reference setup
     python benchmarks/loadgen_ceiling.py --quick          # 3 x 3 s
     python benchmarks/loadgen_ceiling.py --python-backends --duration 3
 
@@ -23,58 +23,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from conclab.loadgen import LoadParams, run_load  # noqa: E402
 from conclab.servers import BACKENDS, unavailable_reason  # noqa: E402
+from conclab.servers.launcher import ServerProcess, ServerStartError  # noqa: E402
 
 SERVER_CPU, LOADGEN_CPU = 0, 1
 CEILING_BACKENDS = ("go", "epoll", "threads")       # first available is the ceiling server
 PYTHON_BACKENDS = ("threads", "threadpool", "asyncio", "uvloop", "gevent", "epoll")
 TARGET_RPS = 120_000
-START_TIMEOUT_S = 120.0
 
 
-class PinnedServer:
-    """``python -m servers BACKEND`` (or any ``cmd`` that prints the ready line) pinned to one CPU; its CPU time is read with psutil."""
-
-    def __init__(self, backend: str, cpu: int, cmd: list | None = None) -> None:
-        cmd = cmd or [sys.executable, "-m", "conclab.servers", backend, "--port", "0", "--max-conns", "20000"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            line = self.proc.stdout.readline() if sel.select(START_TIMEOUT_S) else ""
-        if not line.startswith("listening on "):
-            self.proc.kill()
-            raise SystemExit(f"{backend} did not start: {line!r}")
-        self.target = line.split()[-1]
-        self.ps = psutil.Process(self.proc.pid)
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def start_server(backend: str, cmd: list | None = None) -> ServerProcess:
+    """``python -m conclab.servers BACKEND`` (or any ``cmd`` that prints the ready line) pinned to SERVER_CPU."""
+    try:
+        if cmd:
+            return ServerProcess.command(cmd, name=backend, cpus=[SERVER_CPU])
+        return ServerProcess(backend, ["--max-conns", "20000"], cpus=[SERVER_CPU])
+    except ServerStartError as exc:
+        raise SystemExit(f"{backend} did not start: {exc}") from None
 
 
-def one_run(server: PinnedServer, args) -> dict:
+def one_run(server: ServerProcess, args) -> dict:
     params = LoadParams(target=server.target, mode="closed", conns=args.conns, size=64, op="echo",
                         duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
     cpu0, wall0 = server.cpu_seconds(), time.monotonic()
@@ -93,11 +70,8 @@ def one_run(server: PinnedServer, args) -> dict:
 
 
 def series(backend: str, args, repeats: int) -> dict:
-    server = PinnedServer(backend, SERVER_CPU)
-    try:
+    with start_server(backend) as server:
         runs = [one_run(server, args) for _ in range(repeats)]
-    finally:
-        server.close()
     rps = [r["throughput_rps"] for r in runs]
     loadgen_us = statistics.median(r["loadgen_cpu_us_per_request"] for r in runs)
     server_us = statistics.median(r["server_cpu_us_per_request"] for r in runs)

@@ -4,16 +4,17 @@ The generator sends on a schedule whatever the replies do (latency counted
 from the scheduled send, so a stalled server is not flattered: no coordinated
 omission). Rates are fractions of the variant's capacity: its closed-loop
 throughput at the same concurrency (50) in this run's throughput experiment
-(the median over repeats), or, when that did not run, a closed-loop
-calibration point measured here first. Each row has p50, p99,
-p99.9 at one offered rate; the knee (the highest offered rate still served
-within ``KNEE_KEEPUP`` of it) is computed in summary.csv.
+(the median over repeats; latency lists throughput in its registry ``needs``),
+or, when the run has no such rows, a closed-loop calibration point measured
+here first (once per variant; the manifest's ``needs`` records it). Each row
+has p50, p99, p99.9 at one offered rate; the knee is harness.summary.knee.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
+from . import registry
+from .harness.fit import spread
 from .harness.run import describe, key
 
 NAME = "latency"
@@ -44,17 +45,22 @@ def measure_variant(run, variant, repeat: int) -> None:
 
 
 def capacity_of(run, variant, server) -> float:
-    """The variant's capacity (rps): its closed-loop throughput at the same concurrency in this run, else now."""
-    known = run.cache.get("throughput", {}).get(variant.name, {})
-    at_conns = [rps for rps in known.get(run.profile.latency_conns, []) if rps]
+    """The variant's capacity (rps): its closed-loop throughput at the same concurrency in this run's
+    throughput rows (else its best at any concurrency), else the capacity an earlier repeat calibrated, else
+    a calibration point measured now."""
+    rows = [r for r in registry.results(run, NAME, "throughput")
+            if r["variant"] == variant.name and r["throughput_rps"]]
+    at_conns = spread(r["throughput_rps"] for r in rows if r["conns"] == run.profile.latency_conns)
     if at_conns:
-        return statistics.median(at_conns)
-    if any(known.values()):
-        return max(max(values) for values in known.values() if values)
+        return at_conns["median"]
+    if rows:
+        return max(r["throughput_rps"] for r in rows)
+    earlier = [r["capacity_rps"] for r in run.tables[NAME].rows if r["variant"] == variant.name and r["capacity_rps"]]
+    if earlier:
+        return earlier[0]
     row = run.measure(server, "calibrate", "closed", run.profile.latency_conns, size=run.profile.size, op="echo")
     capacity = row.get("throughput_rps") or 0.0
     run.progress(f"[{NAME}] {variant.name} calibration: {capacity:.0f} rps closed loop, "
                  f"{run.profile.latency_conns} conns")
-    run.cache.setdefault("throughput", {}).setdefault(variant.name, {}).setdefault(
-        run.profile.latency_conns, []).append(capacity)
+    registry.measured_itself(run, NAME, "throughput", variant)
     return capacity

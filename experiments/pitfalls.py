@@ -1,7 +1,7 @@
-"""The pitfall lab: each risk of the seed article's table, broken (``--fault X``) against fixed.
+"""The pitfall lab: each risk of the article's table, broken (``--fault X``) against fixed.
 
-The seed (a Go interview write-up) lists three risks and their remedies, and
-asks for a graceful shutdown besides:
+The article the lab answers (docs/article.md, a Go interview write-up) lists
+three risks and their remedies, and asks for a graceful shutdown besides:
 
     风险点 (risk)          后果 (consequence)              解决方案 (remedy)
     未关闭conn             文件描述符泄漏                   defer conn.Close()
@@ -55,8 +55,10 @@ from conclab.servers.protocol import ERROR, PING, PONG, WORK, FrameDecoder
 
 from conclab.servers.launcher import ServerStartError
 
+from . import registry
+
 NAME = "pitfalls"
-PITFALLS = ("leak", "no-deadline", "unbounded", "hard-kill")
+PITFALLS = tuple(p.name for p in registry.pitfalls())   # leak, no-deadline, unbounded, hard-kill: SCRIPTS has each
 DEFAULT_VARIANTS = ("threads", "threadpool", "asyncio", "go")   # thread/conn, pool, event loop, goroutines
 PATIENCE_S = 1.0               # a client that got no reply in this long gives up (counted starved)
 FRESH_EVERY_S = 0.2            # no-deadline: a fresh client every this often
@@ -393,7 +395,7 @@ def measure(run, variant, pitfall: str, fixed: bool) -> None:
         for row in rows:
             run.write(NAME, row)
         if exit_status is None and server.alive():
-            exit_status = server.stop(1.0 if pitfall == "unbounded" else 10.0)
+            exit_status, _ = server.stop(grace=1.0 if pitfall == "unbounded" else 10.0)
         summary = summarize(labels, rows, tally, exit_status)
         run.write("pitfalls_summary", summary)
     run.progress(f"[{NAME}] {variant.name} {case(pitfall, fixed)}: {describe(summary)} "
@@ -411,7 +413,7 @@ def serve(run, variant, options: dict):
 def stop_sampled(server, sample, interval: float) -> int | None:
     """SIGTERM the server (hard-kill), sampling while it drains; its exit status."""
     result = {}
-    stopper = threading.Thread(target=lambda: result.update(status=server.stop(DRAIN_TIMEOUT_S + 5.0)),
+    stopper = threading.Thread(target=lambda: result.update(status=server.stop(grace=DRAIN_TIMEOUT_S + 5.0)[0]),
                                name="stopper", daemon=True)
     stopper.start()
     while stopper.is_alive():

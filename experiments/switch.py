@@ -11,7 +11,8 @@ Rows of microbenchmarks have backend ``micro`` and variant = the benchmark
 (e.g. ``thread-pinned``). Then, per server variant, the context switches and
 CPU microseconds the server spent per request at the reference point (closed
 loop, 50 conns, 64 B ECHO), taken from this run's throughput rows when that
-experiment ran (``source`` says which) or measured here.
+experiment ran (switch lists throughput in its registry ``needs``; ``source``
+says which) or measured here.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 from conclab.servers import processes
+from . import registry
 from .harness.run import describe, key
 from conclab.servers import Variant
 
@@ -148,11 +150,13 @@ def per_request(run) -> None:
 
 
 def per_request_row(run, variant, repeat: int) -> None:
-    rows = run.cache.get("reference", {}).get(variant.name, [])
     conns = run.profile.reference_conns
-    if len(rows) >= repeat:
-        row, source = rows[repeat - 1], f"throughput conns={conns}"
+    rows = [r for r in registry.results(run, NAME, "throughput")
+            if r["variant"] == variant.name and r["conns"] == conns and r["repeat"] == repeat]
+    if rows:
+        row, source = rows[0], f"throughput conns={conns}"
     else:
+        registry.measured_itself(run, NAME, "throughput", variant)
         with run.serve(NAME, variant, repeat, max_conns=conns + 100) as server:
             row = run.measure(server, f"conns={conns}", "closed", conns, size=run.profile.size, op="echo")
         source = f"switch conns={conns}"

@@ -1,4 +1,4 @@
-"""Context-switch microbenchmarks, one per process: ``python -m experiments.switchbench BENCH``.
+"""Context-switch microbenchmarks, one per process: ``python -m conclab.experiments.switchbench BENCH``.
 
 Each benchmark hands control back and forth between two parties N times and
 reports nanoseconds per switch (one hand-off in one direction; a round trip is
@@ -170,7 +170,7 @@ def measure(name: str, rounds: int, round_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.switchbench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conclab.experiments.switchbench", description=__doc__.split("\n")[0])
     parser.add_argument("bench", choices=list(BENCHES))
     parser.add_argument("--rounds", type=int, default=5, help="rounds measured; the median is reported (default 5)")
     parser.add_argument("--round-s", type=float, default=0.2, help="target seconds per round (default 0.2)")

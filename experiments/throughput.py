@@ -5,8 +5,9 @@ throughput at concurrency C is what the server sustains with C requests in
 flight. Besides the generator's numbers every row has the server's CPU and
 context switches per request (the switch experiment reports them too), and the
 point at ``reference_conns`` (50) is the targets' "ratio to go" point. The
-throughputs are left in ``run.cache`` for the latency experiment (capacity)
-and the switch experiment (per-request costs).
+latency experiment (capacity) and the switch experiment (per-request costs)
+use these rows when the run has them: both list throughput in their registry
+``needs`` (experiments.registry).
 """
 from __future__ import annotations
 
@@ -31,14 +32,6 @@ def measure_variant(run, variant, repeat: int) -> None:
             row.update(key(NAME, variant, repeat), conns=conns, size=profile.size, op="echo",
                        workers=profile.pool_workers if variant.is_pool else None, server_cpus=run.server_cpus)
             run.write(NAME, row)
-            remember(run, variant, conns, row)
             run.progress(f"[{NAME}] {variant.name} conns={conns} r{repeat}: {describe(row)} "
                          f"({time.monotonic() - started:.1f} s)")
 
-
-def remember(run, variant, conns: int, row: dict) -> None:
-    """Leave throughput by concurrency and the reference point's row for later experiments."""
-    rps = row.get("throughput_rps") or 0
-    run.cache.setdefault("throughput", {}).setdefault(variant.name, {}).setdefault(conns, []).append(rps)
-    if conns == run.profile.reference_conns:
-        run.cache.setdefault("reference", {}).setdefault(variant.name, []).append(row)

@@ -1,4 +1,4 @@
-"""``python -m loadgen [options]``: the same as ``conclab load [options]``."""
+"""``python -m conclab.loadgen [options]``: the same as ``conclab load [options]``."""
 import sys
 
 from .cli import main

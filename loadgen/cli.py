@@ -1,4 +1,4 @@
-"""``conclab load`` (and ``python -m loadgen``): the command line of the load generator.
+"""``conclab load`` (and ``python -m conclab.loadgen``): the command line of the load generator.
 
 ``add_parser(subparsers)`` adds the ``load`` subcommand to any argparse
 subparsers object and sets ``run=cmd_load``; ``main()`` is the stand-alone
@@ -147,6 +147,6 @@ def build_parser(prog: str = "python -m loadgen") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m loadgen [options]``: the same as ``conclab load [options]``."""
+    """``python -m conclab.loadgen [options]``: the same as ``conclab load [options]``."""
     args = build_parser().parse_args(argv)
     return args.run(args)

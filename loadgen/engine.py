@@ -3,8 +3,9 @@
 Why this shape: on loopback a request costs the *kernel* several microseconds
 (send + recv + the TCP stack of both ends); a thread pool or an asyncio
 stack would add tens more in Python. One non-blocking epoll loop with a
-short hot path keeps the load generator's own cost to about 2 µs of Python
-per request, so it saturates after the servers it measures.
+short hot path keeps the load generator's own Python cost per request to a few
+microseconds, so it saturates after the servers it measures (docs/loadgen.md
+and docs/performance.md give the measurements).
 
 The hot path, per readable connection: ``recv``; if the bytes are exactly
 one expected reply (the common case: the reply to ECHO and WORK is
@@ -13,6 +14,10 @@ append the latency to a list and send the next request. Anything else -- a
 partial or coalesced read, an ERROR frame, EOF -- goes to the slow path,
 which decodes with the codec's ``FrameDecoder``. Latencies are folded into
 the HDR histogram once per tick (``histo.Recorder``).
+
+``traffic_worker`` is the worker function (see ``fleet``) of a closed- or
+open-loop run: one process connects its share, says ready, waits for the
+common start, runs a ``Worker`` and hands in its result.
 
 Closed loop: every connection keeps ``pipeline`` requests in flight and sends
 the next one when a reply arrives; latency is reply time minus send time.
@@ -36,6 +41,7 @@ from collections import Counter, deque
 from conclab.servers.protocol import ERROR, FrameDecoder, ProtocolError
 
 from . import conn as connmod
+from .fleet import WorkerSpec
 from .histo import Recorder
 from .params import LoadParams
 
@@ -45,9 +51,9 @@ FOLD_EVERY_TICKS = 5      # fold latencies into the HDR histogram every this man
 OPEN_LATE_US = 1_000      # an open-loop send this far behind its schedule was not on time
 OPEN_MIN_SLEEP_US = 200   # the open loop never sleeps less: sends go out in batches, at most this late
 OPEN_DRAIN_S = 2.0        # after an open-loop run, how long in-flight requests may still answer
-EPOLLIN = select.EPOLLIN
+EPOLLIN = select.EPOLLIN  # the epoll flags, NS and TICK_S are hold.py's too (imported from here)
 EPOLLOUT = select.EPOLLOUT
-NS = 1_000_000_000
+NS = 1_000_000_000        # nanoseconds per second (perf_counter_ns)
 NEVER = 1 << 62           # a time (ns) that never comes
 
 
@@ -81,6 +87,21 @@ def open_connections(params: LoadParams, count: int, sources: list[str] | None) 
     return socks, errors
 
 
+def traffic_worker(spec: WorkerSpec, channel) -> None:
+    """One process's closed- or open-loop share (runs here or in a spawned process)."""
+    socks, errors = open_connections(spec.params, spec.conns, spec.sources)
+    channel.ready({"opened": len(socks), "connect_errors": dict(errors)})
+    start = channel.wait_go()
+    if start is None:
+        for sock in socks:
+            sock.close()
+        return
+    worker = Worker(spec.params, socks, spec.rate, channel.progress, spec.phase, channel.stopped)
+    result = worker.run(start)
+    result["connect_errors"] = dict(errors)
+    channel.result(result)
+
+
 class Worker:
     """Drives a set of connected sockets in closed or open loop and returns the partial result."""
 
@@ -94,6 +115,8 @@ class Worker:
         self.recv_size = min(max(RECV_MIN, 2 * len(self.reply) * self.depth), RECV_MAX)
         self.raw = params.protocol == "raw"
         max_frame = max(len(self.reply), 1 << 20)
+        self.reply_op: int | None = None     # framed protocols: the expected reply, decoded (for the slow path)
+        self.reply_payload: bytes | None = None
         if not self.raw:
             ((self.reply_op, self.reply_payload),) = FrameDecoder(max_frame).feed(self.reply)
         self.ep = select.epoll()
@@ -114,8 +137,16 @@ class Worker:
         self.errors: Counter = Counter()
         self.counts = Counter()              # sent / late / unanswered (open loop), lost connections
         self.warm = False
-        self.stop_ns = 0
         self.ticks = 0
+        # the clock (perf_counter_ns), set by run(), _begin_measuring and the loops
+        self.warm_ns = 0                     # end of the warm-up
+        self.stop_ns = 0                     # end of the run (open loop: of the schedule); earlier when stopped
+        self.end_ns = NEVER                  # end of the measured window, set when the loop ends
+        self.cpu0, self.wall0 = 0.0, 0       # thread CPU time and wall clock when measuring began
+        # open loop: the schedule (set by _schedule)
+        self.step = self.interval = 0.0      # ns between two requests of this process / of one connection
+        self.first = 0.0                     # when this process's request 0 is due
+        self.slot, self.slot_at = 0, NEVER   # the next slot of the schedule, and when it is due
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, start_ns: int | None = None) -> dict:
@@ -461,7 +492,7 @@ class Worker:
         self.latency.fold()
         if not self.warm:                                      # ended (all connections lost) inside the warm-up
             self._begin_measuring(end_ns, force=True)
-        measured = max(min(getattr(self, "end_ns", end_ns), end_ns) - self.wall0, 1) / NS
+        measured = max(min(self.end_ns, end_ns) - self.wall0, 1) / NS
         result = {
             "requests": self.latency.histogram.get_total_count(),
             "errors": dict(self.errors),

@@ -1,7 +1,7 @@
 """Latency histograms: HDR (hdrhistogram) in microseconds, recorded in batches, merged exactly.
 
-``HdrHistogram.record_value`` is pure Python (about 2 µs a call), too slow to
-call once per request at 100k requests/s. The hot loop therefore appends each
+``HdrHistogram.record_value`` is pure Python, too slow to call once per
+request at the rates the generator drives (docs/performance.md has its cost). The hot loop therefore appends each
 latency, an int of microseconds, to a plain list (``Recorder.values``); once
 per tick ``fold()`` counts the list with ``collections.Counter`` (C speed) and
 records each *distinct* value once with ``record_value(value, count)``. Every

@@ -15,7 +15,8 @@ is the first PING's round trip (the accept and the first service). When
 more connections while the N are held: latency under N idle connections.
 Processes: as many as ``--procs`` asks, more when one process's descriptor
 limit cannot hold its share; source addresses 127.0.0.x when ephemeral ports
-run short (runner.plan_sources).
+run short (plan.plan_sources). The probe is the closed loop's own worker
+function (engine.traffic_worker), run in the parent.
 """
 from __future__ import annotations
 
@@ -31,20 +32,18 @@ from conclab.servers.protocol import ERROR, PONG, FrameDecoder, ProtocolError
 
 from . import conn as connmod
 from . import histo
+from .engine import EPOLLIN, EPOLLOUT, NS, TICK_S, traffic_worker
 from .fleet import Fleet, WorkerSpec, run_local, stop_requested
 from .histo import Recorder
 from .params import LoadParams
+from .plan import check_ready, cpus_usable, plan, preflight
 from .progress import Progress
 from .report import MachineWatch, cpu_check
-from .runner import check_ready, cpus_usable, plan, preflight, traffic_worker
 
-TICK_S = 0.1
-NS = 1_000_000_000
 RECV_SIZE = 4096
 HOLD_GRACE_S = 30.0          # a held process ends by itself this long after the planned end (parent gone)
 PING_ID = b"hold"
 CONNECTING, PINGING, HELD, KEEPALIVE, CLOSED = range(5)
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
 
 class HoldConn:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from conclab.servers.launcher import free_port
+
 from . import histo
 from .params import LoadError, LoadParams
+from .plan import cpus_usable, preflight
 from .report import MachineWatch, cpu_check
-from .runner import cpus_usable, preflight
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REPO_ROOT = LOCUSTFILE.parent.parent
@@ -72,12 +73,6 @@ def run_process(cmd: list[str], run_time: int) -> subprocess.CompletedProcess:
     if completed.returncode != 0:
         raise LoadError(f"locust failed (exit {completed.returncode}): {last_line(completed.stderr)}")
     return completed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_rows(path: Path) -> list[dict]:

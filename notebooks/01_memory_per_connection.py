@@ -11,9 +11,9 @@
 # %% [markdown]
 # # 1. What does an idle connection cost?
 #
-# The article this lab grew from says a goroutine starts with a stack of about **2 KB** while an OS
-# thread costs about **1 MB**, so "one goroutine per connection" scales where "one thread per
-# connection" cannot. Here we check that claim against measurements.
+# The article this lab grew from (docs/article.md) says a goroutine starts with a stack of about
+# **2 KB** while an OS thread costs about **1 MB**, so "one goroutine per connection" scales where
+# "one thread per connection" cannot. Here we check that claim against measurements.
 #
 # **How it was measured** (the `memory` experiment): a fresh server of each backend holds N idle
 # connections (each sent one PING, then stays silent); once the server has accepted them all, we read

@@ -1,7 +1,7 @@
 """What every notebook does first: find the repository, load the committed run, show charts and answers.
 
 The notebooks read results only. This module imports pandas, matplotlib, IPython's
-display and the lab's ``analysis`` package, nothing else: no server, no load
+display and the lab's ``conclab.analysis`` package, nothing else: no server, no load
 generator, no gevent. The run is ``results/reference`` unless ``CONCLAB_RUN``
 names another run directory (the tests use that for runs without some backends).
 """
@@ -49,7 +49,7 @@ def describe(run) -> None:
 
 
 def chart(draw, *args, **kwargs) -> None:
-    """Build a figure with one of analysis.charts' draw_* functions (in the lab's style) and show it as a PNG."""
+    """Build a figure with one of conclab.analysis.charts' draw_* functions (in the lab's style) and show it as a PNG."""
     with style.context():
         fig = draw(*args, **kwargs)
     show(fig)

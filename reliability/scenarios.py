@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from conclab.servers import protocol
+from conclab.servers import protocol, variant_of
+from conclab.servers.client import Client
+from conclab.servers.launcher import ServerProcess, ServerStartError, wait_until
 from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK, encode
-
-from .live import Client, LiveServer, StartFailed, mib, variant_name, wait_until
 
 SETTLE_TIMEOUT = 10.0          # how long a server gets to close what it should have closed
 
@@ -35,7 +35,7 @@ SETTLE_TIMEOUT = 10.0          # how long a server gets to close what it should 
 # -- sizes -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scale:
-    """How big each scenario is. ``FULL`` is the issue's numbers (conclab check), ``CI`` the test suite's."""
+    """How big each scenario is. ``FULL`` is the full size (conclab check), ``CI`` the test suite's."""
 
     name: str
     resets: int                # connections reset mid-frame
@@ -93,7 +93,7 @@ class Outcome:
         return bool(ok)
 
 
-def settled(server: LiveServer, outcome: Outcome, baseline_fds: int, active: int = 0) -> tuple[int, int]:
+def settled(server: ServerProcess, outcome: Outcome, baseline_fds: int, active: int = 0) -> tuple[int, int]:
     """Wait until only ``active`` connections (besides the STATS probe) are left and fds are back.
 
     Returns (fds, CLOSE_WAIT) as last seen, and records a failure for each that is not back.
@@ -116,11 +116,15 @@ def seconds(value: float | None) -> str:
     return "forever (no answer)" if value is None else f"{value:.2f} s"
 
 
-def alive(server: LiveServer, outcome: Outcome) -> bool:
+def mib(nbytes: float) -> float:
+    return nbytes / (1 << 20)
+
+
+def alive(server: ServerProcess, outcome: Outcome) -> bool:
     return outcome.check(server.alive(), f"the server died (exit {server.proc.poll()}): {server.errors()[-300:]!r}")
 
 
-def echo_ok(server: LiveServer, payload: bytes = b"bystander", timeout: float = 10.0) -> float | None:
+def echo_ok(server: ServerProcess, payload: bytes = b"bystander", timeout: float = 10.0) -> float | None:
     """A fresh client's ECHO round trip in seconds, or None if it was not answered correctly."""
     began = time.monotonic()
     try:
@@ -138,12 +142,12 @@ RESET_BATCH = 25
 
 def reset_mid_frame(backend, options, scale: Scale) -> Outcome:
     """Clients that reset (SO_LINGER 0) mid-frame, mid-reply or right after a request; a bystander is served."""
-    out = Outcome("reset", variant_name(backend, options))
+    out = Outcome("reset", variant_of(backend, options).name)
     half = encode(ECHO, b"r" * 1000)[:600]
     kinds = [half,                                               # mid-frame: the server holds 600 bytes of 1005
              encode(ECHO, b"x" * 100) + half,                    # one request answered, then mid-frame
              encode(ECHO, bytes(256 * 1024)) * 2]                # the server is writing 512 KiB back when the RST comes
-    with LiveServer(backend, options) as server, server.connect() as bystander:
+    with ServerProcess(backend, options) as server, server.connect() as bystander:
         bystander.request(PING)
         time.sleep(0.1)
         baseline = server.fds()
@@ -181,7 +185,7 @@ def reset_mid_frame(backend, options, scale: Scale) -> Outcome:
 # -- 2. half-close ---------------------------------------------------------------------------------
 def half_close(backend, options, scale: Scale) -> Outcome:
     """Pipelined requests, then SHUT_WR: every reply comes back in order, then the server closes (FIN)."""
-    out = Outcome("half_close", variant_name(backend, options))
+    out = Outcome("half_close", variant_of(backend, options).name)
     cases = {
         "200 pipelined ECHOs": [(ECHO, b"e%d" % i * (i % 50)) for i in range(200)],
         "ECHOs around two WORK waits": ([(ECHO, b"a%d" % i) for i in range(50)] + [(WORK, struct.pack(">II", 200_000, 0))]
@@ -191,7 +195,7 @@ def half_close(backend, options, scale: Scale) -> Outcome:
         "no request": [],
     }
     delivered = expected_total = 0
-    with LiveServer(backend, options) as server:
+    with ServerProcess(backend, options) as server:
         clients = {}
         for name, frames in cases.items():
             client = server.connect()
@@ -251,8 +255,9 @@ def push_until_clogged(client: Client, limit: int, stall: float = CLOG_STALL, bu
 def clogged_reader(backend, options, scale: Scale) -> Outcome:
     """A client pushes megabytes of ECHO and never reads: memory stays bounded, others are served,
     the clog is dropped after the idle timeout, and SIGTERM still exits within drain-timeout + 1 s."""
-    out = Outcome("clogged_reader", variant_name(backend, options))
-    with LiveServer(backend, options, "--idle-timeout", str(CLOG_IDLE), "--drain-timeout", str(CLOG_DRAIN)) as server:
+    out = Outcome("clogged_reader", variant_of(backend, options).name)
+    with ServerProcess(backend, [*options, "--idle-timeout", str(CLOG_IDLE),
+                                 "--drain-timeout", str(CLOG_DRAIN)]) as server:
         out.check(echo_ok(server) is not None, "warm-up ECHO failed")
         rss0 = server.rss()
         clog = server.connect()
@@ -302,9 +307,10 @@ SLOW_GIVE_UP = 60.0            # a slow client still open this long after it con
 
 def slowloris(backend, options, scale: Scale) -> Outcome:
     """Silent clients and byte-dribblers are closed by the idle and frame timeouts; others are served meanwhile."""
-    out = Outcome("slowloris", variant_name(backend, options))
+    out = Outcome("slowloris", variant_of(backend, options).name)
     frame = encode(ECHO, b"d" * 1000)               # 4 bytes/s: never complete within SLOW_GIVE_UP
-    with LiveServer(backend, options, "--idle-timeout", str(SLOW_IDLE), "--frame-timeout", str(SLOW_FRAME)) as server:
+    with ServerProcess(backend, [*options, "--idle-timeout", str(SLOW_IDLE),
+                                 "--frame-timeout", str(SLOW_FRAME)]) as server:
         began = time.monotonic()
         silent = [server.connect() for _ in range(scale.slow_silent)]
         dribblers = [server.connect() for _ in range(scale.slow_dribblers)]
@@ -397,9 +403,9 @@ EMFILE_RESUME = 10.0           # after fds free up, a new client must be served 
 
 def emfile(backend, options, scale: Scale) -> Outcome:
     """More clients than RLIMIT_NOFILE allows: no busy loop, existing clients served, service resumes."""
-    out = Outcome("emfile", variant_name(backend, options))
+    out = Outcome("emfile", variant_of(backend, options).name)
     limit = scale.emfile_limit
-    with LiveServer(backend, options, nofile=limit) as server:
+    with ServerProcess(backend, options, nofile=limit) as server:
         existing = server.connect()
         out.check(existing.request(PING, b"first") == (PONG, b"first"), "the first client was not served")
         crowd = []
@@ -505,9 +511,9 @@ HOSTILE_RSS_LIMIT = 24 << 20   # growth allowed; the claims alone would be claim
 def hostile(backend, options, scale: Scale) -> Outcome:
     """Bad lengths (up to 2^32-1, header only), unknown ops, short WORK, oversized PING, and clients
     announcing a max_frame frame they never send: clear ERROR, nothing allocated, others unaffected."""
-    out = Outcome("hostile", variant_name(backend, options))
+    out = Outcome("hostile", variant_of(backend, options).name)
     wrong = []
-    with LiveServer(backend, options) as server, server.connect() as bystander:
+    with ServerProcess(backend, options) as server, server.connect() as bystander:
         out.check(bystander.request(ECHO, b"warm-up") == (ECHO, b"warm-up"), "warm-up ECHO failed")
         rss0 = server.rss()
         errors0 = bystander.stats()["protocol_errors"]
@@ -556,8 +562,8 @@ def hostile(backend, options, scale: Scale) -> Outcome:
 # -- 7. churn --------------------------------------------------------------------------------------
 def churn(backend, options, scale: Scale) -> Outcome:
     """Many connect/request/close cycles (some close before reading, some send nothing): fds back, no CLOSE_WAIT."""
-    out = Outcome("churn", variant_name(backend, options))
-    with LiveServer(backend, options) as server:
+    out = Outcome("churn", variant_of(backend, options).name)
+    with ServerProcess(backend, options) as server:
         out.check(echo_ok(server) is not None, "warm-up ECHO failed")
         time.sleep(0.1)
         baseline = server.fds()
@@ -611,8 +617,8 @@ SHUTDOWN_DRAIN = 5.0
 def shutdown_under_load(backend, options, scale: Scale) -> Outcome:
     """SIGTERM under a closed loop of many connections: every request the server counted is answered, exit 0."""
     from conclab.loadgen import LoadParams, run_load
-    out = Outcome("shutdown", variant_name(backend, options))
-    with LiveServer(backend, options, "--drain-timeout", str(SHUTDOWN_DRAIN)) as server:
+    out = Outcome("shutdown", variant_of(backend, options).name)
+    with ServerProcess(backend, [*options, "--drain-timeout", str(SHUTDOWN_DRAIN)]) as server:
         baseline = server.fds()
         target = f"{server.address[0]}:{server.address[1]}"
         params = LoadParams(target=target, mode="closed", conns=scale.shutdown_conns, duration=60.0, op="echo",
@@ -662,8 +668,8 @@ def rate_delay(backend, options, scale: Scale) -> Outcome:
     """--rate-limit R (delay): a pipelining client gets R requests/s (within 10%), nothing refused; and
     one that pipelines tiny requests far faster, never reading, costs the server a bounded amount of memory."""
     from conclab.loadgen import LoadParams, run_load
-    out = Outcome("rate_delay", variant_name(backend, options))
-    with LiveServer(backend, options, "--rate-limit", str(RATE), "--burst", str(RATE_BURST)) as server:
+    out = Outcome("rate_delay", variant_of(backend, options).name)
+    with ServerProcess(backend, [*options, "--rate-limit", str(RATE), "--burst", str(RATE_BURST)]) as server:
         target = f"{server.address[0]}:{server.address[1]}"
         result = run_load(LoadParams(target=target, mode="closed", conns=1, pipeline=16, duration=scale.rate_seconds,
                                      op="ping", size=8))
@@ -692,10 +698,10 @@ def rate_delay(backend, options, scale: Scale) -> Outcome:
 # -- 10. rate limit, reject mode -------------------------------------------------------------------
 def rate_reject(backend, options, scale: Scale) -> Outcome:
     """--rate-limit-mode reject: the excess gets ERROR "rate limited" and the connection stays open."""
-    out = Outcome("rate_reject", variant_name(backend, options))
+    out = Outcome("rate_reject", variant_of(backend, options).name)
     burst, sent = 5, 20
-    with LiveServer(backend, options, "--rate-limit", "2", "--burst", str(burst),
-                    "--rate-limit-mode", "reject") as server, server.connect() as client:
+    with ServerProcess(backend, [*options, "--rate-limit", "2", "--burst", str(burst),
+                                 "--rate-limit-mode", "reject"]) as server, server.connect() as client:
         client.send(b"".join(encode(PING, b"%d" % i) for i in range(sent)))
         replies = [client.recv_frame() for _ in range(sent)]
         pongs = [p for op, p in replies if op == PONG]
@@ -717,8 +723,8 @@ def rate_reject(backend, options, scale: Scale) -> Outcome:
 # -- 11. --max-frame -------------------------------------------------------------------------------
 def max_frame(backend, options, scale: Scale) -> Outcome:
     """--max-frame N: a frame of N is served; a header announcing N+1 is refused before any payload is sent."""
-    out = Outcome("max_frame", variant_name(backend, options))
-    with LiveServer(backend, options, "--max-frame", "1000") as server:
+    out = Outcome("max_frame", variant_of(backend, options).name)
+    with ServerProcess(backend, [*options, "--max-frame", "1000"]) as server:
         with server.connect() as client:
             got = client.request(ECHO, b"m" * 999)
             out.check(got == (ECHO, b"m" * 999), "a frame of exactly --max-frame was not echoed")
@@ -744,8 +750,8 @@ NON_LOOPBACK = "192.0.2.1"     # TEST-NET-1 (RFC 5737): never assigned here, so 
 def loopback_default(backend, options, scale: Scale) -> Outcome:
     """No --host: bound to 127.0.0.1. A non-loopback --host prints a warning (tried on an address this
     host does not have, so the bind fails and nothing is exposed); another loopback address does not."""
-    out = Outcome("loopback", variant_name(backend, options))
-    with LiveServer(backend, options) as server:
+    out = Outcome("loopback", variant_of(backend, options).name)
+    with ServerProcess(backend, options) as server:
         out.check(server.address[0] == "127.0.0.1", f"default bind {server.address[0]}")
         default = server.address[0]
     warning = f"warning: binding {NON_LOOPBACK}"
@@ -756,7 +762,7 @@ def loopback_default(backend, options, scale: Scale) -> Outcome:
     for name, cmd in runs.items():
         done = run_briefly(cmd)
         out.check(warning in done.stderr, f"{name}: no warning for --host {NON_LOOPBACK}: {done.stderr[-200:]!r}")
-    with LiveServer(backend, options, "--host", "127.0.0.2") as other:
+    with ServerProcess(backend, [*options, "--host", "127.0.0.2"]) as other:
         quiet = "warning" not in other.errors()
     out.check(quiet, "a loopback --host 127.0.0.2 printed a warning")
     out.metrics = {"default_host": default, "warns_non_loopback": not any("no warning" in f for f in out.failures)}
@@ -815,11 +821,11 @@ def known_limit(scenario: str, variant: str) -> str | None:
 def run(scenario: str, backend: str, options=(), scale: Scale | None = None) -> Outcome:
     """Run one scenario against one variant; a server's misbehaviour is a failed Outcome, never an exception."""
     scale = scale or default_scale()
-    variant = variant_name(backend, options)
+    variant = variant_of(backend, options).name
     began = time.monotonic()
     try:
         outcome = SCENARIOS[scenario](backend, list(options), scale)
-    except (OSError, StartFailed, protocol.ProtocolError, psutil.Error, ValueError) as exc:   # a server gone wrong
+    except (OSError, ServerStartError, protocol.ProtocolError, psutil.Error, ValueError) as exc:   # a server gone wrong
         outcome = Outcome(scenario, variant, figure=f"error: {exc!r}"[:200], failures=[f"{type(exc).__name__}: {exc}"])
     outcome.seconds = time.monotonic() - began
     limit = KNOWN_LIMITS.get((scenario, variant))

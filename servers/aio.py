@@ -16,11 +16,8 @@ Protocols, not streams: ``asyncio.start_server`` gives each connection a task
 awaiting a StreamReader, so each read is copied into its buffer, wakes a future
 and resumes a coroutine a loop turn later. A Protocol answers ECHO/PING inside
 the callback, one ``transport.write`` per read, with a task only while a WORK
-waits. Measured against a streams twin of this path (closed loop, 50 conns,
-64-byte ECHO, client in its own process, 2 shared noisy cores, 8 runs each):
-server CPU per request (best run) 12.7 vs 16.6 us on uvloop, 43.8 vs 44.7 on
-asyncio (whose Python selector loop dominates); median 56.7k vs 36.0k req/s on
-uvloop; RSS per idle connection 3.3 vs 5.3 KiB (uvloop), 4.0 vs 5.7 (asyncio).
+waits: less CPU per request and less memory per idle connection than streams
+(docs/performance.md, "asyncio: Protocols, not streams", has the comparison).
 
 While a WORK waits, reading is paused and one task answers the queue in order;
 while the write buffer is over its high-water mark (``pause_writing``) reading
@@ -155,7 +152,7 @@ class Connection(asyncio.Protocol):
             transport.write(rejection(hub.config))
             transport.close()
             return
-        self.session = open_session(hub.config, hub.stats)
+        self.session = open_session(hub.config, hub.stats, time.monotonic())
         hub.connections.add(self)
         self._arm()
         if hub.draining:                      # accepted just as the listener closed
@@ -163,7 +160,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         session = self.session
-        requests = session.feed(data)
+        requests = session.feed(data, time.monotonic())
         if session.frame_started is not None:
             self._arm()                       # a frame began: its timeout may come before the timer
         if self.worker is not None:           # a WORK is waiting: replies must keep their order
@@ -173,7 +170,7 @@ class Connection(asyncio.Protocol):
             if request.io_s:
                 self._start_worker(requests[n:])
                 return
-            self.transport.write(request.run())
+            self.transport.write(request.run(time.monotonic()))
         if session.closing:
             self.transport.close()
 
@@ -217,7 +214,7 @@ class Connection(asyncio.Protocol):
             request = queue.pop(0)
             if request.io_s:
                 await asyncio.sleep(request.io_s)
-            transport.write(request.run())
+            transport.write(request.run(time.monotonic()))
         self.worker = None
         if self.session.closing:
             transport.close()
@@ -249,16 +246,17 @@ class Connection(asyncio.Protocol):
             self.timer.cancel()
         self.due = deadline
         # call_later, not call_at: the Session counts in time.monotonic(), libuv in its own clock
-        self.timer = self.hub.loop.call_later(self.session.timeout(), self._on_deadline)
+        self.timer = self.hub.loop.call_later(self.session.timeout(time.monotonic()), self._on_deadline)
 
     def _on_deadline(self) -> None:
         self.timer = None
         if self.worker is not None or self.transport.is_closing():
             return                            # busy: the worker re-arms once the reply is out
-        if time.monotonic() < self.session.deadline:
+        now = time.monotonic()
+        if not self.session.expired(now):
             self._arm()                       # data arrived meanwhile and moved the deadline
             return
-        reply = self.session.expire()
+        reply = self.session.expire(now)
         if self.write_paused:
             self.transport.abort()            # the peer reads nothing: the ERROR could never leave
         else:

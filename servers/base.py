@@ -143,7 +143,7 @@ class KernelDeadlines:
         send_timeout(sock, session.idle_timeout)
 
     def recv(self, size: int) -> bytes:
-        seconds = self.session.timeout()
+        seconds = self.session.timeout(time.monotonic())
         if abs(seconds - self.armed) > DEADLINE_SLACK:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self.armed = seconds

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass, field
 
 from .protocol import DEFAULT_MAX_FRAME
 
 FAULTS = ("none", "leak", "no-deadline", "unbounded", "hard-kill")
+MAX_TIMEOUT_S = 1_000_000      # ~11.6 days: every timer API of every backend (and Go's time.Duration) holds it
 
 
 @dataclass
@@ -48,6 +50,9 @@ class ServerConfig:
             (self.max_conns >= 1, "--max-conns must be at least 1"),
             (self.idle_timeout > 0, "--idle-timeout must be positive"),
             (self.frame_timeout > 0, "--frame-timeout must be positive"),
+            *((_finite(value), f"--{name} must be a finite number of seconds, at most {MAX_TIMEOUT_S}")
+              for name, value in (("idle-timeout", self.idle_timeout), ("frame-timeout", self.frame_timeout),
+                                  ("drain-timeout", self.drain_timeout))),
             (1 <= self.max_frame <= 0xFFFFFFFF, "--max-frame must be in 1..4294967295"),
             (self.drain_timeout >= 0, "--drain-timeout must not be negative"),
             (self.metrics_port is None or 0 <= self.metrics_port <= 65535, "--metrics-port must be in 0..65535"),
@@ -85,6 +90,11 @@ class ServerConfig:
             if value is not None and value != f.default:
                 args += ["--" + f.name.replace("_", "-"), str(value)]
         return args
+
+
+def _finite(seconds: float) -> bool:
+    """A timeout every backend can arm: not inf or nan, not past MAX_TIMEOUT_S (no "never": use a day)."""
+    return math.isfinite(seconds) and seconds <= MAX_TIMEOUT_S
 
 
 def _type_of(f: dataclasses.Field) -> type:

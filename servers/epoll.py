@@ -163,7 +163,7 @@ class Loop:
         if conn.waiting or conn.session.deadline > now:
             return self.watch_deadline(conn)   # moved later; or busy, never expired: work_done re-arms
         if not conn.session.closing:           # else already told (ERROR, EOF) but never read it
-            self.write(conn, conn.session.expire())
+            self.write(conn, conn.session.expire(now))
         self.close(conn)                       # a client that reads nothing loses the ERROR too
 
     # -- connections: accept, read, answer, write -----------------------------------------------
@@ -189,7 +189,7 @@ class Loop:
                 sock.send(rejection(self.config))      # a few bytes: an empty send buffer takes them
             return
         no_delay(sock)
-        conn = Connection(sock, open_session(self.config, self.stats))
+        conn = Connection(sock, open_session(self.config, self.stats, time.monotonic()))
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, EPOLLIN)
         self.watch_deadline(conn)
@@ -210,7 +210,7 @@ class Loop:
         except BlockingIOError:
             return
         if data:
-            conn.queue.extend(conn.session.feed(data))
+            conn.queue.extend(conn.session.feed(data, time.monotonic()))
         else:
             conn.session.eof()                 # EOF: answer what was asked, then close
         self.pump(conn)
@@ -223,14 +223,14 @@ class Loop:
                 conn.waiting = request
                 self.call_at(time.monotonic() + request.io_s, self.work_done, conn)
             else:
-                self.write(conn, request.run())
+                self.write(conn, request.run(time.monotonic()))
         self.watch_deadline(conn)
         self.settle(conn)
 
     def work_done(self, conn: Connection) -> None:
         """A WORK's wait is over: compute (request.run), reply, go on with what queued behind it."""
         request, conn.waiting = conn.waiting, None
-        self.write(conn, request.run())
+        self.write(conn, request.run(time.monotonic()))
         self.pump(conn)
 
     def write(self, conn: Connection, data: bytes) -> None:

@@ -131,7 +131,7 @@ class HubDeadlines:
         self.due = math.inf
         if not self.waiting:
             return                             # busy (WORK): its next recv or send sets the timer again
-        if self.session.expired:
+        if self.session.expired(time.monotonic()):
             self.greenlet.throw(TimeoutError("deadline passed"))
         else:
             self._arm()                        # requests moved the deadline: wait for the new one

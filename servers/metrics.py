@@ -1,8 +1,8 @@
 """Prometheus exposition of the server's counters, plus the two numbers that reveal leaks.
 
-The seed article's monitoring advice, made concrete: besides the STATS counters
-the endpoint reports the process's open file descriptors and its connections
-in CLOSE_WAIT (the peer has closed, we have not: a count that keeps growing is
+The monitoring advice of the article the lab answers (docs/article.md), made
+concrete: besides the STATS counters the endpoint reports the process's open
+file descriptors and its connections in CLOSE_WAIT (the peer has closed, we have not: a count that keeps growing is
 the signature of a connection leak).
 
 The HTTP endpoint runs in its own OS thread, started before the backend takes

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 
@@ -32,24 +33,30 @@ except (OSError, AttributeError):      # not Linux/glibc: no parent-death signal
     _prctl = None
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the harness dies (Linux)."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _in_child(die_with_parent: bool, nofile: int | None):
+    """The preexec_fn: SIGTERM this child when its parent dies (Linux); RLIMIT_NOFILE soft = hard = ``nofile``."""
+    def preexec() -> None:
+        if die_with_parent and _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if nofile is not None:           # soft = hard: Go raises its soft limit to the hard one at start
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    return preexec
 
 
 def spawn(args: list[str], *, cpus=None, die_with_parent: bool = False, group: bool = False,
-          **popen) -> subprocess.Popen:
+          nofile: int | None = None, **popen) -> subprocess.Popen:
     """Start and register a child, pinned to ``cpus`` if given.
 
-    ``die_with_parent`` uses a preexec_fn: only pass it when the harness runs no
-    other thread (subprocess's rule), which is how servers are started.
+    ``die_with_parent`` and ``nofile`` use a preexec_fn: only pass them when the
+    caller runs no thread that could hold a lock the child needs (subprocess's
+    rule), which is how servers are started.
+    ``nofile``: the child's RLIMIT_NOFILE (soft and hard), to run it out of fds.
     ``group``: the child leads its own process group, and ``stop`` signals the
     whole group (a load generator's worker processes go with it).
     """
     popen.setdefault("stdin", subprocess.DEVNULL)
-    if die_with_parent and _prctl is not None:
-        popen["preexec_fn"] = _die_with_parent
+    if (die_with_parent and _prctl is not None) or nofile is not None:
+        popen["preexec_fn"] = _in_child(die_with_parent, nofile)
     if group:
         popen["start_new_session"] = True
     proc = subprocess.Popen(args, **popen)

@@ -12,10 +12,16 @@ h11 and wsproto): every backend, the load generator and the tests drive this one
 module, so a protocol bug is fixed once. A hostile length is rejected as soon as
 its four bytes arrive, before any payload is buffered, so the decoder never
 holds more than one maximum frame plus one read.
+
+What each request op means is one table, ``REQUESTS`` (as h11 keeps its rules
+in one place): the op of its reply, the check its payload must pass, and how a
+server answers it. ``check_request`` and the server's Session both read it, so
+an op is added or changed here and nowhere else.
 """
 from __future__ import annotations
 
 import struct
+from typing import Callable, NamedTuple
 
 ECHO = 0x01
 PING = 0x02
@@ -25,7 +31,6 @@ STATS = 0x05
 ERROR = 0xFF
 
 OP_NAMES = {ECHO: "ECHO", PING: "PING", PONG: "PONG", WORK: "WORK", STATS: "STATS", ERROR: "ERROR"}
-REQUEST_OPS = frozenset({ECHO, PING, WORK, STATS})
 
 HEADER = struct.Struct(">I")
 WORK_HEADER = struct.Struct(">II")
@@ -49,6 +54,10 @@ class BadLength(ProtocolError):
 
 class UnknownOp(ProtocolError):
     """The op byte is not a request this side accepts."""
+
+    @classmethod
+    def of(cls, op: int) -> "UnknownOp":
+        return cls(f"unknown op 0x{op:02x}")
 
 
 class ShortWork(ProtocolError):
@@ -76,25 +85,57 @@ def parse_work(payload: bytes) -> tuple[int, int]:
     return WORK_HEADER.unpack_from(payload)
 
 
-def check_request(op: int, payload: bytes) -> None:
-    """Raise the ProtocolError a server answers to this frame, if any."""
-    if op == ECHO or op == STATS:
-        return
-    if op == PING:
-        if len(payload) > MAX_PING_PAYLOAD:
-            raise PingTooLong(f"PING payload is {len(payload)} bytes, at most {MAX_PING_PAYLOAD} allowed")
-    elif op == WORK:
-        parse_work(payload)
-    else:
-        raise UnknownOp(f"unknown op 0x{op:02x}")
+def check_ping(payload: bytes) -> None:
+    """A PING carries an id of at most 64 bytes."""
+    if len(payload) > MAX_PING_PAYLOAD:
+        raise PingTooLong(f"PING payload is {len(payload)} bytes, at most {MAX_PING_PAYLOAD} allowed")
+
+
+# How a server answers a request (OpRule.answer):
+AT_ONCE = "at once"          # the request's payload back under the reply op, with no wait
+AFTER_WORK = "after work"    # the same, after waiting io_us and computing cpu_us (parse_work)
+COUNTERS = "counters"        # the server's counters as UTF-8 JSON
+
+
+class OpRule(NamedTuple):
+    """What the protocol says about one request op."""
+    reply: int                                  # the op of the reply frame
+    check: Callable[[bytes], object] | None     # raises the ProtocolError a bad payload earns, else returns what
+                                                # the payload asks for (AFTER_WORK: io_us, cpu_us); None: any payload
+    answer: str                                 # AT_ONCE, AFTER_WORK or COUNTERS
+    reply_byte: bytes                           # ``reply`` as the one byte after a reply's length
+
+    @classmethod
+    def of(cls, reply: int, check=None, answer: str = AT_ONCE) -> "OpRule":
+        return cls(reply, check, answer, bytes((reply,)))
+
+
+REQUESTS: dict[int, OpRule] = {                  # the requests a client may send; any other op is UnknownOp
+    ECHO: OpRule.of(ECHO),                        # any payload, back as it came
+    PING: OpRule.of(PONG, check_ping),            # an id of 0..64 bytes, back in a PONG
+    WORK: OpRule.of(WORK, parse_work, AFTER_WORK),  # u32 io_us, u32 cpu_us, then any bytes
+    STATS: OpRule.of(STATS, answer=COUNTERS),     # the reply carries the counters, not the payload
+}
+REQUEST_OPS = frozenset(REQUESTS)
+
+
+def check_request(op: int, payload: bytes) -> OpRule:
+    """The rule for this request; raise the ProtocolError a server answers to it instead, if any."""
+    rule = REQUESTS.get(op)
+    if rule is None:
+        raise UnknownOp.of(op)
+    if rule.check is not None:
+        rule.check(payload)
+    return rule
 
 
 def echo_frames(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
     """How many frames ``data`` holds if it is whole ECHO frames and nothing else; otherwise 0.
 
-    An ECHO reply is its request, byte for byte, so a server that gets such a
-    read can send the very same bytes back without decoding a payload (the
-    common case under load, and the one a server's hot path is made for).
+    An ECHO reply is its request, byte for byte (REQUESTS[ECHO]: reply ECHO, no
+    check, answered at once), so a server that gets such a read can send the
+    very same bytes back without decoding a payload (the common case under
+    load, and the one a server's hot path is made for).
     """
     count = start = 0
     end = len(data)

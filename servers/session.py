@@ -1,19 +1,25 @@
 """What one connection does, whatever the concurrency model: bytes in -> requests.
 
-A backend owns the socket and the waiting; a ``Session`` owns everything else:
-decoding (through the sans-I/O codec), answering ECHO/PING/STATS at once,
-describing WORK (how long to wait, how long to compute), counting, and the
-idle/frame deadlines. Every backend drives it with the same few lines::
+A backend owns the socket, the waiting and the clock; a ``Session`` owns
+everything else: decoding (through the sans-I/O codec), answering what
+``protocol.REQUESTS`` says to answer at once (ECHO, PING, STATS), describing
+WORK (how long to wait, how long to compute), counting, and the idle/frame
+deadlines. Every backend drives it with the same few lines::
 
     while not session.closing:
-        data = <read, giving up at session.deadline>   # timeout -> session.expire()
-        for request in session.feed(data):
+        data = <read, giving up at session.deadline>   # timeout -> session.expire(now)
+        for request in session.feed(data, now):
             <wait request.io_s the model's own way>
-            <send request.run()>
+            <send request.run(now)>
 
 so two backend files side by side differ only in how they wait and send.
 Replies that need no waiting are coalesced into one Request per read, which
 makes one send per read the common case.
+
+Like the codec it reads no clock (h11's way): every method that needs the time
+takes ``now``, in ``time.monotonic()`` seconds, from the backend, which reads
+it where it calls; tests pass any times they like. The one exception is WORK's
+computation itself (``burn``), which is a measured busy loop, not a decision.
 """
 from __future__ import annotations
 
@@ -22,41 +28,49 @@ import time
 
 from . import protocol
 from .config import ServerConfig
-from .protocol import ECHO, ERROR, PING, STATS, WORK, ProtocolError
+from .protocol import AFTER_WORK, AT_ONCE, COUNTERS, ERROR, REQUESTS, ProtocolError, UnknownOp
 from .stats import Stats
 
 HEADER = protocol.HEADER
-WORK_HEADER = protocol.WORK_HEADER
-MAX_PING_PAYLOAD = protocol.MAX_PING_PAYLOAD
 SERVER_BUSY = protocol.encode(ERROR, b"server busy")
 NO_DEADLINE = 86_400.0        # --fault no-deadline: a day stands for "never" (sockets and timers take it)
 
 
 def burn(cpu_us: int) -> None:
-    """Compute for cpu_us microseconds (a busy loop: in CPython it holds the GIL)."""
+    """Compute for cpu_us microseconds (a busy loop: in CPython it holds the GIL).
+
+    It reads ``time.perf_counter`` itself, unlike everything else here: this loop
+    is WORK's computation, the load being measured, not the session's logic.
+    """
     end = time.perf_counter() + cpu_us / 1e6
     while time.perf_counter() < end:
         pass
 
 
 class Request:
-    """One thing to answer: wait io_s (the model's way), then ``run()`` for the reply bytes."""
+    """One thing to answer: wait io_s (the model's way), then ``run(now)`` for the reply bytes."""
 
     __slots__ = ("io_s", "cpu_us", "reply", "session")
 
     def __init__(self, reply: bytes, io_s: float = 0.0, cpu_us: int = 0, session: "Session | None" = None):
         self.reply, self.io_s, self.cpu_us, self.session = reply, io_s, cpu_us, session
 
-    def run(self) -> bytes:
+    def run(self, now: float) -> bytes:
+        """Compute cpu_us, then return the reply; ``now`` is the time its wait ended (monotonic seconds).
+
+        A request that waited tells its session the reply is out, at ``now`` plus
+        the cpu_us it computed, so the idle timeout counts from there (a burn
+        descheduled past cpu_us ends later: the next deadline is that much early).
+        """
         if self.cpu_us:
             burn(self.cpu_us)
         if self.session is not None:
-            self.session.idle_since = time.monotonic()
+            self.session.replied(now + self.cpu_us / 1e6)
         return self.reply
 
 
 class TokenBucket:
-    """The seed article's rate limiter: ``rate`` tokens per second, at most ``burst`` saved.
+    """The article's token bucket (docs/article.md): ``rate`` tokens per second, at most ``burst`` saved.
 
     ``delay_for`` takes a token and says how long the request must wait for it.
     The bucket may go into debt; a waiting request pays the debt back by time,
@@ -98,9 +112,8 @@ class Session:
     __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
                  "idle_since", "frame_started", "closing", "peer_closed", "leaky")   # ~200 B less per connection
 
-    def __init__(self, config: ServerConfig, stats: Stats) -> None:
+    def __init__(self, config: ServerConfig, stats: Stats, now: float) -> None:
         self.stats = stats
-        now = time.monotonic()
         self.bucket = None if config.rate_limit is None else TokenBucket(config.rate_limit, config.effective_burst, now)
         self.reject_over_rate = config.rate_limit_mode == "reject"
         self.decoder = protocol.FrameDecoder(config.max_frame)
@@ -131,18 +144,22 @@ class Session:
             return idle_end
         return min(idle_end, self.frame_started + self.frame_timeout)
 
-    @property
-    def expired(self) -> bool:
-        """Whether the deadline has passed (a timer may wake a reader early; then it reads again)."""
-        return time.monotonic() >= self.deadline
+    def expired(self, now: float) -> bool:
+        """Whether the deadline has passed at ``now`` (a timer may wake a reader early; then it reads again)."""
+        return now >= self.deadline
 
-    def timeout(self) -> float:
-        """Seconds left until the deadline (never 0, which sockets read as 'non-blocking')."""
-        return max(self.deadline - time.monotonic(), 0.001)
+    def timeout(self, now: float) -> float:
+        """Seconds left from ``now`` until the deadline (never 0, which sockets read as 'non-blocking')."""
+        return max(self.deadline - now, 0.001)
 
-    def expire(self) -> bytes:
+    def replied(self, now: float) -> None:
+        """A reply that waited went out at ``now``: the idle timeout counts from then (Request.run says so)."""
+        if now > self.idle_since:
+            self.idle_since = now
+
+    def expire(self, now: float) -> bytes:
         """The deadline passed: count it, mark the session closing, return the ERROR to send."""
-        mid_frame = self.frame_started is not None and time.monotonic() >= self.frame_started + self.frame_timeout
+        mid_frame = self.frame_started is not None and now >= self.frame_started + self.frame_timeout
         reason = "frame timeout" if mid_frame else "idle timeout"
         self.stats.count("frame_timeouts" if mid_frame else "idle_timeouts")
         return self._close_with(reason)
@@ -153,12 +170,12 @@ class Session:
         self.stats.record(0, 0, len(reply))
         return reply
 
-    def feed(self, data: bytes) -> list[Request]:
-        """Take received bytes; return the requests they complete, in order."""
+    def feed(self, data: bytes, now: float) -> list[Request]:
+        """Take bytes received at ``now``; return the requests they complete, in order."""
         if self.bucket is None and not self.decoder.mid_frame:
             echoes = protocol.echo_frames(data, self.decoder.max_frame)
             if echoes:                  # the hot path: whole ECHO frames, answered with the same bytes
-                self.idle_since = time.monotonic()
+                self.idle_since = now
                 self.stats.record(echoes, len(data), len(data))
                 return [Request(data)]
         error = None
@@ -166,7 +183,6 @@ class Session:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
             frames, error = exc.frames, exc
-        now = time.monotonic()
         if frames:
             self.idle_since = now
         if not self.decoder.mid_frame:
@@ -183,37 +199,39 @@ class Session:
         return requests
 
     def _answer(self, frames, error, bytes_in):
-        """Requests for decoded frames; stops at the first frame that breaks the protocol."""
+        """Requests for decoded frames, as protocol.REQUESTS says; stops at the first that breaks the protocol."""
         requests: list[Request] = []
         ready: list[bytes] = []        # replies that need no waiting, coalesced into one send
         count = bytes_out = 0
+        rules = REQUESTS
         for op, payload in frames:
-            if op == ECHO:
-                reply = HEADER.pack(len(payload) + 1) + b"\x01" + payload
-            elif op == PING and len(payload) <= MAX_PING_PAYLOAD:
-                reply = HEADER.pack(len(payload) + 1) + b"\x03" + payload
-            elif op == WORK and len(payload) >= WORK_HEADER.size:
-                io_us, cpu_us = WORK_HEADER.unpack_from(payload)
+            rule = rules.get(op)                            # protocol.check_request, inline: this is per frame
+            try:
+                if rule is None:
+                    raise UnknownOp.of(op)
+                asked = rule.check(payload) if rule.check is not None else None
+            except ProtocolError as exc:
+                error = exc
+                break
+            answer = rule.answer
+            if answer == AT_ONCE:
+                reply = HEADER.pack(len(payload) + 1) + rule.reply_byte + payload
+            elif answer == AFTER_WORK:
+                io_us, cpu_us = asked
                 if ready:
                     requests.append(Request(b"".join(ready)))
                     ready = []
-                reply = HEADER.pack(len(payload) + 1) + b"\x04" + payload
+                reply = HEADER.pack(len(payload) + 1) + rule.reply_byte + payload
                 requests.append(Request(reply, io_us / 1e6, cpu_us, self))
                 count, bytes_out = count + 1, bytes_out + len(reply)
                 continue
-            elif op == STATS:
+            else:                                           # COUNTERS
                 self.stats.record(count + 1, bytes_in, bytes_out)   # the snapshot includes this read
                 count = bytes_in = bytes_out = 0
-                reply = protocol.encode(STATS, json.dumps(self.stats.snapshot()).encode())
+                reply = protocol.encode(rule.reply, json.dumps(self.stats.snapshot()).encode())
                 self.stats.record(0, 0, len(reply))
                 ready.append(reply)
                 continue
-            else:
-                try:
-                    protocol.check_request(op, payload)
-                except ProtocolError as exc:
-                    error = exc
-                    break
             ready.append(reply)
             count, bytes_out = count + 1, bytes_out + len(reply)
         if ready:
@@ -221,12 +239,12 @@ class Session:
         self.stats.record(count, bytes_in, bytes_out)
         return requests, error
 
-
     def _answer_limited(self, frames, error, bytes_in, now):
         """Like _answer, one frame at a time, each first taking a token from the bucket."""
         requests: list[Request] = []
         for frame in frames:
-            if frame[0] == STATS:
+            rule = REQUESTS.get(frame[0])
+            if rule is not None and rule.answer == COUNTERS:
                 delay = 0.0                 # the lab can always read its counters
             elif self.reject_over_rate:
                 if not self.bucket.available(now):
@@ -254,20 +272,20 @@ class RawSession(Session):
 
     __slots__ = ()
 
-    def feed(self, data: bytes) -> list[Request]:
-        self.idle_since = time.monotonic()
+    def feed(self, data: bytes, now: float) -> list[Request]:
+        self.idle_since = now
         self.stats.record(1, len(data), len(data))
         return [Request(data)]
 
-    def expire(self) -> bytes:
+    def expire(self, now: float) -> bytes:
         self.stats.count("idle_timeouts")
         self.closing = True
         return b""
 
 
-def open_session(config: ServerConfig, stats: Stats) -> Session:
-    """A new session for an accepted connection, in the configured protocol."""
-    return (RawSession if config.protocol == "raw" else Session)(config, stats)
+def open_session(config: ServerConfig, stats: Stats, now: float) -> Session:
+    """A new session for a connection accepted at ``now`` (monotonic seconds), in the configured protocol."""
+    return (RawSession if config.protocol == "raw" else Session)(config, stats, now)
 
 
 def rejection(config: ServerConfig) -> bytes:

@@ -2,8 +2,8 @@
 
 One ``Stats`` per server process. Threaded backends update it from many
 threads, so every update takes a lock; it is uncontended in the event-loop
-backends and costs about 0.1 µs, and the hot path updates it once per read,
-not once per frame.
+backends and cheap there (docs/performance.md), and the hot path updates it
+once per read, not once per frame.
 """
 from __future__ import annotations
 

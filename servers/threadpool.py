@@ -166,7 +166,8 @@ class RequestLoop:
         send_timeout(sock, self.config.idle_timeout)   # bounds a worker's sendall to a client that never reads
         no_delay(sock)
         self.connections.add(sock)
-        self.selector.register(sock, selectors.EVENT_READ, Connection(sock, open_session(self.config, self.stats)))
+        session = open_session(self.config, self.stats, time.monotonic())
+        self.selector.register(sock, selectors.EVENT_READ, Connection(sock, session))
 
     def read(self, conn: Connection) -> None:
         try:
@@ -177,7 +178,7 @@ class RequestLoop:
             data = b""                              # reset by the peer, or aborted by the drain
         if not data:
             conn.session.eof()
-        requests = conn.session.feed(data) if data else []
+        requests = conn.session.feed(data, time.monotonic()) if data else []
         done = not data or conn.session.closing
         self.deliver(conn, requests, done)          # closing: ERROR is last
         if not done and conn.backlog > BACKLOG_CAP: # a client that does not read its replies: stop reading it
@@ -195,7 +196,7 @@ class RequestLoop:
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
         for conn in [key.data for key in self.selector.get_map().values() if key.data is not None]:
             if not conn.busy and now >= conn.session.deadline:
-                self.deliver(conn, [Request(conn.session.expire())], done=True)
+                self.deliver(conn, [Request(conn.session.expire(now))], done=True)
 
     def deliver(self, conn: Connection, requests: list, done: bool = False) -> None:
         """Queue requests behind conn's; if done, read no more and close once all are answered."""
@@ -226,7 +227,7 @@ class RequestLoop:
             try:
                 if request.io_s:
                     wait(request.io_s)
-                sock.sendall(request.run())
+                sock.sendall(request.run(time.monotonic()))
             except OSError:                         # reset, unread for too long, or aborted
                 with lock:
                     queue.clear()

@@ -80,7 +80,7 @@ def reject(sock, config) -> None:
 
 
 def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelDeadlines) -> None:
-    session = open_session(config, stats)
+    session = open_session(config, stats, time.monotonic())
     peer = deadlines(sock, session)            # sock's recv and sendall, giving up at the session's deadline
     no_delay(sock)
     try:
@@ -88,17 +88,18 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
             try:
                 data = peer.recv(RECV_SIZE)
             except TIMED_OUT:
-                if not session.expired:
+                now = time.monotonic()
+                if not session.expired(now):
                     continue                   # woken early: the deadline moved since the timer was set
-                peer.sendall(session.expire())
+                peer.sendall(session.expire(now))
                 break
             if not data:
                 session.eof()
                 break
-            for request in session.feed(data):
+            for request in session.feed(data, time.monotonic()):
                 if request.io_s:
                     sleep(request.io_s)
-                peer.sendall(request.run())
+                peer.sendall(request.run(time.monotonic()))
     except OSError:
         pass                                   # reset by the peer, or aborted by the drain
     finally:

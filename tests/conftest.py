@@ -1,10 +1,22 @@
-"""Fixtures: every backend test runs once per backend variant over real loopback sockets."""
+"""Fixtures: every backend test runs once per backend variant over real loopback sockets.
+
+The variants are the lab's table (conclab.servers.VARIANTS); the servers are the
+launcher's ``ServerProcess``, the one ``conclab check`` and the harness use.
+"""
 from __future__ import annotations
 
 import pytest
 
-from conclab.servers import unavailable_reason
-from lab import VARIANTS, Server
+from conclab.servers import VARIANTS as LAB_VARIANTS
+from conclab.servers.launcher import ServerProcess
+
+# Test setup on top of the table's options: the connection-dispatch pool gets 32 workers so the
+# suite's 30 simultaneous clients fit; its head-of-line blocking with fewer workers has a test of
+# its own (test_threadpool.py).
+TEST_OPTIONS = {"threadpool": ("--workers", "32")}
+
+# Every test that takes a ``variant`` runs once per entry: (id, backend, options).
+VARIANTS = [(v.name, v.backend, [*v.options, *TEST_OPTIONS.get(v.name, ())]) for v in LAB_VARIANTS.values()]
 
 
 def pytest_generate_tests(metafunc):
@@ -15,7 +27,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def variant(request):
     name, backend, options = request.param
-    reason = unavailable_reason(backend)
+    reason = LAB_VARIANTS[name].unavailable()
     if reason:
         pytest.skip(f"{backend}: {reason}")
     return backend, options
@@ -23,12 +35,12 @@ def variant(request):
 
 @pytest.fixture
 def start(variant):
-    """start(*options) -> a running Server of this variant; all are stopped after the test."""
+    """start(*options) -> a running ServerProcess of this variant; all are closed after the test."""
     backend, base_options = variant
     servers = []
 
     def _start(*options):
-        server = Server(backend, *base_options, *options)
+        server = ServerProcess(backend, [*base_options, *options])
         servers.append(server)
         return server
 
@@ -41,6 +53,5 @@ def start(variant):
 def shared_server(variant):
     """One default server per variant for the tests that do not count or stop it."""
     backend, options = variant
-    server = Server(backend, *options)
-    yield server
-    server.close()
+    with ServerProcess(backend, options) as server:
+        yield server

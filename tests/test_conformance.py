@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lab import wait_until
+from conclab.servers.launcher import wait_until
 from conclab.servers import protocol
 from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK
 

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -17,12 +18,13 @@ import pytest
 
 
 from conclab import servers as variants
-from conclab.experiments import EXPERIMENTS, SEPARATE, memory, switch
+from conclab.experiments import memory, registry, switch
 from conclab.experiments.harness import cli, loadproc, summary
 from conclab.servers import processes
 from conclab.experiments.harness.fit import least_squares
 from conclab.servers.launcher import ServerProcess, ServerStartError
-from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES, ColumnError, TableWriter
+from conclab.servers.protocol import ECHO
+from conclab.experiments.harness.tables import COLUMNS, ColumnError, TableWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "experiments.md"
@@ -30,7 +32,7 @@ BACKENDS = "threads,asyncio,uvloop"        # uvloop is made "unavailable" to che
 SKIP_REASON = "pretend-missing: this test says uvloop cannot run here"
 RUN_ID = "test-run"
 
-# A stand-in load generator: the CLI and JSON of DESIGN.md section 5 and nothing more. Only these
+# A stand-in load generator: the CLI and JSON of docs/protocol.md section 5 and nothing more. Only these
 # tests use it, to show the adapter depends on that contract alone; the harness run uses the real one.
 FAKE_LOADGEN = r'''
 import argparse, json, socket, struct, sys, time
@@ -104,12 +106,12 @@ def read(run_dir: Path, table: str) -> pd.DataFrame:
 def test_tiny_run_writes_every_table_with_documented_columns(tiny_run):
     code, run_dir, _ = tiny_run
     assert code == 0
-    separate = {t for name in SEPARATE for t in EXPERIMENT_TABLES[name]}     # run only when named, not by all
+    separate = {t.name for e in registry.EXPERIMENTS if not e.in_all for t in e.tables}   # only when named
     for table in (t for t in COLUMNS if t not in separate):
         frame = read(run_dir, table)
         assert list(frame.columns) == list(COLUMNS[table]), table
         assert (frame.run_id == RUN_ID).all(), table
-    for experiment in EXPERIMENTS:
+    for experiment in registry.names(in_all=True):
         frame = read(run_dir, experiment)
         assert set(frame.variant) >= {"threads", "asyncio"} or experiment == "switch", experiment
         assert "uvloop" not in set(frame.variant), experiment
@@ -141,7 +143,7 @@ def test_tiny_run_records_skips_with_reasons(tiny_run):
     _, run_dir, _ = tiny_run
     skipped = read(run_dir, "skipped")
     uv = skipped[skipped.variant == "uvloop"]
-    assert sorted(uv.experiment) == sorted(EXPERIMENTS)
+    assert sorted(uv.experiment) == sorted(registry.names(in_all=True))
     assert (uv.reason == SKIP_REASON).all()
     go = skipped[skipped.variant.str.startswith("goroutine")]
     assert len(go) == 2 and go.reason.str.contains("no Go").all()
@@ -216,9 +218,9 @@ def test_knee_is_the_highest_rate_served_without_latency_blowing_up():
     rows = [{"offered_rps": 3000, "throughput_rps": 2100, "errors": 0, "p99_us": 900_000},   # falls behind
             {"offered_rps": 1000, "throughput_rps": 999, "errors": 0, "p99_us": 200},
             {"offered_rps": 2000, "throughput_rps": 1960, "errors": 0, "p99_us": 1500}]
-    assert summary.knee(rows) == 2000
+    assert summary.served_well(rows) == 2000 and summary.knee(rows)["knee"] == 2000
     rows[2]["p99_us"] = 250_000                                           # keeps up, but p99 x1250: past the knee
-    assert summary.knee(rows) == 1000
+    assert summary.served_well(rows) == 1000 and summary.knee(rows)["knee"] == 1000
 
 
 # -- the load generator adapter ------------------------------------------------------------------
@@ -253,7 +255,7 @@ def test_adapter_runs_any_generator_with_the_contract(tmp_path, monkeypatch):
     fake = tmp_path / "fake_loadgen.py"
     fake.write_text(FAKE_LOADGEN)
     monkeypatch.setenv(loadproc.LOADGEN_ENV, f"{sys.executable} {fake}")
-    server = ServerProcess("threads", [], None, str(tmp_path / "server"))
+    server = ServerProcess("threads", log_stem=str(tmp_path / "server"))
     try:
         result = loadproc.run_loadgen(server.target, "closed", 2, 0.3, size=16, op="echo")
     finally:
@@ -295,8 +297,32 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
 
 def test_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(ServerStartError, match="max-conns"):
-        ServerProcess("threads", ["--max-conns", "0"], None, str(tmp_path / "bad"))
+        ServerProcess("threads", ["--max-conns", "0"], log_stem=str(tmp_path / "bad"))
     assert processes.live_count() == 0
+    assert "max-conns" in (tmp_path / "bad.err").read_text()          # the harness keeps what it said
+
+
+def test_launcher_keeps_no_logs_of_its_own_and_stops_with_the_final_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))         # where its private log directory goes
+    with ServerProcess("threads", ["--max-conns", "5"]) as server:
+        assert server.alive() and server.target == "%s:%d" % server.address
+        assert server.stats()["connections_total"] == 1 and server.try_stats()["connections_total"] == 2
+        assert len(list(tmp_path.iterdir())) == 1
+        status, final = server.stop()
+        assert status == 0 and final == server.final and final["requests_total"] == 2
+        assert server.stopped_in is not None and server.try_stats() is None
+    assert list(tmp_path.iterdir()) == [] and processes.live_count() == 0
+    with pytest.raises(ServerStartError, match="max-conns"):
+        ServerProcess("threads", ["--max-conns", "0"])
+    assert list(tmp_path.iterdir()) == [] and processes.live_count() == 0
+
+
+def test_launcher_runs_any_command_that_prints_the_ready_line():
+    argv = [sys.executable, str(ROOT / "benchmarks" / "minimal" / "threads_echo.py"), "--port", "0"]
+    with ServerProcess.command(argv, name="minimal") as server, server.connect() as client:
+        assert client.request(ECHO, b"hi") == (ECHO, b"hi")
+        assert server.backend == "minimal" and server.cpu_seconds() >= 0
+    assert not server.alive() and processes.live_count() == 0
 
 
 def test_table_writer_rejects_undocumented_columns(tmp_path):

@@ -1,12 +1,13 @@
 """The load generator against real servers over loopback: every mode, several backends.
 
 Runs are short (about a second) and bounded; nothing here asserts a speed.
-The backends: one thread-based (threads), the coroutine/event-loop ones that
-have landed (asyncio, epoll), and go when a toolchain is present.
+The backends: one thread-based (threads), two event-loop ones (asyncio,
+epoll), and go when a toolchain is present.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from lab import Server
-from conclab.loadgen import LoadParams, histo, run_load
+from conclab.loadgen import LoadError, LoadParams, engine, histo, run_load
 from conclab.loadgen.cli import add_parser
 from conclab.loadgen.report import CSV_COLUMNS, cpu_check
 from conclab.servers import unavailable_reason
+from conclab.servers.launcher import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS_UNDER_TEST = ("threads", "asyncio", "epoll", "go")
@@ -42,25 +43,18 @@ def server(request):
     reason = why_not(request.param)
     if reason:
         pytest.skip(f"{request.param}: {reason}")
-    srv = Server(request.param)
-    yield srv
-    srv.close()
+    with ServerProcess(request.param) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def threads_server():
-    srv = Server("threads")
-    yield srv
-    srv.close()
+    with ServerProcess("threads") as srv:
+        yield srv
 
 
-def target(srv: Server) -> str:
-    host, port = srv.address
-    return f"{host}:{port}"
-
-
-def run(srv: Server, **options) -> dict:
-    return run_load(LoadParams(target=target(srv), **options))
+def run(srv: ServerProcess, **options) -> dict:
+    return run_load(LoadParams(target=srv.target, **options))
 
 
 def check_shape(result: dict) -> None:
@@ -93,11 +87,8 @@ def test_open_loop(server):
 
 
 def test_hold_reports_server_busy(server):
-    capped = Server(server.backend, "--max-conns", "20")
-    try:
-        result = run_load(LoadParams(target=target(capped), mode="hold", conns=40, connect_rate=400, duration=0.5))
-    finally:
-        capped.close()
+    with ServerProcess(server.backend, ["--max-conns", "20"]) as capped:
+        result = run_load(LoadParams(target=capped.target, mode="hold", conns=40, connect_rate=400, duration=0.5))
     check_shape(result)
     hold = result["hold"]
     assert hold["connected"] + hold["failed"] == 40
@@ -155,11 +146,8 @@ def test_request_shapes(threads_server):
 
 
 def test_raw_protocol():
-    raw = Server("threads", "--protocol", "raw")
-    try:
+    with ServerProcess("threads", ["--protocol", "raw"]) as raw:
         result = run(raw, protocol="raw", size=100, conns=3, pipeline=2, duration=0.5)
-    finally:
-        raw.close()
     assert result["requests"] > 0 and result["errors"] == {}
 
 
@@ -183,15 +171,31 @@ def test_hold_keepalive_probe_and_processes(threads_server):
 
 
 def test_plan_splits_over_processes_and_source_addresses(monkeypatch):
-    from conclab.loadgen import runner
-    monkeypatch.setattr(runner, "fd_budget", lambda: 4_000)
-    monkeypatch.setattr(runner, "ephemeral_ports", lambda: 11_000)         # 10,000 usable per source address
-    specs = runner.plan(LoadParams(mode="hold", conns=25_000), 25_000)
+    from conclab.loadgen import plan as planning
+    monkeypatch.setattr(planning, "fd_budget", lambda: 4_000)
+    monkeypatch.setattr(planning, "ephemeral_ports", lambda: 11_000)       # 10,000 usable per source address
+    specs = planning.plan(LoadParams(mode="hold", conns=25_000), 25_000)
     assert [s.conns for s in specs] == [3_572] * 3 + [3_571] * 4          # 7 processes of <= 4,000
     assert specs[0].sources == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-    assert runner.plan(LoadParams(conns=50, procs=2), 50)[1].sources is None
-    with pytest.raises(runner.LoadError, match="--source-addrs"):
-        runner.plan(LoadParams(target="10.0.0.1:7878", conns=25_000), 25_000)   # planned only, never connected
+    assert planning.plan(LoadParams(conns=50, procs=2), 50)[1].sources is None
+    with pytest.raises(LoadError, match="--source-addrs"):
+        planning.plan(LoadParams(target="10.0.0.1:7878", conns=25_000), 25_000)   # planned only, never connected
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_worker_sets_every_attribute_in_init(mode, monkeypatch):
+    """A run adds no attribute to a Worker: each has its value from __init__ on (a silent peer here)."""
+    monkeypatch.setattr(engine, "OPEN_DRAIN_S", 0.05)
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode=mode, duration=0.2), [near], rate=100 if mode == "open" else None)
+        before = set(vars(worker))
+        result = worker.run()
+        assert set(vars(worker)) == before
+        assert result["duration_s"] == pytest.approx(0.2, abs=0.1)
+    finally:
+        far.close()
 
 
 def test_self_check_flags_a_saturated_load_generator():
@@ -206,12 +210,6 @@ def test_self_check_flags_a_saturated_load_generator():
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "conclab.loadgen", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -231,7 +229,7 @@ def test_cli_errors_are_one_line_exit_2(args, message):
 def test_cli_json_out_and_csv(threads_server, tmp_path):
     out, table = tmp_path / "run.json", tmp_path / "runs.csv"
     for _ in range(2):
-        result = cli("--target", target(threads_server), "--conns", "2", "--duration", "0.4", "--json",
+        result = cli("--target", threads_server.target, "--conns", "2", "--duration", "0.4", "--json",
                      "--out", str(out), "--csv", str(table))
         assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
@@ -259,3 +257,37 @@ def test_locust_engine_headless_two_processes(threads_server):
     assert result["locust"]["failures"] == 0
     assert result["locust"]["hdr_requests"] == result["locust"]["requests_total"]
     assert len(result["histograms_per_process"]) == 2
+
+
+# -- the modules ----------------------------------------------------------------------------------
+def loadgen_imports() -> dict[str, set[str]]:
+    """Module -> the loadgen modules it imports (anywhere in it, lazy imports included)."""
+    folder = REPO / "loadgen"
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    found.add(node.module.split(".")[0])
+                elif node.level == 1:
+                    found.update(alias.name for alias in node.names)
+                elif node.module and node.module.startswith("conclab.loadgen."):
+                    found.add(node.module.split(".")[2])
+        graph[path.stem] = found & names - {path.stem}
+    return graph
+
+
+def test_loadgen_imports_go_one_way():
+    """runner -> hold / locust_engine -> plan, engine, ...: no module imports one that imports it back."""
+    graph = loadgen_imports()
+    assert "runner" not in graph["hold"] | graph["locust_engine"] | graph["plan"] | graph["engine"]
+    for module in graph:                                 # and no circle anywhere: nothing leads back to itself
+        seen, todo = set(), list(graph[module])
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        assert module not in seen, f"{module} imports itself back through {sorted(seen)}"

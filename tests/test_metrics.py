@@ -1,21 +1,14 @@
 """The Prometheus endpoint of every backend: live while the server is busy, and equal to STATS."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
 
-from lab import wait_until
+from conclab.servers.launcher import free_port, wait_until
 from conclab.servers.protocol import ECHO, WORK, encode_work
 
 SCRAPE_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:

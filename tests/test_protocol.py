@@ -10,9 +10,11 @@ from hypothesis import given, settings, strategies as st
 
 from conclab.servers import protocol
 from conclab.servers.config import ServerConfig
-from conclab.servers.protocol import (ECHO, ERROR, PING, PONG, STATS, WORK, BadLength, FrameDecoder, PingTooLong,
-                              ProtocolError, ShortWork, UnknownOp)
-from conclab.servers.session import RawSession, open_session
+from conclab.servers import session as session_module
+from conclab.servers.protocol import (AFTER_WORK, AT_ONCE, COUNTERS, ECHO, ERROR, PING, PONG, REQUESTS, STATS, WORK,
+                                      BadLength, FrameDecoder, OpRule, PingTooLong, ProtocolError, ShortWork,
+                                      UnknownOp)
+from conclab.servers.session import RawSession, Request, Session, open_session
 from conclab.servers.stats import Stats
 
 frames_strategy = st.lists(st.tuples(st.sampled_from([ECHO, PING, WORK, STATS]), st.binary(max_size=300)),
@@ -86,21 +88,113 @@ def test_request_checks_name_the_violation(op, payload, error):
         protocol.check_request(op, payload)
 
 
+def test_check_request_returns_the_rule_of_the_table():
+    for op, rule in REQUESTS.items():
+        valid = protocol.encode_work(0, 0)[5:] if rule.check is protocol.parse_work else b""
+        assert protocol.check_request(op, valid) is rule
+
+
+def test_the_op_table():
+    assert REQUESTS == {
+        ECHO: OpRule(ECHO, None, AT_ONCE, b"\x01"),
+        PING: OpRule(PONG, protocol.check_ping, AT_ONCE, b"\x03"),
+        WORK: OpRule(WORK, protocol.parse_work, AFTER_WORK, b"\x04"),
+        STATS: OpRule(STATS, None, COUNTERS, b"\x05"),
+    }
+    assert all(rule.reply_byte == bytes((rule.reply,)) for rule in REQUESTS.values())
+    assert protocol.REQUEST_OPS == set(REQUESTS)
+    # echo_frames answers ECHO reads with their own bytes: valid only while the table says so
+    assert REQUESTS[ECHO] == OpRule.of(ECHO)
+
+
 def test_work_round_trip():
     frame = protocol.encode_work(1500, 20, b"data")
     [(op, payload)] = FrameDecoder().feed(frame)
     assert op == WORK and protocol.parse_work(payload) == (1500, 20) and payload.endswith(b"data")
 
 
-def new_session(**options):
+def new_session(now=0.0, **options):
     config = ServerConfig(**options)
     stats = Stats("unit", config.max_conns)
-    return open_session(config, stats), stats
+    return open_session(config, stats, now), stats
 
 
-def replies(session, data: bytes) -> list[tuple[int, bytes]]:
-    out = b"".join(request.run() for request in session.feed(data))
+def replies(session, data: bytes, now=0.0) -> list[tuple[int, bytes]]:
+    out = b"".join(request.run(now) for request in session.feed(data, now))
     return FrameDecoder().feed(out)
+
+
+def table_verdict(op: int, payload: bytes):
+    """(rule, None) if the table accepts this request, else (None, the ProtocolError it earns), from REQUESTS alone."""
+    rule = REQUESTS.get(op)
+    if rule is None:
+        return None, UnknownOp(f"unknown op 0x{op:02x}")
+    try:
+        if rule.check is not None:
+            rule.check(payload)
+    except ProtocolError as exc:
+        return None, exc
+    return rule, None
+
+
+@settings(max_examples=500)
+@given(st.integers(min_value=0, max_value=255), st.binary(max_size=100))
+def test_the_op_table_decides_check_request_and_the_session_reply(op, payload):
+    rule, problem = table_verdict(op, payload)
+    if problem is None:
+        assert protocol.check_request(op, payload) is rule
+    else:
+        with pytest.raises(type(problem)) as raised:
+            protocol.check_request(op, payload)
+        assert str(raised.value) == str(problem)
+
+    session, stats = new_session(now=5.0)
+    requests = session.feed(protocol.encode(op, payload), 5.0)
+    got = FrameDecoder().feed(b"".join(request.reply for request in requests))   # not run: WORK may ask for hours
+    if problem is not None:
+        assert got == [(ERROR, str(problem).encode())] and session.closing and stats.protocol_errors == 1
+    elif rule.answer == COUNTERS:
+        [(reply_op, counters)] = got
+        assert reply_op == rule.reply and json.loads(counters)["requests_total"] == 1
+    else:
+        assert got == [(rule.reply, payload)] and not session.closing and stats.requests_total == 1
+        [request] = requests
+        io_us, cpu_us = protocol.parse_work(payload) if rule.answer == AFTER_WORK else (0, 0)
+        assert (request.io_s, request.cpu_us) == (io_us / 1e6, cpu_us)
+
+
+@given(st.lists(st.tuples(st.sampled_from(sorted(REQUESTS)), st.binary(max_size=64)), max_size=20))
+def test_session_replies_to_a_pipeline_as_the_table_says_in_order(frames):
+    frames = [(op, protocol.encode_work(0, 0, payload)[5:] if op == WORK else payload) for op, payload in frames]
+    session, _ = new_session()
+    got = replies(session, b"".join(protocol.encode(op, payload) for op, payload in frames))
+    assert len(got) == len(frames)
+    for (reply_op, reply_payload), (op, payload) in zip(got, frames):
+        rule = REQUESTS[op]
+        assert reply_op == rule.reply and (rule.answer == COUNTERS or reply_payload == payload)
+
+
+def test_a_new_row_in_the_table_is_a_new_request_for_check_request_and_the_session(monkeypatch):
+    def check_even(payload):
+        if len(payload) % 2:
+            raise ProtocolError(f"odd payload of {len(payload)} bytes")
+    monkeypatch.setitem(REQUESTS, 0x06, OpRule.of(0x07, check_even))
+    assert protocol.check_request(0x06, b"ab") is REQUESTS[0x06]
+    session, _ = new_session()
+    assert replies(session, protocol.encode(0x06, b"ab")) == [(0x07, b"ab")]
+    assert replies(session, protocol.encode(0x06, b"abc")) == [(ERROR, b"odd payload of 3 bytes")]
+    monkeypatch.setitem(REQUESTS, PING, OpRule.of(ECHO))           # and a changed row changes the answer
+    assert replies(new_session()[0], protocol.encode(PING, b"x" * 100)) == [(ECHO, b"x" * 100)]
+
+
+def test_the_session_reads_no_clock():
+    names = set()
+    for cls in (Session, RawSession, Request, session_module.TokenBucket):
+        for member in vars(cls).values():
+            code = getattr(getattr(member, "fget", member), "__code__", None)
+            if code is not None:
+                names |= set(code.co_names)
+    assert "monotonic" not in names and "time" not in names     # time comes in as `now`; only burn() reads one
 
 
 def test_session_answers_in_order_and_counts():
@@ -116,7 +210,7 @@ def test_session_answers_in_order_and_counts():
 def test_echo_hot_path_answers_and_counts_like_the_decoder(payloads, cuts):
     stream = b"".join(protocol.encode(ECHO, p) for p in payloads)
     session, stats = new_session()
-    answered = b"".join(r.run() for chunk in chunked(stream, cuts) for r in session.feed(chunk))
+    answered = b"".join(r.run(1.0) for chunk in chunked(stream, cuts) for r in session.feed(chunk, 1.0))
     assert answered == stream             # an ECHO reply is its request
     assert stats.requests_total == len(payloads) and stats.bytes_in == stats.bytes_out == len(stream)
     assert session.frame_started is None and not session.decoder.mid_frame
@@ -125,7 +219,7 @@ def test_echo_hot_path_answers_and_counts_like_the_decoder(payloads, cuts):
 def test_session_coalesces_immediate_replies_and_splits_at_work():
     session, _ = new_session()
     stream = protocol.encode(ECHO, b"1") * 3 + protocol.encode_work(5000, 7) + protocol.encode(ECHO, b"2")
-    requests = session.feed(stream)
+    requests = session.feed(stream, 0.0)
     assert [(r.io_s, r.cpu_us) for r in requests] == [(0, 0), (0.005, 7), (0, 0)]
 
 
@@ -143,23 +237,45 @@ def test_protocol_error_answers_earlier_frames_then_error_and_closes():
     assert session.closing and stats.protocol_errors == 1
 
 
-def test_deadline_is_frame_timeout_while_mid_frame(monkeypatch):
-    now = [100.0]
-    monkeypatch.setattr("servers.session.time.monotonic", lambda: now[0])
-    session, stats = new_session(idle_timeout=60, frame_timeout=10)
+def test_deadline_is_frame_timeout_while_mid_frame():
+    session, stats = new_session(now=100.0, idle_timeout=60, frame_timeout=10)
     assert session.deadline == 160.0
-    session.feed(protocol.encode(ECHO, b"abc")[:3])
+    session.feed(protocol.encode(ECHO, b"abc")[:3], 100.0)
     assert session.deadline == 110.0
-    now[0] = 110.5
-    assert session.expire() == protocol.encode(ERROR, b"frame timeout")
+    assert session.timeout(104.0) == 6.0 and not session.expired(109.9) and session.expired(110.0)
+    assert session.expire(110.5) == protocol.encode(ERROR, b"frame timeout")
     assert stats.frame_timeouts == 1 and session.closing
+
+
+def test_deadlines_follow_the_times_passed_in():
+    session, stats = new_session(now=1000.0, idle_timeout=60, frame_timeout=10)
+    replies(session, protocol.encode(ECHO, b"a"), now=1010.0)       # a whole frame: idle from then
+    assert session.deadline == 1070.0
+    frame = protocol.encode(ECHO, b"abc")
+    session.feed(frame[:5], 1020.0)                                 # a frame starts: 10 s to finish it
+    assert session.deadline == 1030.0
+    session.feed(frame[5:], 1025.0)                                 # finished: idle again
+    assert session.deadline == 1085.0 and session.frame_started is None
+    assert session.timeout(1084.9999) == 0.001                      # never 0 (non-blocking to a socket)
+    assert session.expire(1085.0) == protocol.encode(ERROR, b"idle timeout") and stats.idle_timeouts == 1
+
+
+def test_a_reply_that_waited_restarts_the_idle_timeout_when_it_goes_out():
+    session, _ = new_session(now=0.0, idle_timeout=1.0)
+    [work] = session.feed(protocol.encode_work(5_000_000, 2000), 0.5)   # waits 5 s, computes 2 ms
+    assert session.deadline == 1.5                                  # backends never expire a busy connection
+    work.run(5.5)                                                   # its wait ended at 5.5
+    assert session.deadline == pytest.approx(6.502)                 # out after its 2 ms of computing
+    session.replied(3.0)
+    assert session.deadline == pytest.approx(6.502)                 # a late word of an earlier reply moves nothing
 
 
 def test_raw_session_echoes_bytes():
     session, stats = new_session(protocol="raw")
     assert isinstance(session, RawSession)
-    assert [r.run() for r in session.feed(b"\x00\x00garbage")] == [b"\x00\x00garbage"]
-    assert session.expire() == b"" and stats.idle_timeouts == 1
+    assert [r.run(3.0) for r in session.feed(b"\x00\x00garbage", 3.0)] == [b"\x00\x00garbage"]
+    assert session.deadline == 63.0
+    assert session.expire(63.0) == b"" and stats.idle_timeouts == 1
 
 
 def test_stats_cap_rejects_over_max_conns():
@@ -193,5 +309,13 @@ def test_rate_limit_reject_mode_answers_rate_limited_and_stays_open():
 
 def test_rate_limit_delay_mode_adds_waits_in_order():
     session, _ = new_session(rate_limit=100, burst=1)
-    requests = session.feed(protocol.encode(ECHO, b"a") * 3)
+    requests = session.feed(protocol.encode(ECHO, b"a") * 3, 0.0)
     assert [r.io_s for r in requests] == pytest.approx([0, 0.01, 0.01])
+    later = session.feed(protocol.encode(ECHO, b"b"), 1.0)         # a second on: the bucket refilled
+    assert [r.io_s for r in later] == [0]
+
+
+def test_rate_limit_never_delays_a_counters_request():
+    session, _ = new_session(rate_limit=1, burst=1)
+    requests = session.feed(protocol.encode(PING) * 2 + protocol.encode(STATS), 0.0)
+    assert [r.io_s for r in requests] == pytest.approx([0, 1.0, 0])

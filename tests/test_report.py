@@ -27,7 +27,8 @@ from conclab.analysis import cli, compare, derive, report
 from conclab.analysis.claims import MEMORY_TARGETS_KIB, THROUGHPUT_TARGETS, targets
 from conclab.analysis.fmt import num
 from conclab.analysis.results import load_run, read_table
-from conclab.experiments.harness.tables import COLUMNS, EXPERIMENT_TABLES
+from conclab.experiments import registry
+from conclab.experiments.harness.tables import COLUMNS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-tiny"
 MIN_PIXEL_STD = 0.02          # a blank (one-colour) image has 0
@@ -134,7 +135,7 @@ def test_report_directory_is_small(built):
 def test_page_has_summary_machine_claims_targets_and_every_finding(built):
     run, path, results = built
     text = page_text(path)
-    for heading in ("Summary", "Machine", "Claims vs measured", "Targets", *report.SECTION_ORDER):
+    for heading in ("Summary", "Machine", "Claims vs measured", "Targets", *registry.names()):
         assert heading in text
     assert run.manifest["host"]["cpu_model"] in text
     for result in results:
@@ -228,8 +229,8 @@ KEPT_IN_DEGRADED = ("throughput", "switch")
 
 def keep_only(run_dir: Path, experiments) -> None:
     """Make the copy a run of only these experiments: other tables gone, the manifest says so."""
-    for name in EXPERIMENT_TABLES.keys() - set(experiments):
-        for table in EXPERIMENT_TABLES[name]:
+    for name in set(registry.names()) - set(experiments):
+        for table in registry.tables()[name]:
             (run_dir / f"{table}.csv").unlink()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["experiments"] = manifest["parameters"]["experiments"] = list(experiments)
@@ -271,7 +272,7 @@ def test_cli_report_rejects_unknown_runs(tmp_path, capsys):
 def test_missing_experiments_are_reported_not_fatal(degraded):
     run, _, _ = degraded
     text = page_text(Path(run.path) / "report.html")
-    for name in EXPERIMENT_TABLES.keys() - set(KEPT_IN_DEGRADED):
+    for name in set(registry.names()) - set(KEPT_IN_DEGRADED):
         assert f"No data: {name} was not part of this run" in text
     assert "c10k was not measured in this run" in text          # the claims table says so too
     charts = {p.stem for p in (Path(run.path) / "charts").glob("*.png")}

@@ -5,15 +5,14 @@ import socket
 
 import pytest
 
-from lab import Server
+from conclab.servers.launcher import ServerProcess
 from conclab.servers.protocol import PING, PONG
 
 
 @pytest.fixture
 def pool_server(request):
-    server = Server("threadpool", "--workers", "2", *request.param)
-    yield server
-    server.close()
+    with ServerProcess("threadpool", ["--workers", "2", *request.param]) as server:
+        yield server
 
 
 @pytest.mark.parametrize("pool_server", [["--dispatch", "connection"]], indirect=True)

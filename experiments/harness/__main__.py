@@ -1,4 +1,4 @@
-"""``python -m experiments EXPERIMENT [options]``: the same as ``conclab run``."""
+"""``python -m conclab.experiments.harness EXPERIMENT [options]``: the same as ``conclab run``."""
 import sys
 
 from .cli import main

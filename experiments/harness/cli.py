@@ -1,8 +1,8 @@
 """``conclab run EXPERIMENT``: the command line of the harness.
 
 ``add_parser(subparsers)`` adds the ``run`` subcommand to the ``conclab``
-command (it sets ``run=cmd_run``); ``main(argv)`` is ``python -m experiments``,
-which takes the same arguments as ``conclab run``. Progress goes to stderr (one
+command (it sets ``run=cmd_run``); ``main(argv)`` is
+``python -m conclab.experiments.harness``, which takes the same arguments as ``conclab run``. Progress goes to stderr (one
 line per point); stdout gets one line, the run's directory. Exit status: 0 the
 run completed (skipped backends are recorded, not failures), 2 bad usage or the
 load generator cannot run, 130 interrupted, 1 an unexpected error.
@@ -15,21 +15,22 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 
 from conclab.servers import VARIANTS, processes, select_variants
 
-from .. import EXPERIMENTS, KNOWN, module
+from .. import registry
 from . import loadproc, summary
 from .run import Run
 from .profiles import PROFILES
-from .tables import EXPERIMENT_TABLES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_RESULTS = "results"
 PREFLIGHT_TIMEOUT_S = 60.0
-NEEDS_LOADGEN = set(EXPERIMENTS) - {"switch"}
+DEFAULT_PROFILE = "quick"
+HELP_WIDTH = 100
 
 
 class UsageError(Exception):
@@ -41,12 +42,14 @@ class Interrupted(BaseException):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    only_named = [e.name for e in registry.EXPERIMENTS if not e.in_all]
     parser.add_argument("experiment", metavar="EXPERIMENT",
-                        help=f"all ({', '.join(EXPERIMENTS)}), or one or more of {', '.join(KNOWN)} "
-                             "(comma-separated; pitfalls runs only when named)")
+                        help=f"all ({', '.join(registry.names(in_all=True))}), or one or more of "
+                             f"{', '.join(registry.names())} (comma-separated; {', '.join(only_named)} "
+                             "only when named)")
     parser.add_argument("--backends", metavar="A,B,...",
                         help="variants to run (default all): " + ", ".join(VARIANTS))
-    parser.add_argument("--profile", choices=list(PROFILES), default="quick",
+    parser.add_argument("--profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
                         help="quick (about 5 minutes for all), full (the real sweep), tiny (seconds; tests)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="measure every point N times; tables keep each, summaries use the median (default 1)")
@@ -60,30 +63,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("run", help="run experiments against every backend, write results/<run-id>/",
-                                   description="Measure the backends: " + ", ".join(KNOWN) +
-                                   ". Writes results/<run-id>/manifest.json and tidy CSV tables "
-                                   "(docs/experiments.md).")
+                                   description="Measure the backends. Writes results/<run-id>/manifest.json and "
+                                   "tidy CSV tables (docs/experiments.md).", epilog=experiments_help(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(run=cmd_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conclab.experiments.harness", description="Same as `conclab run`.")
+    parser = argparse.ArgumentParser(prog="python -m conclab.experiments.harness", description="Same as `conclab run`.",
+                                     epilog=experiments_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return cmd_run(parser.parse_args(argv))
+
+
+def experiments_help() -> str:
+    """The experiments, in run order (registry: name, what it shows, what it needs, whether `all` runs it)."""
+    size, width = PROFILES[DEFAULT_PROFILE].size, max(len(e.name) for e in registry.EXPERIMENTS)
+    lines = ["experiments, in run order:"]
+    for e in registry.EXPERIMENTS:
+        notes = [f"needs {n}: takes its results when the run has it, else measures its own" for n in e.needs]
+        notes += [] if e.in_all else ["not part of all: runs only when named"]
+        for i, text in enumerate([e.what.format(size=size), *notes]):
+            lines += textwrap.wrap(text, HELP_WIDTH, initial_indent=f"  {e.name if i == 0 else '':<{width}}  ",
+                                   subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
 
 
 # -- argument checks ------------------------------------------------------------------------------
 
 def parse_experiments(spec: str) -> list[str]:
+    """The experiments named (or ``all``), in run order (registry.plan: what one needs runs before it)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
-        return list(EXPERIMENTS)
-    unknown = [n for n in names if n not in KNOWN]
+        return registry.names(in_all=True)
+    known = registry.names()
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise UsageError(f"unknown experiment {(unknown or [spec])[0]!r}: choose all or {', '.join(KNOWN)}")
-    return [n for n in KNOWN if n in names]
+        raise UsageError(f"unknown experiment {(unknown or [spec])[0]!r}: choose all or {', '.join(known)}")
+    return registry.plan(names)
 
 
 def parse_cpus(spec: str, option: str) -> list[int]:
@@ -124,7 +143,7 @@ def preflight_loadgen() -> None:
 
 
 def new_run_id(results: str, experiments: list[str]) -> str:
-    label = "all" if experiments == list(EXPERIMENTS) else "+".join(experiments)
+    label = "all" if experiments == registry.names(in_all=True) else "+".join(experiments)
     base = time.strftime("%Y%m%d-%H%M%S") + "-" + label
     run_id, n = base, 1
     while os.path.exists(os.path.join(results, run_id)):
@@ -154,7 +173,7 @@ def prepare(args) -> Run:
     if args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     server_cpus, loadgen_cpus = choose_cpus(args)
-    if NEEDS_LOADGEN & set(experiments):
+    if any(registry.get(name).loadgen for name in experiments):
         preflight_loadgen()
     profile = PROFILES[args.profile]
     run_id = args.run_id or new_run_id(args.results, experiments)
@@ -179,11 +198,13 @@ def execute(run: Run, prog: str) -> int:
                  f"{run.loadgen_cpus} -> {run.dir}")
     try:
         os.sched_setaffinity(0, run.loadgen_cpus)        # the sampler stays off the server's CPUs
+        run.manifest["needs"] = registry.sources(run.experiments)
         for name in run.experiments:
-            for table in EXPERIMENT_TABLES[name]:
-                run.table(table)
+            experiment = registry.get(name)
+            for table in experiment.tables:
+                run.table(table.name)
             started = time.monotonic()
-            module(name).run(run)
+            experiment.load().run(run)
             run.manifest.setdefault("experiment_s", {})[name] = round(time.monotonic() - started, 1)
             run.save_manifest()
     except (KeyboardInterrupt, Interrupted):

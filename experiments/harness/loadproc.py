@@ -38,7 +38,7 @@ class LoadgenError(Exception):
 
 
 def command() -> list[str]:
-    """How to start the load generator: $CONCLAB_LOADGEN or ``python -m loadgen``."""
+    """How to start the load generator: $CONCLAB_LOADGEN or ``python -m conclab.loadgen``."""
     custom = os.environ.get(LOADGEN_ENV)
     return shlex.split(custom) if custom else [sys.executable, "-m", "conclab.loadgen"]
 

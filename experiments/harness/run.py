@@ -42,7 +42,6 @@ class Run:
         self.loadgen_cpus = loadgen_cpus
         self.all_cpus = sorted(os.sched_getaffinity(0) | set(server_cpus) | set(loadgen_cpus))
         self.params = params
-        self.cache: dict = {}              # results one experiment leaves for another (capacity, per-request)
         self.t0 = time.monotonic()
         self.tables: dict = {}
         for name in ("skipped", "samples"):
@@ -142,7 +141,8 @@ class Run:
         """
         cpus = cpus or self.server_cpus
         stem = log_stem(self.raw_dir, experiment, variant.name, f"r{repeat}")
-        server = ServerProcess(variant.backend, self.server_options(variant, cpus=cpus, **options), cpus, stem)
+        server = ServerProcess(variant.backend, self.server_options(variant, cpus=cpus, **options), cpus=cpus,
+                               log_stem=stem)
         labels = {"experiment": experiment, "backend": variant.backend, "variant": variant.name, "repeat": repeat}
         sampler = None
         try:
@@ -153,7 +153,7 @@ class Run:
             if sampler:
                 sampler.stop()
             rows = sampler.take() if sampler else []
-            server.stop(stop_grace)
+            server.stop(grace=stop_grace)
             for row in rows:
                 self.write("samples", row)
 
@@ -187,7 +187,7 @@ class Run:
 
     def _server_requests(self, server) -> int | None:
         for _ in range(STATS_RETRIES):
-            stats = server.stats()
+            stats = server.try_stats()
             if stats and isinstance(stats.get("requests_total"), int):
                 return stats["requests_total"]
         return None

@@ -1,24 +1,28 @@
 """summary.csv and targets.csv: the medians (and spread) over repeats, and the headline numbers.
 
 summary.csv is long and tidy: one row per (experiment, variant, point, metric)
-with the median, min, max and count over the repeats. It also carries the
-latency knee of each variant (point ``knee``): the highest offered rate that
-was still served, within ``KNEE_KEEPUP``, without errors, and with p99 at most
-``KNEE_P99_FACTOR`` times its p99 at the lowest rate.
+with the median, min, max and count over the repeats. Its point ``knee``
+(metric ``knee_rps``) is, per repeat, the served half of the latency knee
+(``served_well``: the highest offered rate served within ``KNEE_KEEPUP``,
+without errors, with p99 at most ``KNEE_P99_FACTOR`` times its p99 at the
+lowest rate). The knee itself, the one the report shows, is ``knee``: the only
+place it is computed (analysis.derive.knees calls it).
 
-targets.csv holds the numbers the issue asks to report: at the reference point
-(closed loop, 50 conns, 64 B ECHO, server and generator on their own CPUs) each
-variant's throughput as a ratio to go's, and each variant's memory per idle
+targets.csv holds the headline numbers the lab's targets are about: at the
+reference point (closed loop, 50 conns, 64 B ECHO, server and generator on their
+own CPUs) each variant's throughput as a ratio to go's, and each variant's memory per idle
 connection (slope of RSS, and of USS, over connections held).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from .fit import spread
 
 KNEE_KEEPUP = 0.95          # served at least this fraction of the offered rate...
-KNEE_P99_FACTOR = 10.0      # ...with p99 at most this multiple of the p99 at the lowest rate
+KNEE_P99_FACTOR = 10        # ...with p99 at most this multiple of the p99 at the lowest rate
+KNEE_FIELDS = ("served_knee", "p99_knee", "top_rps", "knee", "where")
 REFERENCE_VARIANT = "go"    # ...and throughput ratios are to this variant
 
 # experiment table -> (point label, x column, metrics summarised)
@@ -41,10 +45,12 @@ SPECS = {
 
 
 def number(value):
+    """A cell as a float; None when empty or not a number (NaN included)."""
     try:
-        return float(value)
+        value = float(value)
     except (TypeError, ValueError):
         return None
+    return None if math.isnan(value) else value
 
 
 def summarize(tables: dict) -> list:
@@ -79,8 +85,52 @@ def fit_summary(rows: list) -> list:
     return out
 
 
-def knee(rows: list) -> float | None:
-    """The highest offered rate still served well (None if none was).
+def knee(rows) -> dict:
+    """Where one variant's latency under load bends: KNEE_FIELDS, from its latency rows (every repeat).
+
+    Two signs, whichever comes first. ``served_knee``: per repeat the highest offered rate served well
+    (``served_well``), median over repeats (None: none was). ``p99_knee``: over the medians per rate, the
+    highest offered rate before p99 first exceeds KNEE_P99_FACTOR x its value at the lightest load (an
+    open-loop generator can answer everything late, so the served rate alone can miss a knee). ``knee``:
+    the lower of the two inside the range tested (below ``top_rps``, the highest offered rate); ``where``:
+    "in range", "beyond" (no knee up to the highest rate) or "below" (none served).
+    """
+    repeats = defaultdict(list)
+    for row in rows:
+        repeats[row.get("repeat")].append(row)
+    served = spread(served_well(group) for group in repeats.values())
+    served_knee = served["median"] if served else None
+    points = _median_points(rows)
+    offered = [o for o, _ in points if o is not None]
+    top = max(offered) if offered else None
+    p99_knee = _p99_knee(points)
+    inside = [k for k in (served_knee, p99_knee) if k is not None and top is not None and k < top]
+    where = "below" if served_knee is None else "in range" if inside else "beyond"
+    return {"served_knee": served_knee, "p99_knee": p99_knee, "top_rps": top,
+            "knee": min(inside) if inside and where == "in range" else None, "where": where}
+
+
+def _median_points(rows) -> list:
+    """(offered rps, p99 us): medians over repeats per rate_fraction, by offered rate (unknown last)."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row.get("rate_fraction", row.get("offered_rps"))].append(row)
+    points = []
+    for group in groups.values():
+        offered, p99 = spread(r.get("offered_rps") for r in group), spread(r.get("p99_us") for r in group)
+        points.append((offered["median"] if offered else None, p99["median"] if p99 else None))
+    return sorted(points, key=lambda p: (p[0] is None, p[0] or 0.0))
+
+
+def _p99_knee(points: list):
+    base = points[0][1] if points else None
+    over = [i for i, (_, p99) in enumerate(points) if base is not None and p99 is not None
+            and p99 > KNEE_P99_FACTOR * base]
+    return points[over[0] - 1][0] if over and over[0] > 0 else None
+
+
+def served_well(rows) -> float | None:
+    """The highest offered rate still served well in one repeat (None if none was).
 
     Served well: throughput within KNEE_KEEPUP of the offered rate, no errors,
     and p99 at most KNEE_P99_FACTOR times the p99 at the lowest offered rate.
@@ -105,7 +155,7 @@ def knee_summary(rows: list) -> list:
         per_repeat[(row["backend"], row["variant"], row["repeat"])].append(row)
     knees = defaultdict(list)
     for (backend, variant, _), group in per_repeat.items():
-        knees[(backend, variant)].append(knee(group))
+        knees[(backend, variant)].append(served_well(group))
     out = []
     for (backend, variant), values in knees.items():
         stats = spread(values)

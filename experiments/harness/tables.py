@@ -20,7 +20,7 @@ import os
 # Every measurement row starts with these: who measured what, and which repeat.
 KEY = ("run_id", "experiment", "backend", "variant", "repeat")
 
-# What the load generator reported for one point (adapter: experiments.load).
+# What the load generator reported for one point (adapter: harness.loadproc).
 LOAD = ("duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us",
         "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated")
 
@@ -60,18 +60,7 @@ COLUMNS = {
     "summary": ("run_id", "experiment", "backend", "variant", "point", "x", "metric", "median", "min", "max", "n"),
     "targets": ("run_id", "target", "backend", "variant", "value", "unit", "detail"),
 }
-
-# The table each experiment writes its measurements to (besides samples/skipped).
-EXPERIMENT_TABLES = {
-    "memory": ("memory", "memory_fit"),
-    "throughput": ("throughput",),
-    "latency": ("latency",),
-    "io_bound": ("io_bound",),
-    "cpu_bound": ("cpu_bound",),
-    "switch": ("switch",),
-    "c10k": ("c10k",),
-    "pitfalls": ("pitfalls", "pitfalls_summary"),
-}
+# Which experiment writes which of them: experiments.registry (Experiment.tables).
 
 FLOAT_DIGITS = 6          # significant digits kept for floats: small files, no false precision
 

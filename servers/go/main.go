@@ -1,30 +1,40 @@
 // Command conclab-go is the reference backend of conclab: the lab's echo server
 // written the way a Go interviewer expects a TCP server to be written.
 //
-//   - one goroutine per connection, released by `defer` on every path;
-//   - SetReadDeadline for the idle and frame timeouts (no slowloris);
-//   - a buffered channel as the connection semaphore (--max-conns);
+//   - one goroutine per connection, released by `defer` on every path, with a
+//     recover() per connection as net/http has: a handler that panics loses
+//     its connection, not the process (an unrecovered panic in any goroutine
+//     kills the whole program, defers or not);
+//   - read deadlines for the idle and frame timeouts (no slowloris), and a
+//     write deadline for a client that stops reading, both armed lazily:
+//     a timer is moved only when it would otherwise fire too late;
+//   - one atomic counter as the connection cap (--max-conns), taken by
+//     compare-and-swap, so it never goes over, even for an instant;
 //   - signal.Notify + sync.WaitGroup for the graceful drain;
-//   - sync.Pool for payload buffers, sync/atomic for the counters;
+//   - payload buffers borrowed from a sync.Pool for one frame, and only small
+//     ones given back: an idle connection holds no payload buffer at all;
+//   - sync/atomic for the counters, and no allocation per request;
 //   - a per-connection token bucket (--rate-limit), touched only by its
 //     connection's goroutine, so it needs no lock;
-//   - a write deadline on every write (--idle-timeout): a client that stops
-//     reading is dropped, and its goroutine with it;
-//   - CLOSE_WAIT monitoring in the Prometheus metrics (--metrics-port).
+//   - an accept loop that backs off (5 ms doubling to 1 s) when the process
+//     is out of descriptors, as net/http's Server.Serve does;
+//   - Prometheus metrics (--metrics-port) from an http.Server with timeouts,
+//     CLOSE_WAIT monitoring included (metrics.go).
 //
 // The wire protocol, controls and shutdown are the lab's contract
-// (docs/protocol.md); servers/session.py is the Python twin of serveFramed.
+// (docs/protocol.md); servers/session.py is the Python twin of serveFramed,
+// and config.go checks the options as servers/config.py does.
 // Standard library only.
 package main
 
 import (
 	"bufio"
-	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"log"
 	"math"
 	"net"
 	"net/http"
@@ -45,8 +55,10 @@ const (
 	maxPing                                          = 64 // bytes of PING id
 )
 
-// busyFrame is ERROR "server busy", for connections over the cap.
-var busyFrame = append([]byte{0, 0, 0, 12, opError}, "server busy"...)
+var (
+	busyFrame   = append([]byte{0, 0, 0, 12, opError}, "server busy"...) // ERROR for connections over the cap
+	rateLimited = []byte("rate limited")
+)
 
 // stats is shared by every goroutine: lock-free atomic counters.
 type stats struct {
@@ -61,8 +73,8 @@ func (st *stats) each(f func(name, help string, v *atomic.Int64)) {
 	f("connections_rejected", "Connections refused over --max-conns.", &st.rejected)
 	f("requests_total", "Requests answered.", &st.requests)
 	f("bytes_in", "Bytes received.", &st.bytesIn)
-	f("bytes_out", "Bytes sent.", &st.bytesOut)
-	f("idle_timeouts", "Connections closed by the idle timeout.", &st.idleTimeouts)
+	f("bytes_out", "Bytes sent (taken by the kernel, not just queued).", &st.bytesOut)
+	f("idle_timeouts", "Connections closed by the idle timeout (no request, or no reply read).", &st.idleTimeouts)
 	f("frame_timeouts", "Connections closed by the frame timeout.", &st.frameTimeouts)
 	f("protocol_errors", "Connections closed for breaking the protocol.", &st.protocolErrors)
 	f("rate_limited", "Requests refused by --rate-limit-mode reject.", &st.rateLimited)
@@ -75,183 +87,159 @@ func (st *stats) fields() string {
 	return b
 }
 
-type config struct {
-	host, protocol, rateMode, fault                   string
-	port, maxConns, maxFrame, metricsPort, gomaxprocs int
-	idle, frame, drain, rate, burst                   float64 // seconds; requests/s; tokens
-}
-
-// parseFlags reads the contract's options (Go's flag package takes --name value).
-func parseFlags(args []string) (*config, error) {
-	c := &config{}
-	fs := flag.NewFlagSet("conclab-go", flag.ContinueOnError)
-	fs.SetOutput(io.Discard) // main reports errors in one line
-	fs.StringVar(&c.host, "host", "127.0.0.1", "bind address")
-	fs.IntVar(&c.port, "port", 0, "TCP port (0: any free one)")
-	fs.StringVar(&c.protocol, "protocol", "framed", "framed or raw (RFC 862 echo)")
-	fs.IntVar(&c.maxConns, "max-conns", 10000, `connection cap; over it ERROR "server busy"`)
-	fs.Float64Var(&c.idle, "idle-timeout", 60, "seconds without a complete frame (raw: a byte)")
-	fs.Float64Var(&c.frame, "frame-timeout", 10, "seconds a started frame has to complete")
-	fs.IntVar(&c.maxFrame, "max-frame", 1048576, "largest frame length (op + payload)")
-	fs.Float64Var(&c.drain, "drain-timeout", 5, "graceful shutdown deadline, seconds")
-	fs.IntVar(&c.metricsPort, "metrics-port", -1, "serve Prometheus /metrics on this port (-1: off)")
-	fs.Float64Var(&c.rate, "rate-limit", 0, "requests/s per connection, token bucket (0: off)")
-	fs.Float64Var(&c.burst, "burst", 0, "token bucket size (0: the rate, at least 1)")
-	fs.StringVar(&c.rateMode, "rate-limit-mode", "delay", "delay or reject")
-	fs.StringVar(&c.fault, "fault", "none", "none, leak, no-deadline, unbounded or hard-kill")
-	fs.IntVar(&c.gomaxprocs, "gomaxprocs", 0, "GOMAXPROCS (0: Go's choice)")
-	fs.String("workers", "", "ignored (thread-pool option)")
-	fs.String("dispatch", "", "ignored (thread-pool option)")
-	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
-		fs.SetOutput(os.Stdout)
-		fs.PrintDefaults()
-		os.Exit(0)
-	} else if err != nil {
-		return nil, err
-	}
-	if c.burst == 0 {
-		c.burst = math.Max(c.rate, 1) // the rate, but whole tokens: a bucket under 1 would never fill
-	}
-	for _, check := range []struct {
-		ok  bool
-		msg string
-	}{ // the rules of servers/config.py
-		{fs.NArg() == 0, "unexpected argument " + fs.Arg(0)},
-		{c.protocol == "framed" || c.protocol == "raw", "--protocol must be framed or raw"},
-		{c.rateMode == "delay" || c.rateMode == "reject", "--rate-limit-mode must be delay or reject"},
-		{strings.Contains(" none leak no-deadline unbounded hard-kill ", " "+c.fault+" "),
-			"--fault must be none, leak, no-deadline, unbounded or hard-kill"},
-		{0 <= c.port && c.port <= 65535, "--port must be in 0..65535"},
-		{c.maxConns >= 1, "--max-conns must be at least 1"},
-		{c.idle > 0 && c.frame > 0, "--idle-timeout and --frame-timeout must be positive"},
-		{1 <= c.maxFrame && c.maxFrame <= 0xFFFFFFFF, "--max-frame must be in 1..4294967295"},
-		{c.drain >= 0, "--drain-timeout must not be negative"},
-		{-1 <= c.metricsPort && c.metricsPort <= 65535, "--metrics-port must be in 0..65535"},
-		{c.rate >= 0 && (c.rate == 0 || c.burst >= 1), "--rate-limit must be positive, --burst at least 1"},
-	} {
-		if !check.ok {
-			return nil, errors.New(check.msg)
-		}
-	}
-	return c, nil
-}
-
-func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
-
 type server struct {
-	cfg   *config
-	port  int // ours, to find our sockets in /proc/net/tcp
-	stats stats
-	sem   chan struct{}  // the connection semaphore: a slot per open connection (nil: unbounded)
-	wg    sync.WaitGroup // a count per handler goroutine: the drain waits on it
-	abort chan struct{}  // closed at the drain deadline: wakes handlers that sleep
-	mu    sync.Mutex
-	conns map[net.Conn]struct{} // open connections, for the drain (and the leak's reference)
+	cfg      *config
+	ln       net.Listener
+	port     int // ours, to find our sockets in /proc/net/tcp
+	stats    stats
+	panics   atomic.Int64 // handlers that panicked (recovered): /metrics only
+	log      *log.Logger  // stderr, one line per event, "conclab: " first
+	wg       sync.WaitGroup
+	quit     chan struct{} // closed by stop: wakes the accept loop's backoff
+	stopOnce sync.Once
+	abort    chan struct{} // closed at the drain deadline: wakes handlers that sleep
+	mu       sync.Mutex
+	conns    map[net.Conn]struct{} // open connections, for the drain (and the leak's reference)
 }
 
-// serve accepts until the signal handler closes the listener.
-func (s *server) serve(ln net.Listener) {
+func newServer(cfg *config, ln net.Listener, logTo io.Writer) *server {
+	return &server{cfg: cfg, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, log: log.New(logTo, "conclab: ", 0),
+		quit: make(chan struct{}), abort: make(chan struct{}), conns: map[net.Conn]struct{}{}}
+}
+
+// stop is step 1 of the drain: stop accepting at once (the signal handler calls it).
+func (s *server) stop() {
+	s.stopOnce.Do(func() { close(s.quit); s.ln.Close() })
+}
+
+// ---------------------------------------------------------------- accepting
+
+// Accept backs off as net/http's Server.Serve does: when accept fails (EMFILE
+// and friends: out of descriptors or memory) the listener stays readable, so
+// retrying at once is a busy loop. Wait 5 ms, doubling up to 1 s, and start
+// again from 5 ms after the next success.
+const minAcceptDelay, maxAcceptDelay = 5 * time.Millisecond, time.Second
+
+type acceptBackoff struct{ delay time.Duration } // zero: the last accept succeeded
+
+// failed returns how long to wait after a failed accept, and whether this
+// failure starts a new episode (the only one that is logged: under EMFILE an
+// accept fails every few milliseconds for as long as it lasts).
+func (b *acceptBackoff) failed() (delay time.Duration, first bool) {
+	first = b.delay == 0
+	switch {
+	case first:
+		b.delay = minAcceptDelay
+	case 2*b.delay < maxAcceptDelay:
+		b.delay *= 2
+	default:
+		b.delay = maxAcceptDelay
+	}
+	return b.delay, first
+}
+
+func (b *acceptBackoff) succeeded() { b.delay = 0 }
+
+// permanentAcceptError: no later accept can succeed on this listener (it is
+// not a listening socket any more), or the error is not the kernel's and we
+// cannot tell. Everything else accept(2) reports (out of descriptors or
+// memory, a connection aborted before we took it, ...) is worth a retry.
+func permanentAcceptError(err error) bool {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return true
+	}
+	return errno == syscall.EBADF || errno == syscall.EINVAL || errno == syscall.ENOTSOCK || errno == syscall.EFAULT
+}
+
+// serve accepts until stop closes the listener (then nil: the drain follows),
+// or until accept fails for good.
+func (s *server) serve() error {
+	var backoff acceptBackoff
 	for {
-		conn, err := ln.Accept()
+		conn, err := s.ln.Accept()
 		if errors.Is(err, net.ErrClosed) {
-			return
-		} else if err != nil { // EMFILE and friends: pause rather than spin
-			fmt.Fprintln(os.Stderr, "conclab: accept:", err)
-			time.Sleep(50 * time.Millisecond)
-			continue
-		}
-		if !s.admit() {
-			if s.cfg.protocol == "framed" {
-				conn.SetWriteDeadline(time.Now().Add(time.Second))
-				conn.Write(busyFrame)
+			return nil
+		} else if err != nil && permanentAcceptError(err) {
+			return fmt.Errorf("accept: %w", err)
+		} else if err != nil {
+			delay, first := backoff.failed()
+			if first {
+				s.log.Printf("accept: %v (retrying every %v..%v until it works; logged once)", err, minAcceptDelay, maxAcceptDelay)
 			}
-			conn.Close()
+			s.sleep(delay)
 			continue
 		}
-		s.mu.Lock()
-		s.conns[conn] = struct{}{}
-		s.mu.Unlock()
-		s.wg.Add(1) // before `go`, so the drain cannot miss it
-		go s.handle(conn)
+		backoff.succeeded()
+		if !s.admit() {
+			s.refuse(conn)
+			continue
+		}
+		s.start(conn)
 	}
 }
 
-// admit takes a semaphore slot without blocking: a full channel means over the cap.
+// sleep waits d, or less if stop is called meanwhile.
+func (s *server) sleep(d time.Duration) {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-s.quit:
+	}
+}
+
+// admit takes a place under --max-conns, or counts a rejection. The cap is
+// tracked one way only: stats.active, the gauge STATS reports. Checking it
+// and then adding 1 would be two steps, and two accepts racing between them
+// would both get in; CompareAndSwap adds 1 only if no one changed the count
+// since we read it (else we read again), so active never exceeds the cap.
 func (s *server) admit() bool {
-	if s.sem != nil { // nil with --fault unbounded: no cap at all
-		select {
-		case s.sem <- struct{}{}:
-		default:
+	for {
+		n := s.stats.active.Load()
+		if n >= int64(s.cfg.maxConns) && s.cfg.fault != "unbounded" { // FAULT unbounded: no cap; each connection costs a goroutine and an fd
 			s.stats.rejected.Add(1)
 			return false
 		}
+		if s.stats.active.CompareAndSwap(n, n+1) {
+			s.stats.total.Add(1)
+			return true
+		}
 	}
-	s.stats.active.Add(1)
-	s.stats.total.Add(1)
-	return true
 }
 
-// Per-connection buffers: 1 KiB each instead of bufio's 4 KiB default saves
-// 6 KiB per idle connection; small requests and pipelined replies still fit,
-// and a larger payload bypasses the buffer (bufio reads/writes it directly).
-const readBufSize, writeBufSize = 1024, 1024
-
-// peer is a connection as its handler sees it. Just before each read from
-// the socket it flushes the replies queued so far (and counts bytes in).
-// bufio.Reader reads the socket only when its buffered input is used up, so
-// replies to pipelined requests coalesce into one write, and no reply is
-// left unsent while we wait for the client.
-type peer struct {
-	net.Conn
-	st                    *stats
-	r                     *bufio.Reader
-	w                     *bufio.Writer
-	idleStart, frameStart time.Time // frameStart is zero between frames
-	head                  [5]byte   // reply header scratch, so replies allocate nothing
-}
-
-func (p *peer) Read(b []byte) (int, error) {
-	if err := p.w.Flush(); err != nil {
-		return 0, err
+// refuse answers a connection over the cap and closes it.
+func (s *server) refuse(conn net.Conn) {
+	if s.cfg.protocol == "framed" {
+		conn.SetWriteDeadline(time.Now().Add(time.Second))
+		conn.Write(busyFrame)
 	}
-	n, err := p.Conn.Read(b)
-	p.st.bytesIn.Add(int64(n))
-	return n, err
+	conn.Close()
 }
 
-// deadlineWriter gives every write to the socket --idle-timeout to complete:
-// a client that stops reading our replies is dropped, not waited for forever
-// (what the socket timeout on sendall does in the Python thread backends).
-type deadlineWriter struct {
-	conn    net.Conn
-	timeout time.Duration
+// start hands an admitted connection to its own goroutine.
+func (s *server) start(conn net.Conn) {
+	s.mu.Lock()
+	s.conns[conn] = struct{}{}
+	s.mu.Unlock()
+	s.wg.Add(1) // before `go`, so the drain cannot miss it
+	go s.handle(conn)
 }
 
-func (w deadlineWriter) Write(b []byte) (int, error) {
-	w.conn.SetWriteDeadline(time.Now().Add(w.timeout))
-	return w.conn.Write(b)
-}
+// ---------------------------------------------------------------- one connection
 
-// reply queues one frame (bufio errors are sticky: the next Flush reports them).
-func (p *peer) reply(op byte, payload []byte) {
-	p.st.bytesOut.Add(int64(len(payload) + 5))
-	binary.BigEndian.PutUint32(p.head[:4], uint32(len(payload)+1))
-	p.head[4] = op
-	p.w.Write(p.head[:])
-	p.w.Write(payload)
-}
+var errPanicked = errors.New("the handler panicked")
 
 // handle owns one connection for its whole life: one goroutine per connection.
 func (s *server) handle(conn net.Conn) {
 	defer s.wg.Done()
 	var err error
-	defer func() { s.release(conn, err) }() // the article's `defer conn.Close()`: every path, even a panic
-	p := &peer{Conn: conn, st: &s.stats, idleStart: time.Now()}
-	var out io.Writer = deadlineWriter{conn, seconds(s.cfg.idle)}
-	if s.cfg.fault == "no-deadline" {
-		out = conn // FAULT no-deadline: a client that never reads holds its goroutine forever too
-	}
-	p.r, p.w = bufio.NewReaderSize(p, readBufSize), bufio.NewWriterSize(out, writeBufSize)
+	// The article's `defer conn.Close()`: it runs when handle returns and
+	// while a panic unwinds through it, but a panic that nothing recovers
+	// then kills the process, every other connection with it. So:
+	defer func() { s.release(conn, err) }()
+	defer s.survive(conn, &err) // runs first (defers are LIFO): recovers, then release closes
+	p := s.newPeer(conn)
 	if s.cfg.protocol == "raw" {
 		err = s.serveRaw(p)
 	} else {
@@ -259,12 +247,41 @@ func (s *server) handle(conn net.Conn) {
 	}
 }
 
-// release closes a finished connection and gives its slot back.
+// survive is the handler's recover(), as net/http's conn.serve has: a panic
+// (a bug) closes its own connection, is counted and logged in one line, and
+// every other connection carries on. It must be deferred itself: recover
+// stops a panic only when called directly by a deferred function.
+func (s *server) survive(conn net.Conn, err *error) {
+	if v := recover(); v != nil {
+		s.panics.Add(1)
+		*err = errPanicked
+		s.log.Printf("panic serving %v: %v (at %s); connection closed", conn.RemoteAddr(), v, panicSite())
+	}
+}
+
+// panicSite names the function and line that panicked: the first frame past
+// the runtime's own panic machinery.
+func panicSite() string {
+	pc := make([]uintptr, 32)
+	frames := runtime.CallersFrames(pc[:runtime.Callers(3, pc)])
+	for inPanic := false; ; {
+		frame, more := frames.Next()
+		if inPanic && !strings.HasPrefix(frame.Function, "runtime.") {
+			return fmt.Sprintf("%s %s:%d", frame.Function, frame.File[strings.LastIndex(frame.File, "/")+1:], frame.Line)
+		}
+		inPanic = inPanic || frame.Function == "runtime.gopanic"
+		if !more {
+			return "unknown"
+		}
+	}
+}
+
+// release closes a finished connection and gives its place back.
 func (s *server) release(conn net.Conn, err error) {
 	if s.cfg.fault == "leak" && errors.Is(err, io.EOF) {
 		// FAULT leak: the peer closed and we return without Close(). The socket
 		// sits in CLOSE_WAIT, its fd stays open (s.conns still refers to it, so
-		// no finalizer closes it) and its slot is never given back: enough of
+		// no finalizer closes it) and its place is never given back: enough of
 		// these and everyone gets "server busy".
 		return
 	}
@@ -272,24 +289,149 @@ func (s *server) release(conn net.Conn, err error) {
 	s.mu.Lock()
 	delete(s.conns, conn)
 	s.mu.Unlock()
-	if s.sem != nil {
-		<-s.sem // the slot first: whoever sees active drop can get in
-	}
 	s.stats.active.Add(-1)
 }
 
-// arm sets the read deadline: idle start + idle timeout or, while a frame is
-// partly received, frame start + frame timeout if earlier. A read past it
-// fails with os.ErrDeadlineExceeded: no goroutine waits forever on a client.
-func (s *server) arm(p *peer) {
-	if s.cfg.fault == "no-deadline" {
-		return // FAULT no-deadline: a silent or dribbling client holds a goroutine and an fd forever
+// Per-connection buffers: 1 KiB each instead of bufio's 4 KiB default saves
+// 6 KiB per idle connection; small requests and pipelined replies still fit,
+// and a larger payload bypasses the buffer (bufio reads/writes it directly).
+const readBufSize, writeBufSize = 1024, 1024
+
+// peer is a connection as its handler sees it: the handler reads from p.r and
+// writes to p.w, two small buffers. Below them, p.Read and p.Write are the
+// only code that touches the socket, so that is where the deadlines are armed
+// and the bytes counted. bufio.Reader calls p.Read only when its buffered
+// input is used up: a frame that is already buffered costs no system call and
+// no deadline. p.Read first flushes the replies queued so far, so replies to
+// pipelined requests coalesce into one write, and no reply is left unsent
+// while we wait for the client.
+type peer struct {
+	conn                  net.Conn
+	st                    *stats
+	r                     *bufio.Reader // reads from p.Read
+	w                     *bufio.Writer // writes to p.Write
+	timed                 bool          // arm deadlines (off under --fault no-deadline)
+	idle, frame           time.Duration
+	idleStart, frameStart time.Time    // frameStart is zero between frames
+	readArmed, writeArmed lazyDeadline // what the connection's deadlines are set to now
+	head                  [5]byte      // reply header scratch, so replies allocate nothing
+}
+
+func (s *server) newPeer(conn net.Conn) *peer {
+	p := &peer{conn: conn, st: &s.stats, timed: s.cfg.fault != "no-deadline", // FAULT no-deadline: a silent, dribbling or non-reading client holds its goroutine and fd forever
+		idle: seconds(s.cfg.idle), frame: seconds(s.cfg.frame), idleStart: time.Now()}
+	p.r, p.w = bufio.NewReaderSize(p, readBufSize), bufio.NewWriterSize(p, writeBufSize)
+	return p
+}
+
+// A lazyDeadline is the value one of a connection's deadlines is set to.
+// Setting a deadline is a timer operation (and net.Pipe allocates a timer
+// for each), and the idle deadline moves with every request. So a deadline
+// is moved only when it must come earlier; one left earlier than needed may
+// fire early, os.ErrDeadlineExceeded before the real deadline: then the
+// caller arms the real one and retries. That costs one extra wakeup per
+// --idle-timeout, not a timer operation per request.
+type lazyDeadline time.Time // zero: none armed
+
+// need reports whether the deadline must be set to due (and records it).
+func (d *lazyDeadline) need(due time.Time) bool {
+	if armed := time.Time(*d); armed.IsZero() || due.Before(armed) {
+		*d = lazyDeadline(due)
+		return true
 	}
-	deadline := p.idleStart.Add(seconds(s.cfg.idle))
-	if end := p.frameStart.Add(seconds(s.cfg.frame)); !p.frameStart.IsZero() && end.Before(deadline) {
-		deadline = end
+	return false
+}
+
+// early reports whether err is the deadline firing before due: retry, and
+// need(due) will arm due.
+func (d *lazyDeadline) early(err error, due time.Time) bool {
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && time.Now().Before(due) {
+		*d = lazyDeadline{}
+		return true
 	}
-	p.SetReadDeadline(deadline)
+	return false
+}
+
+// readDeadline is when a read must have returned: idle start + idle timeout
+// or, while a frame is partly received, frame start + frame timeout if
+// earlier. A read past it fails with os.ErrDeadlineExceeded: no goroutine
+// waits forever on a client.
+func (p *peer) readDeadline() time.Time {
+	due := p.idleStart.Add(p.idle)
+	if end := p.frameStart.Add(p.frame); !p.frameStart.IsZero() && end.Before(due) {
+		due = end
+	}
+	return due
+}
+
+// Read reads the socket for bufio.Reader (see peer).
+func (p *peer) Read(b []byte) (int, error) {
+	if err := p.w.Flush(); err != nil {
+		return 0, err
+	}
+	for {
+		due := p.readDeadline()
+		if p.timed && p.readArmed.need(due) {
+			p.conn.SetReadDeadline(due)
+		}
+		n, err := p.conn.Read(b)
+		p.st.bytesIn.Add(int64(n))
+		if n > 0 || !p.timed || !p.readArmed.early(err, due) {
+			return n, err
+		}
+	}
+}
+
+// errPeerNotReading: a write to the socket made no progress for --idle-timeout.
+var errPeerNotReading = errors.New("the peer read none of our replies for --idle-timeout")
+
+// Write writes to the socket for bufio.Writer, and is the only place bytes_out
+// is counted: bytes the kernel took, not bytes queued in p.w. Each write has
+// --idle-timeout to complete, so a client that stops reading our replies is
+// dropped, not waited for forever (what SO_SNDTIMEO does in the Python thread
+// backends). bufio.Writer keeps the first error for good: every later Write
+// and Flush on p.w returns it.
+func (p *peer) Write(b []byte) (int, error) {
+	var due time.Time
+	if p.timed {
+		due = time.Now().Add(p.idle)
+	}
+	written := 0
+	for {
+		if p.timed && p.writeArmed.need(due) {
+			p.conn.SetWriteDeadline(due)
+		}
+		n, err := p.conn.Write(b[written:])
+		written += n
+		p.st.bytesOut.Add(int64(n))
+		if err == nil || !p.timed {
+			return written, err
+		} else if p.writeArmed.early(err, due) {
+			continue
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = errPeerNotReading
+		}
+		return written, err
+	}
+}
+
+// reply queues one frame in p.w: sent when we next need input (see peer), or
+// earlier if p.w fills up. Its error is p.w's, the first write that failed.
+func (p *peer) reply(op byte, payload []byte) error {
+	binary.BigEndian.PutUint32(p.head[:4], uint32(len(payload)+1))
+	p.head[4] = op
+	if _, err := p.w.Write(p.head[:]); err != nil {
+		return err
+	}
+	_, err := p.w.Write(payload)
+	return err
+}
+
+// reset makes the coming Close send RST, not FIN: the connection is abandoned.
+func reset(conn net.Conn) {
+	if tcp, ok := conn.(interface{ SetLinger(int) error }); ok {
+		tcp.SetLinger(0)
+	}
 }
 
 // A protocolError is a broken rule; its text is the reason in the ERROR frame.
@@ -299,105 +441,157 @@ func (e protocolError) Error() string { return string(e) }
 
 var errAborted = errors.New("aborted by the drain deadline")
 
-// readFrame reads one whole frame into buf and returns its op. The length is
-// checked as soon as its 4 bytes arrive, and buf grows only as payload bytes
-// arrive: a hostile length allocates nothing it has not been sent.
-func (s *server) readFrame(p *peer, buf *bytes.Buffer) (byte, error) {
+// Payload buffers are borrowed from payloadPool for one frame and given back
+// once its reply is queued (bufio has copied it, or written it out). Only
+// buffers up to maxPooledPayload go back: one 1 MiB ECHO must not leave a
+// 1 MiB buffer behind, in a connection or in the pool. A connection waiting
+// for its next frame holds no payload buffer at all, only its two bufio
+// buffers. Get and Put of a *[]byte allocate nothing.
+const minPayloadBuf, maxPooledPayload = 4 << 10, 64 << 10
+
+var payloadPool = sync.Pool{New: func() any { b := make([]byte, 0, minPayloadBuf); return &b }}
+
+// recycle gives a payload buffer back to the pool, if it is small enough.
+func recycle(buf *[]byte) bool {
+	if buf == nil || cap(*buf) > maxPooledPayload {
+		return false // the garbage collector's now
+	}
+	*buf = (*buf)[:0]
+	payloadPool.Put(buf)
+	return true
+}
+
+// readFrame reads one whole frame and returns its op and its payload, in a
+// buffer borrowed from payloadPool (the caller recycles it, error or not).
+// The length is checked as soon as its 4 bytes arrive, and the buffer
+// grows only as payload bytes arrive: a hostile length allocates nothing it
+// has not been sent.
+func (s *server) readFrame(p *peer) (op byte, payload *[]byte, err error) {
 	p.frameStart = time.Time{}
-	s.arm(p)
-	if _, err := p.r.Peek(1); err != nil { // between frames only the idle clock runs
-		return 0, err
+	if _, err = p.r.Peek(1); err != nil { // between frames only the idle clock runs
+		return 0, nil, err
 	}
 	p.frameStart = time.Now() // a frame has started: its clock runs too
-	s.arm(p)
 	head, err := p.r.Peek(4)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	length := int64(binary.BigEndian.Uint32(head)) // copy it out: Peek's slice dies at the next read
 	if length == 0 || length > int64(s.cfg.maxFrame) {
-		return 0, protocolError(fmt.Sprintf("frame length %d outside 1..%d", length, s.cfg.maxFrame))
+		return 0, nil, protocolError(fmt.Sprintf("frame length %d outside 1..%d", length, s.cfg.maxFrame))
 	}
 	p.r.Discard(4)
-	op, err := p.r.ReadByte()
-	if err == nil {
-		buf.Reset()
-		_, err = io.CopyN(buf, p.r, length-1) // via bytes.Buffer.ReadFrom: grows as bytes come
+	if op, err = p.r.ReadByte(); err != nil {
+		return 0, nil, err
 	}
-	return op, err
+	payload = payloadPool.Get().(*[]byte)
+	*payload, err = readPayload(p.r, *payload, int(length-1))
+	return op, payload, err
 }
 
-// bufPool recycles payload buffers: a connection borrows one for its life, so
-// thousands of short connections do not each allocate one (less GC work).
-var bufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+// readPayload reads n bytes into buf, growing it (doubling, from 4 KiB, but
+// never past n) only when it is full and more bytes have arrived.
+func readPayload(r io.Reader, buf []byte, n int) ([]byte, error) {
+	buf = buf[:0]
+	for len(buf) < n {
+		if len(buf) == cap(buf) {
+			size := 2 * cap(buf)
+			if size > n {
+				size = n
+			}
+			if size < minPayloadBuf {
+				size = minPayloadBuf
+			}
+			buf = append(make([]byte, 0, size), buf...)
+		}
+		end := cap(buf)
+		if end > n {
+			end = n
+		}
+		m, err := r.Read(buf[len(buf):end])
+		buf = buf[:len(buf)+m]
+		if err != nil && len(buf) < n {
+			return buf, err
+		}
+	}
+	return buf, nil
+}
 
 // serveFramed answers frames in order until the client leaves or breaks a rule.
 func (s *server) serveFramed(p *peer) error {
-	buf := bufPool.Get().(*bytes.Buffer)
-	defer func() {
-		if buf.Cap() <= 64<<10 { // pooling a 1 MiB buffer would pin it: let the GC have it
-			bufPool.Put(buf)
-		}
-	}()
-	bucket := &tokenBucket{rate: s.cfg.rate, burst: s.cfg.burst, tokens: s.cfg.burst, last: time.Now()}
-	for {
-		op, err := s.readFrame(p, buf)
-		if err != nil {
-			return s.fail(p, err)
-		}
-		p.idleStart = time.Now() // a complete frame restarts the idle clock
-		payload, reply := buf.Bytes(), op
-		switch {
-		case op == opPing && len(payload) > maxPing:
-			err = protocolError(fmt.Sprintf("PING payload is %d bytes, at most %d allowed", len(payload), maxPing))
-		case op == opPing:
-			reply = opPong
-		case op == opWork && len(payload) < 8:
-			err = protocolError(fmt.Sprintf("WORK payload is %d bytes, needs at least 8 (io_us, cpu_us)", len(payload)))
-		case op != opEcho && op != opWork && op != opStats:
-			err = protocolError(fmt.Sprintf("unknown op 0x%02x", op))
-		}
-		if err != nil {
-			return s.fail(p, err)
-		}
-		if s.cfg.rate > 0 && op != opStats { // STATS is exempt: the lab must always see its counters
-			wait := bucket.take(time.Now(), s.cfg.rateMode == "delay")
-			if wait > 0 && s.cfg.rateMode == "reject" {
-				s.stats.rateLimited.Add(1)
-				p.reply(opError, []byte("rate limited")) // and the connection stays open
-				continue
-			} else if wait > 0 && !s.pause(p, wait) {
-				return errAborted
-			}
-		}
-		s.stats.requests.Add(1)
-		switch op {
-		case opWork: // wait io_us the Go way (the goroutine parks, its thread runs others), then compute cpu_us
-			if !s.pause(p, time.Duration(binary.BigEndian.Uint32(payload))*time.Microsecond) {
-				return errAborted
-			}
-			burn(time.Duration(binary.BigEndian.Uint32(payload[4:])) * time.Microsecond)
-		case opStats:
-			payload = []byte("{" + s.stats.fields() + "}")
-		}
-		p.reply(reply, payload)  // sent when we next need input (see peer.Read)
-		p.idleStart = time.Now() // a reply restarts the idle clock too
+	var bucket *tokenBucket
+	if s.cfg.rate > 0 {
+		bucket = &tokenBucket{rate: s.cfg.rate, burst: s.cfg.burst, tokens: s.cfg.burst, last: time.Now()}
 	}
+	for {
+		op, payload, err := s.readFrame(p)
+		if err == nil {
+			err = s.answer(p, op, *payload, bucket)
+		}
+		recycle(payload) // before we wait for the next frame
+		if err != nil {
+			return s.fail(p, err)
+		}
+		// A complete frame restarts the idle clock, and so does its reply; we
+		// read nothing in between, so restarting it once, now, is the same.
+		p.idleStart = time.Now()
+	}
+}
+
+// answer checks one frame and queues its reply.
+func (s *server) answer(p *peer, op byte, payload []byte, bucket *tokenBucket) error {
+	reply := op
+	switch {
+	case op == opPing && len(payload) > maxPing:
+		return protocolError(fmt.Sprintf("PING payload is %d bytes, at most %d allowed", len(payload), maxPing))
+	case op == opPing:
+		reply = opPong
+	case op == opWork && len(payload) < 8:
+		return protocolError(fmt.Sprintf("WORK payload is %d bytes, needs at least 8 (io_us, cpu_us)", len(payload)))
+	case op != opEcho && op != opWork && op != opStats:
+		return protocolError(fmt.Sprintf("unknown op 0x%02x", op))
+	}
+	if bucket != nil && op != opStats { // STATS is exempt: the lab must always see its counters
+		wait := bucket.take(time.Now(), s.cfg.rateMode == "delay")
+		if wait > 0 && s.cfg.rateMode == "reject" {
+			s.stats.rateLimited.Add(1)
+			return p.reply(opError, rateLimited) // and the connection stays open
+		} else if wait > 0 {
+			if err := s.pause(p, wait); err != nil {
+				return err
+			}
+		}
+	}
+	s.stats.requests.Add(1)
+	switch op {
+	case opWork: // wait io_us the Go way (the goroutine parks, its thread runs others), then compute cpu_us
+		if err := s.pause(p, time.Duration(binary.BigEndian.Uint32(payload))*time.Microsecond); err != nil {
+			return err
+		}
+		burn(time.Duration(binary.BigEndian.Uint32(payload[4:])) * time.Microsecond)
+	case opStats:
+		if err := p.w.Flush(); err != nil { // bytes_out counts sent bytes: send what came before first
+			return err
+		}
+		payload = []byte("{" + s.stats.fields() + "}")
+	}
+	return p.reply(reply, payload)
 }
 
 // serveRaw is RFC 862 echo: whatever arrives goes back; no frames, no ERROR.
 func (s *server) serveRaw(p *peer) error {
 	for {
 		p.idleStart = time.Now()
-		s.arm(p)
 		if _, err := p.r.Peek(1); err != nil {
 			return s.fail(p, err)
 		}
 		data, _ := p.r.Peek(p.r.Buffered())
 		s.stats.requests.Add(1)
-		s.stats.bytesOut.Add(int64(len(data)))
-		p.w.Write(data)
+		_, err := p.w.Write(data)
 		p.r.Discard(len(data))
+		if err != nil {
+			return s.fail(p, err)
+		}
 	}
 }
 
@@ -405,37 +599,49 @@ func (s *server) serveRaw(p *peer) error {
 // Other errors (EOF, reset, the drain) end it silently.
 func (s *server) fail(p *peer, err error) error {
 	var reason protocolError
-	if errors.As(err, &reason) {
+	switch {
+	case errors.As(err, &reason):
 		s.stats.protocolErrors.Add(1)
-	} else if !errors.Is(err, os.ErrDeadlineExceeded) {
+	case errors.Is(err, errPeerNotReading):
+		// A reply could not be sent for --idle-timeout, on any path (a reply
+		// queued, the flush before a read, a WORK wait or a STATS). We count
+		// it one way, as an idle timeout: the peer made no progress reading
+		// for --idle-timeout. No ERROR frame: it cannot reach a peer that does
+		// not read, and queued replies could not be flushed anyway. So the
+		// connection is reset (RST) rather than closed with a FIN that would
+		// sit behind them.
+		s.stats.idleTimeouts.Add(1)
+		reset(p.conn)
 		return err
-	} else if !p.frameStart.IsZero() && time.Since(p.frameStart) >= seconds(s.cfg.frame) {
+	case !errors.Is(err, os.ErrDeadlineExceeded):
+		return err
+	case !p.frameStart.IsZero() && time.Since(p.frameStart) >= p.frame:
 		s.stats.frameTimeouts.Add(1)
 		reason = "frame timeout"
-	} else {
+	default:
 		s.stats.idleTimeouts.Add(1)
 		reason = "idle timeout"
 	}
 	if s.cfg.protocol == "framed" {
-		p.reply(opError, []byte(reason))
+		p.reply(opError, []byte(reason)) // best effort: the connection closes either way
 		p.w.Flush()
 	}
 	return err
 }
 
-// pause sends the replies already written, then sleeps d: false if the drain
-// deadline cut the sleep short.
-func (s *server) pause(p *peer, d time.Duration) bool {
-	if p.w.Flush() != nil {
-		return false
+// pause sends the replies already written, then sleeps d: errAborted if the
+// drain deadline cut the sleep short.
+func (s *server) pause(p *peer, d time.Duration) error {
+	if err := p.w.Flush(); err != nil {
+		return err
 	}
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	select {
 	case <-timer.C:
-		return true
+		return nil
 	case <-s.abort:
-		return false
+		return errAborted
 	}
 }
 
@@ -456,7 +662,9 @@ type tokenBucket struct {
 // With borrow (delay mode) an absent token is taken on credit and the caller
 // waits; without (reject mode) nothing is spent when the bucket is empty.
 func (b *tokenBucket) take(now time.Time, borrow bool) time.Duration {
-	b.tokens = math.Min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	if elapsed := now.Sub(b.last).Seconds(); elapsed > 0 { // (0 * an infinite rate would be NaN)
+		b.tokens = math.Min(b.burst, b.tokens+elapsed*b.rate)
+	}
 	b.last = now
 	wait := seconds(math.Max(0, 1-b.tokens) / b.rate)
 	if wait == 0 || borrow {
@@ -465,15 +673,17 @@ func (b *tokenBucket) take(now time.Time, borrow bool) time.Duration {
 	return wait
 }
 
-// drain is the graceful shutdown of docs/protocol.md 4, once the listener is
-// closed. CloseRead (shutdown SHUT_RD) makes each handler's next read return
-// EOF after the input already received: complete frames are answered, idle
-// connections close at once, busy ones after their reply. At the deadline
-// what is left is reset. Returns how many were aborted.
+// drain is the graceful shutdown of docs/protocol.md 4, once stop has closed
+// the listener. CloseRead (shutdown SHUT_RD) makes each handler's next read
+// return EOF after the input already received: complete frames are
+// answered, idle connections close at once, busy ones after their reply. At
+// the deadline what is left is reset. Returns how many were aborted.
 func (s *server) drain() (aborted int) {
 	s.mu.Lock()
 	for conn := range s.conns {
-		conn.(*net.TCPConn).CloseRead()
+		if tcp, ok := conn.(interface{ CloseRead() error }); ok {
+			tcp.CloseRead()
+		}
 	}
 	s.mu.Unlock()
 	done := make(chan struct{})
@@ -486,7 +696,7 @@ func (s *server) drain() (aborted int) {
 	close(s.abort)
 	s.mu.Lock()
 	for conn := range s.conns {
-		conn.(*net.TCPConn).SetLinger(0) // RST, not FIN: this is an abort
+		reset(conn) // RST, not FIN: this is an abort
 		conn.Close()
 		aborted++
 	}
@@ -498,43 +708,13 @@ func (s *server) drain() (aborted int) {
 	return aborted
 }
 
-// metrics is the Prometheus text exposition (format 0.0.4), written by hand.
-func (s *server) metrics(w http.ResponseWriter, _ *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	s.stats.each(func(name, help string, v *atomic.Int64) {
-		if name == "connections_active" {
-			metric(w, "conclab_"+name, "gauge", help, v.Load())
-		} else {
-			metric(w, "conclab_"+strings.TrimSuffix(name, "_total")+"_total", "counter", help, v.Load())
-		}
-	})
-	fds, _ := os.ReadDir("/proc/self/fd")
-	metric(w, "conclab_open_fds", "gauge", "File descriptors open in this process.", int64(len(fds)-1)) // -1: ReadDir's own
-	metric(w, "conclab_close_wait_connections", "gauge",
-		"Sockets on the server port in CLOSE_WAIT: the peer closed, we did not.", s.closeWait())
-}
+// listenConfig is how we listen. KeepAlive -1: accepted connections get no
+// TCP keepalive. Go turns it on by default (a probe after 15 s of silence),
+// which no Python backend does; off, a dead peer is found the same way in
+// every backend: by --idle-timeout, and by clients that PING.
+var listenConfig = net.ListenConfig{KeepAlive: -1}
 
-func metric(w io.Writer, name, kind, help string, value int64) {
-	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s{backend=\"go\"} %d\n", name, help, name, kind, name, value)
-}
-
-// closeWait counts the lines of /proc/net/tcp{,6} in state 08 (CLOSE_WAIT)
-// whose local port is ours. If it only grows, a conn.Close() is missing.
-func (s *server) closeWait() (n int64) {
-	port := fmt.Sprintf(":%04X", s.port)
-	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
-		data, _ := os.ReadFile(file)
-		for _, line := range strings.Split(string(data), "\n") {
-			if f := strings.Fields(line); len(f) > 3 && f[3] == "08" && strings.HasSuffix(f[1], port) {
-				n++
-			}
-		}
-	}
-	return n
-}
-
-// listen binds host:port (an IPv4 literal binds IPv4 only, as in Python),
-// or says in one line why it cannot.
+// listen binds host:port (an IPv4 literal binds IPv4 only, as in Python).
 func listen(host string, port int) (net.Listener, error) {
 	network := "tcp"
 	if ip := net.ParseIP(host); ip != nil && ip.To4() != nil {
@@ -542,14 +722,17 @@ func listen(host string, port int) (net.Listener, error) {
 	} else if ip != nil {
 		network = "tcp6"
 	}
-	ln, err := net.Listen(network, net.JoinHostPort(host, strconv.Itoa(port)))
-	if sysErr := (*os.SyscallError)(nil); errors.As(err, &sysErr) {
-		err = sysErr.Err // "address already in use", not "listen tcp4 ...: bind: address already in use"
+	return listenConfig.Listen(context.Background(), network, net.JoinHostPort(host, strconv.Itoa(port)))
+}
+
+// errReason is the kernel's words for a failed listen: "address already in
+// use", not "listen tcp4 127.0.0.1:80: bind: address already in use".
+func errReason(err error) error {
+	var sysErr *os.SyscallError
+	if errors.As(err, &sysErr) {
+		return sysErr.Err
 	}
-	if err != nil {
-		return nil, fmt.Errorf("cannot listen on %s:%d: %v", host, port, err)
-	}
-	return ln, nil
+	return err
 }
 
 func die(err error) {
@@ -575,28 +758,31 @@ func main() {
 	}
 	ln, err := listen(cfg.host, cfg.port)
 	if err != nil {
-		die(err)
+		die(fmt.Errorf("cannot listen on %s:%d: %v", cfg.host, cfg.port, errReason(err)))
 	}
-	s := &server{cfg: cfg, port: ln.Addr().(*net.TCPAddr).Port, abort: make(chan struct{}), conns: map[net.Conn]struct{}{}}
-	if cfg.fault != "unbounded" { // FAULT unbounded: no cap; each connection costs a goroutine and an fd
-		s.sem = make(chan struct{}, cfg.maxConns)
-	}
+	s := newServer(cfg, ln, os.Stderr)
+	var metrics *http.Server
 	if cfg.metricsPort >= 0 {
-		ml, err := listen(cfg.host, cfg.metricsPort)
-		if err != nil {
-			die(fmt.Errorf("--metrics-port: %v", err))
+		if metrics, err = s.startMetrics(cfg.host, cfg.metricsPort, os.Stderr); err != nil {
+			die(err)
 		}
-		mux := http.NewServeMux()
-		mux.HandleFunc("/metrics", s.metrics)
-		go http.Serve(ml, mux)
 	}
 	if cfg.fault != "hard-kill" { // FAULT hard-kill: SIGTERM kills us mid-request: no drain, no final line
 		signals := make(chan os.Signal, 1) // buffered: signal delivery never blocks
 		signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
-		go func() { <-signals; ln.Close() }() // step 1: stop accepting at once; later signals are ignored
+		go func() { <-signals; s.stop() }() // step 1: stop accepting at once; later signals are ignored
 	}
 	fmt.Println("listening on", ln.Addr()) // os.Stdout is unbuffered: the line is out now
-	s.serve(ln)
+	status := 0
+	if err := s.serve(); err != nil { // the listener is broken: serve who is here, then exit 1
+		s.log.Printf("error: %v: no longer accepting", err)
+		s.stop()
+		status = 1
+	}
 	aborted := s.drain()
+	if metrics != nil {
+		stopMetrics(metrics)
+	}
 	fmt.Printf("{\"event\": \"stopped\", %s, \"connections_aborted\": %d}\n", s.stats.fields(), aborted)
+	os.Exit(status)
 }
