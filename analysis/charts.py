@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from conclab.experiments import registry
+from conclab.experiments.harness import summary
 
 from . import derive, style
 from .fmt import num
@@ -26,6 +27,24 @@ TITLE_HEIGHT = 1.2               # inches above them for the title
 HEADROOM = 1.18                  # y axis top = this x the tallest bar or ceiling, room for the legend
 LOG_RANGE = 20                   # a bar chart whose values span more than this factor gets a log axis
 SPECTRUM_TICKS = (50, 90, 99, 99.9, 99.99, 99.999, 99.9999)
+
+
+def _points(ax, x, y, rows: pd.DataFrame, color: str, fmt: str = "-", markersize: float = 6, **kwargs) -> None:
+    """A line through a variant's points: filled markers where valid, hollow where invalid (left out of
+    the findings: derive.valid)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = rows["valid"].astype(bool).to_numpy() if "valid" in rows else np.ones(len(x), dtype=bool)
+    ax.plot(x, y, fmt, color=color, lw=LINE_WIDTH, **kwargs)
+    ax.plot(x[ok], y[ok], MARKER, color=color, markersize=markersize, linestyle="none")
+    if (~ok).any():
+        ax.plot(x[~ok], y[~ok], MARKER, color=color, markersize=markersize + 3, markerfacecolor="none",
+                markeredgewidth=2, linestyle="none", zorder=6)
+
+
+def _invalid_legend(ax, frame: pd.DataFrame) -> None:
+    if "valid" in frame and not frame["valid"].astype(bool).all():
+        ax.plot([], [], MARKER, color=style.NEUTRAL, markerfacecolor="none", markeredgewidth=2, markersize=9,
+                linestyle="none", label="invalid (left out of findings)")
 
 
 def _legend(ax, **kwargs) -> None:
@@ -172,6 +191,7 @@ def draw_latency_load(lat: pd.DataFrame, knees: pd.DataFrame, finding):
                        by_variant.knee.get(variant), by_variant["where"].get(variant))
     for row in axes:
         row[0].set_ylabel("latency (ms, log)")
+    _invalid_legend(axes.flat[0], lat)
     axes.flat[0].legend(frameon=False, fontsize=11, handlelength=3.5)
     style.title(fig, finding.title)
     return fig
@@ -179,10 +199,13 @@ def draw_latency_load(lat: pd.DataFrame, knees: pd.DataFrame, finding):
 
 def _latency_panel(ax, rows: pd.DataFrame, variant: str, knee, where) -> None:
     for column, dash in style.PERCENTILE_STYLES.items():
-        ax.plot(rows.offered_rps, rows[column] / 1000, dash, marker=MARKER, markersize=4,
-                color=style.color(variant), lw=LINE_WIDTH, label=column.replace("_us", ""))
+        _points(ax, rows.offered_rps, rows[column] / 1000, rows, style.color(variant), dash, markersize=4,
+                label=column.replace("_us", ""))
     if where == "below":
         ax.text(0.5, 0.5, f"served < {num(derive.KEEPUP * 100)}% of\nthe offered rate", transform=ax.transAxes,
+                ha="center", va="center", fontsize=13, color=style.NEUTRAL)
+    elif where == summary.NO_VALID:
+        ax.text(0.5, 0.5, "no valid point\n(hollow: left out)", transform=ax.transAxes,
                 ha="center", va="center", fontsize=13, color=style.NEUTRAL)
     if knee is not None and pd.notna(knee):
         ax.axvline(knee, color=style.NEUTRAL, lw=1.5, ls="-.")
@@ -203,12 +226,12 @@ def draw_throughput(t: pd.DataFrame, finding, reference: int):
     ax = axes[0][0]
     for variant, rows in t.groupby("variant", sort=False):
         rows = rows.sort_values("conns")
-        ax.plot(rows.conns, rows.throughput_rps, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
-                label=variant)
+        _points(ax, rows.conns, rows.throughput_rps, rows, style.color(variant), label=variant)
         sat = rows[rows.saturated > 0]
         ax.scatter(sat.conns, sat.throughput_rps, s=180, facecolors="none", edgecolors="black", zorder=5)
     if (t.saturated > 0).any():
         ax.scatter([], [], s=180, facecolors="none", edgecolors="black", label="load generator saturated")
+    _invalid_legend(ax, t)
     ax.axvline(reference, color=style.NEUTRAL, ls=":", lw=1.2)
     _log_conns(ax)
     _thousands(ax)
@@ -225,8 +248,8 @@ def draw_io_bound(io: pd.DataFrame, finding):
     ax = axes[0][0]
     for variant, rows in io.groupby("variant", sort=False):
         rows = rows.sort_values("conns")
-        ax.plot(rows.conns, rows.throughput_rps, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
-                label=variant)
+        _points(ax, rows.conns, rows.throughput_rps, rows, style.color(variant), label=variant)
+    _invalid_legend(ax, io)
     ceiling = io.groupby("conns")["conc_ceiling_rps"].max().sort_index()
     ax.plot(ceiling.index, ceiling.values, "--", color=style.NEUTRAL, lw=1.5, label="connections / wait")
     pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & io.workers.notna()]

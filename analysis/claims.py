@@ -101,10 +101,14 @@ def switch_claim(run) -> Claim:
 
 def pool_claim(run) -> Claim:
     name = "A thread pool caps concurrency (and so the resources used)"
-    io = derive.io_bound(run)
+    everything = derive.io_bound(run)
+    io = derive.valid(everything)                       # an invalid point is never the peak or the rival
     pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & io.workers.notna()] if not io.empty else io
     if pools.empty:
-        return Claim(name, "io_bound was not measured with a thread pool in this run", "not measured")
+        why = ("io_bound has no valid point of a thread pool in this run" if not everything.empty and
+               everything.variant.str.startswith(derive.POOL_BACKEND).any() else
+               "io_bound was not measured with a thread pool in this run")
+        return Claim(name, why, "not measured")
     best = pools.loc[pools.throughput_rps.idxmax()]
     ceiling = best.workers / (best.io_us / 1e6)
     others = io[~io.variant.str.startswith(derive.POOL_BACKEND)]
@@ -115,12 +119,25 @@ def pool_claim(run) -> Claim:
         measured += f"; {top.variant} reached {num(top.throughput_rps)} rps at {num(top.conns)} connections"
     capped = best.throughput_rps <= ceiling * (1 + CEILING_SLACK)
     binding = top is not None and top.throughput_rps >= ceiling * UNCAPPED_FACTOR
-    starved = _pool_starved_in_c10k(run)
-    if starved:
-        measured += f"; c10k: the {starved} probe got no answer while the workers held idle connections"
+    unserved = _pool_unserved(everything)
+    if unserved is not None:
+        measured += (f"; {unserved.variant} served only {num(unserved.conns_served)} of {num(unserved.conns)} "
+                     "connections in its measured window (that point is left out as invalid)")
+    c10k_starved = _pool_starved_in_c10k(run)
+    if c10k_starved:
+        measured += f"; c10k: the {c10k_starved} probe got no answer while the workers held idle connections"
+    starved = bool(c10k_starved) or unserved is not None
     verdict = "holds" if capped and (binding or starved) else "holds (the cap was not reached)" if capped \
         else "does not hold here"
     return Claim(name, measured, verdict)
+
+
+def _pool_unserved(io: pd.DataFrame):
+    """The io_bound pool point that served the smallest share of its connections (None: every one was served)."""
+    if io.empty:
+        return None
+    pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & (io.conns_served < io.conns)]
+    return pools.loc[(pools.conns_served / pools.conns).idxmin()] if not pools.empty else None
 
 
 def _pool_starved_in_c10k(run) -> str | None:
@@ -183,10 +200,19 @@ def targets(run) -> pd.DataFrame:
         for variant, goal in goals.items():
             row = got.loc[variant] if variant in got.index else None
             value = row["value"] if row is not None else None
+            if target == "throughput_ratio_to_go" and _invalid_reference(run, variant):
+                value = None                                # never a target met or missed on an invalid point
             rows.append({"target": target, "variant": variant, "value": value,
                          "goal": f"{op} {num(goal)}", "status": _status(value, goal, op),
                          "detail": _detail(run, target, variant, row)})
     return pd.DataFrame(rows)
+
+
+def _invalid_reference(run, variant: str) -> str:
+    """'threadpool (served 6 of 50 connections)' when the variant's or go's reference point is invalid, else ''."""
+    bad = derive.invalid(derive.at_reference(run))
+    bad = bad[bad.variant.isin([variant, "go"])]
+    return ", ".join(f"{r.variant} ({r.invalid_reason})" for r in bad.itertuples())
 
 
 def _status(value, goal, op) -> str:
@@ -202,10 +228,9 @@ def _detail(run, target, variant, row) -> str:
         skipped = run.skipped[run.skipped.variant == variant] if not run.skipped.empty else run.skipped
         detail = skipped.iloc[0].reason if not skipped.empty else f"{variant} was not measured in this run"
     if target == "throughput_ratio_to_go":
-        ref = derive.at_reference(run)
-        sat = ref[ref.variant.isin([variant, "go"]) & (ref.saturated > 0)].variant.tolist() if not ref.empty else []
-        if sat:
-            detail += f"; load generator saturated for {', '.join(sat)}: the ratio partly measures the generator"
+        bad = _invalid_reference(run, variant)
+        if bad:
+            detail += f"; the reference point is invalid for {bad}: no ratio"
         conns = derive.reference_conns(run)
         if conns != TARGET_POINT_CONNS:
             detail += f"; this profile's reference point is {conns} connections, not {TARGET_POINT_CONNS}"

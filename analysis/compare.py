@@ -35,10 +35,10 @@ def _rows(key, label, unit, better, frame, column, scale=1.0) -> list:
 
 def headline(run) -> pd.DataFrame:
     """One row per (metric, variant): value, unit, and which direction is better."""
-    ref, conns = derive.at_reference(run), derive.reference_conns(run)
-    io = derive.io_bound(run)
+    ref, conns = derive.valid(derive.at_reference(run)), derive.reference_conns(run)    # invalid points: no headline
+    io = derive.valid(derive.io_bound(run))
     io_top = io[io.conns == io.conns.max()] if not io.empty else io
-    cpu = derive.cpu_bound(run)
+    cpu = derive.valid(derive.cpu_bound(run))
     cpu_one = cpu[cpu.n_server_cpus == cpu.n_server_cpus.min()] if not cpu.empty else cpu
     knees = derive.knees(run)
     micro = derive.switch_micro(run)

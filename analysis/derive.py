@@ -2,8 +2,15 @@
 
 Every function takes a loaded ``Run`` and returns a tidy DataFrame (empty when
 the experiment has no rows). Medians are over repeats, as in summary.csv;
-``saturated`` is 1 when any repeat of the point had the load generator
-saturated, so a warning is never averaged away.
+``saturated`` is 1 when a repeat the median was taken over had the load
+generator saturated.
+
+Invalid points (a connection never served, requests unanswered, the load
+generator saturated: the table's ``valid`` = 0, see harness.loadproc.validity)
+are never a headline, a ranking or a knee. ``medians`` takes the median over
+the valid repeats of a point; a point with none is kept for the tables with
+``valid`` False and ``invalid_reason``, and ``valid(frame)`` is what findings,
+knees, claims and comparisons rank.
 """
 from __future__ import annotations
 
@@ -21,19 +28,59 @@ PERCENTILES = {"p50_us": 50.0, "p90_us": 90.0, "p99_us": 99.0, "p999_us": 99.9, 
 THREAD_VARIANT = "threads"       # the thread-per-connection model ("1 MB per thread")
 POOL_BACKEND = "threadpool"
 MICRO = "micro"
+SATURATED = "load generator saturated"     # harness.loadproc.SATURATED: the reason an old saturated row is invalid
 PER_REQUEST = "server_per_request"
 
 
+def validity(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row: (valid, why not). The ``valid`` cell; where it is empty (an older run), valid unless the
+    load generator was saturated (harness.summary.is_valid, row by row). A table without the column
+    (memory, c10k, ...) is not judged."""
+    index = frame.index
+    if "valid" not in frame:
+        return pd.Series(True, index), pd.Series(None, index, dtype=object)
+    column = pd.to_numeric(frame["valid"], errors="coerce")
+    saturated = (pd.to_numeric(frame["loadgen_saturated"], errors="coerce").fillna(0) > 0
+                 if "loadgen_saturated" in frame else pd.Series(False, index))
+    ok = column.ne(0).where(column.notna(), ~saturated).astype(bool)
+    given = frame["invalid_reason"] if "invalid_reason" in frame else pd.Series(None, index, dtype=object)
+    given = given.where(given.notna() & (given.astype(str).str.strip() != ""))
+    fallback = pd.Series(SATURATED, index).where(saturated, "invalid")
+    return ok, given.fillna(fallback).where(~ok)
+
+
 def medians(frame: pd.DataFrame, keys: list, values: list) -> pd.DataFrame:
-    """Median of values per keys (over repeats), plus n and saturated; rows in the lab's variant order."""
+    """Median of values per keys over the valid repeats (all of them if none is valid), plus n, saturated,
+    valid (some repeat was) and invalid_reason (why not, for a point with no valid repeat); variant order."""
     if frame.empty:
-        return pd.DataFrame(columns=[*keys, *values, "n", "saturated"])
-    present = [v for v in values if v in frame]
+        return pd.DataFrame(columns=[*keys, *values, "n", "saturated", "valid", "invalid_reason"])
+    present = [v for v in values if v in frame and v not in keys]
+    ok, why = validity(frame)
+    frame = frame.assign(_ok=ok, _why=why)
+    some_valid = frame.groupby(keys, dropna=False)["_ok"].transform("any").astype(bool)
+    frame = frame[frame["_ok"] | ~some_valid]
     grouped = frame.groupby(keys, dropna=False)
     out = grouped[present].median(numeric_only=True)
     out["n"] = grouped.size()
     out["saturated"] = grouped["loadgen_saturated"].max().fillna(0) if "loadgen_saturated" in frame else 0
+    out["valid"] = grouped["_ok"].any().astype(bool)
+    reasons = grouped["_why"].agg(lambda s: "; ".join(dict.fromkeys(s.dropna().astype(str))) or None)
+    out["invalid_reason"] = reasons.where(~out["valid"], None)
     return sort_variants(out.reset_index())
+
+
+def valid(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a derived frame that may be ranked and quoted (all of them when it has no ``valid``)."""
+    if frame.empty or "valid" not in frame:
+        return frame
+    return frame[frame["valid"].astype(bool)].reset_index(drop=True)
+
+
+def invalid(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows left out as invalid (with their ``invalid_reason``)."""
+    if frame.empty or "valid" not in frame:
+        return frame.iloc[0:0]
+    return frame[~frame["valid"].astype(bool)].reset_index(drop=True)
 
 
 def sort_variants(frame: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +116,8 @@ def memory_slopes(run) -> pd.DataFrame:
 # -- throughput and latency -----------------------------------------------------------------------
 
 LOAD_VALUES = ["throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us", "errors",
-               "requests", "cpu_us_per_req", "ctx_per_req", "server_cpu_percent", "workers"]
+               "requests", "cpu_us_per_req", "ctx_per_req", "server_cpu_percent", "workers", "conns",
+               "conns_served", "unanswered", "max_unanswered_wait_us"]
 
 
 def throughput(run) -> pd.DataFrame:
@@ -77,7 +125,7 @@ def throughput(run) -> pd.DataFrame:
 
 
 def at_reference(run) -> pd.DataFrame:
-    """Throughput rows at the reference concurrency (closed loop, 64 B ECHO)."""
+    """Throughput rows at the reference concurrency (closed loop, 64 B ECHO); invalid ones flagged, not dropped."""
     t = throughput(run)
     return t[t.conns == reference_conns(run)].reset_index(drop=True) if not t.empty else t
 
@@ -91,9 +139,11 @@ def knees(run) -> pd.DataFrame:
     """Per variant: where latency under load bends (served_knee, p99_knee, top_rps, knee, where).
 
     The definition is harness.summary.knee, the one place the knee is computed; this applies it to each
-    variant's rows of latency.csv.
+    variant's valid rows of latency.csv (a variant without any: ``where`` "no valid point").
     """
     rows = run.tables["latency"]
+    ok, _ = validity(rows)
+    rows = rows.assign(valid=ok.astype(float))           # an older run's empty cells judged as medians() does
     out = [{"variant": variant, **summary.knee(rows[rows.variant == variant].to_dict("records"))}
            for variant in order(rows.variant.dropna().unique())]
     return pd.DataFrame(out, columns=["variant", *summary.KNEE_FIELDS])
@@ -101,8 +151,8 @@ def knees(run) -> pd.DataFrame:
 
 def spectrum(run) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:
     """The spectrum's points (variant, percentile, latency_us), the latency rows they come from, and the
-    fraction of capacity (nearest SPECTRUM_FRACTION) they were measured at; empty without latency rows."""
-    lat = latency(run)
+    fraction of capacity (nearest SPECTRUM_FRACTION) they were measured at; empty without valid latency rows."""
+    lat = valid(latency(run))
     if lat.empty:
         return _percentile_rows(lat), lat, None
     chosen = min(lat.rate_fraction.dropna().unique(), key=lambda f: (abs(f - SPECTRUM_FRACTION), -f))
@@ -127,17 +177,20 @@ def _percentile_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def io_bound(run) -> pd.DataFrame:
     return medians(run.tables["io_bound"], ["variant", "conns"],
                    ["throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors",
-                    "workers", "io_us"])
+                    "workers", "io_us", "conns_served", "unanswered"])
 
 
 def cpu_bound(run) -> pd.DataFrame:
     """Per variant and number of server CPUs: the best median throughput over concurrency, and its ceiling."""
     t = medians(run.tables["cpu_bound"], ["variant", "n_server_cpus", "conns"],
-                ["throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors", "cpu_us"])
+                ["throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors", "cpu_us",
+                 "conns_served", "unanswered"])
     if t.empty:
         return t
+    t = t.assign(_rank=t["valid"].astype(bool))          # the best valid point; the best invalid one only if none
+    t = t[t["_rank"] | ~t.groupby(["variant", "n_server_cpus"])["_rank"].transform("any").astype(bool)]
     best = t.loc[t.groupby(["variant", "n_server_cpus"])["throughput_rps"].idxmax().dropna()]
-    return sort_variants(best.reset_index(drop=True))
+    return sort_variants(best.drop(columns="_rank").reset_index(drop=True))
 
 
 # -- switch ---------------------------------------------------------------------------------------
@@ -157,7 +210,7 @@ def per_request(run) -> pd.DataFrame:
     s = run.tables["switch"]
     s = s[(s.backend != MICRO) & (s.bench == PER_REQUEST)]
     if s.empty:
-        ref = at_reference(run)
+        ref = valid(at_reference(run))
         return ref[["variant", "cpu_us_per_req", "ctx_per_req"]].dropna(how="all", subset=["cpu_us_per_req"]) \
             if not ref.empty else pd.DataFrame(columns=["variant", "cpu_us_per_req", "ctx_per_req"])
     out = s.groupby("variant")[["cpu_us_per_req", "ctx_per_req"]].median().reset_index()

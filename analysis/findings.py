@@ -5,6 +5,10 @@ that states the result, a short text, and the facts (numbers in the units the
 text shows: ms, MiB, KiB, rps, ns) they were written from. Which backend is
 best or worst, whether a claim holds: all of it is decided here from the
 numbers, never written in advance.
+
+Only valid points are ranked or quoted (``derive.valid``); the invalid ones of a
+frame (a connection never served, requests unanswered, a saturated load
+generator) get a sentence saying they were left out and why (``_left_out``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,37 @@ def _extremes(frame: pd.DataFrame, column: str):
     if f.empty:
         return None, None
     return f.loc[f[column].idxmin()], f.loc[f[column].idxmax()]
+
+
+def _why(row) -> tuple[str, dict]:
+    """Why one invalid point was left out, as a template and its facts."""
+    parts, facts = [], {}
+    served, conns = getattr(row, "conns_served", None), getattr(row, "conns", None)
+    if pd.notna(served) and pd.notna(conns) and served < conns:
+        parts.append("served {served} of {conns} connections")
+        facts.update(served=served, conns=conns)
+    unanswered = getattr(row, "unanswered", None)
+    if pd.notna(unanswered) and unanswered > 0:
+        parts.append("{unanswered} requests unanswered")
+        facts.update(unanswered=unanswered)
+    if getattr(row, "saturated", 0) > 0:
+        parts.append("the load generator was saturated")
+    return ", ".join(parts) or "marked invalid in the table", facts
+
+
+def _left_out(b: Builder, frame: pd.DataFrame) -> list:
+    """A sentence per variant with invalid points in ``frame`` (the worst one's reasons); their names."""
+    bad = derive.invalid(frame)
+    if bad.empty:
+        return []
+    for variant, rows in bad.groupby("variant", sort=False):
+        share = (rows.conns_served / rows.conns) if {"conns_served", "conns"} <= set(rows) else None
+        worst = rows.loc[share.idxmin()] if share is not None and share.notna().any() else rows.iloc[0]
+        why, facts = _why(worst)
+        k = len(rows)
+        b.add("{v}: " + ("{k} invalid point" if k == 1 else "{k} invalid points") + " left out (" + why + ").",
+              prefix=f"invalid.{variant}.", v=variant, k=k, **facts)
+    return list(dict.fromkeys(bad.variant))
 
 
 def _names(variants) -> str:
@@ -96,6 +131,10 @@ def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction) -> Finding:
     lo, hi = _extremes(p99, "latency_us")
     tail = points.loc[points.latency_us.idxmax()]
     b = Builder()
+    if len(p99) == 1:
+        b.add("Measured " + SPECTRUM_SOURCE + ": p99 {hi_ms} ms ({hi}); the slowest request took {max_ms} ms.",
+              fraction=fraction, hi_ms=hi.latency_us / 1000, hi=hi.variant, max_ms=tail.latency_us / 1000)
+        return b.finding("p99 latency: {hi} {hi_ms} ms (the only variant with a valid point)")
     b.add("Measured " + SPECTRUM_SOURCE + ": p99 from {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}); the slowest "
           "request of all took {max_ms} ms ({max_v}).", fraction=fraction, lo_ms=lo.latency_us / 1000, lo=lo.variant,
           hi_ms=hi.latency_us / 1000, hi=hi.variant, max_ms=tail.latency_us / 1000, max_v=tail.variant)
@@ -110,6 +149,10 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
     if lat.empty:
         return nothing("latency under load was not measured in this run")
     b = Builder()
+    everything, lat = lat, derive.valid(lat)
+    if lat.empty:
+        _left_out(b, everything)
+        return b.finding("No backend has a valid latency point")
     bent = knees[knees["where"] == "in range"].set_index("variant").knee.astype(float)
     if not bent.empty:
         b.add("The knee, the highest offered rate before p99 grew over {factor}× its light-load value or the "
@@ -125,8 +168,9 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
     none = knees[knees["where"] == "below"].variant.tolist()
     if none:
         b.add("{vs} did not keep up at any offered rate.", vs=_names(none))
+    _left_out(b, everything)
     top = lat[lat.rate_fraction == top_fraction]
-    if top.p99_us.notna().any():
+    if not top.empty and top.p99_us.notna().any():
         worst = top.loc[top.p99_us.idxmax()]
         b.add("At {f}× capacity p99 reached {p99_ms} ms ({v}).", f=worst.rate_fraction,
               p99_ms=worst.p99_us / 1000, v=worst.variant)
@@ -134,8 +178,10 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
         return b.finding("Latency climbs past {hi}'s knee at {hi_rps} rps; no other backend bends in the range tested")
     if not bent.empty:
         return b.finding("Past its knee latency climbs: {hi} keeps up to {hi_rps} rps, {lo} to {lo_rps} rps")
-    if kept and not none:
+    if kept and not none and len(kept) == len(knees):
         return b.finding("Every backend kept up with every rate tested, up to {top_f}× capacity")
+    if kept and not none:
+        return b.finding("Every backend with valid points kept up with every rate tested, up to {top_f}× capacity")
     return b.finding("No backend shows a knee within the rates tested")
 
 
@@ -144,14 +190,23 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
 def throughput(ref: pd.DataFrame, conns: int) -> Finding:
     if ref.empty:
         return nothing(f"throughput at {conns} connections was not measured in this run")
-    lo, hi = _extremes(ref, "throughput_rps")
     b = Builder()
+    everything, ref = ref, derive.valid(ref)
+    if ref.empty:
+        _left_out(b, everything)
+        return b.finding("No backend has a valid point at {conns} connections", conns=conns)
+    lo, hi = _extremes(ref, "throughput_rps")
+    if len(ref) == 1:                                   # nothing to rank it against
+        b.add("At {conns} connections {hi} served {hi_rps} rps.", conns=conns, hi=hi.variant, hi_rps=hi.throughput_rps)
+        _left_out(b, everything)
+        return b.finding("At {conns} connections {hi} served {hi_rps} rps, the only valid point")
     b.add("At {conns} connections {hi} served {hi_rps} rps, {times}× {lo} ({lo_rps} rps).", conns=conns,
           hi=hi.variant, hi_rps=hi.throughput_rps, times=hi.throughput_rps / lo.throughput_rps, lo=lo.variant,
           lo_rps=lo.throughput_rps)
     saturated = ref[ref.saturated > 0].variant.tolist()
     if saturated:
         b.add("The load generator was saturated for {vs}: their numbers are a lower bound.", vs=_names(saturated))
+    _left_out(b, everything)
     return b.finding("At {conns} connections {hi} is fastest ({hi_rps} rps), {lo} slowest ({lo_rps} rps)")
 
 
@@ -159,6 +214,10 @@ def io_bound(io: pd.DataFrame) -> Finding:
     if io.empty:
         return nothing("io_bound was not measured in this run")
     b = Builder()
+    everything, io = io, derive.valid(io)
+    if io.empty:
+        _left_out(b, everything)
+        return b.finding("io_bound has no valid point")
     wait_ms = io.io_us.dropna().iloc[0] / 1000 if io.io_us.notna().any() else None
     pools = io[io.variant.str.startswith(derive.POOL_BACKEND)]
     title = "Waiting requests scale with concurrency"
@@ -174,12 +233,18 @@ def io_bound(io: pd.DataFrame) -> Finding:
     top = top_rows.loc[top_rows.throughput_rps.idxmax()]
     b.add("At {n} connections {top} reached {top_rps} rps (ceiling connections / wait = {conc} rps).", n=n,
           top=top.variant, top_rps=top.throughput_rps, conc=top.conc_ceiling_rps)
+    _left_out(b, everything)
     return b.finding(title)
 
 
 def cpu_bound(cpu: pd.DataFrame) -> Finding:
     if cpu.empty:
         return nothing("cpu_bound was not measured in this run")
+    everything, cpu = cpu, derive.valid(cpu)
+    if cpu.empty:
+        b = Builder()
+        _left_out(b, everything)
+        return b.finding("cpu_bound has no valid point")
     narrow = cpu.n_server_cpus.min()
     one = cpu[cpu.n_server_cpus == narrow]
     python, go = one[one.variant != "go"], one[one.variant == "go"]
@@ -203,6 +268,7 @@ def cpu_bound(cpu: pd.DataFrame) -> Finding:
         b.add("On {k} CPUs {v} reached {rps} rps" + (" ({gain}× its rate on {k1})." if gain else "."),
               prefix=f"{row.variant}@{row.n_server_cpus:g}.", k=row.n_server_cpus, v=row.variant,
               rps=row.throughput_rps, gain=gain, k1=narrow)
+    _left_out(b, everything)
     return b.finding(title)
 
 

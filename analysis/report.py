@@ -146,6 +146,15 @@ def warnings(run: Run) -> list:
             points = sorted({f"{r.variant}@{point}={num(getattr(r, point))}" for r in sat.itertuples()})
             out.append(f"{table.name}: the load generator was saturated at {len(points)} point(s) "
                        f"({', '.join(points)}); there it measured itself, not the server.")
+    for table in (t for e in registry.EXPERIMENTS for t in e.tables if "valid" in COLUMNS[t.name]):
+        t, point = run.tables[table.name], table.point
+        ok, why = derive.validity(t)
+        bad = t[~ok].assign(why_=why[~ok])
+        if not bad.empty:
+            points = list(dict.fromkeys(f"{r.variant}@{point}={num(getattr(r, point))}: {r.why_}"
+                                        for r in bad.itertuples()))
+            out.append(f"{table.name}: {len(points)} invalid point(s), marked {tables.INVALID_MARK} in the tables and "
+                       f"left out of the findings ({'; '.join(points)}).")
     host = run.manifest.get("host") or {}
     load, cpus = (host.get("loadavg_at_start") or [None])[0], host.get("cpu_count")
     if load is not None and cpus and load > cpus:

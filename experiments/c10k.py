@@ -55,7 +55,8 @@ def measure_variant(run, variant, repeat: int) -> None:
            **{k: gauges.get(k) for k in ("rss_kib", "vms_kib", "threads", "fds", "tcp_established",
                                          "tcp_close_wait")},
            "workers": profile.pool_workers if variant.is_pool else None}
-    row["note"] = note(variant, row, failure, profile.pool_workers, loadproc.failure_reasons(result))
+    row["note"] = note(variant, row, failure, profile.pool_workers, loadproc.failure_reasons(result),
+                       probe.get("conns_served"))
     run.write(NAME, row)
     p99 = probe.get("p99_us")
     run.progress(f"[{NAME}] {variant.name} r{repeat}: held {h.held}/{n} in {h.ramp_s:.1f} s, connect failures "
@@ -75,8 +76,8 @@ def run_probe(run, server, conns: int) -> tuple[dict, str | None]:
     return loadproc.flatten(result), None
 
 
-def note(variant, row: dict, failure: str | None, workers: int, reasons: dict) -> str:
-    """What happened, in words."""
+def note(variant, row: dict, failure: str | None, workers: int, reasons: dict, served: int | None = None) -> str:
+    """What happened, in words (``served``: probe connections that got a reply, if the generator says)."""
     parts = []
     if row["held"] < row["hold_target"]:
         parts.append(f"server accepted {row['held']} of {row['hold_target']}")
@@ -89,6 +90,8 @@ def note(variant, row: dict, failure: str | None, workers: int, reasons: dict) -
         why = (f": its {workers} workers each own an idle held connection, every other connection waits"
                if variant.is_pool and "request" not in variant.name else "")
         parts.append(f"probe starved (no reply){why}")
+    elif served is not None and served < row["probe_conns"]:
+        parts.append(f"probe served {served} of {row['probe_conns']} connections")
     elif row.get("errors"):
         parts.append(f"probe had {row['errors']} errors")
     return "; ".join(parts) or "all held, probe served"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .params import DEFAULT_TARGET, ENGINES, MODES, OPS, PROTOCOLS, LoadError, LoadParams
 from .progress import Progress
-from .report import append_csv, saturation_warning, summary_text, warn
+from .report import append_csv, saturation_warning, summary_text, unserved_warning, warn
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OUTPUT_OPTIONS = ("json", "out", "csv", "quiet")
@@ -125,9 +125,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def emit(args: argparse.Namespace, result: dict) -> None:
-    warning = saturation_warning(result)
-    if warning:
-        warn(warning)
+    for warning in (saturation_warning(result), unserved_warning(result)):
+        if warning:
+            warn(warning)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

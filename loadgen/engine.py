@@ -60,7 +60,8 @@ NEVER = 1 << 62           # a time (ns) that never comes
 class Conn:
     """One client connection's state; ``sent`` holds send (closed) or scheduled (open) times, ns."""
 
-    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at")
+    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at",
+                 "got")
 
     def __init__(self, sock, max_frame: int) -> None:
         self.sock, self.fd = sock, sock.fileno()
@@ -72,6 +73,7 @@ class Conn:
         self.clean = True                    # nothing partial buffered: a read equal to one reply is one reply
         self.out = b""                       # bytes the kernel has not taken yet
         self.next_at = 0                     # open loop: scheduled time of this connection's next request
+        self.got = 0                         # replies counted in the measured window (0: never served)
 
 
 def open_connections(params: LoadParams, count: int, sources: list[str] | None) -> tuple[list, Counter]:
@@ -135,7 +137,8 @@ class Worker:
         self.latency = Recorder()
         self.uncorrected = Recorder()
         self.errors: Counter = Counter()
-        self.counts = Counter()              # sent / late / unanswered (open loop), lost connections
+        self.counts = Counter()              # sent / late / unsent (open loop), unanswered, lost connections
+        self.max_wait_ns = 0                 # at the end, the age of the oldest request still outstanding
         self.warm = False
         self.ticks = 0
         # the clock (perf_counter_ns), set by run(), _begin_measuring and the loops
@@ -180,6 +183,8 @@ class Worker:
         self.uncorrected.reset()
         self.errors.clear()
         self.counts.clear()
+        for c in self.order:
+            c.got = 0
         self.cpu0, self.wall0 = time.thread_time(), now
 
     def _tick(self, now: int) -> bool:
@@ -205,7 +210,10 @@ class Worker:
         t = now()
         next_tick = self._next_tick(t)
         while True:
-            for fd, ev in poll(max(next_tick - t, 0) / NS):
+            events = poll(max(next_tick - t, 0) / NS)
+            if events and now() >= self.stop_ns:       # woke after the window: what came is not the window's
+                events = ()        # (another process may have ended already and freed the server meanwhile)
+            for fd, ev in events:
                 c = get(fd)
                 if c is None:
                     continue
@@ -223,6 +231,7 @@ class Worker:
                 if data == reply and c.clean and not c.out:        # the hot path: exactly one reply
                     sent = c.sent
                     lat((t - sent.popleft()) // 1000)
+                    c.got += 1
                     sent.append(t)
                     try:
                         done = c.send(request)
@@ -237,6 +246,7 @@ class Worker:
             if t >= next_tick:
                 if self._tick(t):
                     self.end_ns = t
+                    self._outstanding(t, all_in_flight=False)
                     return
                 next_tick = self._next_tick(t)
 
@@ -276,6 +286,7 @@ class Worker:
                 if data == reply and c.clean:                         # the hot path: exactly one reply
                     lat((t - c.sent.popleft()) // 1000)
                     unc((t - c.actual.popleft()) // 1000)
+                    c.got += 1
                     if c.next_at <= t:
                         self._send_due(c, t)
                 else:
@@ -325,8 +336,26 @@ class Worker:
                     self._event(c, ev)
         self.latency.fold()
         self.uncorrected.fold()
-        self.counts["unanswered"] += sum(len(c.sent) for c in self.conns.values())
+        self._outstanding(time.perf_counter_ns(), all_in_flight=True)
         self.counts["unsent"] += sum(self._unsent(c) for c in self.order)
+
+    def _outstanding(self, now: int, all_in_flight: bool) -> None:
+        """At the end: count the unanswered requests and the age of the oldest one still outstanding.
+
+        Open loop (after the drain, ``all_in_flight``): every request still in flight is unanswered.
+        Closed loop (at the end of the window): a connection always has its pipeline in flight, so only
+        the requests of connections that got no reply at all in the window are unanswered (typically the
+        one request a starved connection sent and is still waiting for). Requests lost with their
+        connection are not here (connections.lost_in_flight). The oldest request still outstanding (any
+        connection) has waited at least ``max_wait_ns``: a lower bound on a latency the histogram lacks.
+        """
+        live = [c for c in self.conns.values() if c.sent]
+        if all_in_flight:
+            self.counts["unanswered"] += sum(len(c.sent) for c in live)
+        else:
+            self.counts["unanswered"] += sum(len(c.sent) for c in live if not c.got)
+        if live:
+            self.max_wait_ns = max(self.max_wait_ns, now - min(min(c.sent) for c in live))
 
     def _unsent(self, c: Conn) -> int:
         """Requests of this connection scheduled before the end that never went out."""
@@ -377,6 +406,7 @@ class Worker:
         if answered is None:
             return
         lat, unc = self.latency.values.append, self.uncorrected.values.append
+        c.got += answered
         for _ in range(answered):
             lat((t - c.sent.popleft()) // 1000)
             if self.open:
@@ -501,8 +531,11 @@ class Worker:
             "duration_s": measured,
             "cpu_s": end_cpu - self.cpu0,
             "cpu_wall_s": max(end_ns - self.wall0, 1) / NS,
-            "connections": {"opened": len(self.order), "lost": self.counts["lost_connections"],
+            "connections": {"opened": len(self.order), "served": sum(1 for c in self.order if c.got),
+                            "lost": self.counts["lost_connections"],
                             "lost_in_flight": self.counts["lost_in_flight"]},
+            "unanswered": self.counts["unanswered"],
+            "max_unanswered_wait_us": self.max_wait_ns // 1000,
         }
         if self.open:
             result["uncorrected_histogram"] = self.uncorrected.encode()

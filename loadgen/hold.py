@@ -352,7 +352,10 @@ def assemble_hold(params: LoadParams, specs: list[WorkerSpec], parts: list[dict]
                       "answered": sum(p["keepalive"]["answered"] for p in parts)},
         "processes": len(parts), "source_addrs": specs[0].sources,
         "probe": None if not probe else {"conns": params.probe_conns, "requests": probe["requests"],
-                                         "throughput_rps": round(probe["requests"] / probe["duration_s"], 1)},
+                                         "throughput_rps": round(probe["requests"] / probe["duration_s"], 1),
+                                         "served": probe["connections"]["served"],
+                                         "unanswered": probe["unanswered"],
+                                         "max_unanswered_wait_us": probe["max_unanswered_wait_us"]},
     }
     cpu_parts = parts + ([probe] if probe else [])
     return {

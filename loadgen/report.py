@@ -23,6 +23,7 @@ CSV_COLUMNS = (
     "procs", "duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us", "p99_us",
     "p999_us", "p9999_us", "max_us", "late", "unsent", "connected", "failed",
     "loadgen_cpu_percent", "loadgen_saturated", "cpu_busy_percent",
+    "served", "unanswered", "max_unanswered_wait_us",
 )
 
 
@@ -99,6 +100,27 @@ def saturation_warning(result: dict) -> str | None:
             f"(try --procs, --pipeline or --cpus)")
 
 
+def unserved_warning(result: dict) -> str | None:
+    """Connections that never got a reply, requests never answered: the histogram cannot show them."""
+    text = unserved_text(result)
+    if not text:
+        return None
+    return f"{text}: latency and throughput describe only what was answered"
+
+
+def unserved_text(result: dict) -> str | None:
+    """'served 6 of 50 connections, 44 requests unanswered (oldest waited >= 1,250 ms)', or None if all were."""
+    conns = result.get("connections") or {}
+    served, opened, unanswered = conns.get("served"), conns.get("opened"), result.get("unanswered") or 0
+    parts = []
+    if served is not None and opened is not None and served < opened:
+        parts.append(f"served {served:,} of {opened:,} connections")
+    if unanswered:
+        wait_ms = (result.get("max_unanswered_wait_us") or 0) / 1000
+        parts.append(f"{unanswered:,} requests unanswered (the oldest waited >= {wait_ms:,.0f} ms)")
+    return ", ".join(parts) or None
+
+
 def csv_row(result: dict) -> dict:
     """The run as one flat row of CSV_COLUMNS."""
     p, lat = result["params"], result.get("latency_us", {})
@@ -113,6 +135,8 @@ def csv_row(result: dict) -> dict:
         "connected": hold.get("connected"), "failed": hold.get("failed"),
         "loadgen_cpu_percent": result["loadgen_cpu_percent"], "loadgen_saturated": result["loadgen_saturated"],
         "cpu_busy_percent": " ".join(str(x) for x in busy),
+        "served": result.get("connections", {}).get("served"), "unanswered": result.get("unanswered"),
+        "max_unanswered_wait_us": result.get("max_unanswered_wait_us"),
     }
     for key in ("p50", "p90", "p99", "p999", "p9999", "max"):
         row[f"{key}_us"] = lat.get(key)
@@ -153,6 +177,10 @@ def summary_text(result: dict) -> str:
         o = result["open_loop"]
         lines.append(f"open loop at {o['rate']:,.0f}/s: {o['late']:,} sent late (> {o['late_threshold_us']} µs), "
                      f"{o['unsent']:,} never sent, {o['unanswered']:,} unanswered")
+    if result.get("connections") and not result.get("hold"):
+        c = result["connections"]
+        lines.append(f"connections: {c['served']:,} of {c['requested']:,} served, {c['failed']:,} failed to open, "
+                     f"{c['lost']:,} lost; {result.get('unanswered', 0):,} requests unanswered")
     errors = {k: v for k, v in result["errors"].items() if v}
     lines.append(f"errors: {errors or 'none'}")
     lines.append(f"load generator CPU: {result['loadgen_cpu_percent']}% over {result['loadgen_procs']} process(es)"

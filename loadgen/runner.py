@@ -5,7 +5,7 @@ This is the programmatic API (``conclab check``'s scenarios call it) and what
 and the checks before a run are ``plan``'s; closed and open loop run here
 (``engine.traffic_worker`` in each process), hold in ``hold``, Locust in
 ``locust_engine``. Merging: histograms are added bucket by bucket
-(``histo.merge``), counters summed.
+(``histo.merge``), counters summed (the oldest unanswered wait: the maximum).
 
 Imports go one way: runner -> hold / locust_engine -> plan, engine, fleet, ...;
 nothing below imports runner.
@@ -94,6 +94,8 @@ def assemble(params: LoadParams, specs: list[WorkerSpec], parts: list[dict], wat
         "latency_us": histo.summary(merged),
         "histogram": histo.encode(merged),
         "connections": connections_block(params, parts),
+        "unanswered": sum(p.get("unanswered", 0) for p in parts),
+        "max_unanswered_wait_us": max((p.get("max_unanswered_wait_us", 0) for p in parts), default=0),
         "loadgen_procs": len(parts),
         **cpu_check(parts, cpus_usable(params, len(parts))),
         "clamped_latencies": sum(p.get("clamped", 0) for p in parts),
@@ -109,6 +111,7 @@ def assemble(params: LoadParams, specs: list[WorkerSpec], parts: list[dict], wat
 def connections_block(params: LoadParams, parts: list[dict]) -> dict:
     opened = sum(p["connections"]["opened"] for p in parts)
     return {"requested": params.conns, "opened": opened, "failed": params.conns - opened,
+            "served": sum(p["connections"].get("served", 0) for p in parts),
             "lost": sum(p["connections"]["lost"] for p in parts),
             "lost_in_flight": sum(p["connections"]["lost_in_flight"] for p in parts)}
 

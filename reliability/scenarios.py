@@ -786,6 +786,8 @@ STOP_GRACE = 20.0
 
 
 # -- registry --------------------------------------------------------------------------------------
+from . import edges  # noqa: E402  (here: edges.py builds on the helpers above; this module is imported first)
+
 SCENARIOS = {
     "reset": reset_mid_frame,
     "half_close": half_close,
@@ -799,6 +801,18 @@ SCENARIOS = {
     "rate_reject": rate_reject,
     "max_frame": max_frame,
     "loopback": loopback_default,
+    # the edge scenarios (reliability/edges.py, built on the helpers above)
+    "fairness": edges.fairness,
+    "non_reading_clients": edges.non_reading_clients,
+    "closing_with_unsent_data": edges.closing_with_unsent_data,
+    "sigterm_during_connect_burst": edges.sigterm_during_connect_burst,
+    "thread_exhaustion": edges.thread_exhaustion,
+    "churn_state": edges.churn_state,
+    "slow_steady_reader": edges.slow_steady_reader,
+    "stopped_reader": edges.stopped_reader,
+    "big_frame_memory": edges.big_frame_memory,
+    "huge_timeouts": edges.huge_timeouts,
+    "metrics_port": edges.metrics_port,
 }
 
 # (scenario, variant) -> (why the model cannot pass it, the failures that show it). Only failures that
@@ -810,6 +824,11 @@ KNOWN_LIMITS = {
         "(head-of-line blocking, the model's lesson); the slow clients queued behind the first 32 start "
         "their timeouts only when a worker takes them",
         ("bystander", "the last slow client was closed only")),
+    ("non_reading_clients", "threadpool"): (
+        "connection dispatch: with --workers 2, the two clients that never read hold both workers (each "
+        "a connection's for its life) until --idle-timeout frees one; the third client waits in the "
+        "executor's queue (head-of-line blocking, the model's lesson)",
+        ("a third client's PING took",)),
 }
 
 

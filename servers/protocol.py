@@ -21,7 +21,8 @@ an op is added or changed here and nowhere else.
 from __future__ import annotations
 
 import struct
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable
 
 ECHO = 0x01
 PING = 0x02
@@ -97,24 +98,26 @@ AFTER_WORK = "after work"    # the same, after waiting io_us and computing cpu_u
 COUNTERS = "counters"        # the server's counters as UTF-8 JSON
 
 
-class OpRule(NamedTuple):
+@dataclass(frozen=True, slots=True)            # slots: a server reads these fields for every frame
+class OpRule:
     """What the protocol says about one request op."""
-    reply: int                                  # the op of the reply frame
-    check: Callable[[bytes], object] | None     # raises the ProtocolError a bad payload earns, else returns what
-                                                # the payload asks for (AFTER_WORK: io_us, cpu_us); None: any payload
-    answer: str                                 # AT_ONCE, AFTER_WORK or COUNTERS
-    reply_byte: bytes                           # ``reply`` as the one byte after a reply's length
+    reply: int                                   # the op of the reply frame
+    check: Callable[[bytes], object] | None = None   # raises the ProtocolError a bad payload earns, else returns
+                                                 # what it asks for (AFTER_WORK: io_us, cpu_us); None: any payload
+    answer: str = AT_ONCE                        # AT_ONCE, AFTER_WORK or COUNTERS
+    reply_byte: bytes = field(init=False, repr=False, compare=False)   # ``reply`` as the byte after a length
 
-    @classmethod
-    def of(cls, reply: int, check=None, answer: str = AT_ONCE) -> "OpRule":
-        return cls(reply, check, answer, bytes((reply,)))
+    def __post_init__(self) -> None:
+        if self.answer not in (AT_ONCE, AFTER_WORK, COUNTERS):
+            raise ValueError(f"answer must be AT_ONCE, AFTER_WORK or COUNTERS, not {self.answer!r}")
+        object.__setattr__(self, "reply_byte", bytes((self.reply,)))
 
 
 REQUESTS: dict[int, OpRule] = {                  # the requests a client may send; any other op is UnknownOp
-    ECHO: OpRule.of(ECHO),                        # any payload, back as it came
-    PING: OpRule.of(PONG, check_ping),            # an id of 0..64 bytes, back in a PONG
-    WORK: OpRule.of(WORK, parse_work, AFTER_WORK),  # u32 io_us, u32 cpu_us, then any bytes
-    STATS: OpRule.of(STATS, answer=COUNTERS),     # the reply carries the counters, not the payload
+    ECHO: OpRule(ECHO),                           # any payload, back as it came
+    PING: OpRule(PONG, check_ping),               # an id of 0..64 bytes, back in a PONG
+    WORK: OpRule(WORK, parse_work, AFTER_WORK),   # u32 io_us, u32 cpu_us, then any bytes, back after the work
+    STATS: OpRule(STATS, answer=COUNTERS),        # the reply carries the counters, not the payload
 }
 REQUEST_OPS = frozenset(REQUESTS)
 

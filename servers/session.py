@@ -203,18 +203,19 @@ class Session:
         requests: list[Request] = []
         ready: list[bytes] = []        # replies that need no waiting, coalesced into one send
         count = bytes_out = 0
-        rules = REQUESTS
+        rule_of, at_once = REQUESTS.get, AT_ONCE
         for op, payload in frames:
-            rule = rules.get(op)                            # protocol.check_request, inline: this is per frame
+            rule = rule_of(op)                              # protocol.check_request, inline: this is per frame
             try:
                 if rule is None:
                     raise UnknownOp.of(op)
-                asked = rule.check(payload) if rule.check is not None else None
+                check = rule.check
+                asked = None if check is None else check(payload)
             except ProtocolError as exc:
                 error = exc
                 break
             answer = rule.answer
-            if answer == AT_ONCE:
+            if answer == at_once:
                 reply = HEADER.pack(len(payload) + 1) + rule.reply_byte + payload
             elif answer == AFTER_WORK:
                 io_us, cpu_us = asked

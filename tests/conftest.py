@@ -2,10 +2,24 @@
 
 The variants are the lab's table (conclab.servers.VARIANTS); the servers are the
 launcher's ``ServerProcess``, the one ``conclab check`` and the harness use.
+
+``live`` tests start processes (servers, load generators, Go builds, notebook
+kernels); ``slow`` ones take seconds (a live scenario, or a whole run or report
+drawn in-process); every other test is ``unit`` and may not start any process:
+``pytest -m unit`` answers in seconds. A test that takes a backend
+variant is live by construction; a unit test that tries to start a process
+fails at once with a message saying to mark it live.
 """
 from __future__ import annotations
 
+import subprocess
+
 import pytest
+
+LIVE_FIXTURES = {"variant", "start", "shared_server"}
+# Module fixtures that run the harness or draw a whole report in-process: seconds each, so their
+# tests are ``slow`` (no process, but not the seconds-long unit loop either).
+HEAVY_FIXTURES = {"tiny_run", "tiny", "built", "degraded", "invalid_pool"}
 
 from conclab.servers import VARIANTS as LAB_VARIANTS
 from conclab.servers.launcher import ServerProcess
@@ -17,6 +31,29 @@ TEST_OPTIONS = {"threadpool": ("--workers", "32")}
 
 # Every test that takes a ``variant`` runs once per entry: (id, backend, options).
 VARIANTS = [(v.name, v.backend, [*v.options, *TEST_OPTIONS.get(v.name, ())]) for v in LAB_VARIANTS.values()]
+
+
+def pytest_collection_modifyitems(items):
+    """Each test is live (marked, or using a server fixture), slow, or unit: what -m selects on."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if LIVE_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.live)
+        if HEAVY_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("live") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """A unit test that starts a process is a live test in disguise: fail it, naming the fix."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"a unit test started a process ({args!r}): mark the test @pytest.mark.live")
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 def pytest_generate_tests(metafunc):

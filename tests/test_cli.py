@@ -9,6 +9,8 @@ import pytest
 
 from conclab.servers import BACKENDS
 
+pytestmark = pytest.mark.live
+
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "conclab.servers", *args], capture_output=True, text=True,

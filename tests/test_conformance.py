@@ -12,6 +12,8 @@ from conclab.servers.launcher import wait_until
 from conclab.servers import protocol
 from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK
 
+pytestmark = pytest.mark.live
+
 STATS_KEYS = {"backend", "pid", "connections_active", "connections_total", "connections_rejected",
               "requests_total", "bytes_in", "bytes_out", "idle_timeouts", "protocol_errors"}
 

@@ -20,6 +20,7 @@ import pytest
 from conclab import servers as variants
 from conclab.experiments import memory, registry, switch
 from conclab.experiments.harness import cli, loadproc, summary
+from conclab.experiments.harness.run import describe
 from conclab.servers import processes
 from conclab.experiments.harness.fit import least_squares
 from conclab.servers.launcher import ServerProcess, ServerStartError
@@ -127,6 +128,11 @@ def test_tiny_run_measured_sensible_values(tiny_run):
     assert threads[30] - threads[0] == 30                      # a thread per connection
     assert (read(run_dir, "throughput").throughput_rps > 0).all()
     assert (read(run_dir, "throughput").server_cpu_percent >= 0).all()
+    for table in ("throughput", "latency", "io_bound", "cpu_bound"):          # 4-8 conns: threads, asyncio serve all
+        rows = read(run_dir, table)
+        assert (rows.conns_served <= rows.conns).all() and (rows.conns_served == rows.conns).all(), table
+        assert (rows.unanswered == 0).all() and (rows.max_unanswered_wait_us >= 0).all(), table
+        assert (rows.valid == (rows.loadgen_saturated == 0)).all(), table      # valid unless saturated
     io = read(run_dir, "io_bound")
     assert (io.little_ceiling_rps == 8 / 0.01).all()           # 8 conns, 10 ms each
     fits = read(run_dir, "memory_fit")
@@ -223,6 +229,29 @@ def test_knee_is_the_highest_rate_served_without_latency_blowing_up():
     assert summary.served_well(rows) == 1000 and summary.knee(rows)["knee"] == 1000
 
 
+def test_summaries_and_knees_leave_invalid_points_out():
+    def row(variant, conns, rps, valid, **extra):
+        return {"backend": variant, "variant": variant, "repeat": 1, "conns": conns, "throughput_rps": rps,
+                "valid": int(valid), "invalid_reason": "" if valid else "served 6 of 50 connections", **extra}
+    throughput = [row("go", 50, 40_000.0, True), row("threadpool", 50, 90_000.0, False),
+                  row("epoll", 50, 30_000.0, True), row("epoll", 50, 99_000.0, False)]     # one bad repeat of two
+    rows = summary.summarize({"throughput": throughput})
+    got = {(r["variant"], r["metric"]): r for r in rows}
+    assert ("threadpool", "throughput_rps") not in got and got[("threadpool", "valid")]["max"] == 0
+    assert got[("epoll", "throughput_rps")]["median"] == 30_000.0 and got[("epoll", "valid")]["median"] == 0.5
+    ratios = {t["variant"]: t for t in summary.targets(rows, 50, [])}
+    assert ratios["epoll"]["value"] == pytest.approx(0.75)
+    assert ratios["threadpool"]["value"] is None and "invalid" in ratios["threadpool"]["detail"]
+    latency = [{"offered_rps": 1000, "throughput_rps": 999, "errors": 0, "p99_us": 200, "valid": 1},
+               {"offered_rps": 2000, "throughput_rps": 1990, "errors": 0, "p99_us": 300, "valid": 1},
+               {"offered_rps": 3000, "throughput_rps": 2990, "errors": 0, "p99_us": 5_000_000, "valid": 1},
+               {"offered_rps": 4000, "throughput_rps": 3990, "errors": 0, "p99_us": 400, "valid": 0}]
+    assert summary.knee(latency)["knee"] == 2000 and summary.knee(latency)["top_rps"] == 3000
+    assert summary.knee([dict(r, valid=0) for r in latency])["where"] == summary.NO_VALID
+    old = [{k: v for k, v in r.items() if k != "valid"} for r in latency]               # an older run's rows
+    assert summary.is_valid(old[3]) and not summary.is_valid(dict(old[3], loadgen_saturated=1))
+
+
 # -- the load generator adapter ------------------------------------------------------------------
 
 def test_adapter_builds_the_contract_command_line(monkeypatch):
@@ -251,6 +280,29 @@ def test_adapter_parses_and_flattens():
     assert loadproc.connect_errors({}, 100) is None
 
 
+def test_flatten_marks_unserved_and_unanswered_points_invalid():
+    healthy = {"requests": 900, "errors": {}, "duration_s": 1.0, "throughput_rps": 900.0, "loadgen_saturated": False,
+               "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4, "p9999": 5, "max": 6},
+               "connections": {"requested": 50, "opened": 50, "failed": 0, "served": 50, "lost": 0},
+               "unanswered": 0, "max_unanswered_wait_us": 180}
+    row = loadproc.flatten(healthy)
+    assert row["valid"] is True and row["invalid_reason"] is None
+    assert (row["conns_served"], row["unanswered"], row["max_unanswered_wait_us"]) == (50, 0, 180)
+    pool = {**healthy, "connections": {**healthy["connections"], "served": 6}, "unanswered": 44,
+            "max_unanswered_wait_us": 1_200_000}
+    row = loadproc.flatten(pool)
+    assert row["valid"] is False and row["conns_served"] == 6 and row["unanswered"] == 44
+    assert row["invalid_reason"] == "served 6 of 50 connections; 44 requests unanswered"
+    late = loadproc.flatten({**healthy, "unanswered": 3})          # every connection served, 3 never answered
+    assert late["valid"] is False and late["invalid_reason"] == "3 requests unanswered"
+    saturated = loadproc.flatten({**healthy, "loadgen_saturated": True})
+    assert saturated["valid"] is False and saturated["invalid_reason"] == "load generator saturated"
+    assert set(row) <= set(COLUMNS["throughput"])
+    line = describe({**row, "throughput_rps": 35_000, "p50_us": 100, "p99_us": 900})
+    assert "served 6 of 50 connections" in line and "INVALID" in line
+
+
+@pytest.mark.live
 def test_adapter_runs_any_generator_with_the_contract(tmp_path, monkeypatch):
     fake = tmp_path / "fake_loadgen.py"
     fake.write_text(FAKE_LOADGEN)
@@ -264,6 +316,7 @@ def test_adapter_runs_any_generator_with_the_contract(tmp_path, monkeypatch):
     assert loadproc.flatten(result)["p50_us"] == 50
 
 
+@pytest.mark.live
 def test_missing_load_generator_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(loadproc.LOADGEN_ENV, f"{sys.executable} -c \"raise SystemExit('no generator here')\"")
     code = cli.main(["throughput", "--profile", "tiny", "--backends", "threads", "--results", str(tmp_path)])
@@ -295,6 +348,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err
 
 
+@pytest.mark.live
 def test_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(ServerStartError, match="max-conns"):
         ServerProcess("threads", ["--max-conns", "0"], log_stem=str(tmp_path / "bad"))
@@ -302,6 +356,7 @@ def test_server_that_cannot_start_says_why(tmp_path):
     assert "max-conns" in (tmp_path / "bad.err").read_text()          # the harness keeps what it said
 
 
+@pytest.mark.live
 def test_launcher_keeps_no_logs_of_its_own_and_stops_with_the_final_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))         # where its private log directory goes
     with ServerProcess("threads", ["--max-conns", "5"]) as server:
@@ -317,6 +372,7 @@ def test_launcher_keeps_no_logs_of_its_own_and_stops_with_the_final_line(tmp_pat
     assert list(tmp_path.iterdir()) == [] and processes.live_count() == 0
 
 
+@pytest.mark.live
 def test_launcher_runs_any_command_that_prints_the_ready_line():
     argv = [sys.executable, str(ROOT / "benchmarks" / "minimal" / "threads_echo.py"), "--port", "0"]
     with ServerProcess.command(argv, name="minimal") as server, server.connect() as client:
@@ -346,6 +402,7 @@ def test_docs_list_exactly_the_columns():
 
 # -- interruption -----------------------------------------------------------------------------------
 
+@pytest.mark.live
 def test_interrupt_stops_everything_and_keeps_results(tmp_path):
     """SIGINT to the harness mid-run: exit 130, manifest 'interrupted', no server or generator left."""
     marker = uuid.uuid4().hex

@@ -9,6 +9,8 @@ import pytest
 from conclab.servers.launcher import wait_until
 from conclab.servers.protocol import ERROR, PING, PONG, WORK, encode_work
 
+pytestmark = pytest.mark.live
+
 
 def ping_and_hang_up(server, count: int) -> None:
     for _ in range(count):
@@ -36,7 +38,7 @@ def test_leak_leaves_close_wait_and_fds(start, fault):
         assert server.fds() >= baseline + 8
     else:
         assert wait_until(lambda: active(server) == 0)   # the server has closed all 8: none may linger
-        assert server.close_wait() == 0
+        assert wait_until(lambda: server.close_wait() == 0)   # (but the STATS probe's own, for a moment)
         assert wait_until(lambda: server.fds() <= baseline)
 
 
@@ -64,11 +66,12 @@ def test_unbounded_ignores_the_connection_cap(start, fault):
                 assert client.closed_by_server()
             else:
                 assert client.request(PING) == (PONG, b"")
+        rejected = clients[0].stats()["connections_rejected"]   # asked on an admitted connection: the cap is full
     finally:
         for client in clients:
             client.close()
     assert server.alive()
-    assert server.stats()["connections_rejected"] == (3 if fault == "none" else 0)
+    assert rejected == (3 if fault == "none" else 0)
 
 
 @pytest.mark.parametrize("fault", ["hard-kill", "none"])

@@ -66,6 +66,7 @@ def check_shape(result: dict) -> None:
 
 
 # -- each mode against each backend ---------------------------------------------------------------
+@pytest.mark.live
 def test_closed_loop(server):
     result = run(server, mode="closed", conns=8, duration=0.8, warmup=0.2)
     check_shape(result)
@@ -73,8 +74,11 @@ def test_closed_loop(server):
     assert result["duration_s"] == pytest.approx(0.8, abs=0.15)          # the warm-up is not in it
     assert 0 < result["latency_us"]["p50"] <= result["latency_us"]["p99"] <= result["latency_us"]["max"]
     assert result["connections"]["opened"] == 8
+    assert result["connections"]["served"] == 8 and result["unanswered"] == 0      # a server that serves everyone
+    assert 0 <= result["max_unanswered_wait_us"] <= result["latency_us"]["max"] + 1_000_000
 
 
+@pytest.mark.live
 def test_open_loop(server):
     result = run(server, mode="open", rate=400, conns=4, duration=1.0)
     check_shape(result)
@@ -84,8 +88,10 @@ def test_open_loop(server):
     assert ol["sent"] + ol["unsent"] == ol["scheduled"]
     assert result["requests"] == ol["sent"] - ol["unanswered"]
     assert {"late", "unsent", "not_on_schedule", "uncorrected_latency_us"} <= ol.keys()
+    assert result["unanswered"] == ol["unanswered"] == 0 and result["connections"]["served"] == 4
 
 
+@pytest.mark.live
 def test_hold_reports_server_busy(server):
     with ServerProcess(server.backend, ["--max-conns", "20"]) as capped:
         result = run_load(LoadParams(target=capped.target, mode="hold", conns=40, connect_rate=400, duration=0.5))
@@ -97,6 +103,31 @@ def test_hold_reports_server_busy(server):
     assert set(hold["failure_reasons"]) <= {"server_busy", "reset", "closed"}
     assert hold["connect_us"]["count"] == 40
     assert hold["held_at_end"] == hold["connected"]
+
+
+@pytest.fixture(scope="module")
+def starving_pool():
+    """The connection-dispatch thread pool with 2 workers: it serves 2 connections, the others wait forever."""
+    with ServerProcess("threadpool", ["--workers", "2"]) as srv:
+        yield srv
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("mode, procs", [("closed", 1), ("open", 1), ("closed", 2)])
+def test_unserved_connections_and_unanswered_requests_are_counted(starving_pool, mode, procs, monkeypatch):
+    monkeypatch.setattr(engine, "OPEN_DRAIN_S", 0.2)           # the open loop's drain (this process only)
+    shape = {"rate": 300} if mode == "open" else {}
+    result = run(starving_pool, mode=mode, conns=6, procs=procs, duration=0.6, warmup=0.1, **shape)
+    c = result["connections"]
+    assert c["served"] <= c["opened"] == c["requested"] == 6
+    assert c["served"] == 2 and result["requests"] > 0           # two workers, each owning one connection
+    assert result["unanswered"] == 4                             # each waiting connection's one request
+    assert result["max_unanswered_wait_us"] >= 500_000           # waited (at least) the whole window
+    assert result["errors"] == {}                                # nothing failed: it was just never answered
+    if mode == "open":
+        assert result["open_loop"]["unanswered"] == 4
+    if procs == 2:                                               # summed exactly over the processes
+        assert result["loadgen_procs"] == 2
 
 
 # -- measurement properties -----------------------------------------------------------------------
@@ -114,6 +145,7 @@ def test_histogram_merge_is_exact():
     assert histo.summary(merged) == histo.summary(whole.histogram)
 
 
+@pytest.mark.live
 def test_processes_merge_exactly(threads_server):
     result = run(threads_server, mode="closed", conns=6, procs=2, duration=0.8)
     check_shape(result)
@@ -125,6 +157,7 @@ def test_processes_merge_exactly(threads_server):
     assert len(result["loadgen_cpu_percent_per_process"]) == 2
 
 
+@pytest.mark.live
 def test_open_loop_counts_the_stall_closed_loop_hides_it(threads_server):
     """Each WORK waits 50 ms; the open loop schedules one every 25 ms on the one connection."""
     shape = dict(op="work", work=f"{STALL_US},0", conns=1, duration=1.0)
@@ -137,6 +170,7 @@ def test_open_loop_counts_the_stall_closed_loop_hides_it(threads_server):
     assert opened["open_loop"]["uncorrected_latency_us"]["p99"] < 2 * STALL_US
 
 
+@pytest.mark.live
 def test_request_shapes(threads_server):
     piped = run(threads_server, conns=2, pipeline=8, duration=0.4, size=16)
     ping = run(threads_server, conns=2, op="ping", size=8, duration=0.4)
@@ -145,12 +179,14 @@ def test_request_shapes(threads_server):
         assert result["requests"] > 0 and result["errors"] == {}
 
 
+@pytest.mark.live
 def test_raw_protocol():
     with ServerProcess("threads", ["--protocol", "raw"]) as raw:
         result = run(raw, protocol="raw", size=100, conns=3, pipeline=2, duration=0.5)
     assert result["requests"] > 0 and result["errors"] == {}
 
 
+@pytest.mark.live
 def test_cpus_pin_and_restore(threads_server):
     before = os.sched_getaffinity(0)
     result = run(threads_server, conns=2, duration=0.3, cpus=str(min(before)))
@@ -158,6 +194,7 @@ def test_cpus_pin_and_restore(threads_server):
     assert os.sched_getaffinity(0) == before
 
 
+@pytest.mark.live
 def test_hold_keepalive_probe_and_processes(threads_server):
     result = run(threads_server, mode="hold", conns=30, connect_rate=300, duration=0.8, keepalive=0.2,
                  probe_conns=2, procs=2)
@@ -194,6 +231,8 @@ def test_worker_sets_every_attribute_in_init(mode, monkeypatch):
         result = worker.run()
         assert set(vars(worker)) == before
         assert result["duration_s"] == pytest.approx(0.2, abs=0.1)
+        assert result["connections"]["served"] == 0 and result["unanswered"] == 1     # the peer never answers
+        assert result["max_unanswered_wait_us"] >= 150_000
     finally:
         far.close()
 
@@ -219,6 +258,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--mode", "open"], "--rate"),
     (["--target", "nohost"], "--target"),
 ])
+@pytest.mark.live
 def test_cli_errors_are_one_line_exit_2(args, message):
     result = cli(*[a.format(port=free_port()) for a in args], "--duration", "1")
     assert result.returncode == 2
@@ -226,6 +266,7 @@ def test_cli_errors_are_one_line_exit_2(args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.live
 def test_cli_json_out_and_csv(threads_server, tmp_path):
     out, table = tmp_path / "run.json", tmp_path / "runs.csv"
     for _ in range(2):
@@ -249,6 +290,7 @@ def test_add_parser_wires_the_load_subcommand():
 
 
 # -- locust -------------------------------------------------------------------------------------
+@pytest.mark.live
 @pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
 def test_locust_engine_headless_two_processes(threads_server):
     result = run(threads_server, engine="locust", users=4, processes=2, run_time=2)

@@ -5,8 +5,12 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from conclab.servers.launcher import free_port, wait_until
 from conclab.servers.protocol import ECHO, WORK, encode_work
+
+pytestmark = pytest.mark.live
 
 SCRAPE_TIMEOUT = 5.0
 

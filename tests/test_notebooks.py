@@ -27,6 +27,8 @@ import pytest
 
 from conclab.servers import BACKENDS
 
+pytestmark = pytest.mark.live
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 REFERENCE = ROOT / "results" / "reference"

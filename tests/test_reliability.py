@@ -15,6 +15,8 @@ import pytest
 
 from conclab.reliability import scenarios
 
+pytestmark = pytest.mark.live
+
 SCALE = scenarios.default_scale()
 
 

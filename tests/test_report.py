@@ -23,7 +23,7 @@ import pytest
 
 from conclab import cli as conclab_cli
 from conclab import demo
-from conclab.analysis import cli, compare, derive, report
+from conclab.analysis import claims, cli, compare, derive, report
 from conclab.analysis.claims import MEMORY_TARGETS_KIB, THROUGHPUT_TARGETS, targets
 from conclab.analysis.fmt import num
 from conclab.analysis.results import load_run, read_table
@@ -322,6 +322,7 @@ def test_the_conclab_parser_gives_report_and_demo():
     assert parser.parse_args(["report", "--compare", "a", "b"]).compare == ["a", "b"]
 
 
+@pytest.mark.live
 def test_demo_runs_the_harness_then_prints_the_report_path_last(tmp_path, capsys, monkeypatch):
     """The harness is replaced by a stand-in that 'measures' by printing a prepared run (the real one takes minutes)."""
     run_dir = copy_run(tmp_path / "results", "demo-run")
@@ -334,3 +335,86 @@ def test_demo_runs_the_harness_then_prints_the_report_path_last(tmp_path, capsys
     assert out.out.strip().splitlines()[-1] == str(tmp_path / "results" / "demo-run" / "report.html")
     assert "conclab demo: 2/2" in out.err
     assert (tmp_path / "results" / "demo-run" / "report.html").exists()
+
+
+# -- invalid points -------------------------------------------------------------------------------
+
+POOL = "threadpool"
+FAST_RPS = 999_999.0          # faster than anything measured: it would be every headline if it were used
+
+
+@pytest.fixture(scope="module")
+def invalid_pool(tmp_path_factory):
+    """The fixture with the connection-dispatch pool's load points invalid (as the harness marks them when it
+    serves only its workers' connections) and its numbers made the best of the run; the report built on it."""
+    run_dir = copy_run(tmp_path_factory.mktemp("invalid"))
+
+    def spoil(frame):
+        pool = frame.variant == POOL
+        conns = pd.to_numeric(frame.loc[pool, "conns"])
+        frame.loc[pool, "throughput_rps"] = str(FAST_RPS)
+        frame.loc[pool, "p99_us"] = "1"
+        frame.loc[pool, "conns_served"] = "2"
+        frame.loc[pool, "unanswered"] = (conns - 2).astype(int).astype(str)
+        frame.loc[pool, "max_unanswered_wait_us"] = "300000"
+        frame.loc[pool, "valid"] = "0"
+        frame.loc[pool, "invalid_reason"] = [f"served 2 of {c} connections; {c - 2} requests unanswered"
+                                             for c in conns.astype(int)]
+        frame.loc[~pool, "conns_served"] = frame.loc[~pool, "conns"]
+        frame.loc[~pool, ["unanswered", "valid"]] = ["0", "1"]
+    for table in ("throughput", "latency", "io_bound", "cpu_bound"):
+        edit_csv(run_dir, table, spoil)
+    run = load_run(str(run_dir))
+    path, results = report.write(run)
+    return run, Path(path), results
+
+
+def test_an_invalid_point_is_never_a_headline_or_a_ranking(invalid_pool):
+    run, _, results = invalid_pool
+    f = facts(results, "throughput")
+    assert POOL not in (f["hi"], f["lo"]) and f["hi_rps"] < FAST_RPS
+    assert f[f"invalid.{POOL}.served"] == 2 and f[f"invalid.{POOL}.conns"] == 4       # said why it was left out
+    io = facts(results, "io_bound")
+    assert io["v"] != POOL and io["pool_rps"] < FAST_RPS and io["top"] != POOL
+    assert POOL not in derive.valid(derive.at_reference(run)).variant.tolist()
+    ref = derive.at_reference(run)
+    assert not ref[ref.variant == POOL].valid.iloc[0]                                 # flagged, not dropped
+    assert ref[ref.variant == POOL].invalid_reason.iloc[0] == "served 2 of 4 connections; 2 requests unanswered"
+    headline = compare.headline(run)
+    assert headline[(headline.variant == POOL) & headline.key.isin(["throughput", "io_bound", "knee"])].empty
+    cpu = facts(results, "cpu_bound")
+    assert FAST_RPS not in cpu.values()
+
+
+def test_an_invalid_point_makes_no_knee(invalid_pool):
+    run, _, results = invalid_pool
+    knees = derive.knees(run).set_index("variant")
+    assert knees.loc[POOL, "where"] == "no valid point" and pd.isna(knees.loc[POOL, "knee"])
+    assert POOL not in set(derive.spectrum(run)[1].variant)
+    f = facts(results, "latency_load")
+    assert POOL not in {f.get("hi"), f.get("lo"), f.get("v")}
+    assert f[f"invalid.{POOL}.k"] == 2
+
+
+def test_an_invalid_point_meets_no_target_and_is_flagged_on_the_page(invalid_pool):
+    run, path, _ = invalid_pool
+    table = targets(run)
+    pool = table[(table.target == "throughput_ratio_to_go") & (table.variant == POOL)].iloc[0]
+    assert pool.status == "not measured" and "invalid" in pool.detail
+    text = page_text(path)
+    assert "Invalid points, left out of the findings" in text
+    assert f"{num(FAST_RPS)} ✗" in text
+    assert f"throughput: 1 invalid point(s), marked ✗ in the tables and left out of the findings ({POOL}@conns=4: " \
+           "served 2 of 4 connections; 2 requests unanswered)" in text
+    claim = next(c for c in claims.claims(run) if c.claim.startswith("A thread pool caps"))
+    assert f"{POOL} served only 2 of 8 connections" in claim.measured
+
+
+def test_charts_draw_invalid_points_hollow(invalid_pool):
+    from conclab.analysis import charts
+    run, _, _ = invalid_pool
+    t = derive.throughput(run)
+    fig = charts.draw_throughput(t, report.findings.throughput(derive.at_reference(run), 4), 4)
+    hollow = [line for line in fig.axes[0].get_lines() if line.get_markerfacecolor() == "none"
+              and len(line.get_xdata())]
+    assert len(hollow) == 1 and list(hollow[0].get_ydata()) == [FAST_RPS]

@@ -8,6 +8,8 @@ import pytest
 from conclab.servers.launcher import ServerProcess
 from conclab.servers.protocol import PING, PONG
 
+pytestmark = pytest.mark.live
+
 
 @pytest.fixture
 def pool_server(request):

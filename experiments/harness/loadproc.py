@@ -29,6 +29,7 @@ EXIT_SLACK_S = 30.0         # past duration + warm-up, how long before a run cou
 STOP_GRACE_S = 3.0          # after SIGINT, how long a stopped run gets to print its JSON
 POLL_S = 0.05
 REQUIRED_KEYS = ("throughput_rps", "requests", "errors", "duration_s", "latency_us")
+SATURATED = "load generator saturated"      # an invalid point's reason (analysis reads old rows the same way)
 PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
                "max_us": "max"}
 
@@ -184,12 +185,39 @@ def failure_reasons(result: dict | None) -> dict:
 
 
 def flatten(result: dict) -> dict:
-    """The tables' LOAD columns from one JSON result."""
+    """The tables' LOAD columns from one JSON result (``valid`` and ``invalid_reason``: see ``validity``)."""
     latency = result.get("latency_us") or {}
+    connections = result.get("connections") or {}
     row = {"duration_s": result.get("duration_s"), "requests": result.get("requests"),
            "errors": error_count(result), "throughput_rps": result.get("throughput_rps"),
            "loadgen_cpu_percent": result.get("loadgen_cpu_percent"),
-           "loadgen_saturated": result.get("loadgen_saturated")}
+           "loadgen_saturated": result.get("loadgen_saturated"),
+           "unanswered": result.get("unanswered"), "conns_served": connections.get("served"),
+           "max_unanswered_wait_us": result.get("max_unanswered_wait_us")}
     if result.get("requests"):                     # an empty histogram's "percentiles" are not latencies
         row.update({column: latency.get(key) for column, key in PERCENTILES.items()})
+    reasons = validity(result)
+    row.update(valid=not reasons, invalid_reason="; ".join(reasons) or None)
     return row
+
+
+def validity(result: dict) -> list[str]:
+    """Why one point cannot stand for the server (empty: it can).
+
+    Connections that never got a reply (``connections.served`` below the connections asked for),
+    requests never answered, a saturated generator: in each case the latency and throughput describe
+    only what was answered, so the analysis leaves the point out of headlines, rankings and knees. A
+    generator that does not report a field is not judged on it.
+    """
+    reasons = []
+    connections = result.get("connections") or {}
+    served = connections.get("served")
+    wanted = connections.get("requested", (result.get("params") or {}).get("conns"))
+    if isinstance(served, int) and isinstance(wanted, int) and served < wanted:
+        reasons.append(f"served {served} of {wanted} connections")
+    unanswered = result.get("unanswered")
+    if isinstance(unanswered, int) and unanswered > 0:
+        reasons.append(f"{unanswered} requests unanswered")
+    if result.get("loadgen_saturated"):
+        reasons.append(SATURATED)
+    return reasons

@@ -229,6 +229,8 @@ def describe(row: dict) -> str:
     if row.get("server_cpu_percent") is not None:
         text += (f", server CPU {num(row['server_cpu_percent'])}%, {num(row.get('cpu_us_per_req'), 1, '{:.1f}')} "
                  f"us/req, {num(row.get('ctx_per_req'), 1, '{:.2f}')} ctx/req")
-    if row.get("loadgen_saturated"):
+    if row.get("invalid_reason"):
+        text += f" [INVALID: {row['invalid_reason']}]"
+    elif row.get("loadgen_saturated"):
         text += " [LOADGEN SATURATED]"
     return text

@@ -12,6 +12,10 @@ targets.csv holds the headline numbers the lab's targets are about: at the
 reference point (closed loop, 50 conns, 64 B ECHO, server and generator on their
 own CPUs) each variant's throughput as a ratio to go's, and each variant's memory per idle
 connection (slope of RSS, and of USS, over connections held).
+
+Invalid points (``valid`` = 0: a connection never served, requests unanswered, the generator saturated;
+harness.loadproc.validity) never make a median, a knee or a target: summary.csv has their metric ``valid``
+(0/1 per repeat) and nothing else, a target whose point is invalid has no value and says why.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .fit import spread
 KNEE_KEEPUP = 0.95          # served at least this fraction of the offered rate...
 KNEE_P99_FACTOR = 10        # ...with p99 at most this multiple of the p99 at the lowest rate
 KNEE_FIELDS = ("served_knee", "p99_knee", "top_rps", "knee", "where")
+NO_VALID = "no valid point"  # knee "where" of a variant whose every latency point was invalid
 REFERENCE_VARIANT = "go"    # ...and throughput ratios are to this variant
 
 # experiment table -> (point label, x column, metrics summarised)
@@ -53,8 +58,20 @@ def number(value):
     return None if math.isnan(value) else value
 
 
+def is_valid(row: dict) -> bool:
+    """Whether a load point may be used (its ``valid`` cell; a row without one: unless the generator was saturated)."""
+    valid = number(row.get("valid"))
+    if valid is not None:
+        return valid != 0
+    return not number(row.get("loadgen_saturated"))
+
+
+def valid_rows(rows) -> list:
+    return [r for r in rows if is_valid(r)]
+
+
 def summarize(tables: dict) -> list:
-    """summary.csv rows from this run's table rows ({table: [row, ...]})."""
+    """summary.csv rows from this run's table rows ({table: [row, ...]}); invalid points: only ``valid``."""
     out = []
     for table, (point_of, x_column, metrics) in SPECS.items():
         groups = defaultdict(list)
@@ -62,6 +79,10 @@ def summarize(tables: dict) -> list:
             groups[(row["backend"], row["variant"], point_of(row))].append(row)
         for (backend, variant, point), rows in groups.items():
             x = rows[0][x_column] if x_column else ""
+            if any("valid" in r for r in rows):
+                out.append({"experiment": table, "backend": backend, "variant": variant, "point": point, "x": x,
+                            "metric": "valid", **spread(float(is_valid(r)) for r in rows)})
+                rows = valid_rows(rows)
             for metric in metrics:
                 stats = spread(r.get(metric) for r in rows)
                 if stats:
@@ -93,8 +114,15 @@ def knee(rows) -> dict:
     highest offered rate before p99 first exceeds KNEE_P99_FACTOR x its value at the lightest load (an
     open-loop generator can answer everything late, so the served rate alone can miss a knee). ``knee``:
     the lower of the two inside the range tested (below ``top_rps``, the highest offered rate); ``where``:
-    "in range", "beyond" (no knee up to the highest rate) or "below" (none served).
+    "in range", "beyond" (no knee up to the highest rate), "below" (none served) or "no valid point" (every
+    row invalid: nothing to judge). Only valid rows count (``is_valid``).
     """
+    every = list(rows)
+    rows = valid_rows(every)
+    if every and not rows:
+        offered = [number(r.get("offered_rps")) for r in every if number(r.get("offered_rps")) is not None]
+        return {"served_knee": None, "p99_knee": None, "top_rps": max(offered) if offered else None,
+                "knee": None, "where": NO_VALID}
     repeats = defaultdict(list)
     for row in rows:
         repeats[row.get("repeat")].append(row)
@@ -151,7 +179,7 @@ def served_well(rows) -> float | None:
 
 def knee_summary(rows: list) -> list:
     per_repeat = defaultdict(list)
-    for row in rows:
+    for row in valid_rows(rows):
         per_repeat[(row["backend"], row["variant"], row["repeat"])].append(row)
     knees = defaultdict(list)
     for (backend, variant, _), group in per_repeat.items():
@@ -168,11 +196,18 @@ def knee_summary(rows: list) -> list:
 def targets(summary: list, reference_conns: int, skipped: list) -> list:
     """targets.csv rows: throughput ratio to go at the reference point, KiB per idle connection."""
     point = f"conns={reference_conns}"
-    rps = {r["variant"]: (r["backend"], r["median"]) for r in summary
-           if r["experiment"] == "throughput" and r["point"] == point and r["metric"] == "throughput_rps"}
+    at_point = [r for r in summary if r["experiment"] == "throughput" and r["point"] == point]
+    rps = {r["variant"]: (r["backend"], r["median"]) for r in at_point if r["metric"] == "throughput_rps"}
+    invalid = {r["variant"]: r["backend"] for r in at_point
+               if r["metric"] == "valid" and not r["max"] and r["variant"] not in rps}
     out = []
     go = rps.get(REFERENCE_VARIANT, (None, None))[1]
-    why_no_go = next((s["reason"] for s in skipped if s["variant"] == REFERENCE_VARIANT), "go was not measured")
+    why_no_go = ("go's point was invalid" if REFERENCE_VARIANT in invalid else
+                 next((s["reason"] for s in skipped if s["variant"] == REFERENCE_VARIANT), "go was not measured"))
+    for variant, backend in invalid.items():
+        out.append({"target": "throughput_ratio_to_go", "backend": backend, "variant": variant, "value": None,
+                    "unit": "ratio", "detail": f"closed loop {reference_conns} conns, 64 B ECHO; no value: the point "
+                                               "was invalid in every repeat (throughput.csv invalid_reason)"})
     for variant, (backend, value) in rps.items():
         ratio = value / go if go else None
         detail = (f"closed loop {reference_conns} conns, 64 B ECHO; {value:.0f} rps vs go {go:.0f} rps" if go

@@ -20,9 +20,11 @@ import os
 # Every measurement row starts with these: who measured what, and which repeat.
 KEY = ("run_id", "experiment", "backend", "variant", "repeat")
 
-# What the load generator reported for one point (adapter: harness.loadproc).
+# What the load generator reported for one point (adapter: harness.loadproc), and whether the point is valid:
+# every connection served, nothing left unanswered, the generator not saturated (loadproc.validity).
 LOAD = ("duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us",
-        "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated")
+        "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated", "unanswered", "conns_served",
+        "max_unanswered_wait_us", "valid", "invalid_reason")
 
 # What the server process did during that point (deltas of /proc counters, peaks of gauges).
 SERVER = ("server_requests", "server_cpu_user_s", "server_cpu_sys_s", "server_cpu_percent",
