@@ -290,20 +290,48 @@ def draw_cpu_bound(cpu: pd.DataFrame, finding):
 
 # -- switch ---------------------------------------------------------------------------------------
 
+SWITCH_LABEL_WRAP = 46           # characters per line of a switch bar's label
+SWITCH_GROUP_TITLES = {derive.KERNEL_GROUP: "kernel: OS threads and processes switched by the kernel",
+                       derive.RUNTIME_GROUP: "runtime-level: switched in user space, no kernel switch"}
+SWITCH_BAR_INCHES = 0.62         # figure height per bar (labels take two lines)
+
+
+def _switch_note(row) -> str:
+    """A bar's number: ns per switch, and the OS context switches it took each (where counted)."""
+    text = f" {num(row.ns_per_switch)} ns"
+    ctx = getattr(row, "ctx_per_switch", None)
+    if ctx is not None and pd.notna(ctx):
+        ctx = round(float(ctx), 2)
+        text += f", {num(ctx)} kernel switch{'' if ctx == 1 else 'es'}"
+    return text
+
+
 def draw_switch(micro: pd.DataFrame, finding):
-    fig, axes = style.figure()
-    ax = axes[0][0]
-    rows = micro.sort_values("ns_per_switch", ascending=False)
-    y = np.arange(len(rows))
-    ax.barh(y, rows.ns_per_switch, color=[style.bench_color(b) for b in rows.bench],
-            hatch=["" if p else "//" for p in rows.pinned], edgecolor="white")
-    for yi, value in zip(y, rows.ns_per_switch):
-        ax.annotate(f" {num(value)} ns", (value, yi), va="center", fontsize=12)
-    ax.set_yticks(y, rows.variant)
-    ax.set_xscale("log")
+    """Time per switch, one bar per microbenchmark labelled with what it measures, kernel and runtime-level in
+    two panels on one log scale; hatched bars did not run on one CPU."""
+    groups = [g for g in (derive.KERNEL_GROUP, derive.RUNTIME_GROUP) if (micro.group == g).any()]
+    sizes = [int((micro.group == g).sum()) for g in groups]
+    fig, axes = style.figure(nrows=len(groups), wide=True, sharex=True, gridspec_kw={"height_ratios": sizes})
+    fig.set_size_inches(style.FIGSIZE_WIDE[0], max(style.FIGSIZE_WIDE[1], 2.2 + SWITCH_BAR_INCHES * sum(sizes)))
+    top, low = micro.ns_per_switch.max(), micro.ns_per_switch.min()
+    left = 10 ** math.floor(math.log10(low * 0.8))
+    right = top * (top / left) ** 0.45                 # room for the numbers right of the longest bar
+    for ax, group in zip((row[0] for row in axes), groups):
+        rows = micro[micro.group == group].sort_values("ns_per_switch", ascending=False)
+        y = np.arange(len(rows))
+        ax.barh(y, rows.ns_per_switch, color=[style.bench_color(b) for b in rows.bench],
+                hatch=["" if p else "//" for p in rows.pinned], edgecolor="white")
+        for yi, row in zip(y, rows.itertuples()):
+            ax.annotate(_switch_note(row), (row.ns_per_switch, yi), va="center", fontsize=11)
+        ax.set_yticks(y, [style.wrap(m, SWITCH_LABEL_WRAP) for m in rows.measures], fontsize=11)
+        ax.invert_yaxis()
+        ax.set_title(SWITCH_GROUP_TITLES[group], loc="left", fontsize=13)
+        ax.set_xscale("log")
+        ax.set_xlim(left, right)
+    ax = axes[-1][0]
     ax.xaxis.set_major_locator(LogLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
-    ax.set_xlabel("time per switch (ns, log scale; hatched = not pinned to one CPU)")
+    ax.set_xlabel("time per switch (ns, log scale; hatched = not on one CPU: across CPUs or unpinned)")
     style.title(fig, finding.title)
     return fig
 

@@ -195,14 +195,63 @@ def cpu_bound(run) -> pd.DataFrame:
 
 # -- switch ---------------------------------------------------------------------------------------
 
+KERNEL_GROUP, RUNTIME_GROUP = "kernel", "runtime-level"
+# What each microbenchmark measures (switch.csv ``bench``): the label of its row, bar and sentence. {where} is
+# its placement, {each} the kernel switches it took per hand-off (where counted).
+SWITCH_MEASURES = {
+    "futex": "kernel thread switch (futex, {where})",
+    "pipe": "kernel thread switch (pipe, {where})",
+    "process_pipe": "process switch (Python processes, pipe, {where})",
+    "thread": "Python thread hand-off (lock + GIL{each}), {where}",
+    "goroutine": "goroutine switch (Go, unbuffered channel), {where}",
+    "greenlet": "greenlet switch",
+    "asyncio": "coroutine switch (asyncio)",
+    "uvloop": "coroutine switch (uvloop)",
+    "generator": "generator switch (send/yield)",
+}
+SWITCH_GROUPS = {"futex": KERNEL_GROUP, "pipe": KERNEL_GROUP, "process_pipe": KERNEL_GROUP, "thread": KERNEL_GROUP}
+TWO_CPU_BENCHES = ("futex", "pipe")      # not pinned = one thread pinned on each of two CPUs (else: left free)
+SWITCH_COLUMNS = ["measures", "group", "variant", "bench", "pinned", "ns_per_switch", "ns_min", "ns_max",
+                  "ctx_per_switch", "ctx_invol_per_switch", "cpu_ns_per_switch"]
+
+
+def switch_placement(bench: str, pinned: bool) -> str:
+    if pinned:
+        return "same CPU"
+    return "across CPUs" if bench in TWO_CPU_BENCHES else "unpinned"
+
+
+def switch_label(bench: str, pinned: bool, ctx_per_switch=None) -> str:
+    """What one microbenchmark row measures, in words: "kernel thread switch (futex, same CPU)"."""
+    each = ""
+    if ctx_per_switch is not None and pd.notna(ctx_per_switch):
+        k = round(float(ctx_per_switch), 1)
+        each = f"; ~{k:g} kernel switch{'' if k == 1 else 'es'} each"
+    template = SWITCH_MEASURES.get(bench, bench + ", {where}")
+    return template.format(where=switch_placement(bench, bool(pinned)), each=each)
+
+
 def switch_micro(run) -> pd.DataFrame:
-    """Microbenchmarks: one row per (bench, pinned) with the median ns per switch."""
+    """Microbenchmarks: one row per (bench, pinned), medians over repeats: ns per switch, and per switch the OS
+    context switches (all, and the involuntary ones) and CPU ns of both parties; ``measures`` says what the row
+    measures, ``group`` whether the kernel or a runtime switches. Kernel rows first, slowest first."""
     s = run.tables["switch"]
     s = s[s.backend == MICRO]
     if s.empty:
-        return pd.DataFrame(columns=["variant", "bench", "pinned", "ns_per_switch", "ns_min", "ns_max"])
-    out = s.groupby(["variant", "bench", "pinned"])[["ns_per_switch", "ns_min", "ns_max"]].median()
-    return out.reset_index().sort_values("ns_per_switch").reset_index(drop=True)
+        return pd.DataFrame(columns=SWITCH_COLUMNS)
+    switches = 2 * pd.to_numeric(s["iterations"], errors="coerce") * pd.to_numeric(s["rounds"], errors="coerce")
+    switches = switches.where(switches > 0)
+    counted = (s["ctx_voluntary"] + s["ctx_involuntary"]) / switches            # runs older than ctx_per_req
+    given = pd.to_numeric(s["ctx_per_req"], errors="coerce") if "ctx_per_req" in s else counted * float("nan")
+    cpu = pd.to_numeric(s["cpu_us_per_req"], errors="coerce") * 1000 if "cpu_us_per_req" in s else counted * float("nan")
+    s = s.assign(pinned=s["pinned"].astype(bool), ctx_per_switch=given.fillna(counted),
+                 ctx_invol_per_switch=s["ctx_involuntary"] / switches, cpu_ns_per_switch=cpu)
+    out = s.groupby(["variant", "bench", "pinned"])[SWITCH_COLUMNS[5:]].median().reset_index()
+    out["measures"] = [switch_label(r.bench, r.pinned, r.ctx_per_switch if r.bench == "thread" else None)
+                       for r in out.itertuples()]
+    out["group"] = [SWITCH_GROUPS.get(b, RUNTIME_GROUP) for b in out.bench]
+    out = out.assign(_kernel=out.group == KERNEL_GROUP).sort_values(["_kernel", "ns_per_switch"], ascending=False)
+    return out[SWITCH_COLUMNS].reset_index(drop=True)
 
 
 def per_request(run) -> pd.DataFrame:

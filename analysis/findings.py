@@ -124,7 +124,8 @@ def thread_vms(slopes: pd.DataFrame) -> Finding:
 SPECTRUM_SOURCE = "open loop at {fraction}× each backend's capacity"
 
 
-def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction) -> Finding:
+def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction, below_floor=None) -> Finding:
+    """p99 across the variants; ``below_floor(delta_us)`` (analysis.trust) says when their spread is noise."""
     p99 = points[points.percentile == 99.0]
     if p99.empty:
         return nothing("no latency percentiles in this run")
@@ -138,11 +139,15 @@ def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction) -> Finding:
     b.add("Measured " + SPECTRUM_SOURCE + ": p99 from {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}); the slowest "
           "request of all took {max_ms} ms ({max_v}).", fraction=fraction, lo_ms=lo.latency_us / 1000, lo=lo.variant,
           hi_ms=hi.latency_us / 1000, hi=hi.variant, max_ms=tail.latency_us / 1000, max_v=tail.variant)
+    noise = below_floor is not None and below_floor(hi.latency_us - lo.latency_us)
+    if noise:
+        b.add("That spread, {spread_ms} ms, is below this run's latency floor: not a finding.",
+              spread_ms=(hi.latency_us - lo.latency_us) / 1000)
     for _, r in rows[rows.throughput_rps < derive.KEEPUP * rows.offered_rps].iterrows():
         b.add("{v} answered only {rps} of the {offered} rps offered: its percentiles describe the requests it "
               "answered, not the ones left waiting.", prefix=f"{r.variant}.", v=r.variant, rps=r.throughput_rps,
               offered=r.offered_rps)
-    return b.finding("p99 latency: {lo} {lo_ms} ms, {hi} {hi_ms} ms")
+    return b.finding("p99 latency: {lo} {lo_ms} ms, {hi} {hi_ms} ms" + (", within the floor" if noise else ""))
 
 
 def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
@@ -274,9 +279,13 @@ def cpu_bound(cpu: pd.DataFrame) -> Finding:
 
 # -- switch ---------------------------------------------------------------------------------------
 
-SWITCH_WORDS = {"thread": "a thread hand-off", "greenlet": "a greenlet switch", "generator": "a generator send",
-                "asyncio": "an asyncio future hand-off", "uvloop": "a uvloop future hand-off",
-                "goroutine": "a goroutine hand-off", "process_pipe": "a process pipe ping-pong"}
+SWITCH_WORDS = {"thread": "a Python thread hand-off", "greenlet": "a greenlet switch",
+                "generator": "a generator send", "asyncio": "an asyncio future hand-off",
+                "uvloop": "a uvloop future hand-off", "goroutine": "a goroutine hand-off",
+                "process_pipe": "a process pipe ping-pong", "futex": "a kernel thread switch (futex)",
+                "pipe": "a kernel thread switch (pipe)"}
+ABOUT_THE_SAME = 0.1             # two timings within 10% are "about the same" (a shared machine is noisy)
+MORE_SWITCHES = 1.25             # one count is "more switches" than another above this factor
 
 
 def switch_costs(micro: pd.DataFrame) -> dict:
@@ -287,24 +296,126 @@ def switch_costs(micro: pd.DataFrame) -> dict:
     return ranked.groupby("bench", sort=False)["ns_per_switch"].first().to_dict()
 
 
+def _micro(micro: pd.DataFrame, bench: str, pinned: bool):
+    rows = micro[(micro.bench == bench) & (micro.pinned.astype(bool) == pinned)]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _measured(row, *columns) -> bool:
+    return row is not None and all(c in row and pd.notna(row[c]) for c in columns)
+
+
 def switch(micro: pd.DataFrame) -> Finding:
+    """What each switch costs, the bare kernel switch against Python's thread hand-off and the runtimes, and why
+    placement (one CPU or two) changes it, from the counts measured with each figure."""
     costs = switch_costs(micro)
     if not costs:
         return nothing("the switch microbenchmarks were not run")
     b = Builder()
-    cheapest = min((k for k in costs if k != "thread"), key=costs.get, default=None)
-    if "thread" in costs and cheapest:
-        b.add("On one core, a thread hand-off costs {thread_ns} ns, {times}× {what} ({cheap_ns} ns).",
-              thread_ns=costs["thread"], times=costs["thread"] / costs[cheapest], what=SWITCH_WORDS.get(cheapest,
-              cheapest), cheap_ns=costs[cheapest])
+    kernel, cross = _micro(micro, "futex", True), _micro(micro, "futex", False)
+    thread, loose = _micro(micro, "thread", True), _micro(micro, "thread", False)
+    runtime = {k: v for k, v in costs.items() if derive.SWITCH_GROUPS.get(k) != derive.KERNEL_GROUP}
+    cheapest = min(runtime, key=runtime.get, default=None)
+    if kernel is not None:
+        b.add("A bare kernel thread switch (futex, both threads on one CPU) took {kernel_ns} ns, {kernel_ctx} OS "
+              "context switches each.", kernel_ns=kernel.ns_per_switch, kernel_ctx=kernel.ctx_per_switch)
+    if thread is not None:
+        b.add("A Python thread hand-off (lock + GIL, on one CPU) took {thread_ns} ns and {thread_ctx} OS context "
+              "switches" + (", {thread_x}× the bare switch." if kernel is not None else "."),
+              thread_ns=thread.ns_per_switch, thread_ctx=thread.ctx_per_switch,
+              **({"thread_x": thread.ns_per_switch / kernel.ns_per_switch} if kernel is not None else {}))
+    rival = thread if thread is not None else kernel
+    if rival is not None and cheapest:
+        b.add("In user space, {cheap_what} took {cheap_ns} ns, {times}× less than " + (
+              "the Python hand-off." if thread is not None else "the kernel switch."),
+              cheap_what=SWITCH_WORDS.get(cheapest, cheapest), cheap_ns=costs[cheapest],
+              times=rival.ns_per_switch / costs[cheapest])
     for bench in ("greenlet", "asyncio", "goroutine"):
         if bench in costs and bench != cheapest:
             b.add("{what}: {ns} ns.", prefix=f"{bench}.", what=SWITCH_WORDS[bench].capitalize(), ns=costs[bench])
-    if "thread" in costs and cheapest:
-        return b.finding("A thread hand-off costs {times}× {what}: {thread_ns} ns vs {cheap_ns} ns")
+    cross_x = _across_cpus(b, kernel, cross)
+    _python_pinning(b, thread, loose, cross_x)
+    if kernel is not None and thread is not None:
+        return b.finding("A kernel thread switch costs {kernel_ns} ns; a Python thread hand-off {thread_ns} ns "
+                         "({thread_ctx} kernel switches)" + (", {cheap_what} {cheap_ns} ns" if cheapest else ""))
+    if thread is not None and cheapest:
+        return b.finding("A Python thread hand-off costs {times}× {cheap_what}: {thread_ns} ns vs {cheap_ns} ns")
     lo, hi = min(costs, key=costs.get), max(costs, key=costs.get)
     return b.finding("Switch cost: {hi_what} {hi_ns} ns, {lo_what} {lo_ns} ns", hi_what=SWITCH_WORDS.get(hi, hi),
                      hi_ns=costs[hi], lo_what=SWITCH_WORDS.get(lo, lo), lo_ns=costs[lo])
+
+
+def _across_cpus(b: Builder, same, cross):
+    """The futex switch on one CPU against across two: how much slower, and what the counts say about why.
+    Returns across / same (None when not both measured)."""
+    if same is None or cross is None:
+        return None
+    x = cross.ns_per_switch / same.ns_per_switch
+    if abs(x - 1) <= ABOUT_THE_SAME:
+        b.add("Across two CPUs the futex switch took {cross_ns} ns, about the same as on one CPU.",
+              cross_ns=cross.ns_per_switch)
+        return x
+    if x < 1:
+        b.add("Across two CPUs the futex switch took {cross_ns} ns, {cross_x}× the one-CPU time: crossing CPUs "
+              "cost nothing extra here.", cross_ns=cross.ns_per_switch, cross_x=x)
+        return x
+    similar = _measured(same, "ctx_per_switch") and _measured(cross, "ctx_per_switch") and \
+        cross.ctx_per_switch <= same.ctx_per_switch * MORE_SWITCHES
+    b.add("Across two CPUs it took {cross_ns} ns, {cross_x}× longer, with {cross_ctx} OS context switches each"
+          + (" (so the extra time is not extra switches)." if similar else "."),
+          cross_ns=cross.ns_per_switch, cross_x=x, cross_ctx=cross.ctx_per_switch)
+    if _measured(same, "cpu_ns_per_switch") and _measured(cross, "cpu_ns_per_switch"):
+        gap = cross.ns_per_switch - cross.cpu_ns_per_switch
+        b.add("Measured: on one CPU the two threads were running {same_busy}% of the time (the waker blocks and the "
+              "CPU passes straight to the woken thread); across CPUs {cross_busy}%"
+              + (", so for at least {gap_ns} ns of each switch neither thread ran" if gap > 0 else "")
+              + ", and the CPU time per switch went from {same_cpu} to {cross_cpu} ns.",
+              same_busy=100 * same.cpu_ns_per_switch / same.ns_per_switch,
+              cross_busy=100 * cross.cpu_ns_per_switch / cross.ns_per_switch, gap_ns=max(gap, 0),
+              same_cpu=same.cpu_ns_per_switch, cross_cpu=cross.cpu_ns_per_switch)
+    b.add("A plausible reading, not measured here: a wake-up for another CPU is an inter-processor interrupt, and "
+          "that CPU, idle while its thread waited, has to leave its idle state first (on a virtual machine both go "
+          "through the hypervisor); on one CPU there is no interrupt and no idle CPU to wake.")
+    return x
+
+
+def _python_pinning(b: Builder, pinned, loose, cross_x) -> None:
+    """The Python hand-off pinned to one CPU against unpinned: which is slower, and whether the counts say why."""
+    if pinned is None or loose is None:
+        return
+    counted = _measured(pinned, "ctx_per_switch", "ctx_invol_per_switch") and \
+        _measured(loose, "ctx_per_switch", "ctx_invol_per_switch")
+    counts = {"pin_ctx": round(pinned.ctx_per_switch, 2), "free_ctx": round(loose.ctx_per_switch, 2),
+              "pin_invol": round(pinned.ctx_invol_per_switch, 2),
+              "free_invol": round(loose.ctx_invol_per_switch, 2)} if counted else {}
+    b.add("Unpinned, the Python hand-off took {free_ns} ns"
+          + ("; OS context switches per hand-off: pinned {pin_ctx}, unpinned {free_ctx}, of them involuntary (the "
+             "woken thread taking the CPU from the one that woke it) {pin_invol} and {free_invol}." if counted else
+             "."), pin_ns=pinned.ns_per_switch, free_ns=loose.ns_per_switch, **counts)
+    x = pinned.ns_per_switch / loose.ns_per_switch
+    more = counted and pinned.ctx_per_switch > loose.ctx_per_switch * MORE_SWITCHES
+    if abs(x - 1) <= ABOUT_THE_SAME:
+        b.add("Pinned and unpinned took about the same time (within {pct}%).", pct=100 * ABOUT_THE_SAME)
+    elif x > 1 and more:
+        b.add("Pinned is {pin_x}× slower and makes {extra_ctx} more switches per hand-off (measured). The reading: "
+              "on one CPU every wake-up takes the CPU from the waker while it still holds the GIL, so the woken "
+              "thread runs, finds the GIL taken and sleeps again; unpinned, it waits on the other CPU while the "
+              "waker runs on until it blocks and drops the GIL.",
+              pin_x=x, extra_ctx=round(pinned.ctx_per_switch - loose.ctx_per_switch, 2))
+    elif x > 1:
+        b.add("Pinned is {pin_x}× slower with about as many switches per hand-off, so the switch counts do not "
+              "explain the difference in this run.", pin_x=x)
+    else:
+        why = "; the counts here do not say why."
+        if cross_x is not None and cross_x > 1 + ABOUT_THE_SAME:
+            why = ("; a plausible reading: unpinned, hand-offs cross CPUs, and in the futex baseline a switch across "
+                   "CPUs cost {cross_x}× one on the same CPU.")
+        elif counted and loose.ctx_invol_per_switch < pinned.ctx_invol_per_switch / 2:
+            why = ("; a plausible reading: unpinned, the woken thread seldom took the waker's CPU (fewer "
+                   "involuntary switches), which fits it running on the other CPU, so every hand-off waits for a "
+                   "wake-up across CPUs.")
+        b.add("Unpinned is {free_x}× slower" + (" although pinned makes more switches" if more else "") + why,
+              free_x=1 / x, **({"cross_x": cross_x} if cross_x is not None else {}))
 
 
 def per_request(pr: pd.DataFrame) -> Finding:

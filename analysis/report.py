@@ -1,7 +1,8 @@
 """``conclab report RUN``: results/<run-id>/report.html, one page with charts, tables and findings.
 
-The page, top to bottom: a short summary (the charts' findings and the
-verdicts), warnings (saturated load generator, skipped backends, a noisy
+The page, top to bottom: banners (a noisy, uncalibrated or smoke run says
+so), "How far to trust this run" (the run's calibration: analysis/trust.py),
+a short summary (the charts' findings and the verdicts), warnings (saturated load generator, skipped backends, a noisy
 machine, an unfinished run), the machine, the claims of the article the lab
 answers (docs/article.md) against the numbers, the performance targets, then
 one section per experiment: charts (PNG beside the page in charts/, SVG
@@ -20,7 +21,7 @@ import pandas as pd
 from conclab.experiments import registry
 from conclab.experiments.harness.tables import COLUMNS
 
-from . import charts, claims, derive, findings, html, style, tables
+from . import charts, claims, derive, findings, html, style, tables, trust
 from .fmt import Finding, num
 from .results import Run
 
@@ -67,7 +68,7 @@ def _thread_vms(run):
 
 def _spectrum(run):
     points, rows, fraction = derive.spectrum(run)
-    f = findings.spectrum(points, rows, fraction)
+    f = findings.spectrum(points, rows, fraction, below_floor=lambda delta_us: trust.below_floor(run, delta_us))
     source = findings.SPECTRUM_SOURCE.format(fraction=num(fraction))
     return f, (lambda: charts.draw_spectrum(points, f, source)) if not points.empty else None
 
@@ -279,10 +280,11 @@ def _fact_value(fact, frame: pd.DataFrame) -> str:
 
 def render(run: Run, results: list, out_dir: str) -> str:
     claim_rows, target_rows = claims.claims(run), claims.targets(run)
-    body = ["<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
+    body = [trust.banners(run), "<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
             f'<p class="small">Run {html.esc(run.id)} · computed from {html.esc(run.path)} · sections: '
-            + " · ".join(f'<a href="#{e}">{e}</a>' for e in ("warnings", "claims", "targets", *registry.names()))
-            + "</p>",
+            + " · ".join(f'<a href="#{e}">{e}</a>'
+                         for e in (trust.SECTION_ID, "warnings", "claims", "targets", *registry.names()))
+            + "</p>", trust.section(run),
             "<h2>Summary</h2>", html.bullets(summary(run, results, claim_rows, target_rows), "summary"),
             '<h2 id="warnings">Warnings</h2>', html.bullets(warnings(run) or ["None."], "warnings"),
             "<h2>Machine</h2>", html.table(machine(run)),

@@ -27,7 +27,8 @@ DEFAULT_RESULTS = "results"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TEXT_COLUMNS = ("run_id", "experiment", "backend", "variant", "op", "server_cpus", "cpus", "bench", "source",
-                "metric", "unit", "point", "reason", "note", "target", "detail", "invalid_reason")
+                "metric", "unit", "point", "reason", "note", "target", "detail", "invalid_reason", "residuals",
+                "ci_flag")
 
 
 class RunNotFound(Exception):

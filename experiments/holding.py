@@ -13,9 +13,14 @@ had before the hold (every backend gives each accepted socket an fd; kernel
 TCP state would also count connections still waiting in the accept backlog).
 The ramp is over, for the harness, when that count reaches N, stops growing for
 ``STALL_S`` (a server that no longer accepts), or the generator exits.
+
+The kernel's memory (slab, kernel stacks, TCP socket memory, page tables: not in
+any process's RSS) is read here too (``kernel_gauges``), before a hold and while
+it is held; the memory experiment turns the change into kernel memory per connection.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -104,3 +109,97 @@ def release(h: Hold, tcp_established=None, clean: bool | None = None) -> tuple[d
     if errors is None and tcp_established is not None:
         errors = max(0, h.target - int(tcp_established))
     return result, errors
+
+
+# -- kernel memory ----------------------------------------------------------------------------------
+#
+# RSS counts a process's own pages. What the kernel allocates for a connection is not in it: the
+# socket structures (struct tcp_sock, its inode, dentry and file, epoll items: slab), the socket
+# buffers (TCP's pages, /proc/net/sockstat "mem"), one kernel stack per thread (KernelStack) and
+# the page tables of the pages a process maps (its VmPTE). The first three are read machine-wide
+# (/proc/meminfo, /proc/net/sockstat), page tables per process (/proc/PID/status).
+
+MEMINFO = "/proc/meminfo"
+SOCKSTAT = "/proc/net/sockstat"          # "TCP: ... mem N": pages of TCP socket memory, IPv4 and IPv6
+MEMINFO_FIELDS = {"Slab": "slab_kib", "SReclaimable": "sreclaimable_kib", "SUnreclaim": "sunreclaim_kib",
+                  "KernelStack": "stack_kib"}
+KERNEL_KEYS = (*MEMINFO_FIELDS.values(), "sock_kib", "time_wait", "pte_kib")
+# memory.csv column <- key of a kernel reading: the change from before the hold to while it is held
+KERNEL_DELTAS = {"kernel_sock_kib": "sock_kib", "kernel_stack_kib": "stack_kib", "kernel_slab_kib": "slab_kib",
+                 "kernel_sreclaimable_kib": "sreclaimable_kib", "kernel_sunreclaim_kib": "sunreclaim_kib",
+                 "kernel_pte_kib": "pte_kib", "time_wait_delta": "time_wait"}
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") / 1024 if hasattr(os, "sysconf") else 4.0
+
+
+def parse_meminfo(text: str) -> dict:
+    """Slab, SReclaimable, SUnreclaim and KernelStack (KiB) from /proc/meminfo's text."""
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in MEMINFO_FIELDS and rest.split():
+            out[MEMINFO_FIELDS[name]] = float(rest.split()[0])          # "kB": KiB
+    return out
+
+
+def parse_sockstat(text: str, page_kib: float = PAGE_KIB) -> dict:
+    """TCP socket memory (KiB: "mem" is in pages) and TIME_WAIT sockets from /proc/net/sockstat's text."""
+    for line in text.splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], fields[1::2]))
+            out = {}
+            if "mem" in values:
+                out["sock_kib"] = float(values["mem"]) * page_kib
+            if "tw" in values:
+                out["time_wait"] = float(values["tw"])
+            return out
+    return {}
+
+
+def parse_vm_pte(text: str) -> float | None:
+    """VmPTE (KiB: the process's page tables) from /proc/PID/status's text; None if absent."""
+    for line in text.splitlines():
+        if line.startswith("VmPTE:"):
+            return float(line.split()[1])
+    return None
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def read_kernel(pid: int | None = None) -> dict:
+    """One reading: the machine's slab, kernel stacks, TCP socket memory and TIME_WAIT count; the
+    page tables of ``pid`` if given. Keys that could not be read are absent."""
+    out = {**parse_meminfo(_read_text(MEMINFO)), **parse_sockstat(_read_text(SOCKSTAT))}
+    if pid is not None:
+        pte = parse_vm_pte(_read_text(f"/proc/{pid}/status"))
+        if pte is not None:
+            out["pte_kib"] = pte
+    return out
+
+
+def kernel_gauges(pid: int | None = None) -> dict:
+    """read_kernel, the median of MEASURE_SAMPLES reads MEASURE_GAP_S apart (as ``gauges``)."""
+    reads = []
+    for i in range(MEASURE_SAMPLES):
+        if i:
+            time.sleep(MEASURE_GAP_S)
+        reads.append(read_kernel(pid))
+    values = {key: [r[key] for r in reads if key in r] for key in KERNEL_KEYS}
+    return {key: statistics.median(v) for key, v in values.items() if v}
+
+
+def kernel_window() -> float:
+    """Seconds kernel_gauges takes (added to the hold's window by the memory experiment)."""
+    return MEASURE_SAMPLES * MEASURE_GAP_S
+
+
+def kernel_delta(before: dict, held: dict) -> dict:
+    """The KERNEL_DELTAS columns: held minus before, per reading key (None where either lacks it)."""
+    return {column: (held[key] - before[key]) if key in held and key in before else None
+            for column, key in KERNEL_DELTAS.items()}

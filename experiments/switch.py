@@ -1,21 +1,31 @@
 """Experiment 6, switch: what one context switch costs in each mechanism, and per request in each server.
 
-Microbenchmarks (ns per switch, experiments/switchbench.py and the Go program
-experiments/go/switchbench/main.go), each in its own process:
+Microbenchmarks (ns per switch), each in its own process:
 
-    generator send, greenlet switch, asyncio and uvloop future hand-off  (pinned to one CPU)
-    Python thread hand-off, process ping-pong over a pipe               (pinned, and unpinned)
-    goroutine channel ping-pong                                          (GOMAXPROCS=1 pinned, and unpinned)
+    kernel thread switch, two OS threads via futex and via a pipe pair    (same CPU, and across two CPUs)
+        experiments/c/threadswitch.c: the baseline, no runtime in the way
+    Python thread hand-off (lock + GIL), process ping-pong over a pipe     (pinned, and unpinned)
+    generator send, greenlet switch, asyncio and uvloop future hand-off     (pinned to one CPU)
+        experiments/switchbench.py
+    goroutine channel ping-pong (GOMAXPROCS=1 pinned, and unpinned)
+        experiments/go/switchbench/main.go
 
-Rows of microbenchmarks have backend ``micro`` and variant = the benchmark
-(e.g. ``thread-pinned``). Then, per server variant, the context switches and
-CPU microseconds the server spent per request at the reference point (closed
-loop, 50 conns, 64 B ECHO), taken from this run's throughput rows when that
-experiment ran (switch lists throughput in its registry ``needs``; ``source``
-says which) or measured here.
+The C and Go programs are compiled on first use into a cache keyed by their
+sources' hash (``cached_build``). Rows of microbenchmarks have backend ``micro``
+and variant = the benchmark and its placement (``thread-pinned``,
+``futex-cross-cpu``); ``pinned`` is 1 when everything ran on one CPU. Besides the
+ns per switch, every row carries what it cost the kernel: ``ctx_per_req`` is OS
+context switches per switch (both parties together) and ``cpu_us_per_req`` CPU
+time per switch (both parties), so a figure says what it measures.
+
+Then, per server variant, the context switches and CPU microseconds the server
+spent per request at the reference point (closed loop, 50 conns, 64 B ECHO),
+taken from this run's throughput rows when that experiment ran (switch lists
+throughput in its registry ``needs``; ``source`` says which) or measured here.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,8 +44,16 @@ NAME = "switch"
 MICRO = "micro"
 BENCH_TIMEOUT_S = 120.0
 BUILD_TIMEOUT_S = 600.0
+SWITCHES_PER_ROUND_TRIP = 2
 GO_SOURCE = Path(__file__).with_name("go") / "switchbench"
 GO_BINARY = "conclab-switchbench"
+C_SOURCE = Path(__file__).with_name("c") / "threadswitch.c"
+C_BINARY = "conclab-threadswitch"
+C_FLAGS = ("-O2", "-Wall", "-pthread")
+NO_C_COMPILER = "no C compiler on PATH: install one (Debian: apt-get install -y gcc) and retry"
+# The kernel baselines (threadswitch --mode) and their placements: both threads on one CPU, or one per CPU.
+KERNEL_BENCHES = ("futex", "pipe")
+SAME_CPU, CROSS_CPU = "same-cpu", "cross-cpu"
 # (bench, pinned variants to run): pinned runs on the first server CPU, unpinned on every CPU.
 PYTHON_BENCHES = (("generator", (True,)), ("greenlet", (True,)), ("asyncio", (True,)), ("uvloop", (True,)),
                   ("thread", (True, False)), ("process_pipe", (True, False)))
@@ -43,16 +61,39 @@ NEEDS = {"greenlet": "greenlet", "uvloop": "uvloop"}
 
 
 def run(run) -> None:
+    command = c_command(run)
+    for bench in KERNEL_BENCHES:
+        for placement, cpus in kernel_placements(run).items():
+            kernel(run, bench, placement, cpus, command)
     for bench, pinnings in PYTHON_BENCHES:
         for pinned in pinnings:
-            micro(run, bench, pinned, python_command(run, bench))
+            micro(run, label(bench, pinned), bench, placement_cpus(run, pinned), pinned, python_command(run, bench))
     for pinned in (True, False):
-        micro(run, "goroutine", pinned, go_command(run))
+        micro(run, label("goroutine", pinned), "goroutine", placement_cpus(run, pinned), pinned, go_command(run))
     per_request(run)
 
 
 def label(bench: str, pinned: bool) -> str:
     return f"{bench}-{'pinned' if pinned else 'unpinned'}"
+
+
+def placement_cpus(run, pinned: bool) -> list:
+    return [run.server_cpus[0]] if pinned else run.all_cpus
+
+
+def kernel_placements(run) -> dict:
+    """placement -> the CPUs of threads A and B ([one] for the same CPU), or why it cannot run here."""
+    first = run.server_cpus[0]
+    others = [c for c in [*run.server_cpus, *run.all_cpus] if c != first]
+    return {SAME_CPU: [first],
+            CROSS_CPU: [first, others[0]] if others else "only one CPU is available: nothing to cross to"}
+
+
+def kernel(run, bench: str, placement: str, cpus, command) -> None:
+    """One kernel baseline (``futex`` or ``pipe``) at one placement; ``command`` or ``cpus`` may be why it cannot run."""
+    why = command if isinstance(command, str) else cpus if isinstance(cpus, str) else None
+    args = why or [*command, "--mode", bench, "--cpus", ",".join(map(str, cpus))]
+    micro(run, f"{bench}-{placement}", bench, [] if why else cpus, placement == SAME_CPU, args)
 
 
 def python_command(run, bench: str):
@@ -75,13 +116,20 @@ def go_command(run):
     return [str(binary), "-rounds", str(run.profile.switch_rounds), "-round-s", f"{run.profile.switch_round_s:g}"]
 
 
-def micro(run, bench: str, pinned: bool, command) -> None:
-    name = label(bench, pinned)
+def c_command(run):
+    """The kernel baseline's command without --mode/--cpus (built into the cache if needed), or why it cannot run."""
+    try:
+        binary = build_c()
+    except RuntimeError as exc:
+        return str(exc)
+    return [str(binary), "--rounds", str(run.profile.switch_rounds), "--round-s", f"{run.profile.switch_round_s:g}"]
+
+
+def micro(run, name: str, bench: str, cpus: list, pinned: bool, command) -> None:
     variant = Variant(name, MICRO)
     if isinstance(command, str):
         run.skip(NAME, variant, command, point=name)
         return
-    cpus = [run.server_cpus[0]] if pinned else run.all_cpus
     env = {**os.environ, "GOMAXPROCS": str(len(cpus))}
     for repeat in range(1, run.repeat + 1):
         try:
@@ -89,12 +137,41 @@ def micro(run, bench: str, pinned: bool, command) -> None:
         except RuntimeError as exc:
             run.skip(NAME, variant, str(exc), point=f"repeat={repeat}")
             return
-        row = {**key(NAME, variant, repeat), "bench": bench, "pinned": pinned, "cpus": cpus, "source": "micro",
-               **{k: result.get(k) for k in ("iterations", "rounds", "ns_per_switch", "ns_min", "ns_max",
-                                             "ctx_voluntary", "ctx_involuntary")}}
+        row = {**key(NAME, variant, repeat), **micro_row(result, bench, pinned, cpus)}
         run.write(NAME, row)
+        cpu_ns = None if row["cpu_us_per_req"] is None else row["cpu_us_per_req"] * 1000
         run.progress(f"[{NAME}] {name} r{repeat}: {result['ns_per_switch']:.0f} ns/switch "
-                     f"(min {result['ns_min']:.0f}, max {result['ns_max']:.0f}; CPUs {cpus})")
+                     f"(min {result['ns_min']:.0f}, max {result['ns_max']:.0f}; per switch "
+                     f"{_shown(row['ctx_per_req'], '.2f')} OS context switches, {_shown(cpu_ns, '.0f')} ns CPU"
+                     f"{idle_note(result)}; CPUs {cpus})")
+
+
+def micro_row(result: dict, bench: str, pinned: bool, cpus: list) -> dict:
+    """A switch.csv row (without its key) from a benchmark's JSON: per switch, the OS context switches and CPU
+    time of both parties over the measured rounds (None where the program did not count them)."""
+    switches = SWITCHES_PER_ROUND_TRIP * (result.get("iterations") or 0) * (result.get("rounds") or 0)
+    counted = [result.get(k) for k in ("ctx_voluntary", "ctx_involuntary")]
+    ctx = sum(counted) / switches if switches and None not in counted else None
+    cpu_ns = result.get("cpu_ns")
+    return {"bench": bench, "pinned": pinned, "cpus": cpus, "source": "micro",
+            **{k: result.get(k) for k in ("iterations", "rounds", "ns_per_switch", "ns_min", "ns_max",
+                                          "ctx_voluntary", "ctx_involuntary")},
+            "ctx_per_req": ctx, "cpu_us_per_req": cpu_ns / switches / 1000 if switches and cpu_ns is not None
+            else None}
+
+
+def idle_note(result: dict) -> str:
+    """How often the CPUs used went idle per round trip (the C baseline reads /sys cpuidle), for the progress line."""
+    trips = (result.get("iterations") or 0) * (result.get("rounds") or 0)
+    idle = result.get("idle") or []
+    if not trips or not idle:
+        return ""
+    return "; idle entries per round trip " + ", ".join(
+        f"cpu{s['cpu']} {s['state']} {s['entries'] / trips:.2f}" for s in idle if s.get("entries"))
+
+
+def _shown(value, spec: str) -> str:
+    return "?" if value is None else format(value, spec)
 
 
 def run_json(command: list, cpus: list, env: dict) -> dict:
@@ -106,42 +183,86 @@ def run_json(command: list, cpus: list, env: dict) -> dict:
         raise RuntimeError(f"{os.path.basename(command[0])} took over {BENCH_TIMEOUT_S:g} s") from None
     finally:
         processes.stop(proc, signal.SIGKILL, 1.0)
+    return parse_json(out, err, proc.returncode)
+
+
+def parse_json(out: str, err: str, returncode: int) -> dict:
+    """A benchmark's last JSON line on stdout; RuntimeError with its last stderr line if it failed or printed none."""
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        last = (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    if returncode != 0 or not lines:
+        last = (err.strip().splitlines() or [f"exit status {returncode}"])[-1]
         raise RuntimeError(last)
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"unreadable benchmark output: {exc}") from None
 
 
-def build_go() -> Path:
-    """The Go ping-pong program, built once per source version into the cache (like servers/golang.py)."""
-    go = shutil.which("go")
-    if go is None:
-        raise RuntimeError("no Go toolchain on PATH: install one (Debian: apt-get install -y golang-go) and retry")
+def cached_build(name: str, sources: list, binary_name: str, what: str, command, cwd=None, env=None) -> Path:
+    """A program built once per source version: ``$XDG_CACHE_HOME/conclab/<name>-<hash>/<binary_name>``
+    (default ~/.cache), <hash> the SHA-256 of the sources' names and contents (like servers/golang.py).
+
+    ``command(output)`` is the compiler's argv writing the program to ``output``. Concurrent first uses take
+    a file lock (one builds, the others wait); the build writes a temporary file renamed into place, so a
+    killed build never leaves half a binary. RuntimeError in one line (the first compiler error) on failure.
+    """
     digest = hashlib.sha256()
-    for path in sorted(GO_SOURCE.glob("*.go")) + [GO_SOURCE / "go.mod"]:
+    for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    directory = Path(base) / "conclab" / f"switchbench-{digest.hexdigest()[:16]}"
-    binary = directory / GO_BINARY
+    directory = Path(base) / "conclab" / f"{name}-{digest.hexdigest()[:16]}"
+    binary = directory / binary_name
     if os.access(binary, os.X_OK):
         return binary
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".{GO_BINARY}.{os.getpid()}.tmp"
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(binary, os.X_OK):
+            return binary
+        partial = directory / f".{binary_name}.{os.getpid()}.tmp"
+        try:
+            done = subprocess.run(command(partial), cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"building {what} took over {BUILD_TIMEOUT_S:g} s") from None
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("#")]
+            first = next((line for line in lines if "error" in line), lines[0] if lines else "")
+            raise RuntimeError(f"building {what} failed: {first.strip() or done.returncode}")
+        os.replace(partial, binary)
+    return binary
+
+
+def build_go() -> Path:
+    """The Go ping-pong program, built once per source version into the cache."""
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError("no Go toolchain on PATH: install one (Debian: apt-get install -y golang-go) and retry")
     env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off", "GOFLAGS": "-mod=mod", "GOPROXY": "off",
            "GOTOOLCHAIN": "local"}
-    try:
-        done = subprocess.run([go, "build", "-trimpath", "-o", str(partial), "."], cwd=GO_SOURCE, env=env,
-                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"building the Go switch benchmark took over {BUILD_TIMEOUT_S:g} s") from None
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        first = next((line for line in done.stderr.splitlines() if line and not line.startswith("#")), "")
-        raise RuntimeError(f"building the Go switch benchmark failed: {first or done.returncode}")
-    os.replace(partial, binary)
-    return binary
+    return cached_build("switchbench", sorted(GO_SOURCE.glob("*.go")) + [GO_SOURCE / "go.mod"], GO_BINARY,
+                        "the Go switch benchmark", lambda out: [go, "build", "-trimpath", "-o", str(out), "."],
+                        cwd=GO_SOURCE, env=env)
+
+
+def c_compiler() -> str | None:
+    """$CC if it names a program on PATH, else cc, else gcc; None when there is none."""
+    for candidate in (os.environ.get("CC"), "cc", "gcc"):
+        found = candidate and shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def build_c() -> Path:
+    """The C kernel thread-switch baseline, built once per source version into the cache."""
+    cc = c_compiler()
+    if cc is None:
+        raise RuntimeError(NO_C_COMPILER)
+    return cached_build("threadswitch", [C_SOURCE], C_BINARY, "the C thread-switch benchmark",
+                        lambda out: [cc, *C_FLAGS, "-o", str(out), str(C_SOURCE)])
 
 
 def per_request(run) -> None:

@@ -14,8 +14,9 @@ two switches):
 * ``process_pipe``: two processes writing one byte into each other's pipe.
 
 The caller sets the CPU affinity; the JSON on stdout has the median, min and
-max over ``--rounds`` rounds, the iterations per round and the context switches
-(getrusage, all threads and the child) spent in the benchmark.
+max over ``--rounds`` rounds, the iterations per round, and the context switches
+and CPU time (getrusage: all threads, and the child) spent in the measured
+rounds; experiments/switch.py turns those into per-switch figures.
 """
 from __future__ import annotations
 
@@ -152,21 +153,23 @@ def calibrate(bench, round_s: float) -> int:
         n *= 4
 
 
-def ctx_switches() -> tuple[int, int]:
+def ctx_switches() -> tuple[int, int, int]:
+    """(voluntary, involuntary) context switches and CPU ns so far: this process's threads and its reaped children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_nvcsw + children.ru_nvcsw, own.ru_nivcsw + children.ru_nivcsw
+    cpu_s = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_nvcsw + children.ru_nvcsw, own.ru_nivcsw + children.ru_nivcsw, round(cpu_s * 1e9)
 
 
 def measure(name: str, rounds: int, round_s: float) -> dict:
     bench = BENCHES[name]
     n = calibrate(bench, round_s)
-    voluntary0, involuntary0 = ctx_switches()
+    voluntary0, involuntary0, cpu0 = ctx_switches()
     results = [bench(n) / (n * SWITCHES_PER_ITERATION) for _ in range(rounds)]
-    voluntary1, involuntary1 = ctx_switches()
+    voluntary1, involuntary1, cpu1 = ctx_switches()
     return {"bench": name, "ns_per_switch": statistics.median(results), "ns_min": min(results),
             "ns_max": max(results), "iterations": n, "rounds": rounds,
             "ctx_voluntary": voluntary1 - voluntary0, "ctx_involuntary": involuntary1 - involuntary0,
-            "cpus": sorted(os.sched_getaffinity(0))}
+            "cpu_ns": cpu1 - cpu0, "cpus": sorted(os.sched_getaffinity(0))}
 
 
 def main(argv=None) -> int:

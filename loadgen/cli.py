@@ -104,6 +104,7 @@ def params_from(args: argparse.Namespace) -> LoadParams:
     fields = {f.name for f in dataclasses.fields(LoadParams)}
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     values["progress"] = not args.quiet and Progress.wanted()
+    values["announce"] = bool(getattr(args, "json", False))     # a program reads the result: tell it the window
     return LoadParams(**values)
 
 

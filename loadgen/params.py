@@ -54,6 +54,8 @@ class LoadParams:
     processes: int = 1
     run_time: float | None = None
     progress: bool = field(default=False, metadata={"doc": "draw a progress bar on stderr (the CLI: only on a tty)"})
+    announce: bool = field(default=False, metadata={"doc": "say on stderr when the measured window starts and ends "
+                                                           "(CLOCK_MONOTONIC s; the CLI: with --json)"})
 
     # -- derived values -------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ nothing below imports runner.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 
@@ -24,6 +25,8 @@ from .params import LoadParams
 from .plan import check_ready, cpus_usable, plan, preflight
 from .progress import Progress
 from .report import MachineWatch, cpu_check
+
+WINDOW_MARK = "conclab load: window"     # the stderr line of announce_window
 
 
 def run_load(params: LoadParams) -> dict:
@@ -47,6 +50,19 @@ def run_traffic(params: LoadParams) -> dict:
 
 
 # -- running ----------------------------------------------------------------------------------
+def announce_window(params: LoadParams, start_ns: int) -> None:
+    """With ``params.announce``: say on stderr, as the run starts, when its measured window will start and end.
+
+    One line, ``conclab load: window START END``: seconds on CLOCK_MONOTONIC (``time.monotonic()`` in
+    any process of the machine), the warm-up's end and the planned end. Whoever runs the generator (the
+    experiments harness) can then read the server at exactly those instants.
+    """
+    if not params.announce:
+        return
+    start = (start_ns + int(params.warmup * 1e9)) / 1e9
+    print(f"{WINDOW_MARK} {start:.6f} {start + params.duration:.6f}", file=sys.stderr, flush=True)
+
+
 def execute(fn, specs: list[WorkerSpec], progress: Progress, planned_s: float) -> list[dict]:
     """Run ``fn`` for every spec (here if there is one, else in spawned processes); the parts, in order."""
     params = specs[0].params
@@ -55,6 +71,7 @@ def execute(fn, specs: list[WorkerSpec], progress: Progress, planned_s: float) -
     def on_ready(infos: list[dict]) -> None:
         check_ready(params, infos)
         t0[0] = time.monotonic()
+        announce_window(params, time.perf_counter_ns())       # the worker starts at once (LocalChannel.wait_go)
 
     def on_progress(count: int) -> None:
         progress.update(time.monotonic() - t0[0], count)
@@ -66,7 +83,7 @@ def execute(fn, specs: list[WorkerSpec], progress: Progress, planned_s: float) -
         try:
             check_ready(params, fleet.wait_ready())
             t0[0] = time.monotonic() + START_DELAY_S
-            fleet.start_all()
+            announce_window(params, fleet.start_all())
             return fleet.results_within(planned_s + RESULT_GRACE_S, on_progress)
         finally:
             fleet.close()

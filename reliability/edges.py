@@ -276,8 +276,8 @@ def fairness(backend, options, scale: Scale) -> Outcome:
     out.metrics = {"pings": len(rtts), "ping_worst_ms": round(worst * 1000, 1) if worst is not None else None,
                    "idle_closed_s": round(told_after, 2) if told_after is not None else None, "idle_told": told,
                    "hog_echoed_mib": round(mib(echoed[0]), 1)}
-    out.figure = (f"hog echoed {mib(echoed[0]):.0f} MiB; bystander {len(answered)}/{len(rtts)} PINGs, worst "
-                  f"{out.metrics['ping_worst_ms']} ms; idle conn {told} after {seconds(told_after)}")
+    out.figure = (f"hog echoed {mib(echoed[0]):.0f} MiB; bystander {len(answered)}/{len(rtts)} PINGs answered, "
+                  f"worst {out.metrics['ping_worst_ms']} ms; the idle connection got {when}")
     return out
 
 

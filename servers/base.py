@@ -2,24 +2,34 @@
 
 * ``open_listener``: bind and listen, with one-line errors instead of tracebacks;
 * ``announce``: the contract's ``listening on HOST:PORT`` line, printed when ready;
-* ``graceful_signals``: SIGTERM/SIGINT become a ``Shutdown`` exception in the
-  main thread, for the models that block in ``accept()`` (threads, pools);
-* ``ConnectionSet``: the live sockets of a blocking model, and the drain of
-  docs/protocol.md section 4 done on them (shut the read side so idle readers
-  wake up and busy ones stop after their reply, then abort what is left).
+* ``StopSignals``: SIGTERM/SIGINT only set a flag and wake a selector, for the
+  models whose main thread waits for connections (threads, pools). Nothing is
+  raised asynchronously: an exception raised by a signal handler can land
+  anywhere, e.g. inside ``Thread.start()`` after the thread exists, and strand
+  a connection without a handler;
+* the write policy of docs/protocol.md section 3 (``KernelDeadlines.sendall``,
+  ``output_stalled``): a reply that makes no progress for ``--idle-timeout``
+  ends the connection with a reset, counted in ``idle_timeouts``;
+* ``AbortableWait``: WORK's wait in a thread, which the drain deadline ends;
+* ``ConnectionSet`` and ``drain``: the live sockets of a blocking model, and the
+  drain of docs/protocol.md section 4 done on them (shut the read side so idle
+  readers wake up and busy ones stop after their reply, then abort what is left).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import signal
 import socket
 import struct
 import sys
+import termios
 import threading
 import time
 
 from .config import ServerConfig
+from .session import rejection
 
 LISTEN_BACKLOG = 4096          # the kernel caps it at net.core.somaxconn
 DRAIN_POLL_INTERVAL = 0.01     # how often the drain looks whether everyone has left
@@ -34,8 +44,8 @@ class StartupError(Exception):
     """The server cannot start; the message is shown to the user as one line."""
 
 
-class Shutdown(Exception):
-    """Raised in the main thread by SIGTERM or SIGINT."""
+class WriteStalled(TimeoutError):
+    """A reply made no progress for --idle-timeout: the connection ends with a reset (docs/protocol.md section 3)."""
 
 
 def open_listener(config: ServerConfig) -> socket.socket:
@@ -86,17 +96,62 @@ def release(sock, session, stats) -> None:
     stats.closed()
 
 
-@contextlib.contextmanager
-def graceful_signals(config: ServerConfig):
-    """Within the block, SIGTERM and SIGINT raise Shutdown in the main thread."""
-    def stop(signum, frame):
-        raise Shutdown(signal.Signals(signum).name)
-    previous = {sig: signal.signal(sig, stop) for sig in stop_signals(config)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+class StopSignals:
+    """Within the block, SIGTERM and SIGINT set ``requested`` and wake a selector: nothing is raised.
+
+    Register the object itself (its ``fileno``) in the main thread's selector.
+    Python's C-level handler writes the signal's number to the socketpair
+    (``signal.set_wakeup_fd``), which wakes the selector whichever thread the
+    kernel delivered the signal to; ``check()`` reads those bytes, so a stop is
+    seen as soon as the selector returns, before the Python-level handler has
+    even run. Other threads may ``wake()`` the selector too (a byte 0, which is
+    no signal). On leaving the block the stop signals are ignored: a second
+    SIGTERM must not cut the drain that follows short.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.signals = stop_signals(config)
+        self.numbers = frozenset(int(sig) for sig in self.signals)
+        self.reader, self.writer = socket.socketpair()
+        for sock in (self.reader, self.writer):
+            sock.setblocking(False)
+        self.requested = False
+        self.previous_fd = -1
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
+
+    def __enter__(self) -> "StopSignals":
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        for sig in self.signals:
+            signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.set_wakeup_fd(self.previous_fd)
+        self.reader.close()
+        self.writer.close()
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def wake(self) -> None:
+        """Wake the selector from another thread (a closed pair after the block: nobody to wake)."""
+        with contextlib.suppress(OSError):
+            self.writer.send(b"\0")
+
+    def check(self) -> bool:
+        """Read what woke the selector; True once a stop signal came."""
+        with contextlib.suppress(OSError):
+            while True:
+                data = self.reader.recv(4096)
+                if not data:
+                    break
+                if not self.numbers.isdisjoint(data):
+                    self.requested = True
+        return self.requested
 
 
 def ignore_signals() -> None:
@@ -118,8 +173,55 @@ def timeval(seconds: float) -> bytes:
 
 
 def send_timeout(sock, seconds: float) -> None:
-    """A blocking send gives up (EAGAIN) after this long without progress: the kernel's timer, no poll()."""
+    """A blocking send gives up (EAGAIN) after this long without being woken: the kernel's timer, no poll()."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
+
+
+# -- the write policy: no progress for --idle-timeout ends a connection with a reset ----------------
+# Progress is the kernel sending the peer new data. A blocked sender cannot see it: Linux wakes it
+# (and reports EPOLLOUT) only once a third of the send buffer is free, which a slow but steady reader
+# may take many seconds to free. So a stall is judged from the kernel's own record instead.
+TCP_INFO_SIZE = 104                 # struct tcp_info up to the fields read here (and a little more)
+TCPI_LAST_DATA_SENT = 44            # offset of tcpi_last_data_sent (ms since the kernel last sent data)
+SENDING_STATES = {1, 8}             # TCP_ESTABLISHED, TCP_CLOSE_WAIT: states that still send the peer data
+LINGER_CHECK = 0.05                 # a finished connection with replies still in the kernel: look this often
+
+
+def quiet_for(sock) -> tuple[int, float]:
+    """(TCP state, seconds since the kernel last sent this connection's peer any data): TCP_INFO."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    return info[0], struct.unpack_from("I", info, TCPI_LAST_DATA_SENT)[0] / 1000
+
+
+def output_stalled(sock) -> float | None:
+    """None if the kernel holds no reply bytes the peer can still get; else seconds since it last sent any.
+
+    One ioctl (SIOCOUTQ) when nothing is pending, the usual case; TCP_INFO only
+    when something is: after a reset the queue still counts bytes nobody will send.
+    """
+    try:
+        if not struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]:
+            return None
+        state, quiet = quiet_for(sock)
+    except (OSError, ValueError):       # closed or reset under us: nothing left to deliver
+        return None
+    return quiet if state in SENDING_STATES else None
+
+
+def deliver_or_reset(sock, idle_timeout: float, sleep=time.sleep) -> None:
+    """Before closing: wait while the kernel still delivers replies; raise WriteStalled if they stop.
+
+    A close with unsent data would leave the kernel holding the socket, the data
+    and the peer (FIN-WAIT-1) for as long as the peer does not read; a reply that
+    makes no progress for ``idle_timeout`` is reset instead (the caller aborts).
+    """
+    while True:
+        stalled = output_stalled(sock)
+        if stalled is None:
+            return
+        if stalled >= idle_timeout:
+            raise WriteStalled("no progress sending the last replies")
+        sleep(min(LINGER_CHECK, idle_timeout - stalled))
 
 
 class KernelDeadlines:
@@ -131,15 +233,23 @@ class KernelDeadlines:
     nothing per call. The receive timeout counts from each ``recv``, so it is
     set only when the time left until the session's deadline differs from the
     armed one (a frame started, or ended); a read woken early just reads
-    again. Sends get the idle timeout once: a peer that stops reading is
-    dropped after that long without progress.
+    again.
+
+    Sends follow the write policy: a reply that makes no progress for
+    ``--idle-timeout`` raises ``WriteStalled``. The usual reply leaves in one
+    ``send``. A send that finds the buffer full blocks until the kernel wakes it
+    or SO_SNDTIMEO (the idle timeout, set once) passes; the kernel wakes a
+    blocked sender only once a third of its buffer is free, so a timeout is not
+    yet a stall: the kernel is asked when it last sent the peer data
+    (``quiet_for``), and the send is tried again with what is left of the idle
+    timeout from then.
     """
 
-    __slots__ = ("sock", "session", "armed", "sendall")
+    __slots__ = ("sock", "session", "armed", "send")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session, self.armed = sock, session, -1.0
-        self.sendall = sock.sendall
+        self.send = sock.send
         send_timeout(sock, session.idle_timeout)
 
     def recv(self, size: int) -> bytes:
@@ -149,12 +259,37 @@ class KernelDeadlines:
             self.armed = seconds
         return self.sock.recv(size)
 
+    def sendall(self, data: bytes) -> None:
+        try:
+            sent = self.send(data)
+        except BlockingIOError:             # not woken for SO_SNDTIMEO: see _send_rest
+            sent = 0
+        if sent < len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, view: memoryview) -> None:
+        idle, armed = self.session.idle_timeout, self.session.idle_timeout
+        try:
+            while view:
+                try:
+                    view = view[self.send(view):]
+                except BlockingIOError:
+                    _, quiet = quiet_for(self.sock)
+                    if quiet >= idle:
+                        raise WriteStalled("a reply made no progress for --idle-timeout") from None
+                    armed = idle - quiet + DEADLINE_SLACK     # the rest of the idle timeout since the last progress
+                    send_timeout(self.sock, armed)
+        finally:
+            if armed != idle:
+                with contextlib.suppress(OSError):
+                    send_timeout(self.sock, idle)
+
     def close(self) -> None:
         """Nothing to undo: the kernel's timers go with the socket."""
 
 
 def abort(sock) -> None:
-    """Close with RST at once (SO_LINGER 0): the end of the drain deadline."""
+    """Close with RST at once (SO_LINGER 0): the drain deadline, or a reply that stalled."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.shutdown(socket.SHUT_RDWR)
@@ -182,11 +317,13 @@ class ConnectionSet:
         with self._lock:
             return list(self._sockets)
 
-    def drain(self, timeout: float, sleep=time.sleep) -> int:
+    def drain(self, timeout: float, sleep=time.sleep, at_deadline=None) -> int:
         """Wake idle readers, let busy ones finish, abort the rest at the deadline.
 
         Returns how many connections had to be aborted. ``sleep`` is the
         model's own (time.sleep for threads, gevent.sleep for greenlets).
+        ``at_deadline`` runs once the leftovers are counted and aborted (it ends
+        the WORK waits: a handler woken earlier would leave uncounted).
         """
         for sock in self.snapshot():
             with contextlib.suppress(OSError):
@@ -195,6 +332,8 @@ class ConnectionSet:
             left = self.snapshot()
             for sock in left:
                 abort(sock)
+            if at_deadline is not None:
+                at_deadline()
             self._wait_empty(ABORT_GRACE, sleep)
             return len(left)
         return 0
@@ -204,6 +343,70 @@ class ConnectionSet:
         while self._sockets and time.monotonic() < end:
             sleep(DRAIN_POLL_INTERVAL)
         return not self._sockets
+
+
+class AbortableWait:
+    """WORK's wait (and a rate-limit delay) in a thread: a sleep, GIL released, that ``abort()`` ends.
+
+    Threads cannot be cancelled, so without this a 10 s WORK would outlive the
+    drain deadline (and Python joins pool threads at exit). Each wait sleeps on
+    a lock of its own (``acquire`` with a timeout: one futex wait, like
+    ``time.sleep``); ``abort`` releases every one of them, and they raise
+    ConnectionAbortedError. One registry serves every thread: adding and
+    removing a lock is O(1), unlike an Event's list of waiters.
+    """
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self._lock = threading.Lock()
+        self._sleepers: set = set()
+
+    def __call__(self, seconds: float) -> None:
+        gate = threading.Lock()
+        gate.acquire()
+        with self._lock:
+            if not self.aborted:
+                self._sleepers.add(gate)
+        try:
+            if not self.aborted:
+                gate.acquire(timeout=seconds)
+        finally:
+            with self._lock:
+                self._sleepers.discard(gate)
+        if self.aborted:
+            raise ConnectionAbortedError("aborted at the drain deadline")
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            gates, self._sleepers = self._sleepers, set()
+        for gate in gates:
+            gate.release()
+
+
+def drain(listener, config: ServerConfig, connections: ConnectionSet, wait: AbortableWait,
+          sleep=time.sleep, at_deadline=None) -> int:
+    """Section 4 for the blocking models: stop accepting, ConnectionSet's drain, whose deadline also
+    ends every WORK wait (``at_deadline`` too, if given); returns how many connections were aborted."""
+    ignore_signals()
+    listener.close()
+
+    def deadline() -> None:
+        wait.abort()
+        if at_deadline is not None:
+            at_deadline()
+    return connections.drain(config.drain_timeout, sleep=sleep, at_deadline=deadline)
+
+
+def shed(sock, config: ServerConfig, stats) -> None:
+    """Turn away a connection admitted by ``stats.try_open`` that cannot be served after all (no thread
+    to be had): "server busy" without waiting, close, and count it as the cap would have (rejected)."""
+    with contextlib.suppress(OSError), sock:
+        sock.send(rejection(config), socket.MSG_DONTWAIT)
+    with stats.lock:
+        stats.connections_active -= 1
+        stats.connections_total -= 1
+        stats.connections_rejected += 1
 
 
 def warn(message: str) -> None:

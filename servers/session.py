@@ -1,8 +1,8 @@
 """What one connection does, whatever the concurrency model: bytes in -> requests.
 
 A backend owns the socket, the waiting and the clock; a ``Session`` owns
-everything else: decoding (through the sans-I/O codec), answering what
-``protocol.REQUESTS`` says to answer at once (ECHO, PING, STATS), describing
+everything else: decoding (through the sans-I/O codec), answering each request
+as ``protocol.REQUESTS`` says (ECHO, PING and STATS with no wait), describing
 WORK (how long to wait, how long to compute), counting, and the idle/frame
 deadlines. Every backend drives it with the same few lines::
 

@@ -31,7 +31,9 @@ def layer_imports(layer: str) -> dict[str, set[str]]:
     for path in sorted((REPO / layer).rglob("*.py")):
         names = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if isinstance(node, ast.ImportFrom) and node.module == "conclab" and node.level == 0:
+                names.update(f"conclab.{alias.name}" for alias in node.names)   # from conclab import servers
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
             elif isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)

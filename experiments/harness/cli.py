@@ -22,7 +22,7 @@ import traceback
 from conclab.servers import VARIANTS, processes, select_variants
 
 from .. import registry
-from . import loadproc, summary
+from . import calibrate, loadproc, summary
 from .run import Run
 from .profiles import PROFILES
 
@@ -50,9 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", metavar="A,B,...",
                         help="variants to run (default all): " + ", ".join(VARIANTS))
     parser.add_argument("--profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
-                        help="quick (about 5 minutes for all), full (the real sweep), tiny (seconds; tests)")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="measure every point N times; tables keep each, summaries use the median (default 1)")
+                        help="quick (about 5 minutes for all: the demo), standard (at most 20 minutes for all, 3 "
+                             "rounds: the reference), full (the real sweep), tiny (seconds; tests)")
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="rounds: measure every point N times, interleaved (round 1 of every variant, then "
+                             "round 2, ...); tables keep each, summaries use the median and its interval "
+                             "(default: the profile's rounds: " + ", ".join(f"{p.name} {p.rounds}"
+                                                                            for p in PROFILES.values()) + ")")
     parser.add_argument("--server-cpus", metavar="LIST", help="CPUs the servers are pinned to (default: the first)")
     parser.add_argument("--loadgen-cpus", metavar="LIST",
                         help="CPUs the load generator (and this harness) use (default: all the others)")
@@ -170,21 +174,22 @@ def prepare(args) -> Run:
         variants = select_variants(args.backends)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.repeat < 1:
+    if args.repeat is not None and args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     server_cpus, loadgen_cpus = choose_cpus(args)
     if any(registry.get(name).loadgen for name in experiments):
         preflight_loadgen()
     profile = PROFILES[args.profile]
+    repeat = args.repeat if args.repeat is not None else profile.rounds
     run_id = args.run_id or new_run_id(args.results, experiments)
     if args.run_id and os.path.exists(os.path.join(args.results, run_id)):
         raise UsageError(f"--run-id {run_id}: {os.path.join(args.results, run_id)} already exists")
     params = {"argv": sys.argv, "experiments": experiments, "backends": [v.name for v in variants],
               "backends_option": args.backends,
-              "profile": profile.name, "repeat": args.repeat, "server_cpus": server_cpus,
+              "profile": profile.name, "repeat": repeat, "server_cpus": server_cpus,
               "loadgen_cpus": loadgen_cpus, "results": args.results}
     return Run(run_id=run_id, results_dir=args.results, experiments=experiments, variants=variants,
-               profile=profile, repeat=args.repeat, server_cpus=server_cpus, loadgen_cpus=loadgen_cpus,
+               profile=profile, repeat=repeat, server_cpus=server_cpus, loadgen_cpus=loadgen_cpus,
                params=params)
 
 
@@ -193,11 +198,13 @@ def execute(run: Run, prog: str) -> int:
     status, code = "complete", EXIT_OK
     own_cpus = os.sched_getaffinity(0)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    run.progress(f"{prog}: {', '.join(run.experiments)} (profile {run.profile.name}, repeat {run.repeat}) on "
+    run.progress(f"{prog}: {', '.join(run.experiments)} (profile {run.profile.name}, {run.repeat} interleaved "
+                 f"round(s)) on "
                  f"{len(run.variants)} variants; server CPUs {run.server_cpus}, load generator CPUs "
                  f"{run.loadgen_cpus} -> {run.dir}")
     try:
         os.sched_setaffinity(0, run.loadgen_cpus)        # the sampler stays off the server's CPUs
+        calibrate.start(run)                              # how quiet the machine is (timers, latency floor)
         run.manifest["needs"] = registry.sources(run.experiments)
         for name in run.experiments:
             experiment = registry.get(name)
@@ -217,6 +224,7 @@ def execute(run: Run, prog: str) -> int:
         print(f"{prog}: error: {type(exc).__name__}: {exc} (traceback: {run.raw_dir}/error.log)", file=sys.stderr)
     finally:
         processes.stop_all()
+        calibrate.end(run, status)                        # every child stopped: the machine as the run leaves it
         os.sched_setaffinity(0, own_cpus)
         signal.signal(signal.SIGTERM, previous)
         write_summaries(run)

@@ -1,9 +1,13 @@
-"""Least-squares line fits and medians: the arithmetic behind memory_fit.csv and summary.csv."""
+"""Least-squares line fits and medians: the arithmetic behind memory_fit.csv and summary.csv.
+
+The median, its spread and its interval are harness.stats' (``spread`` below is ``stats.spread``).
+"""
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
+
+from .stats import spread  # noqa: F401  (the one median-and-interval: median, min, max, n, ci_lo, ci_hi, ci_flag)
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,3 @@ def _number(value) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
-
-def spread(values) -> dict | None:
-    """median, min, max and n of the numeric values (None if there are none)."""
-    numbers = [float(v) for v in values if _number(v)]
-    if not numbers:
-        return None
-    return {"median": statistics.median(numbers), "min": min(numbers), "max": max(numbers), "n": len(numbers)}

@@ -5,7 +5,11 @@ as a subprocess (docs/protocol.md, "The command line") and parses the one JSON
 object it prints, so it keeps working whatever the generator's internals.
 ``run_loadgen`` is the whole contract; ``start_loadgen`` is the same run in the background (hold N connections
 while something else is measured) and ``flatten`` maps the JSON onto the
-tables' LOAD columns.
+tables' LOAD columns. With ``--json`` the generator also says on stderr, as its
+run starts, when its measured window starts and ends (``WINDOW_MARK START END``,
+CLOCK_MONOTONIC seconds); ``LoadRun.window`` reads that line while it runs, so the
+harness reads the server's counters over exactly that window (harness.run). A
+generator that does not say it is measured around its whole run instead.
 
 ``CONCLAB_LOADGEN`` (a command line, shell-split) replaces ``python -m conclab.loadgen``:
 the tests point it at a stand-in; anyone can point it at another generator
@@ -30,6 +34,11 @@ STOP_GRACE_S = 3.0          # after SIGINT, how long a stopped run gets to print
 POLL_S = 0.05
 REQUIRED_KEYS = ("throughput_rps", "requests", "errors", "duration_s", "latency_us")
 SATURATED = "load generator saturated"      # an invalid point's reason (analysis reads old rows the same way)
+TOO_SHORT = "too short for its latency"     # an invalid point's reason: it lasted under MIN_LATENCIES x its mean
+MIN_LATENCIES = 20          # a point must last at least this many mean latencies to describe a steady state
+WINDOW_MARK = b"conclab load: window"        # the generator's stderr line: START END, CLOCK_MONOTONIC seconds
+WINDOW_RE = re.compile(rb"^conclab load: window ([0-9.]+) ([0-9.]+)\s*$", re.MULTILINE)
+WINDOW_READ_BYTES = 1 << 16   # the line comes before anything long (warnings come at the end)
 PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
                "max_us": "max"}
 
@@ -77,6 +86,17 @@ class LoadRun:
 
     def running(self) -> bool:
         return self.proc.poll() is None
+
+    def window(self) -> tuple[float, float] | None:
+        """The measured window the generator announced ((start, end), CLOCK_MONOTONIC s = time.monotonic()),
+        or None: not yet, or a generator that does not announce it. Reads stderr without moving its offset
+        (the child writes through the same open file)."""
+        try:
+            head = os.pread(self._err.fileno(), WINDOW_READ_BYTES, 0)
+        except (OSError, ValueError):
+            return None
+        match = WINDOW_RE.search(head)
+        return (float(match[1]), float(match[2])) if match else None
 
     def wait(self) -> dict:
         """Wait for the run to end by itself (within its budget) and return its JSON."""
@@ -206,8 +226,10 @@ def validity(result: dict) -> list[str]:
 
     Connections that never got a reply (``connections.served`` below the connections asked for),
     requests never answered, a saturated generator: in each case the latency and throughput describe
-    only what was answered, so the analysis leaves the point out of headlines, rankings and knees. A
-    generator that does not report a field is not judged on it.
+    only what was answered; a window shorter than MIN_LATENCIES mean latencies (``too_short``) holds
+    too few round trips to be a steady state. The analysis leaves such a point out of headlines,
+    rankings and knees. A generator that does not report a field is not judged on it. (The harness adds
+    one more reason it checks itself: the server had not accepted every connection, harness.run.)
     """
     reasons = []
     connections = result.get("connections") or {}
@@ -220,4 +242,22 @@ def validity(result: dict) -> list[str]:
         reasons.append(f"{unanswered} requests unanswered")
     if result.get("loadgen_saturated"):
         reasons.append(SATURATED)
+    short = too_short(result)
+    if short:
+        reasons.append(short)
     return reasons
+
+
+def too_short(result: dict) -> str | None:
+    """"too short for its latency (...)" when the measured window lasted under MIN_LATENCIES x the mean
+    latency: with so few round trips per connection (or a backlog that grows for the whole window, an open
+    loop past capacity) the point is no steady state. None when it is long enough or the generator does not
+    report a mean."""
+    mean_us = (result.get("latency_us") or {}).get("mean")
+    duration = result.get("duration_s")
+    if not result.get("requests") or not isinstance(mean_us, (int, float)) or not isinstance(duration, (int, float)):
+        return None
+    needed = MIN_LATENCIES * mean_us / 1e6
+    if duration >= needed:
+        return None
+    return f"{TOO_SHORT} ({duration:.3g} s measured, mean latency {mean_us / 1000:.3g} ms: needs {needed:.3g} s)"

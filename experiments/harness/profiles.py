@@ -42,6 +42,7 @@ class Profile:
     switch_rounds: int          # rounds per microbenchmark (the median is reported)
     switch_round_s: float       # target duration of one round
     pool_workers: int           # threadpool --workers (ThreadPoolExecutor's default formula)
+    rounds: int = 1             # interleaved rounds when --repeat is not given (every variant per round)
     pitfall_s: float = 2.0      # pitfalls: how long the clients run (leak churn, hard-kill before SIGTERM)
     pitfall_rate: float = 200   # pitfalls: new connections/s (leak churn, silent and unbounded ramps)
     pitfall_silent: int = 100   # pitfalls no-deadline: silent clients holding connections

@@ -3,16 +3,38 @@
 A ``Run`` owns results/<run-id>/. Experiments ask it for servers
 (``run.serve(...)``: a pinned server with a sampler, always stopped), measure
 points with ``run.measure(...)`` (one load generator run plus the server's CPU,
-context-switch and request deltas around it), write rows with ``run.write``,
+context-switch and request deltas over its measured window), write rows with ``run.write``,
 and report what they could not do with ``run.skip`` (skipped.csv: never silent).
+``run.each_variant`` runs an experiment's body in interleaved rounds (every
+variant's round 1, then every variant's round 2, ...).
+
+The CPU window: the load generator announces on stderr, as it starts, the planned
+start and end of its measured window on CLOCK_MONOTONIC (the clock of
+``time.monotonic()`` in every process). The harness sleeps until those instants
+and reads the server's /proc counters (CPU user/sys, context switches of every
+thread) then, so ``server_cpu_percent`` = CPU over the window / the window's wall
+time, and per-request costs are the window's CPU and switches over the requests
+the generator counted in the window: the generator's start-up, connecting and
+warm-up are in none of them. The reads land within a few milliseconds of the
+instants (a sleeping thread's wake-up), and both sides of the ratio use the
+instants actually read. A generator that does not announce its window is measured
+around its whole run, and its CPU percentage is CPU per request x the window's
+throughput (``server_deltas``).
+
+Validity gates the harness adds to the generator's (harness.loadproc.validity):
+during the warm-up it asks the server (STATS ``connections_active``) whether it
+has accepted every connection; if it reports only K of N the point is invalid,
+"server had accepted only K of N connections" (``ConnectionsCheck``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 import psutil
 
@@ -23,6 +45,10 @@ from .tables import COLUMNS, TableWriter
 
 RAW_DIR = "raw"
 STATS_RETRIES = 2
+WINDOW_POLL_S = 0.005          # how often the harness looks for the generator's window line
+SLEEP_CHUNK_S = 0.1            # waiting for a window instant, how often it checks the generator still runs
+STATS_CHECK_TIMEOUT_S = 1.0    # the connections check: a STATS unanswered this long is "not known"
+STATS_CHECK_GAP_S = 0.02       # ...and asks again this often until the window starts
 SERVER_STOP_GRACE_S = 10.0     # a server's drain after SIGTERM, then SIGKILL
 HELD_STOP_GRACE_S = 1.0        # the same after holding thousands of idle connections (memory, c10k)
 
@@ -44,7 +70,7 @@ class Run:
         self.params = params
         self.t0 = time.monotonic()
         self.tables: dict = {}
-        for name in ("skipped", "samples"):
+        for name in ("skipped", "samples", "calibration"):
             self.table(name)
         self.manifest = {"run_id": run_id, "status": "running", "start": manifest.now(), "end": None,
                          "parameters": params, "profile": profile.as_dict(), "host": manifest.host_info(),
@@ -105,14 +131,24 @@ class Run:
             yield variant
 
     def each_variant(self, experiment: str, body) -> None:
-        """body(variant, repeat) for every available variant and repeat; a failure skips that one, not the run."""
-        for variant in self.variants_for(experiment):
-            for repeat in range(1, self.repeat + 1):
+        """body(variant, repeat) in interleaved rounds: round 1 of every available variant, then round 2, ...
+
+        Variants meet the same machine weather (A B C ... A B C ...), so a slow minute of the machine
+        spreads over every variant instead of biasing one; ``repeat`` (the tables' column) is the round.
+        A failure skips that one (variant, round), not the run; a server that does not start is skipped
+        for the rounds left too (it would not start then either).
+        """
+        variants = list(self.variants_for(experiment))
+        for repeat in range(1, self.repeat + 1):
+            if self.repeat > 1:
+                self.progress(f"[{experiment}] round {repeat}/{self.repeat}: "
+                              f"{', '.join(v.name for v in variants) or 'no variant left'}")
+            for variant in list(variants):
                 try:
                     body(variant, repeat)
                 except ServerStartError as exc:
                     self.skip(experiment, variant, f"server did not start: {exc}")
-                    break
+                    variants.remove(variant)
                 except (loadproc.LoadgenError, OSError, RuntimeError, psutil.Error) as exc:
                     detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
                     self.skip(experiment, variant, f"failed: {detail}", point=f"repeat={repeat}")
@@ -167,48 +203,178 @@ class Run:
         return {"cpus": self.loadgen_cpus, "warmup": self.profile.warmup_s}
 
     def measure(self, server, point: str, mode: str, conns: int, **options) -> dict:
-        """Run the load generator once against ``server``; LOAD + SERVER columns of that point."""
+        """Run the load generator once against ``server``; LOAD + SERVER columns of that point.
+
+        The generator runs in the background; when it announces its measured window the harness
+        checks, during the warm-up, that the server has accepted every connection (``accepted_check``)
+        and reads the server's CPU and context-switch counters at the window's start and end
+        (``watch_window``), so the SERVER columns describe the window the LOAD columns describe.
+        """
         sampler = server.sampler
         sampler.point = point
         sampler.reset_peaks()
-        requests_before = self._server_requests(server)
+        stats_before = self._server_stats(server)
+        requests_before = stats_before.get("requests_total")
         before = sampler.probe.counters()
-        result = loadproc.run_loadgen(server.target, mode, conns, self.profile.point_s, **self.load_options(), **options)
+        handle = loadproc.start_loadgen(server.target, mode, conns, self.profile.point_s, **self.load_options(),
+                                        **options)
+        try:
+            window = watch_window(handle, server, sampler.probe, conns, stats_before.get("connections_total"))
+            result = handle.wait()
+        finally:
+            handle.close()
         after = sampler.probe.counters()
         requests_after = self._server_requests(server)
         sampler.sample()
         self.flush_samples(server)
         row = loadproc.flatten(result)
         requests = (requests_after - requests_before) if None not in (requests_before, requests_after) else None
-        row.update(server_deltas(before, after, requests, row.get("requests"), sampler.peaks))
+        row.update(server_deltas(before, after, requests, row.get("requests"), sampler.peaks, window=window,
+                                 throughput=row.get("throughput_rps")))
+        accepted_check(row, window.active, conns)
         if not server.alive():
             raise RuntimeError(f"server exited during the point: {server.last_words()}")
         return row
 
-    def _server_requests(self, server) -> int | None:
+    def _server_stats(self, server) -> dict:
+        """STATS (with its integer requests_total), or {} if the server does not answer."""
         for _ in range(STATS_RETRIES):
             stats = server.try_stats()
             if stats and isinstance(stats.get("requests_total"), int):
-                return stats["requests_total"]
-        return None
+                return stats
+        return {}
+
+    def _server_requests(self, server) -> int | None:
+        return self._server_stats(server).get("requests_total")
 
 
-def server_deltas(before: dict, after: dict, server_requests, loadgen_requests, peaks: dict) -> dict:
-    """The SERVER columns: CPU and context switches spent on the point, per request too."""
-    user = after["cpu_user_s"] - before["cpu_user_s"]
-    system = after["cpu_sys_s"] - before["cpu_sys_s"]
-    wall = max(after["t"] - before["t"], 1e-9)
-    ctx = {key: (after[key] - before[key]) if after[key] is not None and before[key] is not None else None
+@dataclass
+class Window:
+    """What the harness saw of one point's measured window: the server's counters at its start and end
+    (None: the generator did not announce it) and the connections the server had accepted by its start."""
+    start: dict | None = None
+    end: dict | None = None
+    active: int | None = None          # None: not known (STATS unanswered, or no window announced)
+
+    @property
+    def known(self) -> bool:
+        return self.start is not None and self.end is not None
+
+
+def watch_window(handle, server, probe, conns: int, total_before: int | None = None) -> Window:
+    """Follow one background load run: wait for its window (``LoadRun.window``), check the server's
+    connections during the warm-up (``total_before``: its connections_total before the run), read the
+    counters at the window's start and end."""
+    announced = None
+    while announced is None and handle.running():
+        announced = handle.window()
+        if announced is None:
+            time.sleep(WINDOW_POLL_S)
+    announced = announced or handle.window()
+    if announced is None or not handle.running():
+        return Window()
+    start, end = announced
+    check = ConnectionsCheck(server, conns, start, total_before).begin()
+    _sleep_until(start, handle)
+    first = probe.counters()
+    _sleep_until(end, handle)
+    last = probe.counters()
+    return Window(first, last, check.result())
+
+
+def _sleep_until(instant: float, handle) -> None:
+    """Sleep until time.monotonic() reaches ``instant`` (or the load run ends)."""
+    while handle.running():
+        left = instant - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, SLEEP_CHUNK_S))
+
+
+class ConnectionsCheck:
+    """During the warm-up: how many of the generator's connections the server has accepted.
+
+    Asks STATS until the server reports all ``conns`` or the window starts; ``result`` is the most it
+    reported (None if it never answered: a connection-dispatch pool with every worker busy cannot, and is
+    then judged by the generator's ``connections.served`` alone). One answer counts the connections open
+    now less the STATS connection itself (``connections_active`` - 1), and, when ``total_before`` (the
+    server's connections_total before the run) is known, no more than it accepted since, less the
+    check's own connections: a closed STATS connection the server has not reaped yet is not counted as
+    one of the generator's. Without a warm-up the one answer comes just after the window starts.
+    """
+
+    def __init__(self, server, conns: int, window_start: float, total_before: int | None = None) -> None:
+        self.server, self.conns, self.window_start, self.total_before = server, conns, window_start, total_before
+        self.best: int | None = None
+        self.asked = 0
+        self._thread = threading.Thread(target=self._run, name="connections-check", daemon=True)
+
+    def begin(self) -> "ConnectionsCheck":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self.asked += 1
+            stats = self.server.try_stats(timeout=STATS_CHECK_TIMEOUT_S)
+            active = stats.get("connections_active") if stats else None
+            if isinstance(active, int):
+                accepted = active - 1                                  # its own STATS connection counts too
+                total = stats.get("connections_total")
+                if isinstance(total, int) and isinstance(self.total_before, int):
+                    accepted = min(accepted, total - self.total_before - self.asked)
+                self.best = max(self.best or 0, accepted)
+            if (self.best is not None and self.best >= self.conns) or time.monotonic() >= self.window_start:
+                return
+            time.sleep(STATS_CHECK_GAP_S)
+
+    def result(self) -> int | None:
+        self._thread.join(STATS_CHECK_TIMEOUT_S + STATS_CHECK_GAP_S)
+        return self.best
+
+
+def accepted_check(row: dict, active: int | None, conns: int) -> None:
+    """Mark the row invalid when the server had accepted fewer than ``conns`` connections before measuring."""
+    row["server_conns_active"] = active
+    if active is None or active >= conns:
+        return
+    reasons = [r for r in (row.get("invalid_reason") or "").split("; ") if r]
+    row.update(valid=False, invalid_reason="; ".join([f"server had accepted only {active} of {conns} connections",
+                                                      *reasons]))
+
+
+def server_deltas(before: dict, after: dict, server_requests, loadgen_requests, peaks: dict,
+                  window: Window | None = None, throughput=None) -> dict:
+    """The SERVER columns: CPU and context switches spent on the point, per request too.
+
+    With the generator's window (``window.known``: the server's counters read when it started and
+    ended), CPU time and context switches are the window's, per request over the requests the generator
+    counted in it, and server_cpu_percent = window CPU / window wall time. Without one (a generator that
+    does not announce its window) the counters around the whole run (start-up, connecting and warm-up
+    included) give the per-request costs (over the server's own request count in that span), and
+    server_cpu_percent = CPU per request x the window's throughput: dividing that span's CPU by its wall
+    time would count the idle start-up as the server's and understate the load.
+    """
+    windowed = window is not None and window.known
+    first, last = (window.start, window.end) if windowed else (before, after)
+    user = last["cpu_user_s"] - first["cpu_user_s"]
+    system = last["cpu_sys_s"] - first["cpu_sys_s"]
+    ctx = {key: (last[key] - first[key]) if last[key] is not None and first[key] is not None else None
            for key in ("ctx_voluntary", "ctx_involuntary")}
-    requests = server_requests if server_requests else loadgen_requests
+    requests = (loadgen_requests or server_requests) if windowed else (server_requests or loadgen_requests)
 
     def per_req(value):
         return value / requests if requests and value is not None else None
     switches = None if None in ctx.values() else ctx["ctx_voluntary"] + ctx["ctx_involuntary"]
+    cpu_us_per_req = per_req((user + system) * 1e6)
+    if windowed:
+        percent = 100.0 * (user + system) / max(last["t"] - first["t"], 1e-9)
+    else:
+        percent = cpu_us_per_req * throughput / 1e4 if cpu_us_per_req is not None and throughput else None
     return {"server_requests": server_requests, "server_cpu_user_s": user, "server_cpu_sys_s": system,
-            "server_cpu_percent": 100.0 * (user + system) / wall,
+            "server_cpu_percent": percent,
             "server_ctx_voluntary": ctx["ctx_voluntary"], "server_ctx_involuntary": ctx["ctx_involuntary"],
-            "cpu_us_per_req": per_req((user + system) * 1e6), "ctx_per_req": per_req(switches),
+            "cpu_us_per_req": cpu_us_per_req, "ctx_per_req": per_req(switches),
             "server_rss_kib": peaks.get("rss_kib"), "server_threads": peaks.get("threads"),
             "server_fds": peaks.get("fds")}
 

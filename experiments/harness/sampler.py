@@ -27,7 +27,7 @@ import time
 
 import psutil
 
-from . import tcpdiag
+from conclab.servers import tcpdiag
 
 TCP_STATES = {b"01": "tcp_established", b"06": "tcp_time_wait", b"08": "tcp_close_wait"}
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")

@@ -1,7 +1,9 @@
 """summary.csv and targets.csv: the medians (and spread) over repeats, and the headline numbers.
 
 summary.csv is long and tidy: one row per (experiment, variant, point, metric)
-with the median, min, max and count over the repeats. Its point ``knee``
+with the median, min, max and count over the repeats (the interleaved rounds) and
+the 95 % interval of the median, ``ci_lo`` .. ``ci_hi`` (``ci_flag``: "bootstrap",
+or "min-max" with fewer than 3 rounds); all of it is harness.stats.spread. Its point ``knee``
 (metric ``knee_rps``) is, per repeat, the served half of the latency knee
 (``served_well``: the highest offered rate served within ``KNEE_KEEPUP``,
 without errors, with p99 at most ``KNEE_P99_FACTOR`` times its p99 at the
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from .fit import spread
+from .stats import spread
 
 KNEE_KEEPUP = 0.95          # served at least this fraction of the offered rate...
 KNEE_P99_FACTOR = 10        # ...with p99 at most this multiple of the p99 at the lowest rate
@@ -38,11 +40,14 @@ SPECS = {
                    ("throughput_rps", "p50_us", "p99_us", "p999_us", "errors", "server_cpu_percent",
                     "cpu_us_per_req", "ctx_per_req")),
     "latency": (lambda r: f"fraction={r['rate_fraction']}", "rate_fraction",
-                ("offered_rps", "throughput_rps", "p50_us", "p99_us", "p999_us", "errors")),
+                ("offered_rps", "throughput_rps", "p50_us", "p99_us", "p999_us", "errors", "server_cpu_percent",
+                 "cpu_us_per_req", "ctx_per_req")),
     "io_bound": (lambda r: f"conns={r['conns']}", "conns",
-                 ("throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors")),
+                 ("throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors",
+                  "server_cpu_percent", "cpu_us_per_req", "ctx_per_req")),
     "cpu_bound": (lambda r: f"conns={r['conns']} cpus={r['server_cpus']}", "conns",
-                  ("throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors")),
+                  ("throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors", "cpu_us_per_req",
+                   "ctx_per_req")),
     "switch": (lambda r: r["bench"], None, ("ns_per_switch", "cpu_us_per_req", "ctx_per_req")),
     "c10k": (lambda r: f"hold={r['hold_target']}", "hold_target",
              ("held", "connect_errors", "requests", "errors", "p99_us", "rss_kib", "threads")),
@@ -219,5 +224,5 @@ def targets(summary: list, reference_conns: int, skipped: list) -> list:
             out.append({"target": r["metric"].replace("_per_conn", "_per_idle_conn"), "backend": r["backend"],
                         "variant": r["variant"], "value": r["median"], "unit": "KiB/conn",
                         "detail": f"least-squares slope, median of {r['n']} repeat(s), spread {r['min']:.3g}.."
-                                  f"{r['max']:.3g}"})
+                                  f"{r['max']:.3g}, 95% interval {r['ci_lo']:.3g}..{r['ci_hi']:.3g} ({r['ci_flag']})"})
     return out

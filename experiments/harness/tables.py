@@ -26,17 +26,24 @@ LOAD = ("duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us"
         "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated", "unanswered", "conns_served",
         "max_unanswered_wait_us", "valid", "invalid_reason")
 
-# What the server process did during that point (deltas of /proc counters, peaks of gauges).
-SERVER = ("server_requests", "server_cpu_user_s", "server_cpu_sys_s", "server_cpu_percent",
+# What the server process did during that point: the connections it had accepted when measuring began (STATS),
+# deltas of /proc counters over the measured window (harness.run.server_deltas), peaks of gauges.
+SERVER = ("server_requests", "server_conns_active", "server_cpu_user_s", "server_cpu_sys_s", "server_cpu_percent",
           "server_ctx_voluntary", "server_ctx_involuntary", "cpu_us_per_req", "ctx_per_req",
           "server_rss_kib", "server_threads", "server_fds")
 
 # One point of a server's gauges (memory and c10k).
 GAUGES = ("rss_kib", "uss_kib", "vms_kib", "threads", "fds", "tcp_established", "tcp_close_wait", "tcp_time_wait")
 
+# Kernel memory around one memory point (experiments.memory): the change from before the connections were opened
+# to while they were held (machine-wide slab, kernel stacks, TCP socket memory and TIME_WAIT count; the server's
+# page tables), and the load generator's end of the connections held (estimated), which is in the machine's change.
+KERNEL = ("kernel_sock_kib", "kernel_stack_kib", "kernel_slab_kib", "kernel_sreclaimable_kib", "kernel_sunreclaim_kib",
+          "kernel_pte_kib", "time_wait_delta", "client_sock_kib", "client_slab_kib")
+
 COLUMNS = {
-    "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus"),
-    "memory_fit": KEY + ("metric", "per_conn", "intercept", "r2", "n_points", "unit"),
+    "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus", *KERNEL),
+    "memory_fit": KEY + ("metric", "per_conn", "intercept", "r2", "n_points", "unit", "max_abs_residual", "residuals"),
     "throughput": KEY + ("conns", "size", "op", "workers", "server_cpus", *LOAD, *SERVER),
     "latency": KEY + ("conns", "size", "capacity_rps", "rate_fraction", "offered_rps", "workers", "server_cpus",
                       *LOAD, *SERVER),
@@ -59,7 +66,10 @@ COLUMNS = {
                       "ctx_voluntary", "ctx_involuntary", "cpu_user_s", "cpu_sys_s",
                       "tcp_established", "tcp_close_wait", "tcp_time_wait"),
     "skipped": ("run_id", "experiment", "backend", "variant", "point", "reason"),
-    "summary": ("run_id", "experiment", "backend", "variant", "point", "x", "metric", "median", "min", "max", "n"),
+    # How quiet the machine was, at the start and end of the run (harness.calibrate): one row per measure.
+    "calibration": ("run_id", "phase", "cpu", "metric", "value", "unit"),
+    "summary": ("run_id", "experiment", "backend", "variant", "point", "x", "metric", "median", "min", "max", "n",
+                "ci_lo", "ci_hi", "ci_flag"),
     "targets": ("run_id", "target", "backend", "variant", "value", "unit", "detail"),
 }
 # Which experiment writes which of them: experiments.registry (Experiment.tables).

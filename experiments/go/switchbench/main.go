@@ -3,8 +3,9 @@
 // Two goroutines hand a token back and forth over two unbuffered channels; each
 // iteration is a round trip (two switches). Rounds are calibrated to about
 // -round-s seconds; the median, min and max ns per switch and the process's
-// context switches (getrusage) are printed as one JSON object, like
-// experiments/switchbench.py does for the Python mechanisms.
+// context switches and CPU time over the measured rounds (getrusage) are
+// printed as one JSON object, like experiments/switchbench.py does for the
+// Python mechanisms.
 package main
 
 import (
@@ -49,10 +50,11 @@ func calibrate(roundS float64) int {
 	}
 }
 
-func ctxSwitches() (int64, int64) {
+// ctxSwitches: voluntary and involuntary context switches and CPU nanoseconds of the process so far.
+func ctxSwitches() (int64, int64, int64) {
 	var usage syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &usage)
-	return int64(usage.Nvcsw), int64(usage.Nivcsw)
+	return int64(usage.Nvcsw), int64(usage.Nivcsw), usage.Utime.Nano() + usage.Stime.Nano()
 }
 
 func main() {
@@ -63,12 +65,12 @@ func main() {
 		*rounds = 1
 	}
 	n := calibrate(*roundS)
-	vol0, invol0 := ctxSwitches()
+	vol0, invol0, cpu0 := ctxSwitches()
 	results := make([]float64, 0, *rounds)
 	for i := 0; i < *rounds; i++ {
 		results = append(results, float64(pingPong(n).Nanoseconds())/float64(n*switchesPerIteration))
 	}
-	vol1, invol1 := ctxSwitches()
+	vol1, invol1, cpu1 := ctxSwitches()
 	sorted := append([]float64(nil), results...)
 	sort.Float64s(sorted)
 	median := sorted[len(sorted)/2]
@@ -78,6 +80,6 @@ func main() {
 	json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
 		"bench": "goroutine", "ns_per_switch": median, "ns_min": sorted[0], "ns_max": sorted[len(sorted)-1],
 		"iterations": n, "rounds": *rounds, "gomaxprocs": runtime.GOMAXPROCS(0),
-		"ctx_voluntary": vol1 - vol0, "ctx_involuntary": invol1 - invol0,
+		"ctx_voluntary": vol1 - vol0, "ctx_involuntary": invol1 - invol0, "cpu_ns": cpu1 - cpu0,
 	})
 }

@@ -1,15 +1,26 @@
-"""Count TCP sockets on one local port by state, asking the kernel (NETLINK_SOCK_DIAG) to filter.
+"""What the kernel knows about TCP sockets, asked cheaply: counts by state on one port, one socket's unsent bytes.
 
-/proc/net/tcp lists every socket of the machine: on a box where tests leave
-tens of thousands of TIME_WAIT entries, parsing it takes 100+ ms per sample.
-sock_diag (what ``ss`` uses) runs a small filter program in the kernel
-("local port == P", the states we count) and returns only the matches. When
-netlink is not available the caller falls back to /proc/net/tcp.
+``count``: /proc/net/tcp lists every socket of the machine, and psutil's
+``net_connections`` parses it and reads every fd of the process besides: with
+thousands of connections that is a long stretch of Python holding the GIL,
+and a single-threaded server stalls for all of it. sock_diag (NETLINK_SOCK_DIAG, what ``ss`` uses) runs a
+small filter program in the kernel ("local port == P", the states asked for)
+and returns only the matches. When netlink is not available the caller falls
+back to something slower. The servers' metrics and the harness's sampler both
+count this way.
+
+``unsent``: the bytes a socket's send queue still holds (SIOCOUTQ: written by
+us, not yet acknowledged by the peer). A graceful close queues its FIN behind
+them; a peer that never reads them leaves that socket in FIN-WAIT-1, holding
+the data, long after the server forgot it. The event-loop backends ask before
+closing, and watch it to see whether a reply still makes progress.
 """
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
+import termios
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -35,23 +46,32 @@ def port_filter(port: int) -> bytes:
             BC_OP.pack(INET_DIAG_BC_S_LE, 8, length - 8 + 4) + BC_OP.pack(0, 0, port))
 
 
-def request(family: int, port: int, seq: int) -> bytes:
-    states = sum(1 << state for state in STATE_NAMES)
+def request(family: int, port: int, seq: int, states=STATE_NAMES) -> bytes:
+    states = sum(1 << state for state in states)
     bytecode = port_filter(port)
     body = REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states, bytes(48))
     body += RTATTR.pack(RTATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     return NLMSG.pack(NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def count(port: int) -> dict:
-    """{tcp_established, tcp_close_wait, tcp_time_wait} for local ``port``; OSError if netlink fails."""
-    counts = dict.fromkeys(STATE_NAMES.values(), 0)
+def count(port: int, states=STATE_NAMES) -> dict:
+    """{tcp_established, tcp_close_wait, tcp_time_wait} for local ``port`` (or only ``states``, a few of
+    the TCP_* numbers above); OSError if netlink fails."""
+    counts = dict.fromkeys((STATE_NAMES[state] for state in states), 0)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(TIMEOUT_S)
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            sock.send(request(family, port, seq))
+            sock.send(request(family, port, seq, states))
             _read_dump(sock, counts)
     return counts
+
+
+def unsent(fd: int) -> int:
+    """Bytes in the send queue of TCP socket ``fd`` not yet acknowledged by the peer (0 for a closed fd)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _read_dump(sock, counts: dict) -> None:
@@ -70,7 +90,7 @@ def _read_dump(sock, counts: dict) -> None:
             if kind == SOCK_DIAG_BY_FAMILY:
                 state = data[offset + NLMSG.size + 1]
                 name = STATE_NAMES.get(state)
-                if name:
+                if name in counts:
                     counts[name] += 1
             if length < NLMSG.size:
                 raise OSError("malformed netlink message")

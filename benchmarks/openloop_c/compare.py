@@ -1,0 +1,298 @@
+"""Do the load generator's open-loop percentiles agree with an independent C client? (a benchmark, not a test)
+
+    python benchmarks/openloop_c/compare.py                       # go server (else epoll), 5 rounds x 5 s
+    python benchmarks/openloop_c/compare.py --backend epoll --rounds 3 --duration 3
+
+What it does:
+
+1. Starts the server (``ServerProcess``) pinned to CPU 0.
+2. Measures its closed-loop capacity briefly with the Python load generator
+   (``--mode closed --conns 50 --duration 3``, pinned to CPU 1): ``throughput_rps``.
+3. At each ``--fractions`` of that capacity (default 25 % and 50 %) runs, for
+   ``--rounds`` rounds, the Python open loop (``conclab load --mode open``) and
+   the C open loop (``openloop.c`` next to this file) one after the other,
+   alternating which goes first, both with the same rate, connections,
+   warm-up and duration, both pinned to CPU 1 with ``taskset``.
+4. Prints a table: per rate and tool the median p50 and p99 over the rounds
+   (with min-max), and the ratios Python / C of the medians. Writes every run
+   as JSON to ``--out``.
+
+Both clients keep the same schedule (request k due at start + k/R on
+connection k mod C, at most ``--pipeline`` in flight per connection) and
+measure latency from the *scheduled* send time, so neither hides a stall
+(no coordinated omission). They share no code: the C client has its own
+framing, timer (a timerfd on the next slot) and exact percentiles from the
+sorted samples; the Python one uses its epoll loop and HDR histogram.
+
+The C client is compiled on first use with ``cc -O2`` into
+``$XDG_CACHE_HOME/conclab/openloop-<hash>/openloop`` (default ``~/.cache``),
+``<hash>`` being the SHA-256 of the source; ``build()`` returns its path.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SOURCE = HERE / "openloop.c"
+BINARY_NAME = "openloop"
+SERVER_CPU, CLIENT_CPU = 0, 1
+TOOLS = ("python", "c")
+AGREEMENT = 1.25             # the aim: Python / C within this factor (either way) for p50 and p99
+RUN_SLACK_S = 60.0           # a run may take this much longer than warm-up + duration + drain before it is killed
+
+
+# -- building the C client ---------------------------------------------------------------------------
+
+def source_hash() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "conclab" / f"openloop-{source_hash()[:16]}"
+
+
+def build(cc: str | None = None) -> Path:
+    """The compiled C client, built now (``cc -O2``) unless this source was built already.
+
+    The cache directory is used when it can be created, else a fresh temporary
+    directory. Concurrent builds take a file lock; the compiler writes a
+    temporary file that is renamed into place. Raises RuntimeError with the
+    compiler's first error line.
+    """
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.mkdtemp(prefix="conclab-openloop-"))
+    binary = directory / BINARY_NAME
+    if os.access(binary, os.X_OK):
+        return binary
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(binary, os.X_OK):
+            return binary
+        partial = directory / f".{BINARY_NAME}.{os.getpid()}.tmp"
+        done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise RuntimeError(f"building {SOURCE.name} failed: {first}")
+        os.replace(partial, binary)
+    return binary
+
+
+# -- running the clients -----------------------------------------------------------------------------
+
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    """``taskset -c CPU argv`` (argv unchanged when cpu is None)."""
+    if cpu is None:
+        return argv
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("taskset not found (util-linux); pass --no-pin to run unpinned")
+    return [taskset, "-c", str(cpu), *argv]
+
+
+def _run_json(argv: list[str], timeout: float) -> dict:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {done.returncode}: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def python_load(target: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "conclab.loadgen", "--target", target, "--quiet", "--json", *extra]
+
+
+def capacity(target: str, cpu: int | None, conns: int = 50, duration: float = 3.0) -> float:
+    """Closed-loop throughput of the Python load generator against the server, req/s."""
+    argv = python_load(target, "--mode", "closed", "--conns", str(conns), "--duration", str(duration))
+    return float(_run_json(pinned(argv, cpu), duration + RUN_SLACK_S)["throughput_rps"])
+
+
+def run_python(target: str, rate: float, args, cpu: int | None) -> dict:
+    argv = python_load(target, "--mode", "open", "--rate", f"{rate:.0f}", "--conns", str(args.conns),
+                       "--duration", str(args.duration), "--warmup", str(args.warmup),
+                       "--pipeline", str(args.pipeline), "--size", "64")
+    r = _run_json(pinned(argv, cpu), args.warmup + args.duration + RUN_SLACK_S)
+    lat, ol = r["latency_us"], r.get("open_loop", {})
+    return {"tool": "python", "count": lat["count"], **{k: lat[k] for k in ("p50", "p90", "p99", "p999", "max")},
+            "uncorrected_p50": ol.get("uncorrected_latency_us", {}).get("p50"),
+            "uncorrected_p99": ol.get("uncorrected_latency_us", {}).get("p99"),
+            "sent": ol.get("sent"), "late": ol.get("late"), "unsent": ol.get("unsent"),
+            "unanswered": ol.get("unanswered"), "errors": r.get("errors") or {},
+            "loadgen_cpu_percent": r.get("loadgen_cpu_percent"),
+            "cpu_busy_percent": r.get("machine", {}).get("cpu_busy_percent")}
+
+
+def run_c(binary: Path, target: str, rate: float, args, cpu: int | None) -> dict:
+    argv = [str(binary), "--target", target, "--rate", f"{rate:.0f}", "--conns", str(args.conns),
+            "--duration", str(args.duration), "--warmup", str(args.warmup), "--pipeline", str(args.pipeline),
+            "--size", "64", "--spin-us", str(args.c_spin_us)]
+    r = _run_json(pinned(argv, cpu), args.warmup + args.duration + RUN_SLACK_S)
+    keys = ("count", "p50", "p90", "p99", "p999", "max", "uncorrected_p50", "uncorrected_p99", "send_lag_p50",
+            "send_lag_p99", "sent", "answered", "late", "unsent", "unanswered", "errors")
+    return {"tool": "c", **{k: r[k] for k in keys}}
+
+
+# -- the table (pure: unit-tested with synthetic numbers) ----------------------------------------------
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of a non-empty list."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Rows of the table from individual runs.
+
+    Each run is ``{"rate": R, "tool": "python"|"c", "p50": µs, "p99": µs, "uncorrected_p50": µs (optional)}``.
+    Per rate (ascending): one row per tool present, ``{"rate", "tool", "rounds", "p50": spread, "p99": spread,
+    "uncorrected_p50": spread or None}``, then, when both tools ran, ``{"rate", "tool": "python/c", "p50_ratio",
+    "p99_ratio", "uncorrected_p50_ratio", "agree"}`` with the ratios of the medians (Python / C) and ``agree`` =
+    p50 and p99 both within AGREEMENT either way.
+    """
+    rows = []
+    for rate in sorted({r["rate"] for r in runs}):
+        medians = {}
+        for tool in TOOLS:
+            mine = [r for r in runs if r["rate"] == rate and r["tool"] == tool]
+            if not mine:
+                continue
+            unc = [r["uncorrected_p50"] for r in mine if r.get("uncorrected_p50") is not None]
+            row = {"rate": rate, "tool": tool, "rounds": len(mine),
+                   "p50": spread([r["p50"] for r in mine]), "p99": spread([r["p99"] for r in mine]),
+                   "uncorrected_p50": spread(unc) if unc else None}
+            medians[tool] = row
+            rows.append(row)
+        if len(medians) == len(TOOLS):
+            py, c = medians["python"], medians["c"]
+            ratios = {f"{p}_ratio": ratio(py[p]["median"], c[p]["median"]) for p in ("p50", "p99")}
+            agree = all(v is not None and 1 / AGREEMENT <= v <= AGREEMENT for v in ratios.values())
+            both = py["uncorrected_p50"] and c["uncorrected_p50"]
+            unc_ratio = ratio(py["uncorrected_p50"]["median"], c["uncorrected_p50"]["median"]) if both else None
+            rows.append({"rate": rate, "tool": "python/c", **ratios, "uncorrected_p50_ratio": unc_ratio,
+                         "agree": agree})
+    return rows
+
+
+def ratio(a: float, b: float) -> float | None:
+    """a / b, None when b is 0."""
+    return a / b if b else None
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def format_table(rows: list[dict], fractions: dict | None = None) -> str:
+    """A Markdown table of ``summarize``'s rows; ``fractions`` maps a rate to its share of capacity."""
+    lines = ["| rate (req/s) | tool | p50 µs median (min-max) | p99 µs median (min-max) "
+             "| p50 from the actual send, µs |",
+             "|---:|---|---:|---:|---:|"]
+    for row in rows:
+        rate = f"{row['rate']:,.0f}"
+        if fractions and row["rate"] in fractions:
+            rate += f" ({fractions[row['rate']]:.0%})"
+        if row["tool"] == "python/c":
+            cells = [f"**{row[k]:.2f}x**" if row[k] is not None else "n/a" for k in ("p50_ratio", "p99_ratio")]
+            unc = row.get("uncorrected_p50_ratio")
+            lines.append(f"| {rate} | Python / C | {cells[0]} | {cells[1]} | {f'{unc:.2f}x' if unc else 'n/a'} |")
+        else:
+            cells = [f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})" for s in (row["p50"], row["p99"])]
+            unc = _num(row["uncorrected_p50"]["median"]) if row.get("uncorrected_p50") else "n/a"
+            lines.append(f"| {rate} | {row['tool']} | {cells[0]} | {cells[1]} | {unc} |")
+    return "\n".join(lines)
+
+
+# -- the comparison ----------------------------------------------------------------------------------
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def default_backend() -> str:
+    from conclab.servers import unavailable_reason
+    return "go" if unavailable_reason("go") is None else "epoll"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="See docs/loadgen.md, 'Agreement with an independent open-loop client'.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backend", help="server backend (default: go, else epoll)")
+    parser.add_argument("--fractions", default="0.25,0.5", help="rates as fractions of the closed-loop capacity")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per rate (each runs both tools once)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="discarded seconds before each run")
+    parser.add_argument("--conns", type=int, default=50, help="connections, both tools")
+    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection, both tools")
+    parser.add_argument("--c-spin-us", type=float, default=0.0,
+                        help="C client: wake this many µs before each slot and poll (0: sleep on a timer, as the "
+                             "Python client does)")
+    parser.add_argument("--capacity", type=float, help="skip the closed-loop measurement and use this req/s")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the server and clients to CPUs 0 and 1")
+    parser.add_argument("--out", default=str(REPO / "results" / "openloop_agreement.json"), help="JSON of every run")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    from conclab.servers.launcher import ServerProcess
+
+    backend = args.backend or default_backend()
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    server_cpus, client_cpu = (None, None) if args.no_pin else ([SERVER_CPU], CLIENT_CPU)
+    if not args.no_pin and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("needs two CPUs (server on CPU 0, clients on CPU 1), or --no-pin")
+    binary = build()
+    report = {"backend": backend, "args": vars(args), "binary": binary.name, "loadavg_before": loadavg(), "runs": []}
+    started = time.monotonic()
+    with ServerProcess(backend, ["--max-conns", "20000"], cpus=server_cpus) as server:
+        cap = args.capacity or capacity(server.target, client_cpu)
+        report["capacity_rps"] = cap
+        rates = {round(cap * f): f for f in fractions}
+        print(f"{backend} on CPU {SERVER_CPU if server_cpus else '-'}, clients on CPU {client_cpu if client_cpu is not None else '-'}; "
+              f"closed-loop capacity {cap:,.0f} req/s; load average {report['loadavg_before']}", flush=True)
+        for rate, fraction in rates.items():
+            for i in range(args.rounds):
+                order = TOOLS if i % 2 == 0 else TOOLS[::-1]
+                for tool in order:
+                    run = (run_python(server.target, rate, args, client_cpu) if tool == "python"
+                           else run_c(binary, server.target, rate, args, client_cpu))
+                    run.update(rate=rate, fraction=fraction, round=i + 1, loadavg=loadavg())
+                    report["runs"].append(run)
+                    print(f"  {rate:>8,} req/s round {i + 1} {tool:<6} p50 {run['p50']:>8} p99 {run['p99']:>9} "
+                          f"max {run['max']:>9} unc.p50 {run['uncorrected_p50']} sent {run['sent']} late {run['late']} unanswered {run['unanswered']} "
+                          f"errors {run['errors'] or 0}  load {run['loadavg'][0]}", flush=True)
+    report["loadavg_after"] = loadavg()
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    rows = summarize(report["runs"])
+    report["rows"] = rows
+    print()
+    print(format_table(rows, {r: f for r, f in rates.items()}))
+    print(f"\nload average before {report['loadavg_before']}, after {report['loadavg_after']}; "
+          f"agreement aim: Python / C within {AGREEMENT}x for p50 and p99")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
