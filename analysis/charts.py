@@ -41,6 +41,32 @@ def _points(ax, x, y, rows: pd.DataFrame, color: str, fmt: str = "-", markersize
                 markeredgewidth=2, linestyle="none", zorder=6)
 
 
+SPREAD_NOTE = "whiskers: min–max over rounds"
+
+
+def _whiskers(ax, x, rows: pd.DataFrame, column: str, color: str, scale: float = 1.0, **kwargs) -> bool:
+    """Draw each point's min–max over the rounds (``<column>_min`` .. ``_max``, derive.medians) as a whisker around
+    its median; True if any point has a spread to draw (a frame without the columns: nothing drawn)."""
+    if f"{column}_min" not in rows or f"{column}_max" not in rows:
+        return False
+    y = rows[column].astype(float).to_numpy() * scale
+    lo = rows[f"{column}_min"].astype(float).to_numpy() * scale
+    hi = rows[f"{column}_max"].astype(float).to_numpy() * scale
+    keep = np.isfinite(y) & np.isfinite(lo) & np.isfinite(hi) & (hi > lo)
+    if not keep.any():
+        return False
+    x = np.asarray(x, dtype=float)
+    ax.errorbar(x[keep], y[keep], yerr=[np.clip(y[keep] - lo[keep], 0, None), np.clip(hi[keep] - y[keep], 0, None)],
+                fmt="none", ecolor=color, elinewidth=kwargs.pop("elinewidth", 1.6), capsize=kwargs.pop("capsize", 4),
+                alpha=0.85, zorder=4, **kwargs)
+    return True
+
+
+def _spread_legend(ax, drawn: bool) -> None:
+    if drawn:
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor=style.NEUTRAL, capsize=4, label=SPREAD_NOTE)
+
+
 def _invalid_legend(ax, frame: pd.DataFrame) -> None:
     if "valid" in frame and not frame["valid"].astype(bool).all():
         ax.plot([], [], MARKER, color=style.NEUTRAL, markerfacecolor="none", markeredgewidth=2, markersize=9,
@@ -69,17 +95,61 @@ def _log_conns(ax) -> None:
 def draw_memory_rss(points: pd.DataFrame, finding):
     fig, axes = style.figure()
     ax = axes[0][0]
+    fitted = "rss_fit_kib" in points and points.rss_fit_kib.notna().any()
     for variant, rows in points.groupby("variant", sort=False):
         rows = rows.sort_values("n_conns")
-        ax.plot(rows.n_conns, rows.rss_kib / 1024, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
-                label=f"{variant} RSS")
+        if fitted:             # the measured points, and the least-squares line: how far each point is off it
+            ax.plot(rows.n_conns, rows.rss_kib / 1024, MARKER, color=style.color(variant), markersize=8,
+                    label=f"{variant} RSS ({_fit_label(rows)})")
+            ax.plot(rows.n_conns, rows.rss_fit_kib / 1024, "-", color=style.color(variant), lw=1.5)
+        else:
+            ax.plot(rows.n_conns, rows.rss_kib / 1024, MARKER + "-", color=style.color(variant), lw=LINE_WIDTH,
+                    label=f"{variant} RSS")
         if rows.uss_kib.notna().any():
             ax.plot(rows.n_conns, rows.uss_kib / 1024, "--", color=style.color(variant), lw=1.5, alpha=0.8)
+    if fitted:
+        ax.plot([], [], "-", color=style.NEUTRAL, lw=1.5, label="least-squares line (solid)")
     ax.plot([], [], "--", color=style.NEUTRAL, label="USS (dashed)")
     ax.set_xlabel("idle connections held")
     ax.set_ylabel("server memory (MiB)")
     _thousands(ax, "x")
     _legend(ax, ncols=2, loc="upper left")
+    style.title(fig, finding.title)
+    return fig
+
+
+def _fit_label(rows: pd.DataFrame) -> str:
+    """r² of a variant's RSS line, or why there is none."""
+    r2 = rows.rss_r2.dropna() if "rss_r2" in rows else rows.iloc[0:0]
+    return f"r² {num(r2.iloc[0])}" if not r2.empty else f"{rows.n_conns.notna().sum()} points: no r²"
+
+
+KERNEL_ALPHA = {"kernel_sock_kib": 0.9, "kernel_stack_kib": 0.65, "kernel_slab_kib": 0.4, "kernel_pte_kib": 0.2}
+
+
+def draw_memory_kernel(split: pd.DataFrame, finding):
+    """Per variant a stacked bar, KiB per idle connection: process RSS (the variant's colour), then the kernel's
+    parts (grey shades, derive.MEMORY_PARTS); the total at its end. A part below 0 (noise) is drawn as 0."""
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    y = np.arange(len(split))
+    left = np.zeros(len(split))
+    for column, label in derive.MEMORY_PARTS.items():
+        values = split[column].astype(float).fillna(0).clip(lower=0).to_numpy()
+        if column in KERNEL_ALPHA:
+            ax.barh(y, values, left=left, color=style.NEUTRAL, alpha=KERNEL_ALPHA[column], edgecolor="white",
+                    label=label)
+        else:
+            ax.barh(y, values, left=left, color=[style.color(v) for v in split.variant], edgecolor="white",
+                    label=f"{label} (the backend's colour)")
+        left += values
+    for yi, end, total in zip(y, left, split.total_kib):
+        ax.annotate(f" {num(total)} KiB", (end, yi), va="center", fontsize=12)
+    ax.set_yticks(y, split.variant)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left.max(), 1) * HEADROOM * 1.1)
+    ax.set_xlabel("memory per idle connection (KiB/conn): process RSS + kernel")
+    _legend(ax, loc="lower right")
     style.title(fig, finding.title)
     return fig
 
@@ -191,6 +261,8 @@ def draw_latency_load(lat: pd.DataFrame, knees: pd.DataFrame, finding):
                        by_variant.knee.get(variant), by_variant["where"].get(variant))
     for row in axes:
         row[0].set_ylabel("latency (ms, log)")
+    _spread_legend(axes.flat[0], any(f"{c}_min" in lat and (lat[f"{c}_max"] > lat[f"{c}_min"]).any()
+                                     for c in style.PERCENTILE_STYLES))
     _invalid_legend(axes.flat[0], lat)
     axes.flat[0].legend(frameon=False, fontsize=11, handlelength=3.5)
     style.title(fig, finding.title)
@@ -201,6 +273,7 @@ def _latency_panel(ax, rows: pd.DataFrame, variant: str, knee, where) -> None:
     for column, dash in style.PERCENTILE_STYLES.items():
         _points(ax, rows.offered_rps, rows[column] / 1000, rows, style.color(variant), dash, markersize=4,
                 label=column.replace("_us", ""))
+        _whiskers(ax, rows.offered_rps, rows, column, style.color(variant), 1 / 1000, elinewidth=1.2, capsize=3)
     if where == "below":
         ax.text(0.5, 0.5, f"served < {num(derive.KEEPUP * 100)}% of\nthe offered rate", transform=ax.transAxes,
                 ha="center", va="center", fontsize=13, color=style.NEUTRAL)
@@ -224,13 +297,16 @@ def _latency_panel(ax, rows: pd.DataFrame, variant: str, knee, where) -> None:
 def draw_throughput(t: pd.DataFrame, finding, reference: int):
     fig, axes = style.figure()
     ax = axes[0][0]
+    spread = False
     for variant, rows in t.groupby("variant", sort=False):
         rows = rows.sort_values("conns")
         _points(ax, rows.conns, rows.throughput_rps, rows, style.color(variant), label=variant)
+        spread |= _whiskers(ax, rows.conns, rows, "throughput_rps", style.color(variant))
         sat = rows[rows.saturated > 0]
         ax.scatter(sat.conns, sat.throughput_rps, s=180, facecolors="none", edgecolors="black", zorder=5)
     if (t.saturated > 0).any():
         ax.scatter([], [], s=180, facecolors="none", edgecolors="black", label="load generator saturated")
+    _spread_legend(ax, spread)
     _invalid_legend(ax, t)
     ax.axvline(reference, color=style.NEUTRAL, ls=":", lw=1.2)
     _log_conns(ax)
@@ -246,9 +322,12 @@ def draw_throughput(t: pd.DataFrame, finding, reference: int):
 def draw_io_bound(io: pd.DataFrame, finding):
     fig, axes = style.figure()
     ax = axes[0][0]
+    spread = False
     for variant, rows in io.groupby("variant", sort=False):
         rows = rows.sort_values("conns")
         _points(ax, rows.conns, rows.throughput_rps, rows, style.color(variant), label=variant)
+        spread |= _whiskers(ax, rows.conns, rows, "throughput_rps", style.color(variant))
+    _spread_legend(ax, spread)
     _invalid_legend(ax, io)
     ceiling = io.groupby("conns")["conc_ceiling_rps"].max().sort_index()
     ax.plot(ceiling.index, ceiling.values, "--", color=style.NEUTRAL, lw=1.5, label="connections / wait")
@@ -279,8 +358,11 @@ def draw_cpu_bound(cpu: pd.DataFrame, finding):
     ax.bar(x, cpu.throughput_rps, 0.7, color=[style.color(v) for v in cpu.variant],
            hatch=["//" if w else "" for w in wide], edgecolor="white")
     ax.hlines(cpu.ceiling_rps, x - 0.4, x + 0.4, colors="black", lw=2.5, label="ceiling (CPUs × 10⁶ / cpu_us)")
+    _spread_legend(ax, _whiskers(ax, x, cpu, "throughput_rps", "black", elinewidth=1.4, capsize=6))
     ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_ylim(0, HEADROOM * max(cpu.ceiling_rps.max(), cpu.throughput_rps.max()))
+    tallest = cpu["throughput_rps_max"].max() if "throughput_rps_max" in cpu else cpu.throughput_rps.max()
+    ax.set_ylim(0, HEADROOM * max(cpu.ceiling_rps.max(), cpu.throughput_rps.max(),
+                                  tallest if pd.notna(tallest) else 0))
     _thousands(ax)
     ax.set_ylabel("throughput (requests/s)")
     _legend(ax, loc="upper left")
@@ -315,7 +397,7 @@ def draw_switch(micro: pd.DataFrame, finding):
     fig.set_size_inches(style.FIGSIZE_WIDE[0], max(style.FIGSIZE_WIDE[1], 2.2 + SWITCH_BAR_INCHES * sum(sizes)))
     top, low = micro.ns_per_switch.max(), micro.ns_per_switch.min()
     left = 10 ** math.floor(math.log10(low * 0.8))
-    right = top * (top / left) ** 0.45                 # room for the numbers right of the longest bar
+    right = top * (top / left) ** 0.3                  # room for the numbers right of the longest bar
     for ax, group in zip((row[0] for row in axes), groups):
         rows = micro[micro.group == group].sort_values("ns_per_switch", ascending=False)
         y = np.arange(len(rows))
@@ -342,6 +424,8 @@ def draw_per_request(pr: pd.DataFrame, finding):
     for ax, column, label in ((axes[0][0], "cpu_us_per_req", "server CPU per request (µs)"),
                               (axes[0][1], "ctx_per_req", "context switches per request")):
         ax.bar(pr.variant, pr[column], color=colors)
+        if _whiskers(ax, np.arange(len(pr)), pr, column, "black", elinewidth=1.4, capsize=6):
+            label += f"\n({SPREAD_NOTE})"
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30)
         for tick in ax.get_xticklabels():

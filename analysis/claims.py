@@ -39,6 +39,15 @@ class Claim:
     verdict: str
 
 
+def _thread_kernel(threads: dict) -> str:
+    """", plus N KiB of kernel stack and M KiB of page tables (not in RSS)" where the kernel was measured."""
+    stack, pte = threads.get("kernel_stack_kib"), threads.get("kernel_pte_kib")
+    if stack is None or pd.isna(stack):
+        return ""
+    return (f", plus {num(stack)} KiB of kernel stack" + (f" and {num(pte)} KiB of page tables" if pd.notna(pte)
+                                                           else "") + " (kernel memory, not in RSS)")
+
+
 def _slopes(run) -> dict:
     s = derive.memory_slopes(run)
     return s.set_index("variant").to_dict("index") if not s.empty else {}
@@ -54,7 +63,8 @@ def memory_claims(run) -> list:
         g = go["rss_kib"]
         agrees = g <= GOROUTINE_STACK_KIB * CLAIM_FACTOR
         out.append(Claim("A goroutine costs about 2 KB",
-                         f"go: {num(g)} KiB of RSS per idle connection (goroutine, socket buffers, read buffer)",
+                         f"go: {num(g)} KiB of RSS per idle connection (goroutine stack, read buffer, runtime "
+                         "bookkeeping; the socket and its buffers are kernel memory, not in RSS)",
                          "agrees" if agrees else f"a connection costs {num(g / GOROUTINE_STACK_KIB)}× the 2 KB "
                          "stack: the stack is only part of it"))
     if threads is None:
@@ -67,17 +77,24 @@ def memory_claims(run) -> list:
                    if reserved else "does not hold here")
         out.append(Claim("An OS thread costs about 1 MB",
                          f"threads: {num(t)} KiB RSS and {num(v / 1024) if pd.notna(v) else '–'} MiB VMS per "
-                         "connection (one thread each)", verdict))
+                         "connection (one thread each)" + _thread_kernel(threads), verdict))
     if go is not None and threads is not None and go["rss_kib"] > 0:
-        out.append(lightness_claim(threads["rss_kib"], go["rss_kib"]))
+        out.append(lightness_claim(threads["rss_kib"], go["rss_kib"],
+                                   (threads.get("rss_kib_min"), threads.get("rss_kib_max")),
+                                   (go.get("rss_kib_min"), go.get("rss_kib_max"))))
     return out
 
 
-def lightness_claim(thread_kib: float, go_kib: float) -> Claim:
+def lightness_claim(thread_kib: float, go_kib: float, thread_range=None, go_range=None) -> Claim:
+    """``thread_range``, ``go_range``: (min, max) of each slope over the rounds; a tie within noise is no "lighter"."""
     claimed = THREAD_STACK_KIB / GOROUTINE_STACK_KIB
     r = thread_kib / go_kib
-    if r * CLAIM_FACTOR >= claimed:
+    heavier = derive.compare_medians(thread_range if _pair(thread_range) else thread_kib,
+                                     go_range if _pair(go_range) else go_kib) == derive.HIGHER
+    if heavier and r * CLAIM_FACTOR >= claimed:
         verdict = "agrees"
+    elif r > 1 and not heavier:
+        verdict = "does not hold here: threads and goroutines cost the same RSS per connection within noise"
     elif r > 1:
         verdict = f"goroutines are lighter, but by {num(r)}×, not about {num(claimed)}×"
     else:
@@ -86,15 +103,24 @@ def lightness_claim(thread_kib: float, go_kib: float) -> Claim:
                  f"RSS per connection: threads {num(thread_kib)} KiB / go {num(go_kib)} KiB = {num(r)}×", verdict)
 
 
+def _pair(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(v is not None and pd.notna(v) for v in value)
+
+
 def switch_claim(run) -> Claim:
-    costs = findings.switch_costs(derive.switch_micro(run))
+    micro = derive.switch_micro(run)
+    costs = findings.switch_costs(micro)
     name = "Switching threads (kernel) costs more than switching coroutines (user space)"
     coroutines = {b: costs[b] for b in COROUTINE_BENCHES if b in costs}
     if "thread" not in costs or not coroutines:
         return Claim(name, "the switch microbenchmarks were not run", "not measured")
     thread = costs["thread"]
-    parts = [f"{b} {num(ns)} ns ({num(thread / ns)}× cheaper)" for b, ns in coroutines.items()]
-    beaten = sum(thread > ns for ns in coroutines.values())
+    rows = {b: micro[micro.bench == b].sort_values("pinned", ascending=False).iloc[0] for b in ["thread", *coroutines]}
+    costlier = {b: derive.compare_medians(rows["thread"], rows[b], "ns_per_switch") == derive.HIGHER
+                for b in coroutines}
+    parts = [f"{b} {num(ns)} ns (" + (f"{num(thread / ns)}× cheaper" if costlier[b] else "a tie within noise") + ")"
+             for b, ns in coroutines.items()]
+    beaten = sum(costlier.values())
     verdict = "holds" if beaten == len(coroutines) else "partly holds" if beaten else "does not hold here"
     return Claim(name, f"thread hand-off {num(thread)} ns; " + "; ".join(parts), verdict)
 
@@ -117,8 +143,10 @@ def pool_claim(run) -> Claim:
                 f"ceiling workers / wait = {num(ceiling)} rps")
     if top is not None:
         measured += f"; {top.variant} reached {num(top.throughput_rps)} rps at {num(top.conns)} connections"
-    capped = best.throughput_rps <= ceiling * (1 + CEILING_SLACK)
-    binding = top is not None and top.throughput_rps >= ceiling * UNCAPPED_FACTOR
+    # against the model's ceiling (a number): "above" only where the median's interval clears it
+    capped = derive.compare_medians(best, ceiling * (1 + CEILING_SLACK), "throughput_rps") != derive.HIGHER
+    binding = top is not None and \
+        derive.compare_medians(top, ceiling * UNCAPPED_FACTOR, "throughput_rps") == derive.HIGHER
     unserved = _pool_unserved(everything)
     if unserved is not None:
         measured += (f"; {unserved.variant} served only {num(unserved.conns_served)} of {num(unserved.conns)} "
@@ -179,9 +207,12 @@ def _threads_too(c: pd.DataFrame, ok: pd.Series) -> str:
     threads = c[(c.variant == derive.THREAD_VARIANT) & ok]
     if threads.empty:
         return ""
-    lightest = c[c.variant.isin(EVENT_VARIANTS) & ok].sort_values("rss_kib").iloc[0]
+    events = c[c.variant.isin(EVENT_VARIANTS) & ok]
+    lightest = events.sort_values("rss_kib").iloc[0]
+    ties = derive.tied_with(events, lightest, "rss_kib")
     return (f" (but one thread per connection held them too: {num(threads.iloc[0].rss_kib / 1024)} MiB vs "
-            f"{num(lightest.rss_kib / 1024)} MiB for {lightest.variant})")
+            f"{num(lightest.rss_kib / 1024)} MiB for {lightest.variant}"
+            + (f", within noise of {', '.join(ties)}" if ties else "") + ")")
 
 
 def claims(run) -> list:

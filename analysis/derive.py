@@ -5,6 +5,14 @@ the experiment has no rows). Medians are over repeats, as in summary.csv;
 ``saturated`` is 1 when a repeat the median was taken over had the load
 generator saturated.
 
+Spreads: for the ``SPREAD_VALUES`` columns ``medians`` adds, per point, the
+min and max over the valid repeats (``<column>_min``, ``<column>_max``) and the
+95 % interval of the median (``<column>_lo``, ``<column>_hi``; ``ci_flag``
+"min-max" when fewer than 3 rounds made it): harness.stats.spread, the one
+owner of the lab's statistics. ``compare_medians(a, b, column)`` is the one rule
+the findings and claims rank by: "higher" or "lower" only when the two
+intervals separate, else "tie" (within noise).
+
 Invalid points (a connection never served, requests unanswered, the load
 generator saturated: the table's ``valid`` = 0, see harness.loadproc.validity)
 are never a headline, a ranking or a knee. ``medians`` takes the median over
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from conclab.experiments.harness import summary
+from conclab.experiments.harness import stats, summary
 
 from .style import order
 
@@ -30,6 +38,13 @@ POOL_BACKEND = "threadpool"
 MICRO = "micro"
 SATURATED = "load generator saturated"     # harness.loadproc.SATURATED: the reason an old saturated row is invalid
 PER_REQUEST = "server_per_request"
+# The columns whose spread over rounds ``medians`` keeps (min, max, the median's 95 % interval).
+SPREAD_VALUES = ("throughput_rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "ctx_per_req",
+                 "server_cpu_percent", "rss_kib")
+SPREAD_SUFFIXES = {"min": "_min", "max": "_max", "ci_lo": "_lo", "ci_hi": "_hi"}
+# Columns whose interval is kept under other names (switch.csv: each benchmark's own min and max over its rounds).
+INTERVAL_COLUMNS = {"ns_per_switch": ("ns_min", "ns_max")}
+HIGHER, LOWER, TIE = stats.HIGHER, stats.LOWER, stats.TIE
 
 
 def validity(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
@@ -66,7 +81,51 @@ def medians(frame: pd.DataFrame, keys: list, values: list) -> pd.DataFrame:
     out["valid"] = grouped["_ok"].any().astype(bool)
     reasons = grouped["_why"].agg(lambda s: "; ".join(dict.fromkeys(s.dropna().astype(str))) or None)
     out["invalid_reason"] = reasons.where(~out["valid"], None)
+    for value in (v for v in SPREAD_VALUES if v in present):
+        spreads = {key: stats.spread(group) for key, group in grouped[value]}
+        for field, suffix in SPREAD_SUFFIXES.items():
+            out[value + suffix] = pd.Series({key: (d[field] if d else float("nan")) for key, d in spreads.items()},
+                                            dtype=float)
+    out["ci_flag"] = [stats.CI_MIN_MAX if n < stats.MIN_BOOTSTRAP_N else stats.CI_BOOTSTRAP for n in out["n"]]
     return sort_variants(out.reset_index())
+
+
+def interval(row, column: str) -> tuple[float, float] | None:
+    """(lo, hi) of ``column`` in one derived row: its median's 95 % interval (``_lo``/``_hi``), else its min and
+    max over repeats (``_min``/``_max``, or INTERVAL_COLUMNS), else the median alone (a point: one round measured
+    no noise). A plain number is its own interval. None: no value."""
+    if row is None:
+        return None
+    if isinstance(row, (int, float)) and not isinstance(row, bool):
+        return stats.interval(row)
+    get = row.get if hasattr(row, "get") else (lambda key, default=None: getattr(row, key, default))
+    for lo, hi in ((column + "_lo", column + "_hi"), (column + "_min", column + "_max"),
+                   INTERVAL_COLUMNS.get(column, (None, None))):
+        if lo is not None:
+            pair = stats.interval((get(lo, None), get(hi, None)))
+            if pair is not None:
+                return pair
+    return stats.interval(get(column, None))
+
+
+def compare_medians(a, b, column: str | None = None) -> str:
+    """"higher" | "lower" | "tie": a's median against b's, ranked only where their intervals separate.
+
+    a, b: rows of a derived frame (``column`` and its interval, see ``interval``) or plain numbers (a model's
+    ceiling, a claim's figure: a point interval). The one comparison every finding and claim ranks by
+    (harness.stats.compare); "tie" means within noise, and is what a sentence must then say.
+    """
+    return stats.compare(interval(a, column) if column else stats.interval(a),
+                         interval(b, column) if column else stats.interval(b))
+
+
+def tied_with(frame: pd.DataFrame, row, column: str) -> list:
+    """The variants of ``frame`` (other than row's) whose ``column`` ties with row's within noise."""
+    if frame.empty or row is None:
+        return []
+    return [r["variant"] for _, r in frame.iterrows()
+            if r["variant"] != row["variant"] and pd.notna(r.get(column))
+            and compare_medians(r, row, column) == TIE]
 
 
 def valid(frame: pd.DataFrame) -> pd.DataFrame:
@@ -98,26 +157,92 @@ def reference_conns(run) -> int:
 
 # -- memory -------------------------------------------------------------------------------------
 
+MIN_R2_POINTS = 3                # experiments.memory: a fit through fewer points has no r² (2 points: r² = 1 always)
+# What one idle connection costs, in parts (memory_kernel): the process's RSS, then the kernel's memory, which no RSS
+# includes (the server's share: the load generator's end of each connection subtracted; experiments.memory).
+MEMORY_PARTS = {"rss_kib": "process RSS", "kernel_sock_kib": "kernel: sockets",
+                "kernel_stack_kib": "kernel: thread stacks", "kernel_slab_kib": "kernel: slab",
+                "kernel_pte_kib": "kernel: page tables"}
+KERNEL_PARTS = [part for part in MEMORY_PARTS if part != "rss_kib"]
+MEMORY_FIT_COLUMNS = ["variant", "metric", "per_conn", "per_conn_min", "per_conn_max", "intercept", "r2",
+                      "max_abs_residual", "n_points", "repeats"]
+MEMORY_KERNEL_COLUMNS = ["variant", *MEMORY_PARTS, "kernel_kib", "total_kib", "kernel_kib_min", "kernel_kib_max",
+                         "kernel_both_kib", "client_kib", "rss_r2", "kernel_r2", "rss_points", "kernel_points"]
+
+
 def memory_points(run) -> pd.DataFrame:
-    return medians(run.tables["memory"], ["variant", "n_target"],
-                   ["n_conns", "rss_kib", "uss_kib", "vms_kib", "threads", "fds", "connect_errors"])
+    """Medians per (variant, N); rss_fit_kib: the variant's fitted RSS line (memory_fits: median slope and
+    intercept over repeats) at that point's n_conns, rss_r2 its r² (NaN: too few points for one)."""
+    points = medians(run.tables["memory"], ["variant", "n_target"],
+                     ["n_conns", "rss_kib", "uss_kib", "vms_kib", "threads", "fds", "connect_errors",
+                      "time_wait_delta"])
+    fits = memory_fits(run)
+    rss = fits[fits.metric == "rss_kib"] if not fits.empty else fits
+    if points.empty or rss.empty:
+        return points
+    points = points.merge(rss[["variant", "per_conn", "intercept", "r2"]], on="variant", how="left")
+    points["rss_fit_kib"] = points.intercept + points.per_conn * points.n_conns
+    return points.drop(columns=["per_conn", "intercept"]).rename(columns={"r2": "rss_r2"})
+
+
+def memory_fits(run) -> pd.DataFrame:
+    """memory_fit.csv per (variant, metric), over repeats: the median slope (per_conn), its min and max, the
+    median intercept, r² and largest residual, the points per fit and the repeats. r² and the residual are NaN
+    for a fit through fewer than MIN_R2_POINTS points (an older run wrote r² = 1 for a line through 2 points)."""
+    fit = run.tables["memory_fit"]
+    if fit.empty:
+        return pd.DataFrame(columns=MEMORY_FIT_COLUMNS)
+    judged = pd.to_numeric(fit.n_points, errors="coerce") >= MIN_R2_POINTS
+    fit = fit.assign(r2=fit.r2.where(judged), max_abs_residual=fit.max_abs_residual.where(judged))
+    grouped = fit.groupby(["variant", "metric"])
+    out = grouped[["per_conn", "intercept", "r2", "max_abs_residual", "n_points"]].median()
+    out["per_conn_min"], out["per_conn_max"], out["repeats"] = grouped.per_conn.min(), grouped.per_conn.max(), \
+        grouped.size()
+    return sort_variants(out.reset_index())[MEMORY_FIT_COLUMNS]
 
 
 def memory_slopes(run) -> pd.DataFrame:
-    """One row per variant: KiB per connection of RSS, USS, VMS (median slope over repeats), and r2."""
-    fit = run.tables["memory_fit"]
-    if fit.empty:
+    """One row per variant: the median slope over repeats of every memory_fit metric (KiB per connection of
+    RSS, USS, VMS, the kernel's parts...), and of the RSS fit: r² (rss_r2, NaN with too few points), points
+    (rss_points), largest residual (rss_max_residual_kib), the slope's spread (rss_kib_min, rss_kib_max), repeats."""
+    fits = memory_fits(run)
+    if fits.empty:
         return pd.DataFrame(columns=["variant", "rss_kib", "uss_kib", "vms_kib", "threads", "rss_r2"])
-    per_conn = fit.pivot_table(index="variant", columns="metric", values="per_conn", aggfunc="median")
-    r2 = fit[fit.metric == "rss_kib"].groupby("variant")["r2"].median().rename("rss_r2")
-    return sort_variants(per_conn.join(r2).reset_index())
+    per_conn = fits.pivot_table(index="variant", columns="metric", values="per_conn", aggfunc="median")
+    rss = fits[fits.metric == "rss_kib"].set_index("variant")
+    extra = pd.DataFrame({"rss_r2": rss.r2, "rss_points": rss.n_points, "rss_max_residual_kib": rss.max_abs_residual,
+                          "rss_kib_min": rss.per_conn_min, "rss_kib_max": rss.per_conn_max, "repeats": rss.repeats})
+    return sort_variants(per_conn.join(extra).reset_index())
+
+
+def memory_kernel(run) -> pd.DataFrame:
+    """One row per variant whose kernel memory was measured, KiB per idle connection: the MEMORY_PARTS (process
+    RSS, then the kernel's: the server's share), kernel_kib (the kernel parts' sum; its spread over repeats),
+    total_kib (RSS + kernel), kernel_both_kib (the machine's change: both ends, nothing subtracted), client_kib
+    (the load generator's end, subtracted); r² and points of the RSS and kernel fits. Empty: nothing measured."""
+    fits = memory_fits(run)
+    by = fits.set_index(["variant", "metric"]) if not fits.empty else fits
+    variants = fits.loc[(fits.metric == "kernel_kib") & fits.per_conn.notna(), "variant"] if not fits.empty else []
+    rows = []
+    for variant in variants:
+        def get(metric, column="per_conn"):
+            value = by[column].get((variant, metric)) if column in by else None
+            return float(value) if value is not None and pd.notna(value) else float("nan")
+        row = {"variant": variant, **{m: get(m) for m in [*MEMORY_PARTS, "kernel_kib", "kernel_both_kib",
+                                                            "client_kib"]}}
+        row.update(total_kib=row["rss_kib"] + row["kernel_kib"], kernel_kib_min=get("kernel_kib", "per_conn_min"),
+                   kernel_kib_max=get("kernel_kib", "per_conn_max"), rss_r2=get("rss_kib", "r2"),
+                   kernel_r2=get("kernel_kib", "r2"), rss_points=get("rss_kib", "n_points"),
+                   kernel_points=get("kernel_kib", "n_points"))
+        rows.append(row)
+    return sort_variants(pd.DataFrame(rows, columns=MEMORY_KERNEL_COLUMNS))
 
 
 # -- throughput and latency -----------------------------------------------------------------------
 
 LOAD_VALUES = ["throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us", "errors",
                "requests", "cpu_us_per_req", "ctx_per_req", "server_cpu_percent", "workers", "conns",
-               "conns_served", "unanswered", "max_unanswered_wait_us"]
+               "conns_served", "unanswered", "max_unanswered_wait_us", "server_conns_active"]
 
 
 def throughput(run) -> pd.DataFrame:
@@ -139,14 +264,23 @@ def knees(run) -> pd.DataFrame:
     """Per variant: where latency under load bends (served_knee, p99_knee, top_rps, knee, where).
 
     The definition is harness.summary.knee, the one place the knee is computed; this applies it to each
-    variant's valid rows of latency.csv (a variant without any: ``where`` "no valid point").
+    variant's valid rows of latency.csv (a variant without any: ``where`` "no valid point"), and to each
+    round's rows apart: ``knee_min`` .. ``knee_max`` and ``knee_lo`` .. ``knee_hi`` (the interval) are over
+    the rounds that had a knee in range (``knee_rounds`` of them).
     """
     rows = run.tables["latency"]
     ok, _ = validity(rows)
     rows = rows.assign(valid=ok.astype(float))           # an older run's empty cells judged as medians() does
-    out = [{"variant": variant, **summary.knee(rows[rows.variant == variant].to_dict("records"))}
-           for variant in order(rows.variant.dropna().unique())]
-    return pd.DataFrame(out, columns=["variant", *summary.KNEE_FIELDS])
+    out = []
+    for variant in order(rows.variant.dropna().unique()):
+        mine = rows[rows.variant == variant]
+        per_round = [summary.knee(group.to_dict("records"))["knee"] for _, group in mine.groupby("repeat")]
+        spread = stats.spread(per_round) or {}
+        out.append({"variant": variant, **summary.knee(mine.to_dict("records")),
+                    "knee_min": spread.get("min"), "knee_max": spread.get("max"),
+                    "knee_lo": spread.get("ci_lo"), "knee_hi": spread.get("ci_hi"), "knee_rounds": spread.get("n", 0)})
+    return pd.DataFrame(out, columns=["variant", *summary.KNEE_FIELDS, "knee_min", "knee_max", "knee_lo", "knee_hi",
+                                      "knee_rounds"])
 
 
 def spectrum(run) -> tuple[pd.DataFrame, pd.DataFrame, float | None]:
@@ -177,14 +311,15 @@ def _percentile_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def io_bound(run) -> pd.DataFrame:
     return medians(run.tables["io_bound"], ["variant", "conns"],
                    ["throughput_rps", "little_ceiling_rps", "conc_ceiling_rps", "p50_us", "p99_us", "errors",
-                    "workers", "io_us", "conns_served", "unanswered"])
+                    "workers", "io_us", "conns_served", "unanswered", "cpu_us_per_req", "ctx_per_req",
+                    "server_cpu_percent"])
 
 
 def cpu_bound(run) -> pd.DataFrame:
     """Per variant and number of server CPUs: the best median throughput over concurrency, and its ceiling."""
     t = medians(run.tables["cpu_bound"], ["variant", "n_server_cpus", "conns"],
                 ["throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent", "errors", "cpu_us",
-                 "conns_served", "unanswered"])
+                 "conns_served", "unanswered", "cpu_us_per_req", "ctx_per_req"])
     if t.empty:
         return t
     t = t.assign(_rank=t["valid"].astype(bool))          # the best valid point; the best invalid one only if none
@@ -260,10 +395,10 @@ def per_request(run) -> pd.DataFrame:
     s = s[(s.backend != MICRO) & (s.bench == PER_REQUEST)]
     if s.empty:
         ref = valid(at_reference(run))
-        return ref[["variant", "cpu_us_per_req", "ctx_per_req"]].dropna(how="all", subset=["cpu_us_per_req"]) \
+        keep = [c for c in ref.columns if c == "variant" or c.startswith(("cpu_us_per_req", "ctx_per_req"))]
+        return ref[keep].dropna(how="all", subset=["cpu_us_per_req"]) \
             if not ref.empty else pd.DataFrame(columns=["variant", "cpu_us_per_req", "ctx_per_req"])
-    out = s.groupby("variant")[["cpu_us_per_req", "ctx_per_req"]].median().reset_index()
-    return sort_variants(out)
+    return medians(s, ["variant"], ["cpu_us_per_req", "ctx_per_req"])          # with their spread over rounds
 
 
 # -- c10k -----------------------------------------------------------------------------------------

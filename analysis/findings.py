@@ -16,6 +16,8 @@ import pandas as pd
 
 from conclab.experiments import registry
 
+from conclab.experiments.harness.loadproc import MIN_LATENCIES, TOO_SHORT
+
 from . import derive
 from .fmt import Builder, Finding, nothing
 
@@ -46,6 +48,13 @@ def _why(row) -> tuple[str, dict]:
         facts.update(unanswered=unanswered)
     if getattr(row, "saturated", 0) > 0:
         parts.append("the load generator was saturated")
+    active = getattr(row, "server_conns_active", None)
+    if pd.notna(active) and pd.notna(conns) and active < conns:
+        parts.append("the server had accepted only {active} of {conns} connections")
+        facts.update(active=active, conns=conns)
+    reason = getattr(row, "invalid_reason", None)
+    if isinstance(reason, str) and TOO_SHORT in reason:
+        parts.append(TOO_SHORT + " (it lasted under " + str(MIN_LATENCIES) + " mean latencies)")
     return ", ".join(parts) or "marked invalid in the table", facts
 
 
@@ -69,6 +78,47 @@ def _names(variants) -> str:
     return ", ".join(variants[:-1]) + " and " + variants[-1] if len(variants) > 1 else "".join(variants)
 
 
+# -- spreads and rankings: every comparison goes through derive.compare_medians ---------------------
+
+def _spread(name: str, row, column: str, scale: float = 1.0) -> tuple[str, dict]:
+    """A median and its min–max over rounds, as a template piece ("{name} ({name_min}–{name_max})", or "{name}"
+    when one round or no spread) and its facts."""
+    def value(col):
+        v = row.get(col) if row is not None and hasattr(row, "get") else None
+        return float(v) * scale if v is not None and pd.notna(v) else None
+    facts = {name: value(column)}
+    lo, hi = value(column + "_min"), value(column + "_max")
+    if lo is not None and hi is not None and lo != hi:
+        facts.update({name + "_min": lo, name + "_max": hi})
+        return "{" + name + "} ({" + name + "_min}–{" + name + "_max})", facts
+    return "{" + name + "}", facts
+
+
+def _cpu(name: str, row) -> tuple[str, dict]:
+    """", at {name} µs of server CPU per request (min–max)": what a req/s figure cost, or nothing if unmeasured."""
+    if row is None or pd.isna(row.get("cpu_us_per_req", float("nan"))):
+        return "", {}
+    piece, facts = _spread(name, row, "cpu_us_per_req")
+    return ", at " + piece + " µs of server CPU per request", facts
+
+
+def _ties(frame: pd.DataFrame, row, column: str) -> list:
+    """Variants of ``frame`` tied with ``row`` on ``column`` within noise (derive.tied_with)."""
+    return derive.tied_with(frame, row, column)
+
+
+def _scope(everything: pd.DataFrame, ranked: pd.DataFrame) -> tuple[str, dict]:
+    """" (of the {k} with a valid point; {out} left out)" when ranking leaves variants out, else nothing: a
+    superlative ("fastest", "every backend") is only ever about the variants it was computed over."""
+    if everything.empty or "variant" not in everything:
+        return "", {}
+    out = [v for v in dict.fromkeys(everything.variant) if v not in set(ranked.variant)]
+    if not out:
+        return "", {}
+    return " (of the {scope_k} with a valid point; {scope_out} left out)", {"scope_k": ranked.variant.nunique(),
+                                                                            "scope_out": _names(out)}
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 def memory_growth(points: pd.DataFrame) -> Finding:
@@ -84,8 +134,14 @@ def memory_growth(points: pd.DataFrame) -> Finding:
         if row.n_conns < HELD_FRACTION * n:
             b.add("{v} accepted only {held} of the {n}, so its line stops short.", prefix=f"{row.variant}.",
                   v=row.variant, held=row.n_conns, n=n)
+    if derive.compare_medians(hi, lo, "rss_kib") == derive.TIE:
+        return b.finding("Holding {n} idle connections, every backend's RSS is within noise ({lo_mib}–{hi_mib} MiB)")
+    most, least = _ties(top, hi, "rss_kib"), _ties(top, lo, "rss_kib")
+    if most or least:
+        b.add("Within noise of the most: {most}; of the least: {least}.", most=_names(most) or "none",
+              least=_names(least) or "none")
     return b.finding("{hi} needs the most memory for {n} idle connections ({hi_mib} MiB), {lo} the least "
-                     "({lo_mib} MiB)")
+                     "({lo_mib} MiB)" + (" (ties within noise: see below)" if most or least else ""))
 
 
 def memory_per_conn(slopes: pd.DataFrame) -> Finding:
@@ -95,11 +151,73 @@ def memory_per_conn(slopes: pd.DataFrame) -> Finding:
     b = Builder()
     b.add("Each idle connection adds {hi_kib} KiB of RSS with {hi} and {lo_kib} KiB with {lo}.",
           hi_kib=hi.rss_kib, hi=hi.variant, lo_kib=lo.rss_kib, lo=lo.variant)
-    if lo.rss_kib >= MIN_SLOPE_KIB:
+    if derive.compare_medians(hi, lo, "rss_kib") == derive.TIE:
+        b.add("Their slopes over the rounds overlap: a tie within noise.")
+    elif lo.rss_kib >= MIN_SLOPE_KIB:
         b.add("That is {times}× more.", times=hi.rss_kib / lo.rss_kib)
     else:
         b.add("Below {floor} KiB the slope is within measurement noise of zero.", floor=MIN_SLOPE_KIB)
+    _fit_quality(b, slopes)
     return b.finding("An idle connection costs {hi_kib} KiB of RSS with {hi}, {lo_kib} KiB with {lo}")
+
+
+def _fit_quality(b: Builder, slopes: pd.DataFrame) -> None:
+    """How well the RSS lines fit: the lowest r² and the largest residual, or that too few points give no r²."""
+    if "rss_points" not in slopes or slopes.rss_points.isna().all():
+        return
+    judged = slopes.dropna(subset=["rss_r2"])
+    if judged.empty:
+        b.add("{k} points: no r² (a line through two points fits them exactly, so it cannot show whether memory "
+              "grows linearly; a profile with more memory points can).", prefix="fit.", k=slopes.rss_points.min())
+        return
+    worst = judged.loc[judged.rss_r2.idxmin()]
+    b.add("The lines are fitted through {k} points: r² is at least {r2} ({v}).", prefix="fit.",
+          k=judged.rss_points.min(), r2=worst.rss_r2, v=worst.variant)
+    if "rss_max_residual_kib" in judged and judged.rss_max_residual_kib.notna().any():
+        far = judged.loc[judged.rss_max_residual_kib.idxmax()]
+        b.add("The farthest point is {res_mib} MiB off its line ({v}).", prefix="fit.residual.",
+              res_mib=far.rss_max_residual_kib / 1024, v=far.variant)
+
+
+def memory_kernel(split: pd.DataFrame) -> Finding:
+    """Process RSS + the kernel's memory per idle connection (derive.memory_kernel)."""
+    rows = split.dropna(subset=["rss_kib", "kernel_kib"]) if not split.empty else split
+    if rows.empty:
+        return nothing("kernel memory per connection was not measured in this run")
+    lo, hi = _extremes(rows, "total_kib")
+    b = Builder()
+    b.add("RSS counts only the server process's own pages. The kernel's memory for each connection (the socket's "
+          "structures in slab, its buffers, one kernel stack per thread, page tables) is in no process's RSS, so it "
+          "was measured apart: the change of /proc/meminfo, /proc/net/sockstat and the server's page tables while "
+          "the connections were held, less the load generator's end of each connection ({client} KiB, estimated "
+          "from loopback pairs).", client=rows.client_kib.median())
+    b.add("With the kernel counted, an idle connection costs {hi_total} KiB with {hi} ({hi_rss} KiB process RSS "
+          "+ {hi_kernel} KiB kernel) and {lo_total} KiB with {lo} ({lo_rss} + {lo_kernel}).",
+          hi=hi.variant, hi_total=hi.total_kib, hi_rss=hi.rss_kib, hi_kernel=hi.kernel_kib,
+          lo=lo.variant, lo_total=lo.total_kib, lo_rss=lo.rss_kib, lo_kernel=lo.kernel_kib)
+    positive = rows[(rows.kernel_kib > 0) & (rows.total_kib > 0)]
+    if not positive.empty:
+        top = positive.loc[(positive.kernel_kib / positive.total_kib).idxmax()]
+        b.add("The kernel's share is largest with {kv}: {share}% of the total.", kv=top.variant,
+              share=100 * top.kernel_kib / top.total_kib)
+    threads = rows[rows.variant == derive.THREAD_VARIANT]
+    if not threads.empty and threads.iloc[0].kernel_stack_kib >= MIN_SLOPE_KIB:
+        t = threads.iloc[0]
+        b.add("{tv}'s thread per connection adds {stack} KiB of kernel stack and {pte} KiB of page tables.",
+              tv=t.variant, stack=t.kernel_stack_kib, pte=t.kernel_pte_kib)
+    for r in rows.itertuples():
+        if pd.notna(r.rss_points) and pd.notna(r.kernel_points) and r.kernel_points < r.rss_points:
+            b.add("{v}: {k} of {n} points left out of the kernel fit (the machine's TIME_WAIT sockets changed "
+                  "while they were measured).", prefix=f"left_out.{r.variant}.", v=r.variant,
+                  k=r.rss_points - r.kernel_points, n=r.rss_points)
+    judged = rows.dropna(subset=["kernel_r2"])
+    if judged.empty:
+        b.add("{k} points: no r² for the kernel fits.", prefix="kernel_fit.", k=rows.kernel_points.min())
+    else:
+        worst = judged.loc[judged.kernel_r2.idxmin()]
+        b.add("Kernel fits: r² at least {r2} ({v}).", prefix="kernel_fit.", r2=worst.kernel_r2, v=worst.variant)
+    return b.finding("With the kernel counted, an idle connection costs {hi_total} KiB with {hi} and "
+                     "{lo_total} KiB with {lo}")
 
 
 def thread_vms(slopes: pd.DataFrame) -> Finding:
@@ -139,6 +257,10 @@ def spectrum(points: pd.DataFrame, rows: pd.DataFrame, fraction, below_floor=Non
     b.add("Measured " + SPECTRUM_SOURCE + ": p99 from {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}); the slowest "
           "request of all took {max_ms} ms ({max_v}).", fraction=fraction, lo_ms=lo.latency_us / 1000, lo=lo.variant,
           hi_ms=hi.latency_us / 1000, hi=hi.variant, max_ms=tail.latency_us / 1000, max_v=tail.variant)
+    by_variant = rows.set_index("variant") if not rows.empty and "variant" in rows else None
+    if by_variant is not None and {lo.variant, hi.variant} <= set(by_variant.index) and derive.compare_medians(
+            by_variant.loc[hi.variant], by_variant.loc[lo.variant], "p99_us") == derive.TIE:
+        b.add("Over the rounds their p99s overlap: a tie within noise.")
     noise = below_floor is not None and below_floor(hi.latency_us - lo.latency_us)
     if noise:
         b.add("That spread, {spread_ms} ms, is below this run's latency floor: not a finding.",
@@ -158,18 +280,30 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
     if lat.empty:
         _left_out(b, everything)
         return b.finding("No backend has a valid latency point")
-    bent = knees[knees["where"] == "in range"].set_index("variant").knee.astype(float)
+    in_range = knees[knees["where"] == "in range"]
+    bent = in_range.set_index("variant").knee.astype(float)
+    knee_tie = False
     if not bent.empty:
+        hi_row, lo_row = (in_range[in_range.variant == v].iloc[0] for v in (bent.idxmax(), bent.idxmin()))
+        knee_tie = len(bent) > 1 and derive.compare_medians(hi_row, lo_row, "knee") == derive.TIE
         b.add("The knee, the highest offered rate before p99 grew over {factor}× its light-load value or the "
               "server answered less than {keepup}% of the offered rate: " +
-              ("{hi} {hi_rps} rps." if len(bent) == 1 else "{hi} {hi_rps} rps, {lo} {lo_rps} rps."),
+              ("{hi} {hi_rps} rps." if len(bent) == 1 else
+               "{hi} {hi_rps} rps, {lo} {lo_rps} rps" + (": a tie within noise (their knees over the rounds "
+                                                         "overlap)." if knee_tie else ".")),
               factor=derive.KNEE_P99_FACTOR, keepup=derive.KEEPUP * 100, hi=bent.idxmax(), hi_rps=bent.max(),
               lo=bent.idxmin(), lo_rps=bent.min())
     top_fraction = lat.rate_fraction.max()
     kept = knees[knees["where"] == "beyond"].variant.tolist()
-    if kept:
-        b.add("{vs} kept up with every rate tested (up to {top_f}× capacity): no knee in range.", vs=_names(kept),
-              top_f=top_fraction)
+    tested_top = everything.rate_fraction.max()
+    valid_top = lat.groupby("variant").rate_fraction.max()
+    short = [v for v in kept if valid_top.get(v, tested_top) < tested_top]      # their higher rates: invalid
+    tested = "every valid rate tested" if short else "every rate tested"
+    for top_f, group in pd.Series({v: valid_top.get(v) for v in kept}).groupby(lambda v: valid_top.get(v)):
+        names = list(group.index)
+        b.add("{vs} kept up with every rate tested up to {top_f}× capacity: no knee in range" + (
+              "; above it their points are invalid (left out), so a knee there cannot be placed." if top_f < tested_top
+              else "."), prefix=f"kept@{top_f:g}.", vs=_names(names), top_f=top_f)
     none = knees[knees["where"] == "below"].variant.tolist()
     if none:
         b.add("{vs} did not keep up at any offered rate.", vs=_names(none))
@@ -177,16 +311,30 @@ def latency_load(lat: pd.DataFrame, knees: pd.DataFrame) -> Finding:
     top = lat[lat.rate_fraction == top_fraction]
     if not top.empty and top.p99_us.notna().any():
         worst = top.loc[top.p99_us.idxmax()]
-        b.add("At {f}× capacity p99 reached {p99_ms} ms ({v}).", f=worst.rate_fraction,
-              p99_ms=worst.p99_us / 1000, v=worst.variant)
+        p99, p99_facts = _spread("p99_ms", worst, "p99_us", 1 / 1000)
+        ties = _ties(top, worst, "p99_us")
+        scope, scope_facts = _scope(everything[everything.rate_fraction == top_fraction], top)
+        b.add("At {f}× capacity the highest p99 was " + p99 + " ms ({v})" + scope.replace("scope_", "top_scope_") + (
+              "; {p99_ties} tie(s) with it within noise." if ties else "."), f=worst.rate_fraction, v=worst.variant,
+              **p99_facts, **({"p99_ties": _names(ties)} if ties else {}),
+              **{k.replace("scope_", "top_scope_"): v for k, v in scope_facts.items()})
     if len(bent) == 1:
         return b.finding("Latency climbs past {hi}'s knee at {hi_rps} rps; no other backend bends in the range tested")
+    if not bent.empty and knee_tie:
+        return b.finding("Past the knee latency climbs; the knees, {lo_rps} ({lo}) to {hi_rps} rps ({hi}), tie "
+                         "within noise")
     if not bent.empty:
         return b.finding("Past its knee latency climbs: {hi} keeps up to {hi_rps} rps, {lo} to {lo_rps} rps")
+    if kept and not none and len(kept) == len(knees) and not short:
+        return b.finding("Every backend kept up with every rate tested, up to {top_f}× capacity", top_f=top_fraction)
     if kept and not none and len(kept) == len(knees):
-        return b.finding("Every backend kept up with every rate tested, up to {top_f}× capacity")
+        return b.finding("Every backend kept up with every valid rate tested; rates above {short_top}× capacity are "
+                         "invalid for {short_vs}", short_top=min(valid_top.get(v) for v in short),
+                         short_vs=_names(short))
     if kept and not none:
-        return b.finding("Every backend with valid points kept up with every rate tested, up to {top_f}× capacity")
+        scope, scope_facts = _scope(knees, knees[knees.variant.isin(kept)])
+        return b.finding("Every backend with valid points kept up with " + tested + ", up to {top_f}× capacity"
+                         + scope, top_f=top_fraction, **scope_facts)
     return b.finding("No backend shows a knee within the rates tested")
 
 
@@ -201,18 +349,42 @@ def throughput(ref: pd.DataFrame, conns: int) -> Finding:
         _left_out(b, everything)
         return b.finding("No backend has a valid point at {conns} connections", conns=conns)
     lo, hi = _extremes(ref, "throughput_rps")
+    hi_rps, hi_facts = _spread("hi_rps", hi, "throughput_rps")
+    hi_cpu, hi_cpu_facts = _cpu("hi_cpu", hi)
     if len(ref) == 1:                                   # nothing to rank it against
-        b.add("At {conns} connections {hi} served {hi_rps} rps.", conns=conns, hi=hi.variant, hi_rps=hi.throughput_rps)
+        b.add("At {conns} connections {hi} served " + hi_rps + " rps" + hi_cpu + ".", conns=conns, hi=hi.variant,
+              **hi_facts, **hi_cpu_facts)
         _left_out(b, everything)
         return b.finding("At {conns} connections {hi} served {hi_rps} rps, the only valid point")
-    b.add("At {conns} connections {hi} served {hi_rps} rps, {times}× {lo} ({lo_rps} rps).", conns=conns,
-          hi=hi.variant, hi_rps=hi.throughput_rps, times=hi.throughput_rps / lo.throughput_rps, lo=lo.variant,
-          lo_rps=lo.throughput_rps)
+    lo_rps, lo_facts = _spread("lo_rps", lo, "throughput_rps")
+    lo_cpu, lo_cpu_facts = _cpu("lo_cpu", lo)
+    scope, scope_facts = _scope(everything, ref)
+    if derive.compare_medians(hi, lo, "throughput_rps") == derive.TIE:
+        b.add("At {conns} connections the highest median, " + hi_rps + " rps ({hi}" + hi_cpu + "), and the lowest, "
+              + lo_rps + " rps ({lo}" + lo_cpu + "), tie within noise: their ranges over the rounds overlap, so no "
+              "backend is ranked.", conns=conns, hi=hi.variant, lo=lo.variant, **hi_facts, **lo_facts,
+              **hi_cpu_facts, **lo_cpu_facts)
+        title = "At {conns} connections no backend is ranked: throughputs tie within noise ({lo_rps}–{hi_rps} rps)" \
+            + scope
+    else:
+        b.add("At {conns} connections {hi} served " + hi_rps + " rps" + hi_cpu + ", {times}× {lo} (" + lo_rps
+              + " rps" + lo_cpu + ").", conns=conns, hi=hi.variant, times=hi.throughput_rps / lo.throughput_rps,
+              lo=lo.variant, **hi_facts, **lo_facts, **hi_cpu_facts, **lo_cpu_facts)
+        top, bottom = _ties(ref, hi, "throughput_rps"), _ties(ref, lo, "throughput_rps")
+        if top:
+            b.add("{top_ties} tie(s) with {hi} within noise.", top_ties=_names(top), hi=hi.variant)
+        if bottom:
+            b.add("{bottom_ties} tie(s) with {lo} within noise.", bottom_ties=_names(bottom), lo=lo.variant)
+        fastest = ("{hi} is fastest ({hi_rps} rps)" if not top else
+                   "{hi} ({hi_rps} rps) and {top_ties} tie for fastest within noise")
+        slowest = ("{lo} slowest ({lo_rps} rps)" if not bottom else
+                   "{lo} ({lo_rps} rps) and {bottom_ties} tie for slowest")
+        title = "At {conns} connections " + fastest + ", " + slowest + scope
     saturated = ref[ref.saturated > 0].variant.tolist()
     if saturated:
         b.add("The load generator was saturated for {vs}: their numbers are a lower bound.", vs=_names(saturated))
     _left_out(b, everything)
-    return b.finding("At {conns} connections {hi} is fastest ({hi_rps} rps), {lo} slowest ({lo_rps} rps)")
+    return b.finding(title, **scope_facts)
 
 
 def io_bound(io: pd.DataFrame) -> Finding:
@@ -236,10 +408,17 @@ def io_bound(io: pd.DataFrame) -> Finding:
     n = io.conns.max()
     top_rows = io[io.conns == n]
     top = top_rows.loc[top_rows.throughput_rps.idxmax()]
-    b.add("At {n} connections {top} reached {top_rps} rps (ceiling connections / wait = {conc} rps).", n=n,
-          top=top.variant, top_rps=top.throughput_rps, conc=top.conc_ceiling_rps)
+    top_rps, top_facts = _spread("top_rps", top, "throughput_rps")
+    top_cpu, cpu_facts = _cpu("top_cpu", top)
+    ties = _ties(top_rows, top, "throughput_rps")
+    b.add("At {n} connections {top} reached " + top_rps + " rps" + top_cpu + " (ceiling connections / wait = {conc} "
+          "rps)" + ("; {top_ties} tie(s) with it within noise." if ties else "."), n=n, top=top.variant,
+          conc=top.conc_ceiling_rps, **top_facts, **cpu_facts, **({"top_ties": _names(ties)} if ties else {}))
+    scope, scope_facts = _scope(everything[everything.conns == n], top_rows)
+    if ties:
+        title = title.replace("{top} reaches {top_rps}", "{top} and {top_ties} reach {top_rps} (a tie within noise)")
     _left_out(b, everything)
-    return b.finding(title)
+    return b.finding(title + scope, **scope_facts)
 
 
 def cpu_bound(cpu: pd.DataFrame) -> Finding:
@@ -258,23 +437,35 @@ def cpu_bound(cpu: pd.DataFrame) -> Finding:
     title = "CPU-bound work per backend"
     if not python.empty:
         lo, hi = _extremes(python, "throughput_rps")
+        py_lo, lo_facts = _spread("py_lo", lo, "throughput_rps")
+        py_hi, hi_facts = _spread("py_hi", hi, "throughput_rps")
+        lo_cpu, lo_cpu_facts = _cpu("lo_cpu", lo)
+        hi_cpu, hi_cpu_facts = _cpu("hi_cpu", hi)
+        tie = len(python) > 1 and derive.compare_medians(hi, lo, "throughput_rps") == derive.TIE
         b.add("With {cpu_us} µs of GIL-holding work per request on {k} CPU(s), the Python models reached "
-              "{py_lo} rps ({lo}) to {py_hi} rps ({hi}) against a ceiling of {cap} rps.", cpu_us=cpu_us,
-              k=narrow, py_lo=lo.throughput_rps, lo=lo.variant, py_hi=hi.throughput_rps, hi=hi.variant,
-              cap=hi.ceiling_rps)
+              + py_lo + " rps ({lo}" + lo_cpu + ") to " + py_hi + " rps ({hi}" + hi_cpu + ") against a ceiling of "
+              "{cap} rps" + (", a tie within noise." if tie else "."), cpu_us=cpu_us, k=narrow, lo=lo.variant,
+              hi=hi.variant, cap=hi.ceiling_rps, **lo_facts, **hi_facts, **lo_cpu_facts, **hi_cpu_facts)
         title = "CPU-bound: Python models reach {py_lo}–{py_hi} rps against a ceiling of {cap} rps"
     if not go.empty:
-        b.add("go reached {go_rps} rps (ceiling {go_cap} rps).", go_rps=go.iloc[0].throughput_rps,
-              go_cap=go.iloc[0].ceiling_rps)
+        go_rps, go_facts = _spread("go_rps", go.iloc[0], "throughput_rps")
+        go_cpu, go_cpu_facts = _cpu("go_cpu", go.iloc[0])
+        b.add("go reached " + go_rps + " rps" + go_cpu + " (ceiling {go_cap} rps).", go_cap=go.iloc[0].ceiling_rps,
+              **go_facts, **go_cpu_facts)
         title += "; go {go_rps} rps" if not python.empty else "go reaches {go_rps} rps"
     for _, row in cpu[cpu.n_server_cpus > narrow].iterrows():
         base = one[one.variant == row.variant]
         gain = row.throughput_rps / base.iloc[0].throughput_rps if not base.empty else None
-        b.add("On {k} CPUs {v} reached {rps} rps" + (" ({gain}× its rate on {k1})." if gain else "."),
+        same = gain is not None and derive.compare_medians(row, base.iloc[0], "throughput_rps") == derive.TIE
+        rps, rps_facts = _spread("rps", row, "throughput_rps")
+        b.add("On {k} CPUs {v} reached " + rps + " rps" + (
+              " (within noise of its rate on {k1}: a tie)." if same else
+              " ({gain}× its rate on {k1})." if gain else "."),
               prefix=f"{row.variant}@{row.n_server_cpus:g}.", k=row.n_server_cpus, v=row.variant,
-              rps=row.throughput_rps, gain=gain, k1=narrow)
+              k1=narrow, **rps_facts, **({"gain": gain} if gain and not same else {}))
     _left_out(b, everything)
-    return b.finding(title)
+    scope, scope_facts = _scope(everything[everything.n_server_cpus == narrow], one)
+    return b.finding(title + scope, **scope_facts)
 
 
 # -- switch ---------------------------------------------------------------------------------------
@@ -286,6 +477,7 @@ SWITCH_WORDS = {"thread": "a Python thread hand-off", "greenlet": "a greenlet sw
                 "pipe": "a kernel thread switch (pipe)"}
 ABOUT_THE_SAME = 0.1             # two timings within 10% are "about the same" (a shared machine is noisy)
 MORE_SWITCHES = 1.25             # one count is "more switches" than another above this factor
+BUSY = 0.9                       # two threads on one CPU running this share of the time: it never idled
 
 
 def switch_costs(micro: pd.DataFrame) -> dict:
@@ -317,19 +509,27 @@ def switch(micro: pd.DataFrame) -> Finding:
     runtime = {k: v for k, v in costs.items() if derive.SWITCH_GROUPS.get(k) != derive.KERNEL_GROUP}
     cheapest = min(runtime, key=runtime.get, default=None)
     if kernel is not None:
-        b.add("A bare kernel thread switch (futex, both threads on one CPU) took {kernel_ns} ns, {kernel_ctx} OS "
-              "context switches each.", kernel_ns=kernel.ns_per_switch, kernel_ctx=kernel.ctx_per_switch)
+        b.add("A bare kernel thread switch (futex, both threads on one CPU) took {kernel_ns} ns; OS context "
+              "switches per switch: {kernel_ctx}.", kernel_ns=kernel.ns_per_switch,
+              kernel_ctx=round(kernel.ctx_per_switch, 2))
     if thread is not None:
+        near = kernel is not None and derive.compare_medians(thread, kernel, "ns_per_switch") == derive.TIE
         b.add("A Python thread hand-off (lock + GIL, on one CPU) took {thread_ns} ns and {thread_ctx} OS context "
-              "switches" + (", {thread_x}× the bare switch." if kernel is not None else "."),
-              thread_ns=thread.ns_per_switch, thread_ctx=thread.ctx_per_switch,
-              **({"thread_x": thread.ns_per_switch / kernel.ns_per_switch} if kernel is not None else {}))
+              "switches" + (", within noise of the bare switch (a tie)." if near else
+                            ", {thread_x}× the bare switch." if kernel is not None else "."),
+              thread_ns=thread.ns_per_switch, thread_ctx=round(thread.ctx_per_switch, 2),
+              **({"thread_x": thread.ns_per_switch / kernel.ns_per_switch} if kernel is not None and not near
+                 else {}))
     rival = thread if thread is not None else kernel
+    user_tie = False
     if rival is not None and cheapest:
-        b.add("In user space, {cheap_what} took {cheap_ns} ns, {times}× less than " + (
-              "the Python hand-off." if thread is not None else "the kernel switch."),
+        cheap_row = micro[micro.bench == cheapest].sort_values("pinned", ascending=False).iloc[0]
+        user_tie = derive.compare_medians(rival, cheap_row, "ns_per_switch") == derive.TIE
+        b.add("In user space, {cheap_what} took {cheap_ns} ns, " + ("within noise of " if user_tie else
+              "{times}× less than ") + ("the Python hand-off" if thread is not None else "the kernel switch")
+              + (": a tie." if user_tie else "."),
               cheap_what=SWITCH_WORDS.get(cheapest, cheapest), cheap_ns=costs[cheapest],
-              times=rival.ns_per_switch / costs[cheapest])
+              **({} if user_tie else {"times": rival.ns_per_switch / costs[cheapest]}))
     for bench in ("greenlet", "asyncio", "goroutine"):
         if bench in costs and bench != cheapest:
             b.add("{what}: {ns} ns.", prefix=f"{bench}.", what=SWITCH_WORDS[bench].capitalize(), ns=costs[bench])
@@ -338,6 +538,8 @@ def switch(micro: pd.DataFrame) -> Finding:
     if kernel is not None and thread is not None:
         return b.finding("A kernel thread switch costs {kernel_ns} ns; a Python thread hand-off {thread_ns} ns "
                          "({thread_ctx} kernel switches)" + (", {cheap_what} {cheap_ns} ns" if cheapest else ""))
+    if thread is not None and cheapest and user_tie:
+        return b.finding("A Python thread hand-off and {cheap_what} tie within noise: {thread_ns} ns vs {cheap_ns} ns")
     if thread is not None and cheapest:
         return b.finding("A Python thread hand-off costs {times}× {cheap_what}: {thread_ns} ns vs {cheap_ns} ns")
     lo, hi = min(costs, key=costs.get), max(costs, key=costs.get)
@@ -361,21 +563,29 @@ def _across_cpus(b: Builder, same, cross):
         return x
     similar = _measured(same, "ctx_per_switch") and _measured(cross, "ctx_per_switch") and \
         cross.ctx_per_switch <= same.ctx_per_switch * MORE_SWITCHES
-    b.add("Across two CPUs it took {cross_ns} ns, {cross_x}× longer, with {cross_ctx} OS context switches each"
+    b.add("Across two CPUs it took {cross_ns} ns, {cross_x}× longer, with {cross_ctx} OS context switches per switch"
           + (" (so the extra time is not extra switches)." if similar else "."),
-          cross_ns=cross.ns_per_switch, cross_x=x, cross_ctx=cross.ctx_per_switch)
+          cross_ns=cross.ns_per_switch, cross_x=x, cross_ctx=round(cross.ctx_per_switch, 2))
+    costlier = False
     if _measured(same, "cpu_ns_per_switch") and _measured(cross, "cpu_ns_per_switch"):
         gap = cross.ns_per_switch - cross.cpu_ns_per_switch
-        b.add("Measured: on one CPU the two threads were running {same_busy}% of the time (the waker blocks and the "
-              "CPU passes straight to the woken thread); across CPUs {cross_busy}%"
+        costlier = cross.cpu_ns_per_switch > same.cpu_ns_per_switch * MORE_SWITCHES
+        direct = same.cpu_ns_per_switch >= BUSY * same.ns_per_switch
+        b.add("Measured: on one CPU the two threads were running {same_busy}% of the time ("
+              + ("the CPU passes from one to the other without idling" if direct else
+                 "the rest went to other processes or idling: the counts cannot tell which")
+              + "); across CPUs {cross_busy}%"
               + (", so for at least {gap_ns} ns of each switch neither thread ran" if gap > 0 else "")
               + ", and the CPU time per switch went from {same_cpu} to {cross_cpu} ns.",
               same_busy=100 * same.cpu_ns_per_switch / same.ns_per_switch,
               cross_busy=100 * cross.cpu_ns_per_switch / cross.ns_per_switch, gap_ns=max(gap, 0),
               same_cpu=same.cpu_ns_per_switch, cross_cpu=cross.cpu_ns_per_switch)
-    b.add("A plausible reading, not measured here: a wake-up for another CPU is an inter-processor interrupt, and "
-          "that CPU, idle while its thread waited, has to leave its idle state first (on a virtual machine both go "
-          "through the hypervisor); on one CPU there is no interrupt and no idle CPU to wake.")
+    b.add("A plausible reading, not measured here: a wake-up for another CPU is sent as an inter-processor "
+          "interrupt, and that CPU, idle while its thread waited, has to leave its idle state first (or, busy with "
+          "other processes, make the woken thread wait its turn)"
+          + ("; sending and taking the interrupt is also kernel work charged to the threads" if costlier else "")
+          + " (on a virtual machine both go through the hypervisor). On one CPU there is no interrupt and no idle "
+          "CPU to wake.")
     return x
 
 
@@ -406,16 +616,22 @@ def _python_pinning(b: Builder, pinned, loose, cross_x) -> None:
         b.add("Pinned is {pin_x}× slower with about as many switches per hand-off, so the switch counts do not "
               "explain the difference in this run.", pin_x=x)
     else:
-        why = "; the counts here do not say why."
-        if cross_x is not None and cross_x > 1 + ABOUT_THE_SAME:
-            why = ("; a plausible reading: unpinned, hand-offs cross CPUs, and in the futex baseline a switch across "
-                   "CPUs cost {cross_x}× one on the same CPU.")
-        elif counted and loose.ctx_invol_per_switch < pinned.ctx_invol_per_switch / 2:
+        crossing = cross_x is not None and cross_x > 1 + ABOUT_THE_SAME
+        baseline = " (in the futex baseline a switch across CPUs cost {cross_x}× one on the same CPU)" if crossing \
+            else ""
+        if counted and loose.ctx_invol_per_switch < pinned.ctx_invol_per_switch / 2:
             why = ("; a plausible reading: unpinned, the woken thread seldom took the waker's CPU (fewer "
                    "involuntary switches), which fits it running on the other CPU, so every hand-off waits for a "
-                   "wake-up across CPUs.")
+                   "wake-up across CPUs" + baseline + ".")
+        elif counted:
+            why = ("; with as many involuntary switches per hand-off as pinned, the counts do not show the "
+                   "hand-offs crossing CPUs (the threads may mostly have shared one CPU), so they do not say why.")
+        elif crossing:
+            why = "; a plausible reading: unpinned, hand-offs can cross CPUs" + baseline + "."
+        else:
+            why = "; the counts here do not say why."
         b.add("Unpinned is {free_x}× slower" + (" although pinned makes more switches" if more else "") + why,
-              free_x=1 / x, **({"cross_x": cross_x} if cross_x is not None else {}))
+              free_x=1 / x, **({"cross_x": cross_x} if crossing else {}))
 
 
 def per_request(pr: pd.DataFrame) -> Finding:
@@ -423,15 +639,24 @@ def per_request(pr: pd.DataFrame) -> Finding:
         return nothing("server CPU and context switches per request were not measured in this run")
     b = Builder()
     lo, hi = _extremes(pr, "ctx_per_req")
+    ctx_tie = lo is not None and len(pr) > 1 and derive.compare_medians(hi, lo, "ctx_per_req") == derive.TIE
     if lo is not None:
-        b.add("Per request, {hi} made {hi_ctx} context switches and {lo} {lo_ctx}.", hi=hi.variant,
-              hi_ctx=hi.ctx_per_req, lo=lo.variant, lo_ctx=lo.ctx_per_req)
+        hi_ctx, hi_facts = _spread("hi_ctx", hi, "ctx_per_req")
+        lo_ctx, lo_facts = _spread("lo_ctx", lo, "ctx_per_req")
+        b.add("Per request, {hi} made " + hi_ctx + " context switches and {lo} " + lo_ctx
+              + (": a tie within noise." if ctx_tie else "."), hi=hi.variant, lo=lo.variant, **hi_facts, **lo_facts)
     clo, chi = _extremes(pr, "cpu_us_per_req")
     if clo is not None:
-        b.add("Server CPU per request ranged from {clo_us} µs ({clo}) to {chi_us} µs ({chi}).",
-              clo_us=clo.cpu_us_per_req, clo=clo.variant, chi_us=chi.cpu_us_per_req, chi=chi.variant)
+        clo_us, clo_facts = _spread("clo_us", clo, "cpu_us_per_req")
+        chi_us, chi_facts = _spread("chi_us", chi, "cpu_us_per_req")
+        cpu_tie = len(pr) > 1 and derive.compare_medians(chi, clo, "cpu_us_per_req") == derive.TIE
+        b.add("Server CPU per request ranged from " + clo_us + " µs ({clo}) to " + chi_us + " µs ({chi})"
+              + (", a tie within noise." if cpu_tie else "."), clo=clo.variant, chi=chi.variant, **clo_facts,
+              **chi_facts)
     if lo is None:
         return b.finding("CPU per request: {clo} {clo_us} µs, {chi} {chi_us} µs")
+    if ctx_tie:
+        return b.finding("Context switches per request tie within noise: {lo} {lo_ctx}, {hi} {hi_ctx}")
     return b.finding("{hi} switches {hi_ctx} times per request, {lo} {lo_ctx}")
 
 
@@ -451,12 +676,20 @@ def c10k(c: pd.DataFrame) -> Finding:
               v=row.variant, held=row.held, failed=row.connect_errors, req=row.requests)
     lo, hi = _extremes(served, "p99_us") if len(served) else (None, None)
     if lo is not None:
-        b.add("Probe p99 while holding: {lo_ms} ms ({lo}) to {hi_ms} ms ({hi}).", lo_ms=lo.p99_us / 1000,
-              lo=lo.variant, hi_ms=hi.p99_us / 1000, hi=hi.variant)
+        lo_ms, lo_facts = _spread("lo_ms", lo, "p99_us", 1 / 1000)
+        hi_ms, hi_facts = _spread("hi_ms", hi, "p99_us", 1 / 1000)
+        tie = len(served) > 1 and derive.compare_medians(hi, lo, "p99_us") == derive.TIE
+        b.add("Probe p99 while holding: " + lo_ms + " ms ({lo}) to " + hi_ms + " ms ({hi})"
+              + (", a tie within noise." if tie else "."), lo=lo.variant, hi=hi.variant, **lo_facts, **hi_facts)
     return b.finding("{k} of {n} variants hold {target} idle connections and keep serving")
 
 
 # -- pitfalls -------------------------------------------------------------------------------------
+
+def _worse(broken, fixed) -> bool:
+    """Broken measured more than fixed (one case each, so a point interval each: derive.compare_medians)."""
+    return derive.compare_medians(broken, fixed) == derive.HIGHER
+
 
 def pitfalls(summary: pd.DataFrame) -> Finding:
     """What each fault did against its fix, from pitfalls_summary.csv (one row per variant x pitfall x fixed)."""
@@ -478,14 +711,14 @@ def pitfalls(summary: pd.DataFrame) -> Finding:
         b.add("leak: after {n} connect-PING-hang-up clients, CLOSE_WAIT reached {bmax} broken (max over variants) "
               "vs {fmax} fixed.", prefix="leak.", n=broken.served.max(),
               bmax=broken.close_wait_end.max(), fmax=fixed.close_wait_end.max())
-        worse += ["leak"] if broken.close_wait_end.max() > fixed.close_wait_end.max() else []
+        worse += ["leak"] if _worse(broken.close_wait_end.max(), fixed.close_wait_end.max()) else []
     broken, fixed = pair("no-deadline")
     if broken is not None and fixed is not None:
         starved = [v for v in broken.index if broken.loc[v, "served"] == 0 and broken.loc[v, "starved"] > 0]
         b.add("no-deadline: fresh clients were starved in {starved} broken; fixed, {fserved} fresh clients "
               "were served in all.", prefix="nodeadline.",
               starved=_names(starved) if starved else "no variant", fserved=fixed.served.min())
-        worse += ["no-deadline"] if broken.starved.sum() > fixed.starved.sum() else []
+        worse += ["no-deadline"] if _worse(broken.starved.sum(), fixed.starved.sum()) else []
     broken, fixed = pair("unbounded")
     if broken is not None and fixed is not None:
         growth = (broken.rss_kib_peak - broken.rss_kib_start) / 1024
@@ -493,12 +726,13 @@ def pitfalls(summary: pd.DataFrame) -> Finding:
         b.add("unbounded: without the cap RSS grew up to {mib} MiB ({v}); with it {rej} connections were "
               "refused with \"server busy\".", prefix="unbounded.", mib=growth.max(), v=top,
               rej=fixed.rejected.max())
-        worse += ["unbounded"] if fixed.rejected.max() > 0 and broken.fds_peak.max() > fixed.fds_peak.max() else []
+        worse += ["unbounded"] if fixed.rejected.max() > 0 and _worse(broken.fds_peak.max(), fixed.fds_peak.max()) \
+            else []
     broken, fixed = pair("hard-kill")
     if broken is not None and fixed is not None:
         b.add("hard-kill: SIGTERM lost {blost} replies in flight (total) without the drain, {flost} with it.",
               prefix="hardkill.", blost=broken.replies_lost.sum(), flost=fixed.replies_lost.sum())
-        worse += ["hard-kill"] if broken.replies_lost.sum() > fixed.replies_lost.sum() else []
+        worse += ["hard-kill"] if _worse(broken.replies_lost.sum(), fixed.replies_lost.sum()) else []
     measured = sorted(set(summary.pitfall), key=[p.name for p in registry.pitfalls()].index)
     return b.finding("{k} of {n} pitfalls measured worse broken than fixed ({which})", k=len(worse),
                      n=len(measured), which=", ".join(worse) or "none")

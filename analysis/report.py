@@ -132,8 +132,15 @@ def draw_charts(run: Run, out_dir: str) -> list:
 
 # -- warnings and metadata ------------------------------------------------------------------------
 
+ROUNDS_FOR_INTERVALS = 3           # harness.stats.MIN_BOOTSTRAP_N: fewer rounds, the interval is min–max (flagged)
+
+
 def warnings(run: Run) -> list:
     out = []
+    rounds = int((run.manifest.get("parameters") or {}).get("repeat") or 1)
+    if rounds < ROUNDS_FOR_INTERVALS:
+        out.append(f"{rounds} round(s): the intervals are min–max of fewer than {ROUNDS_FOR_INTERVALS} rounds (flagged "
+                   "min-max in summary.csv); a ranking that separates here may not separate with more rounds.")
     status = run.manifest.get("status")
     if status != "complete":
         out.append(f"The run's status is {status or 'unknown'!r}: it did not complete, some points are missing.")
@@ -178,7 +185,8 @@ def machine(run: Run) -> pd.DataFrame:
         "pinning": f"servers on CPUs {params.get('server_cpus', '?')}, "
                    f"load generator on {params.get('loadgen_cpus', '?')}",
         "profile": f"{profile.get('name', '?')}: {num(profile.get('point_s'))} s per point, "
-                   f"{params.get('repeat', 1)} repeat(s), reference point {profile.get('reference_conns', '?')} conns",
+                   f"{params.get('repeat', 1)} interleaved round(s), reference point "
+                   f"{profile.get('reference_conns', '?')} conns",
         "load average": f"start {_loadavg(host.get('loadavg_at_start'))}, end {_loadavg(m.get('loadavg_at_end'))}",
         "limits": f"open files {host.get('rlimit_nofile', '?')}, stack {host.get('rlimit_stack', '?')}",
         "git": f"{git.get('branch', '?')} {str(git.get('commit', '?'))[:12]}{dirty}",
@@ -213,7 +221,22 @@ def summary(run: Run, results: list, claim_rows: list, target_rows: pd.DataFrame
     items.append(f"Performance targets: {int((counted.status == 'met').sum())} met, "
                  f"{int((counted.status == 'missed').sum())} missed, "
                  f"{int((target_rows.status == 'not measured').sum())} not measured.")
+    items.append(rounds_note(run))
     return items
+
+
+def rounds_note(run: Run) -> str:
+    """How the summary's numbers were made: medians over interleaved rounds, ranked only where intervals separate."""
+    rounds = int((run.manifest.get("parameters") or {}).get("repeat") or 1)
+    text = (f"Every number is a median over {rounds} interleaved round(s) of valid points (every backend measured "
+            "once per round, in turn); ranges in parentheses are min–max over the rounds. Two backends are ranked "
+            "(faster, most, ...) only where the 95 % intervals of their medians separate; otherwise the page says "
+            "they tie within noise.")
+    if rounds < ROUNDS_FOR_INTERVALS:
+        text += (f" With {rounds} round(s) the interval is only min–max"
+                 + (", a single value: no noise was measured, so rankings here can be noise" if rounds == 1 else "")
+                 + f"; use {ROUNDS_FOR_INTERVALS} or more (the standard profile).")
+    return text
 
 
 def section(run: Run, experiment: str, results: list) -> str:

@@ -4,6 +4,10 @@
 page renders them with analysis.html.table. Units are in the column names.
 An invalid point (derive.valid) is shown, marked ``INVALID_MARK``, and listed
 with its reason in the experiment's "left out" table; the findings never use it.
+A cell of a metric with a spread over rounds reads "median (min–max)"; each load
+experiment also has a long table of its medians with min, max and the 95 %
+interval of the median (``spread_table``; derive.SPREAD_VALUES), and the server's
+CPU µs per request next to its throughput.
 """
 from __future__ import annotations
 
@@ -20,19 +24,63 @@ INVALID_NOTE = f" ({INVALID_MARK}: invalid point, left out of the findings; why:
 
 
 def pivot(frame: pd.DataFrame, columns: str, values: str, label: str, scale: float = 1.0) -> pd.DataFrame:
-    """One row per variant, one column per point (``label`` + the point's number); invalid points marked."""
+    """One row per variant, one column per point (``label`` + the point's number); invalid points marked; where
+    the frame has the value's spread over rounds, a cell is "median (min–max)"."""
     if frame.empty:
         return frame
     p = frame.pivot_table(index="variant", columns=columns, values=values, aggfunc="median") * scale
+    if f"{values}_min" in frame and f"{values}_max" in frame:
+        lo = frame.pivot_table(index="variant", columns=columns, values=f"{values}_min", aggfunc="median") * scale
+        hi = frame.pivot_table(index="variant", columns=columns, values=f"{values}_max", aggfunc="median") * scale
+        p = p.astype(object)
+        for variant in p.index:
+            for point in p.columns:
+                value, a, b = p.at[variant, point], _at(lo, variant, point), _at(hi, variant, point)
+                if pd.notna(value) and a is not None and b is not None and num(a) != num(b):
+                    p.at[variant, point] = f"{num(value)} ({num(a)}–{num(b)})"
     bad = derive.invalid(frame)
     if not bad.empty:
         p = p.astype(object)
         for r in bad.itertuples():
             value = p.at[r.variant, getattr(r, columns)] if r.variant in p.index else None
-            if value is not None and pd.notna(value):
+            if value is not None and not (isinstance(value, float) and pd.isna(value)):
                 p.at[r.variant, getattr(r, columns)] = f"{num(value)} {INVALID_MARK}"
     p.columns = [f"{label}{c:g}" for c in p.columns]
     return derive.sort_variants(p.reset_index())
+
+
+def _at(frame: pd.DataFrame, row, column):
+    value = frame.at[row, column] if row in frame.index and column in frame.columns else None
+    return value if value is not None and pd.notna(value) else None
+
+
+# metric column -> (label, scale) of the spread tables
+SPREAD_LABELS = {"throughput_rps": ("throughput (rps)", 1.0), "p50_us": ("p50 (ms)", MS_PER_US),
+                 "p99_us": ("p99 (ms)", MS_PER_US), "p999_us": ("p99.9 (ms)", MS_PER_US),
+                 "cpu_us_per_req": ("server CPU per request (µs)", 1.0),
+                 "ctx_per_req": ("context switches per request", 1.0),
+                 "server_cpu_percent": ("server CPU (% of one CPU, measured window)", 1.0)}
+
+
+def spread_table(frame: pd.DataFrame, point: str, label: str, metrics=tuple(SPREAD_LABELS)) -> tuple:
+    """(caption, long table): per valid point and metric the median, min, max over the rounds, the 95 % interval
+    of the median and how it was made (harness.stats: a bootstrap, or min–max with fewer than 3 rounds)."""
+    caption_text = ("Medians over the rounds with their spread: min, max and the 95 % interval of the median "
+                    "(bootstrap; with fewer than 3 rounds the interval is min–max, flagged). Two backends are "
+                    "ranked only where their intervals separate.")
+    rows = []
+    for _, r in derive.valid(frame).iterrows():
+        for metric in metrics:
+            if metric not in r or pd.isna(r.get(metric)):
+                continue
+            name, scale = SPREAD_LABELS[metric]
+            lo, hi = r.get(f"{metric}_lo"), r.get(f"{metric}_hi")
+            rows.append({"variant": r["variant"], label: r[point], "metric": name, "median": num(r[metric] * scale),
+                         "min": num(r.get(f"{metric}_min", r[metric]) * scale),
+                         "max": num(r.get(f"{metric}_max", r[metric]) * scale),
+                         "95% interval": f"{num(lo * scale)}–{num(hi * scale)}" if pd.notna(lo) and pd.notna(hi)
+                         else "–", "rounds": num(r.get("n")), "interval": r.get("ci_flag", "")})
+    return caption_text, pd.DataFrame(rows)
 
 
 def caption(text: str, frame: pd.DataFrame) -> str:
@@ -54,54 +102,99 @@ def left_out(frame: pd.DataFrame, point: str, label: str) -> tuple:
     return ("Invalid points, left out of the findings", rows.rename(columns=columns))
 
 
+SLOPE_COLUMNS = {"rss_kib": "RSS KiB/conn", "rss_kib_min": "min over repeats", "rss_kib_max": "max over repeats",
+                 "uss_kib": "USS KiB/conn", "vms_kib": "VMS KiB/conn", "threads": "threads/conn", "fds": "fds/conn",
+                 "rss_r2": "RSS fit r²", "rss_max_residual_kib": "largest residual (KiB)", "rss_points": "points"}
+KERNEL_COLUMNS = {**{part: f"{label} KiB/conn" for part, label in derive.MEMORY_PARTS.items()},
+                  "kernel_kib": "kernel KiB/conn", "total_kib": "total KiB/conn",
+                  "kernel_both_kib": "kernel, both ends (nothing subtracted)",
+                  "client_kib": "load generator's end (subtracted)", "kernel_r2": "kernel fit r²",
+                  "kernel_points": "kernel fit points"}
+
+
+def no_r2(frame: pd.DataFrame, r2: str, points: str) -> pd.DataFrame:
+    """The r² column as text where a fit had too few points for one ("2 points: no r²")."""
+    if frame.empty or r2 not in frame or points not in frame:
+        return frame
+    text = [f"{num(k)} points: no r²" if pd.isna(v) and pd.notna(k) and k < derive.MIN_R2_POINTS else v
+            for v, k in zip(frame[r2], frame[points])]
+    return frame.assign(**{r2: pd.Series(text, index=frame.index, dtype=object)})
+
+
 def memory(run: Run) -> list:
     points = derive.memory_points(run)
-    slopes = derive.memory_slopes(run).rename(columns={
-        "rss_kib": "RSS KiB/conn", "uss_kib": "USS KiB/conn", "vms_kib": "VMS KiB/conn",
-        "threads": "threads/conn", "fds": "fds/conn", "rss_r2": "RSS fit r²"})
-    return [("RSS (MiB) by idle connections held", pivot(points, "n_target", "rss_kib", "n=", MIB_PER_KIB)),
-            ("Connections actually held", pivot(points, "n_target", "n_conns", "n=")),
-            ("Per-connection slopes (least squares)", slopes)]
+    slopes = no_r2(derive.memory_slopes(run), "rss_r2", "rss_points")
+    slopes = slopes[["variant", *[c for c in SLOPE_COLUMNS if c in slopes]]].rename(columns=SLOPE_COLUMNS)
+    split = no_r2(derive.memory_kernel(run), "kernel_r2", "kernel_points")
+    out = [("RSS (MiB) by idle connections held", pivot(points, "n_target", "rss_kib", "n=", MIB_PER_KIB)),
+           ("Connections actually held", pivot(points, "n_target", "n_conns", "n=")),
+           ("Per-connection slopes (least squares, median over repeats)", slopes)]
+    if not split.empty:
+        out.append(("Per idle connection: process RSS + kernel (the server's share; least squares, median over "
+                    "repeats)", split[["variant", *KERNEL_COLUMNS]].rename(columns=KERNEL_COLUMNS)))
+    return out
 
 
 def throughput(run: Run) -> list:
     t = derive.throughput(run)
-    return [(caption("Throughput (rps) by concurrency", t), pivot(t, "conns", "throughput_rps", "conns=")),
+    return [(caption("Throughput (rps) by concurrency: median (min–max over rounds)", t),
+             pivot(t, "conns", "throughput_rps", "conns=")),
+            (caption("Server CPU per request (µs) by concurrency: what that throughput cost", t),
+             pivot(t, "conns", "cpu_us_per_req", "conns=")),
             (caption("p99 latency (ms) by concurrency", t), pivot(t, "conns", "p99_us", "conns=", MS_PER_US)),
-            left_out(t, "conns", "conns")]
+            spread_table(t, "conns", "connections"), left_out(t, "conns", "conns")]
 
 
 def latency(run: Run) -> list:
     knees = derive.knees(run).rename(columns={
         "served_knee": f"served ≥{derive.KEEPUP:.0%} up to (rps)",
         "p99_knee": f"p99 < {derive.KNEE_P99_FACTOR}× up to (rps)",
-        "top_rps": "highest offered (rps)", "knee": "knee (rps)", "where": "knee is"})
+        "top_rps": "highest offered (rps)", "knee": "knee (rps)", "where": "knee is",
+        "knee_min": "knee min (rps)", "knee_max": "knee max (rps)", "knee_lo": "knee 95% lo", "knee_hi": "knee 95% hi",
+        "knee_rounds": "rounds with a knee"})
     lat = derive.latency(run)
     p99 = pivot(lat, "rate_fraction", "p99_us", "p99 ms @", MS_PER_US)
-    return [(caption("p99 (ms) by offered load (fraction of capacity)", lat), p99),
-            ("The knee (valid points only)", knees), left_out(lat, "rate_fraction", "fraction of capacity")]
+    return [(caption("p99 (ms) by offered load (fraction of capacity): median (min–max over rounds)", lat), p99),
+            (caption("Server CPU per request (µs) by offered load", lat),
+             pivot(lat, "rate_fraction", "cpu_us_per_req", "CPU µs @")),
+            ("The knee (valid points only; min, max and interval over the rounds with a knee in range)", knees),
+            spread_table(lat, "rate_fraction", "fraction of capacity"),
+            left_out(lat, "rate_fraction", "fraction of capacity")]
 
 
 def io_bound(run: Run) -> list:
     io = derive.io_bound(run)
-    return [(caption("Throughput (rps) by concurrency", io), pivot(io, "conns", "throughput_rps", "conns=")),
+    return [(caption("Throughput (rps) by concurrency: median (min–max over rounds)", io),
+             pivot(io, "conns", "throughput_rps", "conns=")),
+            (caption("Server CPU per request (µs) by concurrency", io), pivot(io, "conns", "cpu_us_per_req", "conns=")),
             ("Little's-law ceiling (rps)", pivot(io.assign(valid=True), "conns", "little_ceiling_rps", "conns=")),
-            left_out(io, "conns", "conns")]
+            spread_table(io, "conns", "connections"), left_out(io, "conns", "conns")]
 
 
 def cpu_bound(run: Run) -> list:
     cpu = derive.cpu_bound(run)
     if cpu.empty:
         return []
-    columns = ["variant", "n_server_cpus", "conns", "throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent"]
-    frame = cpu[columns].assign(p99_us=cpu.p99_us * MS_PER_US).rename(columns={"p99_us": "p99_ms"})
+    columns = ["variant", "n_server_cpus", "conns", "throughput_rps", "ceiling_rps", "p99_us", "server_cpu_percent",
+               "cpu_us_per_req"]
+    frame = cpu[[c for c in columns if c in cpu]].assign(p99_us=cpu.p99_us * MS_PER_US).rename(
+        columns={"p99_us": "p99_ms", "cpu_us_per_req": "CPU µs/req"})
+    for column, shown in (("throughput_rps", "throughput_rps"), ("cpu_us_per_req", "CPU µs/req")):
+        if f"{column}_min" in cpu:
+            frame[shown] = [f"{num(v)} ({num(a)}–{num(b)})" if pd.notna(a) and num(a) != num(b) else num(v)
+                            for v, a, b in zip(cpu[column], cpu[f"{column}_min"], cpu[f"{column}_max"])]
     frame["valid"] = ["yes" if ok else f"{INVALID_MARK} {why}" for ok, why in zip(cpu["valid"], cpu["invalid_reason"])]
-    return [(caption("Best throughput per variant and CPU count (the best valid point)", cpu), frame)]
+    cpu_points = cpu.assign(point=[f"{num(k)} CPU(s), {num(c)} conns" for k, c in zip(cpu.n_server_cpus, cpu.conns)])
+    return [(caption("Best throughput per variant and CPU count (the best valid point): median (min–max over "
+                     "rounds)", cpu), frame), spread_table(cpu_points, "point", "point")]
 
 
 def switch(run: Run) -> list:
+    pr = derive.per_request(run)
+    shown = pr[[c for c in ("variant", "cpu_us_per_req", "cpu_us_per_req_min", "cpu_us_per_req_max", "ctx_per_req",
+                            "ctx_per_req_min", "ctx_per_req_max", "n") if c in pr]] if not pr.empty else pr
     return [("Microbenchmarks (ns per switch, median over rounds)", derive.switch_micro(run)),
-            ("Server cost per request at the reference point", derive.per_request(run))]
+            ("Server cost per request at the reference point (median, min, max over rounds)", shown)]
 
 
 def c10k(run: Run) -> list:

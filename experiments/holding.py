@@ -118,12 +118,19 @@ def release(h: Hold, tcp_established=None, clean: bool | None = None) -> tuple[d
 # buffers (TCP's pages, /proc/net/sockstat "mem"), one kernel stack per thread (KernelStack) and
 # the page tables of the pages a process maps (its VmPTE). The first three are read machine-wide
 # (/proc/meminfo, /proc/net/sockstat), page tables per process (/proc/PID/status).
+#
+# Machine-wide counters also move with what other processes do meanwhile, so a reading carries
+# the counts that show it: TCP sockets allocated (sockstat "alloc", every namespace), TIME_WAIT
+# sockets ("tw": each one that expires frees slab) and tasks (/proc/loadavg: threads of every
+# process); ``other_activity`` is what of their change the server and its clients do not explain.
 
 MEMINFO = "/proc/meminfo"
 SOCKSTAT = "/proc/net/sockstat"          # "TCP: ... mem N": pages of TCP socket memory, IPv4 and IPv6
+LOADAVG = "/proc/loadavg"                # "0.52 0.58 0.59 4/161 27251": 161 tasks exist
 MEMINFO_FIELDS = {"Slab": "slab_kib", "SReclaimable": "sreclaimable_kib", "SUnreclaim": "sunreclaim_kib",
                   "KernelStack": "stack_kib"}
-KERNEL_KEYS = (*MEMINFO_FIELDS.values(), "sock_kib", "time_wait", "pte_kib")
+SOCKSTAT_FIELDS = {"mem": "sock_kib", "tw": "time_wait", "alloc": "tcp_alloc"}
+KERNEL_KEYS = (*MEMINFO_FIELDS.values(), *SOCKSTAT_FIELDS.values(), "tasks", "pte_kib", "threads")
 # memory.csv column <- key of a kernel reading: the change from before the hold to while it is held
 KERNEL_DELTAS = {"kernel_sock_kib": "sock_kib", "kernel_stack_kib": "stack_kib", "kernel_slab_kib": "slab_kib",
                  "kernel_sreclaimable_kib": "sreclaimable_kib", "kernel_sunreclaim_kib": "sunreclaim_kib",
@@ -142,26 +149,36 @@ def parse_meminfo(text: str) -> dict:
 
 
 def parse_sockstat(text: str, page_kib: float = PAGE_KIB) -> dict:
-    """TCP socket memory (KiB: "mem" is in pages) and TIME_WAIT sockets from /proc/net/sockstat's text."""
+    """From /proc/net/sockstat's text: TCP socket memory (KiB; "mem" is in pages), TIME_WAIT sockets ("tw")
+    and TCP sockets allocated ("alloc")."""
     for line in text.splitlines():
         if line.startswith("TCP:"):
             fields = line.split()[1:]
             values = dict(zip(fields[::2], fields[1::2]))
-            out = {}
-            if "mem" in values:
-                out["sock_kib"] = float(values["mem"]) * page_kib
-            if "tw" in values:
-                out["time_wait"] = float(values["tw"])
+            out = {key: float(values[name]) for name, key in SOCKSTAT_FIELDS.items() if name in values}
+            if "sock_kib" in out:
+                out["sock_kib"] *= page_kib
             return out
     return {}
 
 
-def parse_vm_pte(text: str) -> float | None:
-    """VmPTE (KiB: the process's page tables) from /proc/PID/status's text; None if absent."""
+def parse_loadavg(text: str) -> dict:
+    """{"tasks": threads of every process on the machine} from /proc/loadavg's text ({} if unreadable)."""
+    fields = text.split()
+    if len(fields) >= 4 and "/" in fields[3]:
+        return {"tasks": float(fields[3].split("/")[1])}
+    return {}
+
+
+def parse_status(text: str) -> dict:
+    """{"pte_kib": VmPTE (the process's page tables, KiB), "threads": Threads} from /proc/PID/status's text."""
+    out = {}
     for line in text.splitlines():
         if line.startswith("VmPTE:"):
-            return float(line.split()[1])
-    return None
+            out["pte_kib"] = float(line.split()[1])
+        elif line.startswith("Threads:"):
+            out["threads"] = float(line.split()[1])
+    return out
 
 
 def _read_text(path: str) -> str:
@@ -173,13 +190,12 @@ def _read_text(path: str) -> str:
 
 
 def read_kernel(pid: int | None = None) -> dict:
-    """One reading: the machine's slab, kernel stacks, TCP socket memory and TIME_WAIT count; the
-    page tables of ``pid`` if given. Keys that could not be read are absent."""
-    out = {**parse_meminfo(_read_text(MEMINFO)), **parse_sockstat(_read_text(SOCKSTAT))}
+    """One reading: the machine's slab, kernel stacks, TCP socket memory, TCP sockets, TIME_WAIT sockets and
+    tasks; the page tables and threads of ``pid`` if given. Keys that could not be read are absent."""
+    out = {**parse_meminfo(_read_text(MEMINFO)), **parse_sockstat(_read_text(SOCKSTAT)),
+           **parse_loadavg(_read_text(LOADAVG))}
     if pid is not None:
-        pte = parse_vm_pte(_read_text(f"/proc/{pid}/status"))
-        if pte is not None:
-            out["pte_kib"] = pte
+        out.update(parse_status(_read_text(f"/proc/{pid}/status")))
     return out
 
 
@@ -203,3 +219,14 @@ def kernel_delta(before: dict, held: dict) -> dict:
     """The KERNEL_DELTAS columns: held minus before, per reading key (None where either lacks it)."""
     return {column: (held[key] - before[key]) if key in held and key in before else None
             for column, key in KERNEL_DELTAS.items()}
+
+
+def other_activity(before: dict, held: dict, own_sockets: float) -> dict:
+    """What other processes did between two readings: other_sockets_delta, TCP sockets allocated beyond
+    ``own_sockets`` (both ends of the connections held: 2 per connection); other_tasks_delta, tasks beyond
+    the server's own new threads (``threads`` of both readings; none if they lack it). None: not readable."""
+    def change(key):
+        return held[key] - before[key] if key in held and key in before else None
+    sockets, tasks, threads = change("tcp_alloc"), change("tasks"), change("threads")
+    return {"other_sockets_delta": sockets - own_sockets if sockets is not None else None,
+            "other_tasks_delta": tasks - (threads or 0.0) if tasks is not None else None}

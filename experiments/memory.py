@@ -33,11 +33,15 @@ row, subtracted in the fits. Kernel stacks and page tables are the server's
 alone: the generator does not start a thread per connection and its page
 tables are not read.
 
-Other processes' sockets come and go in the same counters. The largest such
-disturbance is TIME_WAIT sockets expiring (each frees slab): a point during
-which the machine's TIME_WAIT count changed by more than ``TIME_WAIT_TOLERANCE``
-of its connections (at least ``TIME_WAIT_MIN``) is kept in memory.csv
-(``time_wait_delta`` says why) but left out of the kernel fits.
+Other processes' sockets and threads come and go in the same counters. What
+shows it: TCP sockets allocated beyond the two ends of the connections held
+(``other_sockets_delta``), TIME_WAIT sockets expiring (each frees slab:
+``time_wait_delta``), tasks beyond the server's new threads
+(``other_tasks_delta``). A point during which any of them moved by more than
+``OTHER_TOLERANCE`` of its connections (at least ``OTHER_MIN_SOCKETS`` sockets,
+``OTHER_MIN_TASKS`` tasks, a tenth of the tolerance for tasks: a thread costs
+the kernel some 10x a socket) is kept in memory.csv but left out of the kernel
+fits; a calibration round so disturbed is measured again.
 """
 from __future__ import annotations
 
@@ -68,11 +72,13 @@ KERNEL_FITS = {**dict.fromkeys(SERVER_KERNEL, "KiB/conn"),
                "kernel_both_kib": "KiB/conn",     # unsubtracted: the machine's change, both ends of every connection
                "client_kib": "KiB/conn"}          # the client's end that was subtracted (client_end)
 FIT_METRICS = {**GAUGE_FITS, **KERNEL_FITS}
-TIME_WAIT_TOLERANCE = 0.05     # |time_wait_delta| above this fraction of the connections held...
-TIME_WAIT_MIN = 100            # ...and above this many sockets: the point is left out of the kernel fits
+OTHER_TOLERANCE = 0.05         # other processes' sockets (or TIME_WAIT) moved by more than this x the connections...
+OTHER_MIN_SOCKETS = 100        # ...and more than this many: the point is left out of the kernel fits;
+OTHER_MIN_TASKS = 10           # tasks: a tenth of the tolerance, at least this many
 
 CALIBRATION_MIN_PAIRS = 2000   # loopback pairs client_end opens at least (fewer only if the fd limit says so)...
 CALIBRATION_ROUNDS = 3         # ...this many times; the median per part is the estimate
+CALIBRATION_ATTEMPTS = 8       # rounds tried at most to get CALIBRATION_ROUNDS undisturbed ones
 CALIBRATION_SETTLE_S = 0.2
 CALIBRATION_TIMEOUT_S = 5.0
 CALIBRATION_BACKLOG = 128
@@ -133,9 +139,12 @@ def read_point(run, variant, repeat: int, server, n: int, h, started: float, bef
     delta = holding.kernel_delta(before, kernel)
     row = {"experiment": NAME, "backend": variant.backend, "variant": variant.name, "repeat": repeat,
            "n_target": n, "n_conns": held, **gauges, "connect_errors": connect_errors,
-           "server_cpus": run.server_cpus, **delta, **client_share(client, held)}
+           "server_cpus": run.server_cpus, **delta, **holding.other_activity(before, kernel, 2 * held),
+           **client_share(client, held)}
     both = [delta[c] for c in SERVER_KERNEL]
-    kernel_text = f", kernel {sum(both) / 1024:+.1f} MiB (both ends)" if None not in both else ""
+    kernel_text = (f", kernel {sum(both) / 1024:+.1f} MiB (both ends" + ("; disturbed by other processes)"
+                                                                       if disturbed(row) else ")")
+                   if None not in both else "")
     run.progress(f"[{NAME}] {variant.name} n={n} r{repeat}: held {held}, RSS {gauges['rss_kib'] / 1024:.1f} MiB, "
                  f"USS {gauges['uss_kib'] / 1024:.1f} MiB, VMS {gauges['vms_kib'] / 1024:.0f} MiB, "
                  f"{gauges['threads']} threads{kernel_text} ({time.monotonic() - started:.1f} s)")
@@ -159,18 +168,27 @@ def _total(values):
     return None if None in values else sum(values)
 
 
-def time_wait_disturbed(row: dict) -> bool:
-    """Whether the machine's TIME_WAIT count changed too much while the point was measured (see the module)."""
-    change, conns = _value(row.get("time_wait_delta")), _value(row.get("n_conns")) or 0.0
-    return change is not None and abs(change) > max(TIME_WAIT_MIN, TIME_WAIT_TOLERANCE * conns)
+def activity_disturbed(conns: float, time_wait=None, other_sockets=None, other_tasks=None) -> bool:
+    """Whether other processes' sockets, TIME_WAIT sockets or tasks moved too much while ``conns`` connections
+    were measured (see the module); a count that is None was not readable and does not count."""
+    sockets = max(OTHER_MIN_SOCKETS, OTHER_TOLERANCE * conns)
+    tasks = max(OTHER_MIN_TASKS, OTHER_TOLERANCE / 10 * conns)
+    return any(value is not None and abs(value) > limit
+               for value, limit in ((time_wait, sockets), (other_sockets, sockets), (other_tasks, tasks)))
+
+
+def disturbed(row: dict) -> bool:
+    """activity_disturbed for one memory row."""
+    return activity_disturbed(_value(row.get("n_conns")) or 0.0, _value(row.get("time_wait_delta")),
+                              _value(row.get("other_sockets_delta")), _value(row.get("other_tasks_delta")))
 
 
 def fit_values(row: dict) -> dict:
     """The y of every FIT_METRICS entry for one memory row: the gauges; the server's kernel memory per part
     (the change minus the client's end where it has one) and their sum; the unsubtracted change (both ends)
-    and the client's end. The kernel values are None for a point time_wait_disturbed."""
+    and the client's end. The kernel values are None for a point ``disturbed`` by other processes."""
     out = {metric: _value(row.get(metric)) for metric in GAUGE_FITS}
-    if time_wait_disturbed(row):
+    if disturbed(row):
         return {**out, **dict.fromkeys(KERNEL_FITS)}
     for column, client_column in SERVER_KERNEL.items():
         change, client = _value(row.get(column)), _value(row.get(client_column)) if client_column else 0.0
@@ -184,7 +202,7 @@ def fit_values(row: dict) -> dict:
 def fit_rows(rows: list) -> list:
     """memory_fit rows: per metric the least-squares line over n_conns (KiB per connection for memory), its
     r², the largest residual and every point's (``n:residual;...``); r² and residuals only from MIN_R2_POINTS
-    points on."""
+    points on. A metric with too few points for a line still gets its row: n_points, no slope."""
     values = [fit_values(r) for r in rows]
     xs = [r.get("n_conns") for r in rows]
     out = []
@@ -192,6 +210,9 @@ def fit_rows(rows: list) -> list:
         ys = [v[metric] for v in values]
         line = least_squares(xs, ys)
         if line is None:
+            usable = sum(x not in (None, "") and y is not None for x, y in zip(xs, ys))
+            if rows:
+                out.append({"metric": metric, "n_points": usable, "unit": unit})
             continue
         residuals = [(float(x), y - (line.slope * float(x) + line.intercept))
                      for x, y in zip(xs, ys) if x not in (None, "") and y is not None]
@@ -199,7 +220,7 @@ def fit_rows(rows: list) -> list:
         out.append({"metric": metric, "per_conn": line.slope, "intercept": line.intercept,
                     "r2": line.r2 if judged else None, "n_points": line.n, "unit": unit,
                     "max_abs_residual": max(abs(r) for _, r in residuals) if judged else None,
-                    "residuals": ";".join(f"{x:g}:{r:.4g}" for x, r in residuals) if judged else None})
+                    "residuals": ";".join(f"{x:g}:{r:.6g}" for x, r in residuals) if judged else None})
     return out
 
 
@@ -214,15 +235,24 @@ def calibration_pairs(points) -> int:
 
 def client_end(run) -> dict:
     """The kernel memory of a connection's client end, KiB per connection: {"sock_kib", "slab_kib"} (the median
-    of CALIBRATION_ROUNDS rounds of ``measure_pairs``); {} if it could not be measured (recorded as skipped)."""
+    of CALIBRATION_ROUNDS undisturbed rounds of ``measure_pairs``, of every round tried if fewer were); {} if it
+    could not be measured (recorded as skipped)."""
     n = calibration_pairs(run.profile.memory_points())
-    rounds = []
+    rounds, quiet = [], []
     try:
-        for _ in range(CALIBRATION_ROUNDS):
-            rounds.append(measure_pairs(n))
+        while len(quiet) < CALIBRATION_ROUNDS and len(rounds) < CALIBRATION_ATTEMPTS:
+            estimate, busy = measure_pairs(n)
+            rounds.append(estimate)
+            if not busy:
+                quiet.append(estimate)
     except OSError as exc:
         run.skip(NAME, None, f"the client end's kernel memory was not estimated: {exc}", point="client end")
         return {}
+    if len(quiet) < CALIBRATION_ROUNDS:
+        run.skip(NAME, None, f"the client end's kernel memory was estimated on a busy machine: other processes' "
+                             f"sockets or tasks moved during {len(rounds) - len(quiet)} of {len(rounds)} rounds",
+                 point="client end")
+    rounds = quiet if len(quiet) >= CALIBRATION_ROUNDS else rounds
     estimate = {part: statistics.median(r[part] for r in rounds) for part in ("sock_kib", "slab_kib")
                 if all(r.get(part) is not None for r in rounds)}
     if len(estimate) < 2:
@@ -234,9 +264,10 @@ def client_end(run) -> dict:
     return estimate
 
 
-def measure_pairs(n: int) -> dict:
-    """Open n loopback pairs in this process and register their client ends with epoll; client_estimate of
-    the kernel readings before, with the pairs open, and with the epoll registrations."""
+def measure_pairs(n: int) -> tuple[dict, bool]:
+    """Open n loopback pairs in this process and register their client ends with epoll: client_estimate of
+    the kernel readings before, with the pairs open, and with the epoll registrations; and whether other
+    processes disturbed it (pairs_disturbed)."""
     before = holding.kernel_gauges()
     with loopback_pairs(n) as pairs:
         time.sleep(CALIBRATION_SETTLE_S)
@@ -246,7 +277,18 @@ def measure_pairs(n: int) -> dict:
                 poller.register(client.fileno(), select.EPOLLIN)
             time.sleep(CALIBRATION_SETTLE_S)
             polled = holding.kernel_gauges()
-    return client_estimate(before, opened, polled, len(pairs))
+    return client_estimate(before, opened, polled, len(pairs)), pairs_disturbed(before, opened, polled, len(pairs))
+
+
+def pairs_disturbed(before: dict, opened: dict, polled: dict, pairs: int) -> bool:
+    """Whether other processes moved the counters while ``pairs`` loopback pairs (and their listener) were
+    measured: activity_disturbed over both steps (this process starts no thread)."""
+    for a, b, own in ((before, opened, 2 * pairs + 1), (opened, polled, 0)):
+        other = holding.other_activity(a, b, own)
+        tw = holding.kernel_delta(a, b)["time_wait_delta"]
+        if activity_disturbed(pairs, tw, other["other_sockets_delta"], other["other_tasks_delta"]):
+            return True
+    return False
 
 
 def client_estimate(before: dict, opened: dict, polled: dict, pairs: int) -> dict:

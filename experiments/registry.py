@@ -84,9 +84,11 @@ class Experiment:
 
 EXPERIMENTS = (
     Experiment(
-        "memory", "A fresh server per point holds N idle connections; RSS, USS and VMS are read once it settles.",
+        "memory", "A fresh server per point holds N idle connections; RSS, USS and VMS are read once it settles, "
+                  "and the kernel's memory (slab, socket buffers, kernel stacks, page tables) before and while held.",
         tables=(Table("memory", "n_target"), Table("memory_fit", "metric")),
-        charts=("memory_rss", "memory_per_conn", "memory_thread_vms"), findings=("memory_per_conn",)),
+        charts=("memory_rss", "memory_per_conn", "memory_kernel", "memory_thread_vms"),
+        findings=("memory_per_conn", "memory_kernel")),
     Experiment(
         "throughput", "Closed loop: each connection sends a {size} B ECHO and waits for the reply, concurrency swept.",
         tables=(Table("throughput", "conns"),), charts=("throughput",), findings=("throughput",)),

@@ -164,10 +164,11 @@ def idle_note(result: dict) -> str:
     """How often the CPUs used went idle per round trip (the C baseline reads /sys cpuidle), for the progress line."""
     trips = (result.get("iterations") or 0) * (result.get("rounds") or 0)
     idle = result.get("idle") or []
-    if not trips or not idle:
+    entered = [s for s in idle if s.get("entries")]
+    if not trips or not entered:
         return ""
     return "; idle entries per round trip " + ", ".join(
-        f"cpu{s['cpu']} {s['state']} {s['entries'] / trips:.2f}" for s in idle if s.get("entries"))
+        f"cpu{s['cpu']} {s['state']} {s['entries'] / trips:.2g}" for s in entered)
 
 
 def _shown(value, spec: str) -> str:

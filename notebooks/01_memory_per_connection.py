@@ -26,24 +26,33 @@
 # * **VMS** (virtual memory size): address space *reserved*, used or not. A new thread's stack is
 #   reserved here in full (8 MiB by default on Linux), but only the pages the thread touches become
 #   resident.
+#
+# None of the three counts what the **kernel** allocates for a connection: the socket itself (a
+# `tcp_sock`, an inode, a dentry, a file, epoll entries: *slab*), the socket's buffers, one kernel
+# stack per thread, the page tables of what the process maps. That is measured separately (a
+# section below): /proc/meminfo and /proc/net/sockstat before the connections are opened and while they
+# are held, less the load generator's end of each connection (it runs on the same machine).
 
 # %%
 import pandas as pd
 
 import common
-from conclab.analysis import charts, claims, derive, findings
+from conclab.analysis import charts, claims, derive, findings, tables
 from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)
 points = derive.memory_points(run)       # median per (variant, N)
-slopes = derive.memory_slopes(run)       # one row per variant: KiB per connection of RSS, USS, VMS
+slopes = derive.memory_slopes(run)       # one row per variant: KiB per connection of RSS, USS, VMS, fit quality
+split = derive.memory_kernel(run)        # one row per variant: process RSS + kernel parts per connection
 
 # %% [markdown]
 # ## Memory as connections pile up
 #
-# Solid lines are RSS, dashed lines USS. A steep line is an expensive connection; the height at 0 is
-# the empty server (a Python interpreter with its libraries, or a Go binary).
+# Dots are the measured RSS, solid lines the least-squares line through them (how far a dot is off
+# its line is its residual), dashed lines USS. A steep line is an expensive connection; the height at
+# 0 is the empty server (a Python interpreter with its libraries, or a Go binary). With only two
+# points (N = 0 and one N) the line goes through both exactly: there is no r² to judge it by.
 
 # %%
 if points.empty:
@@ -65,9 +74,30 @@ else:
     per_conn = findings.memory_per_conn(slopes)
     common.chart(charts.draw_memory_per_conn, slopes, per_conn)
     common.finding(per_conn)
-    common.table(slopes.rename(columns={"rss_kib": "RSS KiB/conn", "uss_kib": "USS KiB/conn",
-                                        "vms_kib": "VMS KiB/conn", "threads": "threads/conn",
-                                        "fds": "fds/conn", "rss_r2": "RSS fit r²"}))
+    shown = tables.no_r2(slopes, "rss_r2", "rss_points")
+    common.table(shown[["variant", *[c for c in tables.SLOPE_COLUMNS if c in shown]]]
+                 .rename(columns=tables.SLOPE_COLUMNS))
+
+# %% [markdown]
+# ## What RSS does not count: the kernel's memory
+#
+# Per backend, one idle connection as a stacked bar: the process's RSS (the slope above), then what
+# the kernel holds for it: **sockets** (TCP's socket buffer pages), **thread stacks** (a kernel stack
+# per thread: only thread-per-connection models grow it), **slab** (the socket's kernel objects,
+# epoll entries, a thread's task structures), **page tables**. The counters are the whole machine's,
+# so the load generator's end of every connection is in them too: it is estimated with loopback
+# pairs the harness opens itself (half a pair, plus an epoll entry) and subtracted.
+
+# %%
+if split.empty:
+    common.note("**Not in this run:** kernel memory per connection (runs made before it was measured "
+                "have only RSS, USS and VMS). Run `conclab run memory` to measure it.")
+else:
+    kernel = findings.memory_kernel(split)
+    common.chart(charts.draw_memory_kernel, split, kernel)
+    common.finding(kernel)
+    shown = tables.no_r2(split, "kernel_r2", "kernel_points")
+    common.table(shown[["variant", *tables.KERNEL_COLUMNS]].rename(columns=tables.KERNEL_COLUMNS))
 
 # %% [markdown]
 # ## Where does "1 MB per thread" come from?
@@ -113,7 +143,7 @@ else:
 if "go" in by_variant.index:
     g = by_variant.loc["go"]
     lines.append(f"go: each connection added {num(g.rss_kib)} KiB of RSS, {num(g.rss_kib / 2)}× the 2 KB "
-                 "goroutine stack" + (": the connection's buffers and the runtime's bookkeeping cost more than "
+                 "goroutine stack" + (": its user-space read buffer and the runtime's bookkeeping cost more than "
                                       "the stack itself." if g.rss_kib > 2 else "."))
 else:
     lines.append("go was not measured in this run (see 'skipped' above), so the '2 KB' side cannot be checked.")
@@ -122,5 +152,16 @@ if not by_variant.empty and by_variant.rss_kib.notna().any():
     fits = (GIB_KIB / positive).sort_values(ascending=False)
     lines.append("Idle connections per GiB of RAM (1 GiB / RSS slope): "
                  + ", ".join(f"{v} ≈ {num(n)}" for v, n in fits.items()) + ".")
+if not split.empty and split.total_kib.notna().any():
+    totals = split.set_index("variant").total_kib
+    per_gib = (GIB_KIB / totals[totals > 0]).sort_values(ascending=False)
+    lines.append("Counting the kernel's memory too (1 GiB / (RSS + kernel) per connection): "
+                 + ", ".join(f"{v} ≈ {num(n)}" for v, n in per_gib.items()) + ".")
+    both = split.set_index("variant")[["rss_kib", "total_kib"]].dropna()
+    both = both[(both.rss_kib > 0) & (both.total_kib > 0)]
+    if not both.empty:
+        over = (both.total_kib / both.rss_kib).sort_values(ascending=False)
+        lines.append(f"Going by RSS alone overstates it most for {over.index[0]}: {num(over.iloc[0])}× as many "
+                     f"connections as fit with the kernel counted.")
 common.answer(*lines)
 common.table(pd.DataFrame([vars(c) for c in claims.memory_claims(run)]))

@@ -15,7 +15,8 @@
 # expensive one hand-off is depends on *who* does it:
 #
 # * **OS threads**: the kernel saves one thread's registers, picks another, restores it. A system
-#   call, scheduler work, and in CPython the GIL changes hands too.
+#   call and scheduler work. A *Python* thread hand-off is more than that: a lock and the GIL change
+#   hands too, and that takes more than one kernel switch.
 # * **Coroutines** (Python generators, asyncio tasks, greenlets): the switch happens inside the
 #   process, in user space: no kernel, just a jump and a few pointers.
 # * **Goroutines**: Go's runtime switches them in user space too, on a few OS threads.
@@ -24,7 +25,10 @@
 # optimised by the runtime. Two measurements check it:
 #
 # 1. **Microbenchmarks** (the `switch` experiment): two execution contexts pass a token back and
-#    forth; time per one-way hand-off, in nanoseconds. "pinned" means both ran on one CPU.
+#    forth; time per one-way hand-off, in nanoseconds. The baseline is a small C program: two OS
+#    threads waking each other with a futex (or a pipe), both on one CPU or one on each of two CPUs.
+#    Every figure comes with the OS context switches it took, so a bar says what it measures: a
+#    bare kernel switch, a Python hand-off worth ~2.5 of them, or a runtime switch worth none.
 # 2. **Inside the servers**: OS context switches per request (summed over every thread of the
 #    server, from `/proc/PID/task/*/status`) and CPU time per request, at the closed-loop reference
 #    point.
@@ -38,14 +42,22 @@ from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)
-micro = derive.switch_micro(run)          # one row per (benchmark, pinned): median ns per switch
+micro = derive.switch_micro(run)          # one row per (benchmark, placement): ns and kernel switches per switch
 per_request = derive.per_request(run)     # per server variant: CPU µs and context switches per request
 
 # %% [markdown]
 # ## One hand-off, measured alone
 #
-# Bars wear the colour of the model they stand for (greenlet = gevent, goroutine = go, ...);
-# hatched bars were not pinned to one CPU. The scale is logarithmic: each grid line is 10×.
+# Each bar is labelled with what it measures and the kernel switches it took. The top panel is
+# switched by the kernel (the C baseline, Python threads and processes), the bottom one in user
+# space. Bars wear the colour of the model they stand for (greenlet = gevent, goroutine = go, ...);
+# hatched bars did not run on one CPU. The scale is logarithmic: each grid line is 10×.
+#
+# Pinned or not changes the cost, and the counts say why. Across two CPUs the woken thread's CPU
+# was idle and has to be woken first (an inter-processor interrupt; that part is a reading, the
+# run measures the time neither thread ran). On one CPU, a Python hand-off makes the woken thread
+# take the CPU while the waker still holds the GIL, so it sleeps again: more switches per
+# hand-off. Which effect wins depends on the machine; the finding under the chart says which did.
 
 # %%
 if micro.empty:
@@ -54,6 +66,8 @@ else:
     f = findings.switch(micro)
     common.chart(charts.draw_switch, micro, f)
     common.finding(f)
+    common.table(micro[["measures", "ns_per_switch", "ctx_per_switch", "ctx_invol_per_switch",
+                        "cpu_ns_per_switch"]])
 
 # %% [markdown]
 # ## Inside the servers: switches and CPU per request
@@ -75,37 +89,50 @@ else:
 # ## Questions
 #
 # 1. How many coroutine switches (greenlet, generator, asyncio, goroutine) fit in the time of one
-#    OS-thread hand-off, on one CPU?
-# 2. Multiply each server's OS context switches per request by the cost of one thread hand-off.
-#    Roughly what share of its CPU per request could be switching? (A rough upper bound: the
-#    thread benchmark also pays Python's locking, not only the kernel's switch.)
+#    Python thread hand-off, on one CPU? And how much of that hand-off is the bare kernel switch?
+# 2. Multiply each server's OS context switches per request by the cost of one kernel switch (the
+#    C baseline on one CPU; the Python hand-off per kernel switch where the baseline was not run).
+#    Roughly what share of its CPU per request could be switching?
 
 # %% tags=["answer"] jupyter={"source_hidden": true}
-costs = findings.switch_costs(micro)      # bench -> ns, pinned runs preferred
+costs = findings.switch_costs(micro)      # bench -> ns, pinned (one CPU) runs preferred
 thread_ns = costs.get("thread")
+pinned = micro[micro.pinned.astype(bool)].set_index("bench")
+kernel_ns = costs.get("futex")            # the C baseline: one bare kernel switch, one CPU
+thread_ctx = pinned.ctx_per_switch.get("thread") if thread_ns is not None else None
+if kernel_ns is None and thread_ns is not None and thread_ctx and pd.notna(thread_ctx):
+    switch_ns, switch_source = thread_ns / thread_ctx, "the Python hand-off per kernel switch it took"
+else:
+    switch_ns, switch_source = kernel_ns, "the C baseline"
 lines = []
+share = pd.DataFrame()
 if thread_ns is None:
     lines.append("the thread hand-off benchmark is not in this run, so there is nothing to compare with.")
 else:
-    others = {b: ns for b, ns in costs.items() if b not in ("thread", "process_pipe")}
-    lines.append(f"1. One OS-thread hand-off took {num(thread_ns)} ns. In that time: "
+    others = {b: ns for b, ns in costs.items() if derive.SWITCH_GROUPS.get(b) != derive.KERNEL_GROUP}
+    lines.append(f"1. One Python thread hand-off took {num(thread_ns)} ns. In that time: "
                  + ", ".join(f"{num(thread_ns / ns)} {b} switches" for b, ns in sorted(others.items(),
                                                                                        key=lambda kv: kv[1]))
                  + "." if others else "1. No coroutine benchmark ran to compare with.")
-    if not per_request.empty:
-        share = per_request.assign(
-            switch_us_per_req=per_request.ctx_per_req * thread_ns / 1000,
-            share_of_cpu=per_request.ctx_per_req * thread_ns / 1000 / per_request.cpu_us_per_req)
-        top = share.loc[share.share_of_cpu.idxmax()]
-        low = share.loc[share.share_of_cpu.idxmin()]
-        lines.append(f"2. At most {num(100 * top.share_of_cpu)}% for {top.variant} ({num(top.ctx_per_req)} switches "
-                     f"× {num(thread_ns / 1000)} µs = {num(top.switch_us_per_req)} µs of its "
-                     f"{num(top.cpu_us_per_req)} µs per request); {num(100 * low.share_of_cpu)}% for {low.variant}"
-                     + (", whose loop wakes up once for many requests." if low.ctx_per_req < 0.5 else ".")
-                     + " The rest of the CPU goes to the system calls and the code that handle each request.")
+    if kernel_ns is not None:
+        lines.append(f"   A bare kernel thread switch (futex, one CPU) took {num(kernel_ns)} ns: the hand-off is "
+                     f"{num(thread_ns / kernel_ns)}× that, {num(thread_ctx)} kernel switches plus the lock and the "
+                     "GIL.")
     else:
-        share = pd.DataFrame()
+        lines.append("   The C kernel baseline is not in this run: run `conclab run switch` to measure it.")
+if switch_ns is not None and not per_request.empty:
+    share = per_request.assign(
+        switch_us_per_req=per_request.ctx_per_req * switch_ns / 1000,
+        share_of_cpu=per_request.ctx_per_req * switch_ns / 1000 / per_request.cpu_us_per_req)
+    top = share.loc[share.share_of_cpu.idxmax()]
+    low = share.loc[share.share_of_cpu.idxmin()]
+    lines.append(f"2. With one kernel switch at {num(switch_ns)} ns ({switch_source}): at most "
+                 f"{num(100 * top.share_of_cpu)}% for {top.variant} ({num(top.ctx_per_req)} switches "
+                 f"× {num(switch_ns / 1000)} µs = {num(top.switch_us_per_req)} µs of its "
+                 f"{num(top.cpu_us_per_req)} µs per request); {num(100 * low.share_of_cpu)}% for {low.variant}"
+                 + (", whose loop wakes up once for many requests." if low.ctx_per_req < 0.5 else ".")
+                 + " The rest of the CPU goes to the system calls and the code that handle each request.")
 common.answer(*lines)
-if thread_ns is not None and not share.empty:
+if not share.empty:
     common.table(share[["variant", "ctx_per_req", "switch_us_per_req", "cpu_us_per_req", "share_of_cpu"]])
 common.table(pd.DataFrame([vars(claims.switch_claim(run))]))

@@ -22,12 +22,26 @@ waits: less CPU per request and less memory per idle connection than streams
 While a WORK waits, reading is paused and one task answers the queue in order;
 while the write buffer is over its high-water mark (``pause_writing``) reading
 stops too, so a client that never reads holds that buffer plus one read of
-replies until its idle timeout aborts it. One lazy timer per connection keeps
-the deadlines; it never expires a connection whose request is in progress.
+replies. One lazy timer per connection keeps the deadlines; it never expires a
+connection whose request is in progress, nor one whose replies are in flight.
+
+The write policy (docs/protocol.md): a reply that makes no progress for
+--idle-timeout ends the connection with a reset (SO_LINGER 0, then
+``transport.abort()``, which alone would send a FIN behind the unsent bytes),
+counted in ``idle_timeouts``; one that makes progress is never cut. The
+transport reports only its buffer crossing the high-water mark, so the same
+timer *looks* at the replies in flight (the transport's buffer plus the
+kernel's unsent bytes, ``tcpdiag.unsent``) at growing intervals: any change is
+progress. It starts when writing pauses, when the idle deadline passes with
+replies still in flight, and when the connection is done: a connection closes
+(``transport.close()``) only once its replies are delivered, since a FIN queued
+behind bytes a peer never reads would leave the socket in FIN-WAIT-1 holding
+them, and a transport closing with a full buffer would never expire at all.
+
 SIGTERM/SIGINT: the listener closes and every read side is shut (as in the
 threads backend), so reads return what the kernel holds, then EOF: idle
 connections close at once, busy ones after their replies, and what is left is
-aborted at --drain-timeout. uvloop (libuv, in C) runs this very code.
+reset at --drain-timeout. uvloop (libuv, in C) runs this very code.
 
 Rate limiting: the token bucket is in each connection's Session, and every
 callback runs on the loop's one thread, one at a time, with no ``await`` inside
@@ -44,11 +58,17 @@ import asyncio
 import contextlib
 import errno
 import socket
+import struct
 import time
 
 from .base import (ABORT_GRACE, DRAIN_POLL_INTERVAL, FD_EXHAUSTED, LEAKED, LISTEN_BACKLOG, announce, ignore_signals,
                    stop_signals)
 from .session import open_session, rejection
+from .tcpdiag import unsent
+
+FIRST_LOOK = 0.01              # replies in flight: look again this soon after they moved...
+LAST_LOOK = 1.0                # ...then after as long as they have been stuck, at most this long
+LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST and drops what is unsent
 
 
 def serve(listener, config, stats) -> None:
@@ -124,7 +144,7 @@ class Hub:
             return 0
         left = list(self.connections)
         for connection in left:
-            connection.transport.abort()
+            connection.reset()
         await self._wait_empty(ABORT_GRACE)
         return len(left)
 
@@ -137,6 +157,12 @@ class Hub:
 
 class Connection(asyncio.Protocol):
     """One client. The loop calls these methods; the Session decides what to answer."""
+
+    # Watching replies in flight: class defaults, so a connection that never needs them carries none.
+    pending = -1                              # bytes in flight at the last look (-1: not watching)
+    progress = 0.0                            # when they last moved (time.monotonic())
+    finishing = False                         # the session is done: close once they are delivered
+    expired = False                           # the session counted its own timeout (idle or frame)
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -154,7 +180,7 @@ class Connection(asyncio.Protocol):
             return
         self.session = open_session(hub.config, hub.stats, time.monotonic())
         hub.connections.add(self)
-        self._arm()
+        self._arm(self.session.deadline)
         if hub.draining:                      # accepted just as the listener closed
             self.shut_read()
 
@@ -162,7 +188,7 @@ class Connection(asyncio.Protocol):
         session = self.session
         requests = session.feed(data, time.monotonic())
         if session.frame_started is not None:
-            self._arm()                       # a frame began: its timeout may come before the timer
+            self._watch_deadline()            # a frame began: its timeout may come before the timer
         if self.worker is not None:           # a WORK is waiting: replies must keep their order
             self.queue.extend(requests)
             return
@@ -172,10 +198,11 @@ class Connection(asyncio.Protocol):
                 return
             self.transport.write(request.run(time.monotonic()))
         if session.closing:
-            self.transport.close()
+            self._finish()
 
     def eof_received(self):
-        """The peer closed its side. Returning None lets the transport close (after queued replies)."""
+        """The peer closed its side: answer what was asked, then close (``_finish``). True keeps the
+        transport open meanwhile (None would let it close as soon as its buffer is flushed)."""
         if self.session is None:
             return None
         self.session.eof()
@@ -185,7 +212,9 @@ class Connection(asyncio.Protocol):
                 self.timer.cancel()
             LEAKED.append(self.transport)
             return True
-        return None
+        if self.worker is None:
+            self._finish()                    # else the worker finishes once the queue is answered
+        return True
 
     def connection_lost(self, exc) -> None:
         if self.session is None:
@@ -195,6 +224,12 @@ class Connection(asyncio.Protocol):
             if pending is not None:
                 pending.cancel()
         self.hub.stats.closed()
+
+    def reset(self) -> None:
+        """End the connection with RST at once, dropping whatever is unsent (transport.abort alone: a FIN)."""
+        with contextlib.suppress(OSError):
+            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self.transport.abort()
 
     def shut_read(self) -> None:
         """Drain: reads still get what the kernel holds, then EOF closes us (after any reply)."""
@@ -217,48 +252,109 @@ class Connection(asyncio.Protocol):
             transport.write(request.run(time.monotonic()))
         self.worker = None
         if self.session.closing:
-            transport.close()
+            self._finish()
         else:
             self._flow()
-            self._arm()
+            self._watch_deadline()
 
     def pause_writing(self) -> None:             # the transport's write buffer passed its high-water mark
         self.write_paused = True
         self._flow()
+        self._watch_replies()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self._flow()
 
     def _flow(self) -> None:
-        """Read only while no WORK is waiting and the peer keeps up with our replies."""
-        if self.worker is None and not self.write_paused:
+        """Read only while no WORK is waiting, the peer keeps up with our replies, and the session goes on."""
+        if self.worker is None and not self.write_paused and not self.finishing:
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
 
-    def _arm(self) -> None:
-        """Idle/frame deadlines: one timer, due by the Session's deadline (one due earlier re-arms)."""
-        deadline = self.session.deadline
+    def _finish(self) -> None:
+        """The session is done: close, but only once its replies are delivered (watched until then)."""
+        self.finishing = True
+        self._flow()
+        if self.pending < 0 and not self._in_flight():
+            self.transport.close()
+        else:
+            self._watch_replies()
+
+    def _in_flight(self) -> int:
+        """Reply bytes not yet taken by the peer: the transport's buffer, and what the kernel cannot send yet."""
+        return self.transport.get_write_buffer_size() + unsent(self.transport.get_extra_info("socket").fileno())
+
+    def _arm(self, when: float) -> None:
+        """Have ``_on_deadline`` run by ``when`` (monotonic): a timer due sooner stays, a later one is replaced."""
         if self.timer is not None:
-            if self.due <= deadline:
+            if self.due <= when:
                 return
             self.timer.cancel()
-        self.due = deadline
+        self.due = when
         # call_later, not call_at: the Session counts in time.monotonic(), libuv in its own clock
-        self.timer = self.hub.loop.call_later(self.session.timeout(time.monotonic()), self._on_deadline)
+        self.timer = self.hub.loop.call_later(max(when - time.monotonic(), 0.001), self._on_deadline)
+
+    def _watch_deadline(self) -> None:
+        """Idle/frame deadlines: the timer is due by the Session's deadline (unless replies are watched)."""
+        if self.pending < 0:
+            self._arm(self.session.deadline)
+
+    def _watch_replies(self) -> None:
+        """Replies wait: from now on the timer looks whether they move (``_look``)."""
+        now = time.monotonic()
+        if self.pending < 0:
+            self.pending, self.progress = 0, now
+        self._arm(now + FIRST_LOOK)
 
     def _on_deadline(self) -> None:
+        """The connection's one timer. A WORK wait is never expired (the worker re-arms); replies in flight
+        are looked at (``_look``); else, past the Session's deadline, the idle or frame timeout is told with an
+        ERROR. The frame timeout is never deferred by replies in flight."""
         self.timer = None
         if self.worker is not None or self.transport.is_closing():
-            return                            # busy: the worker re-arms once the reply is out
-        now = time.monotonic()
-        if not self.session.expired(now):
-            self._arm()                       # data arrived meanwhile and moved the deadline
             return
-        reply = self.session.expire(now)
-        if self.write_paused:
-            self.transport.abort()            # the peer reads nothing: the ERROR could never leave
-        else:
-            self.transport.write(reply)
-            self.transport.close()
+        now, session = time.monotonic(), self.session
+        if self.pending < 0:
+            if not session.expired(now):
+                return self._arm(session.deadline)    # data arrived meanwhile and moved the deadline
+            if session.closing or frame_expired(session, now) or not self._in_flight():
+                if not session.closing:
+                    self._expire(now)
+                return self._finish()
+        elif not session.closing and frame_expired(session, now):
+            self._expire(now)                             # behind the replies in flight
+            return self._finish()
+        self._look(now)
+
+    def _expire(self, now: float) -> None:
+        """The idle or frame timeout: the session counts it and says so (ERROR)."""
+        self.expired = True
+        self.transport.write(self.session.expire(now))
+
+    def _look(self, now: float) -> None:
+        """Replies in flight: any change since the last look is progress (they shrink as the peer reads, grow as
+        replies are added). None for --idle-timeout: reset, counted as an idle timeout. All delivered: close if finishing, else the idle clock starts now."""
+        session = self.session
+        pending = self._in_flight()
+        if pending:
+            if pending != self.pending:
+                self.pending, self.progress = pending, now
+            elif now - self.progress >= session.idle_timeout:
+                if not self.expired:              # (a timed-out session counted itself)
+                    self.hub.stats.count("idle_timeouts")
+                return self.reset()
+            wait = min(max(now - self.progress, FIRST_LOOK), LAST_LOOK)
+            return self._arm(min(now + wait, self.progress + session.idle_timeout))
+        self.pending = -1
+        if self.finishing:
+            return self.transport.close()
+        session.replied(now)
+        self._flow()
+        self._arm(session.deadline)
+
+
+def frame_expired(session, now: float) -> bool:
+    """Whether the frame timeout, not the idle one, has passed."""
+    return session.frame_started is not None and now >= session.frame_started + session.frame_timeout

@@ -268,17 +268,23 @@ class KernelDeadlines:
             self._send_rest(memoryview(data)[sent:])
 
     def _send_rest(self, view: memoryview) -> None:
-        idle, armed = self.session.idle_timeout, self.session.idle_timeout
+        """The buffer was full. A send that returns short or fails with EAGAIN was not woken for SO_SNDTIMEO
+        (what it took, it took before it slept): ask the kernel when it last sent the peer anything."""
+        idle = armed = self.session.idle_timeout
         try:
-            while view:
+            while True:
                 try:
-                    view = view[self.send(view):]
+                    sent = self.send(view)
                 except BlockingIOError:
-                    _, quiet = quiet_for(self.sock)
-                    if quiet >= idle:
-                        raise WriteStalled("a reply made no progress for --idle-timeout") from None
-                    armed = idle - quiet + DEADLINE_SLACK     # the rest of the idle timeout since the last progress
-                    send_timeout(self.sock, armed)
+                    sent = 0
+                if sent == len(view):
+                    return
+                view = view[sent:]
+                _, quiet = quiet_for(self.sock)
+                if quiet >= idle:
+                    raise WriteStalled("a reply made no progress for --idle-timeout")
+                armed = idle - quiet + DEADLINE_SLACK         # the rest of the idle timeout since the last progress
+                send_timeout(self.sock, armed)
         finally:
             if armed != idle:
                 with contextlib.suppress(OSError):

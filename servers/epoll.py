@@ -27,41 +27,71 @@ one thread and stalls every connection: what the lab measures.
 Rate limiting: the token bucket is in each connection's Session, and this one
 thread is the only code that ever runs: no lock. A delayed request is a timer on
 the heap, like WORK's wait, and the connection is not read until it fires.
+
+The timer heap holds entries, not connections: a cancelled entry (its
+connection closed, or its deadline superseded by a sooner one) keeps its place
+as a husk holding nothing, so a closed connection's socket and state are freed
+at once, and the heap is rebuilt (filtered, heapified) once husks are more than
+half of it. Under connect/close churn with a long --idle-timeout the heap stays
+about as big as the connections open, not as the connections of the last
+--idle-timeout seconds.
+
+The write policy (docs/protocol.md): a reply that makes no progress for
+--idle-timeout ends the connection with a reset (SO_LINGER 0), counted in
+``idle_timeouts``; one that makes progress is never cut. Progress is watched
+where the reply is: in ``Connection.out`` each send that moves bytes restarts
+its clock; in the kernel's send queue (``tcpdiag.unsent``) the deadline check
+looks at how much is left, at growing intervals. A connection whose idle
+deadline passes while the kernel still delivers its replies is not idle; one
+that is done closes only once they are delivered, since a FIN queued behind
+bytes the peer never reads would leave the socket in FIN-WAIT-1, holding them,
+after the server let go of it.
+
+A bug in a connection's step (any exception but OSError) costs that
+connection, not the server: ``guarded`` says so on stderr in one line, resets
+it and serves on. (An OSError is the peer: a reset, a broken pipe.)
 """
 from __future__ import annotations
 
 import contextlib
 import heapq
 import itertools
-import math
 import select
 import signal
 import socket
+import sys
 import time
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
 from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, abort, announce, ignore_signals, no_delay, release, stop_signals
 from .session import open_session, rejection
+from .tcpdiag import unsent
 
 RECV_SIZE = 65536              # one recv per readiness event
 MAX_EVENTS = 1024              # events taken from one epoll_wait
 ACCEPT_BATCH = 64              # accepts per listener event, so a connect storm cannot starve reads
 OUTPUT_CAP = 1 << 20           # stop reading while more than this waits to be sent (+ one read's replies)
+FIRST_LOOK = 0.01              # replies in the kernel: look again this soon after they moved...
+LAST_LOOK = 1.0                # ...then after as long as they have been stuck, at most this long
 
 
 class Connection:
     """What a goroutine would keep on its stack: the session, unsent bytes, what we wait for."""
 
-    __slots__ = ("sock", "fd", "session", "out", "mask", "queue", "waiting", "armed", "closed")
+    __slots__ = ("sock", "fd", "session", "out", "mask", "queue", "waiting", "timer", "closed", "expired",
+                 "pending", "progress")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.fd, self.session = sock, sock.fileno(), session
         self.out = bytearray()     # reply bytes the kernel has not taken yet
         self.mask = EPOLLIN        # the events registered in epoll for this socket
-        self.queue = []            # requests behind a waiting WORK (a list: an empty deque costs ~770 B)
-        self.waiting = None        # the request whose wait (io_s) is on the timer heap, if any
-        self.armed = math.inf      # when the deadline check in the timer heap is due
+        self.queue = []            # requests not yet answered, in order (a list: an empty deque costs ~770 B)
+        self.waiting = None        # the timer entry of queue[0]'s wait (WORK's io_s, a rate-limit delay), if any
+        self.timer = None          # the timer entry of the deadline check, if one is set
         self.closed = False
+        self.expired = False       # the session counted its own timeout (idle or frame)
+        self.pending = -1          # bytes in the kernel's send queue at the last look (-1: not watching them)
+        self.progress = 0.0        # when the replies waiting (in out, or in the kernel) last moved
 
 
 def serve(listener, config, stats) -> None:
@@ -75,7 +105,8 @@ class Loop:
         self.listener, self.config, self.stats = listener, config, stats
         self.epoll = select.epoll()
         self.conns: dict[int, Connection] = {}
-        self.timers: list = []                 # heap of (when, seq, callback, connection or None)
+        self.timers: list = []                 # heap of [when, seq, callback, connection or None]
+        self.cancelled = 0                     # husks in it: entries whose callback and connection are gone
         self.seq = itertools.count()           # ties in `when` never compare the callbacks
         self.stop_requested = self.draining = False
         listener.setblocking(False)
@@ -122,16 +153,34 @@ class Loop:
         self.stop_requested = True             # the loop notices after its epoll_wait returns
 
     def guarded(self, handler, conn, *args) -> None:
-        """Run a connection's step; a socket error (reset, broken pipe) just closes it."""
+        """Run a connection's step. A socket error (reset, broken pipe) closes that connection; any other
+        exception is a bug: one line on stderr, that connection is reset, and the loop serves on."""
         try:
             handler(conn, *args)
         except OSError:
             if not conn.closed:
                 self.close(conn)
+        except Exception as exc:               # a bug: it must cost one connection, not the server
+            print(f"conclab: epoll: a connection failed and was reset: {exc!r}", file=sys.stderr, flush=True)
+            if not conn.closed:
+                abort(conn.sock)
+                self.close(conn)
 
     # -- timers -------------------------------------------------------------------------------
-    def call_at(self, when: float, callback, conn=None) -> None:
-        heapq.heappush(self.timers, (when, next(self.seq), callback, conn))
+    def call_at(self, when: float, callback, conn=None) -> list:
+        """Run ``callback()`` (or ``callback(conn)``, guarded) at ``when``; returns the entry, for ``cancel``."""
+        entry = [when, next(self.seq), callback, conn]
+        heapq.heappush(self.timers, entry)
+        return entry
+
+    def cancel(self, entry: list) -> None:
+        """Make a timer entry a husk (no callback, no connection); rebuild the heap once husks are half of it."""
+        entry[2] = entry[3] = None
+        self.cancelled += 1
+        if self.cancelled > len(self.timers) // 2:
+            self.timers[:] = [live for live in self.timers if live[2] is not None]
+            heapq.heapify(self.timers)
+            self.cancelled = 0
 
     def poll_timeout(self) -> float:
         """Seconds until the next timer is due; -1 (no timers) waits for I/O or a signal."""
@@ -139,32 +188,88 @@ class Loop:
 
     def run_timers(self) -> None:
         """Run what is due now; timers pushed meanwhile wait one turn, after fresh I/O is read."""
-        now, due = time.monotonic(), []
-        while self.timers and self.timers[0][0] <= now:
-            due.append(heapq.heappop(self.timers))
-        for _, _, callback, conn in due:
-            if conn is None:
+        now, timers, fresh = time.monotonic(), self.timers, next(self.seq)
+        while timers and timers[0][0] <= now and timers[0][1] < fresh:
+            _, _, callback, conn = heapq.heappop(timers)
+            if callback is None:
+                self.cancelled -= 1
+            elif conn is None:
                 callback()
-            elif not conn.closed:
+            else:
                 self.guarded(callback, conn)
+
+    def arm(self, conn: Connection, when: float) -> None:
+        """Have ``check_deadline`` run by ``when``: an entry due sooner stays (the check re-arms), a later one goes."""
+        timer = conn.timer
+        if timer is not None:
+            if timer[0] <= when:
+                return
+            self.cancel(timer)
+        conn.timer = self.call_at(when, self.check_deadline, conn)
 
     def watch_deadline(self, conn: Connection) -> None:
         """Have a check due by the session's deadline (a frame that starts moves it sooner)."""
-        if not conn.waiting and conn.session.deadline < conn.armed:
-            conn.armed = conn.session.deadline
-            self.call_at(conn.armed, self.check_deadline, conn)
+        if conn.waiting is None and conn.pending < 0:
+            self.arm(conn, conn.session.deadline)
 
     def check_deadline(self, conn: Connection) -> None:
-        """Lazy deadline: re-read the session's current deadline, expire only if it really passed."""
-        now = time.monotonic()
-        if conn.armed > now:                   # a superseded entry: the live one is still ahead
+        """The connection's one deadline, lazily: it reads what is due now, and re-arms if that moved.
+
+        A WORK wait is never expired (``work_done`` re-arms). While replies are in
+        flight the connection is not idle: ``look`` watches them instead. Past the
+        session's deadline with nothing in flight: the idle or frame timeout, told
+        with an ERROR. The frame timeout is never deferred.
+        """
+        conn.timer = None
+        if conn.waiting is not None:
             return
-        conn.armed = math.inf
-        if conn.waiting or conn.session.deadline > now:
-            return self.watch_deadline(conn)   # moved later; or busy, never expired: work_done re-arms
-        if not conn.session.closing:           # else already told (ERROR, EOF) but never read it
-            self.write(conn, conn.session.expire(now))
-        self.close(conn)                       # a client that reads nothing loses the ERROR too
+        now, session = time.monotonic(), conn.session
+        if conn.pending < 0:
+            if not session.expired(now):
+                return self.watch_deadline(conn)   # moved later
+            if session.closing or frame_expired(session, now) or not unsent(conn.fd):
+                if not session.closing:
+                    self.expire(conn, now)
+                return self.settle(conn)           # closes once the ERROR is out
+        elif not session.closing and frame_expired(session, now):
+            self.expire(conn, now)                 # behind the replies in flight
+        self.look(conn, now)
+
+    def expire(self, conn: Connection, now: float) -> None:
+        """The idle or frame timeout: the session counts it and says so (ERROR); the connection is done."""
+        conn.expired = True
+        self.write(conn, conn.session.expire(now))
+
+    def look(self, conn: Connection, now: float) -> None:
+        """Replies in flight (in ``out`` and in the kernel's send queue): have they moved since the last look?
+
+        Their total shrinks as the peer takes them (and grows as new replies come):
+        any change is progress. None for --idle-timeout: ``stalled``. All gone: the
+        idle clock starts now, and a connection that is done closes. The next look
+        comes soon after progress, then after as long as they have been stuck.
+        """
+        session = conn.session
+        pending = len(conn.out) + unsent(conn.fd)
+        if pending:
+            if pending != conn.pending:
+                conn.pending, conn.progress = pending, now
+            elif now - conn.progress >= session.idle_timeout:
+                return self.stalled(conn)
+            wait = min(max(now - conn.progress, FIRST_LOOK), LAST_LOOK)
+            return self.arm(conn, min(now + wait, conn.progress + session.idle_timeout))
+        conn.pending = -1
+        session.replied(now)
+        self.settle(conn)                      # closes it if it is done
+        if not conn.closed:
+            self.watch_deadline(conn)
+
+    def stalled(self, conn: Connection) -> None:
+        """A reply made no progress for --idle-timeout: reset the connection, counted as an idle timeout
+        (unless the session had timed out already: that was counted)."""
+        if not conn.expired:
+            self.stats.count("idle_timeouts")
+        abort(conn.sock)                       # SO_LINGER 0: the close sends RST, the kernel drops the bytes
+        self.close(conn)
 
     # -- connections: accept, read, answer, write -----------------------------------------------
     def accept(self) -> None:
@@ -217,20 +322,21 @@ class Loop:
 
     def pump(self, conn: Connection) -> None:
         """Answer queued requests in order (a WORK starts a timer, the rest wait behind it)."""
-        while conn.queue and not conn.waiting:
-            request = conn.queue.pop(0)
+        queue = conn.queue
+        while queue and conn.waiting is None:
+            request = queue[0]
             if request.io_s:
-                conn.waiting = request
-                self.call_at(time.monotonic() + request.io_s, self.work_done, conn)
+                conn.waiting = self.call_at(time.monotonic() + request.io_s, self.work_done, conn)
             else:
+                queue.pop(0)
                 self.write(conn, request.run(time.monotonic()))
         self.watch_deadline(conn)
         self.settle(conn)
 
     def work_done(self, conn: Connection) -> None:
         """A WORK's wait is over: compute (request.run), reply, go on with what queued behind it."""
-        request, conn.waiting = conn.waiting, None
-        self.write(conn, request.run(time.monotonic()))
+        conn.waiting = None
+        self.write(conn, conn.queue.pop(0).run(time.monotonic()))
         self.pump(conn)
 
     def write(self, conn: Connection, data: bytes) -> None:
@@ -244,6 +350,14 @@ class Loop:
             sent = 0
         if sent < len(data):
             conn.out += memoryview(data)[sent:]
+            self.watch_replies(conn)
+
+    def watch_replies(self, conn: Connection) -> None:
+        """Replies wait: from now on the deadline check watches them move (``look``)."""
+        now = time.monotonic()
+        if conn.pending < 0:
+            conn.pending, conn.progress = 0, now
+        self.arm(conn, now + FIRST_LOOK)
 
     def flush(self, conn: Connection) -> None:
         """EPOLLOUT: the kernel has room again; hand it what is queued."""
@@ -261,21 +375,38 @@ class Loop:
         in the kernel, as behind a sleeping thread), not once closing, and not while
         over OUTPUT_CAP of replies are unsent (a client that never reads costs a bound).
         """
-        if not conn.waiting and not conn.out:
+        if conn.waiting is None and not conn.out:
             if conn.session.closing or (self.draining and not has_input(conn.sock)):
-                return self.close(conn)
-        reading = not conn.waiting and not conn.session.closing and len(conn.out) <= OUTPUT_CAP
+                return self.finish(conn)
+        reading = conn.waiting is None and not conn.session.closing and len(conn.out) <= OUTPUT_CAP
         mask = (EPOLLIN if reading else 0) | (EPOLLOUT if conn.out else 0)
         if mask != conn.mask:
             self.epoll.modify(conn.fd, mask)
             conn.mask = mask
 
+    def finish(self, conn: Connection) -> None:
+        """Close a connection that is done, once the kernel has delivered its replies.
+
+        Closed earlier, its FIN would queue behind them, and a peer that never
+        reads would keep the socket in FIN-WAIT-1 with its data, the server
+        long gone. So until then the deadline check watches them (and resets
+        the connection if they stop moving for --idle-timeout).
+        """
+        if conn.pending < 0 and not unsent(conn.fd):
+            return self.close(conn)
+        self.watch_replies(conn)               # look soon: closed once they are out
+
     def close(self, conn: Connection) -> None:
+        """Forget the connection and close its socket (a FIN; ``abort`` first for a reset)."""
         conn.closed = True
-        del self.conns[conn.fd]
-        self.epoll.unregister(conn.fd)
+        self.conns.pop(conn.fd, None)
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(conn.fd)
+        for entry in (conn.timer, conn.waiting):
+            if entry is not None:
+                self.cancel(entry)             # the heap keeps no reference to it
         release(conn.sock, conn.session, self.stats)
-        conn.session = conn.out = conn.queue = conn.waiting = None   # a stale timer pins only a husk
+        conn.sock = conn.session = conn.out = conn.queue = conn.waiting = conn.timer = None
 
     # -- graceful drain -------------------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -294,6 +425,11 @@ class Loop:
             abort(conn.sock)                   # SO_LINGER 0: close sends RST
             self.close(conn)
         self.stats.aborted = len(left)
+
+
+def frame_expired(session, now: float) -> bool:
+    """Whether the frame timeout, not the idle one, has passed (replies in flight do not defer it)."""
+    return session.frame_started is not None and now >= session.frame_started + session.frame_timeout
 
 
 def has_input(sock) -> bool:

@@ -16,6 +16,21 @@ does not run, and every other connection, the accept loop and every timeout
 waits behind it. Threads are preempted (the GIL changes hands every 5 ms);
 greenlets are not.
 
+Nor does a read that finds data switch: gevent's ``recv`` goes to the hub only
+when it would block. A client that pipelines without pause keeps its socket
+readable (and its replies writable), so its greenlet would read, answer and
+read again without ever giving the hub a turn: other connections' requests,
+new connections and every deadline would wait as long as it keeps going.
+Hence the explicit yield in ``HubDeadlines.recv``: after ``YIELD_READS`` reads
+(or ``YIELD_BYTES`` bytes) in a row with no hub turn between them, the
+greenlet waits for the hub's next loop iteration (``gevent.idle`` at the
+highest priority: the hub polls without blocking, then switches back to it
+before the rest of what that poll reported). Whether the hub ran meanwhile
+costs an integer compare per read (libev's loop iteration count; libuv keeps
+none, so there every run of reads counts, and a greenlet that did wait yields
+once more than needed); a yield costs a hub turn per that many reads of a
+client that never waits.
+
 No monkey-patching: ``gevent.monkey.patch_all()`` would swap the stdlib's
 socket, time and threading for gevent's across the whole process. Here only
 the objects this module makes (StreamServer's accepted sockets,
@@ -44,10 +59,13 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .base import ConnectionSet, abort, announce, ignore_signals, stop_signals
+from .base import ConnectionSet, WriteStalled, abort, announce, ignore_signals, output_stalled, stop_signals
 from .threads import handle, reject
 
 KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
+YIELD_READS = 16     # reads in a row without a hub turn, then the greenlet yields to the hub...
+YIELD_BYTES = 256 << 10   # ...or after this many bytes read in a row, whichever comes first
+IDLE, READING, WRITING = 0, 1, 2          # what a HubDeadlines' greenlet is waiting for
 
 
 def serve(listener, config, stats) -> None:
@@ -89,52 +107,83 @@ class HubDeadlines:
     greenlet, but only while it waits for its peer (never into a WORK wait).
     (A kernel timeout cannot serve: gevent's sockets are non-blocking
     underneath, and the kernel ignores SO_RCVTIMEO on those.)
+
+    While the greenlet waits to send, the write policy applies instead: the
+    timer asks the kernel how long it has sent the peer nothing
+    (``base.output_stalled``) and throws ``WriteStalled`` once that reaches
+    --idle-timeout, else looks again when it could; a slow reader whose replies
+    still move is never cut, however long the send takes. (The greenlet's own
+    wake-ups say little: the kernel reports a socket writable only once a third
+    of its send buffer is free.) ``threads.handle`` resets and counts it.
+
+    ``recv`` also yields to the hub after a run of reads that never waited
+    (``YIELD_READS``, ``YIELD_BYTES``): see the module's docstring.
     """
 
-    __slots__ = ("sock", "session", "greenlet", "timer", "due", "waiting")
+    __slots__ = ("sock", "session", "greenlet", "loop", "timer", "due", "waiting", "counted", "turn", "reads",
+                 "taken")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session, self.greenlet = sock, session, gevent.getcurrent()
-        self.timer, self.due, self.waiting = None, math.inf, False
+        self.loop = gevent.get_hub().loop
+        self.timer, self.due, self.waiting = None, math.inf, IDLE
+        self.counted = hasattr(self.loop, "iteration")   # libev counts its loop iterations; libuv does not
+        self.turn, self.reads, self.taken = -1, 0, 0     # the hub's iteration at the last read; the run so far
 
     def recv(self, size: int) -> bytes:
-        self._arm()
-        self.waiting = True
+        if self.reads >= YIELD_READS or self.taken >= YIELD_BYTES:
+            self.reads = self.taken = 0
+            gevent.idle(self.loop.MAXPRI)    # the hub polls, serves what is ready, and comes back first
+        self._arm(self.session.deadline)
+        self.waiting = READING
         try:
-            return self.sock.recv(size)
+            data = self.sock.recv(size)
         finally:
-            self.waiting = False
+            self.waiting = IDLE
+        turn = self.loop.iteration if self.counted else 0
+        if turn != self.turn:                # the hub ran since the last read (this one waited, or a send did)
+            self.turn, self.reads, self.taken = turn, 0, 0
+        self.reads += 1
+        self.taken += len(data)
+        return data
 
     def sendall(self, data: bytes) -> None:
-        self._arm()
-        self.waiting = True
+        self._arm(self.session.deadline)
+        self.waiting = WRITING
         try:
             sent = self.sock.send(data)        # the usual small reply leaves in one call
             if sent < len(data):
                 self.sock.sendall(memoryview(data)[sent:])
         finally:
-            self.waiting = False
+            self.waiting = IDLE
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.close()
 
-    def _arm(self) -> None:
-        deadline = self.session.deadline
+    def _arm(self, deadline: float) -> None:
         if deadline < self.due:                # sooner than the timer (a frame started): set it again
             self.close()
-            self.timer = gevent.get_hub().loop.timer(max(deadline - time.monotonic(), 0.0))
+            self.timer = self.loop.timer(max(deadline - time.monotonic(), 0.0))
             self.timer.start(self._fire)
             self.due = deadline
 
     def _fire(self) -> None:                   # in the hub
         self.due = math.inf
-        if not self.waiting:
-            return                             # busy (WORK): its next recv or send sets the timer again
-        if self.session.expired(time.monotonic()):
-            self.greenlet.throw(TimeoutError("deadline passed"))
-        else:
-            self._arm()                        # requests moved the deadline: wait for the new one
+        now = time.monotonic()
+        if self.waiting == WRITING:
+            quiet = output_stalled(self.sock) or 0.0       # None: the kernel holds nothing, the send is about to go
+            idle = self.session.idle_timeout
+            if quiet >= idle:
+                self.greenlet.throw(WriteStalled("no reply bytes reached the peer for --idle-timeout"))
+            else:
+                self._arm(now + idle - quiet)  # the soonest it could have stalled that long
+        elif self.waiting == READING:
+            if self.session.expired(now):
+                self.greenlet.throw(TimeoutError("deadline passed"))
+            else:
+                self._arm(self.session.deadline)   # requests moved the deadline: wait for the new one
+        # IDLE: busy (WORK): its next recv or send sets the timer again
 
 
 def drain(connections, greenlets, timeout: float) -> int:

@@ -109,7 +109,7 @@ class ScrapeHandler(WSGIRequestHandler):
 
     timeout = SCRAPE_IO_TIMEOUT               # StreamRequestHandler.setup: settimeout on the connection
 
-    def log_message(self, format, *args) -> None:   # noqa: A002 (the base class's name)
+    def log_message(self, format, *args) -> None:
         pass
 
 
@@ -128,12 +128,10 @@ def start(host: str, port: int, stats: Stats, server_port: int):
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats, server_port))
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         server_class = type("MetricsServer", (MetricsServer,), {"address_family": family})
-        httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=ScrapeHandler)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
-    except OSError as exc:
+        httpd = make_server(address[0], port, make_wsgi_app(registry), server_class, handler_class=ScrapeHandler)
+    except OSError as exc:                     # socket.gaierror included
         raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     bound_host, bound_port = httpd.socket.getsockname()[:2]

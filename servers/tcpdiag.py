@@ -9,18 +9,20 @@ and returns only the matches. When netlink is not available the caller falls
 back to something slower. The servers' metrics and the harness's sampler both
 count this way.
 
-``unsent``: the bytes a socket's send queue still holds (SIOCOUTQ: written by
-us, not yet acknowledged by the peer). A graceful close queues its FIN behind
-them; a peer that never reads them leaves that socket in FIN-WAIT-1, holding
-the data, long after the server forgot it. The event-loop backends ask before
-closing, and watch it to see whether a reply still makes progress.
+``unsent``: the bytes a socket's send queue holds that TCP has not sent yet
+(SIOCOUTQNSD), because the peer's receive window has no room for them. A
+graceful close queues its FIN behind them; a peer that never reads them
+leaves that socket in FIN-WAIT-1, holding the data, long after the server
+forgot it. Bytes in flight are not counted: the window had room for them, so
+the peer takes them (and a delayed ACK does not hold up a close). The
+event-loop backends ask before closing, and watch the number to see whether
+a reply still makes progress.
 """
 from __future__ import annotations
 
 import fcntl
 import socket
 import struct
-import termios
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -29,6 +31,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
 TCP_ESTABLISHED, TCP_TIME_WAIT, TCP_CLOSE_WAIT = 1, 6, 8
+SIOCOUTQNSD = 0x894B           # linux/sockios.h: bytes in the send queue not yet sent
 STATE_NAMES = {TCP_ESTABLISHED: "tcp_established", TCP_TIME_WAIT: "tcp_time_wait", TCP_CLOSE_WAIT: "tcp_close_wait"}
 RECV_BUFFER = 1 << 20
 TIMEOUT_S = 2.0
@@ -67,9 +70,9 @@ def count(port: int, states=STATE_NAMES) -> dict:
 
 
 def unsent(fd: int) -> int:
-    """Bytes in the send queue of TCP socket ``fd`` not yet acknowledged by the peer (0 for a closed fd)."""
+    """Bytes in the send queue of TCP socket ``fd`` not sent yet, for want of window (0 if it cannot say)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0]
     except OSError:
         return 0
 

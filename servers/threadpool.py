@@ -9,13 +9,13 @@ however many clients come. What a worker is handed, ``--dispatch``, is the lesso
   Connections beyond ``workers`` wait in the executor's queue until some
   connection *closes*: head-of-line blocking; a few idle clients starve everyone.
 * ``request``: one selector loop (the main thread) reads every connection and
-  submits each *request*; a worker waits, computes, replies and moves on. Idle
+  submits each *request*; a worker waits, computes and moves on. Idle
   connections cost no thread. The price: a thread hand-off per request, and
   bookkeeping for reply order (a connection's requests queue behind its one in the pool).
 
-WORK's wait releases the GIL as in threads.py but is an Event wait, not
-``time.sleep``: Python joins pool threads at exit, so the drain deadline must
-be able to end a wait, or a 10 s WORK would outlive the server.
+WORK's wait releases the GIL as in threads.py and is the same
+``base.AbortableWait``: Python joins pool threads at exit, so the drain deadline
+must be able to end a wait, or a 10 s WORK would outlive the server.
 
 Rate limiting: each connection's token bucket is in its ``Session``. With
 connection dispatch one worker owns the connection, bucket included, for its
@@ -24,42 +24,53 @@ which only the selector loop calls; a worker just waits the delay it was
 handed (``Request.io_s``) like a WORK wait. One thread per bucket either way:
 no lock.
 
-Limits, request dispatch: the loop stops reading a connection whose queue holds
-more than ``BACKLOG_CAP`` (replies plus bookkeeping) and reads it again once its
-worker catches up, so a client that pipelines and never reads costs a bounded
-amount; the worker's blocking ``sendall`` times out (SO_SNDTIMEO) after
-``--idle-timeout`` without progress. Out of fds,
-the loop takes the listener out of the selector for ``ACCEPT_BACKOFF``
-(connection dispatch uses threads.py's accept loop, which sleeps).
+Writes, request dispatch: a worker never waits for a peer. The connection's
+unsent replies (``Connection.out``) belong to the loop, which writes them
+non-blocking while the selector reports the socket writable (EVENT_WRITE,
+registered only while output is pending). A worker that has a reply for a
+connection with nothing pending offers it to the kernel once, without waiting
+(``MSG_DONTWAIT``): the usual small reply leaves at once, with no second
+hand-off back to the loop; whatever the kernel does not take goes to ``out``
+and the loop is woken to write it. So two clients that never read hold no
+worker, and reply order holds: a connection's replies come from one worker at a
+time, and none is sent directly while earlier ones wait in ``out``.
+
+Limits, request dispatch: the loop stops reading a connection whose queue and
+unsent output hold more than ``BACKLOG_CAP`` (replies plus bookkeeping) and reads
+it again once they shrink, so a client that pipelines and never reads costs a
+bounded amount. The write policy (docs/protocol.md section 3): output that makes
+no progress for ``--idle-timeout`` (the kernel has sent the peer nothing for that
+long) ends the connection with a reset, counted in ``idle_timeouts``; a
+connection whose replies are still reaching a slow reader is never cut, and
+a finished one is closed once the kernel has delivered them.
+
+Signals only set a flag and wake the selector (``base.StopSignals``, for both
+dispatches). Out of fds, the loop takes the listener out of the selector for
+``ACCEPT_BACKOFF`` (connection dispatch uses threads.py's accept loop). A worker
+that fails unexpectedly is reported on stderr, one line, by its future's
+done-callback; with request dispatch its connection is aborted, so nothing stays
+busy forever.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import selectors
-import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, ConnectionSet, abort, announce, ignore_signals, no_delay, release,
-                   send_timeout, stop_signals)
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, SENDING_STATES, AbortableWait, ConnectionSet, StopSignals, abort,
+                   announce, drain, no_delay, output_stalled, quiet_for, release, warn)
 from .session import Request, open_session
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
-SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and the stop flag, s
-BACKLOG_CAP = 1 << 20      # request mode: stop reading a connection while its queue holds more bytes than this
+SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and stalled output, s
+BACKLOG_CAP = 1 << 20      # request mode: stop reading a connection while its queue and output hold more than this
 REQUEST_OVERHEAD = 128     # bytes a queued request holds beside its reply (the Request, its slot in the queue)
 THREAD_NAME_PREFIX = "conclab-pool"
-
-
-class AbortableWait(threading.Event):
-    """WORK's wait in a pool thread: a sleep (GIL released) that ``abort()`` at the drain deadline ends."""
-
-    abort = threading.Event.set
-
-    def __call__(self, seconds: float) -> None:
-        if self.wait(seconds):
-            raise ConnectionAbortedError("aborted at the drain deadline")
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 def serve(listener, config, stats) -> None:
@@ -72,35 +83,50 @@ def serve(listener, config, stats) -> None:
 
 def serve_connections(listener, config, stats, pool, connections, wait) -> int:
     """A worker per connection: threads.py's accept loop with submit() for Thread().start()."""
-    accept_until_signalled(listener, config, stats, connections,
-                           lambda sock: pool.submit(handle, sock, config, stats, connections, wait))
+    def start(sock):
+        future = submit(pool, handle, sock, config, stats, connections, wait)
+        if future is not None:
+            future.add_done_callback(report)
+    accept_until_signalled(listener, config, stats, connections, start)
     return drain(listener, config, connections, wait)
 
 
 def serve_requests(listener, config, stats, pool, connections, wait) -> int:
     """A worker per request; the main thread runs the selector loop until signalled, then drains."""
-    loop = RequestLoop(listener, config, stats, pool, connections, wait)
-    for sig in stop_signals(config):
-        signal.signal(sig, loop.stop)
-    announce(listener)
-    while not loop.stopping:
-        loop.poll(SWEEP_INTERVAL)
-    if not loop.accept_again:                      # else it is out of the selector already (EMFILE)
-        loop.selector.unregister(listener)
-    with loop.selector:
-        return drain(listener, config, connections, wait, sleep=loop.poll)   # the loop keeps serving
+    with StopSignals(config) as stop:
+        loop = RequestLoop(listener, config, stats, pool, connections, wait, stop)
+        with loop.selector:
+            announce(listener)
+            while not stop.requested:
+                loop.poll(SWEEP_INTERVAL)
+            loop.stop_accepting()
+            return drain(listener, config, connections, wait, sleep=loop.poll,   # the loop keeps serving
+                         at_deadline=loop.abort_all)
 
 
-def drain(listener, config, connections, wait, sleep=time.sleep) -> int:
-    """Section 4 on the pool: ConnectionSet's drain, whose deadline also ends every WORK wait."""
-    ignore_signals()
-    listener.close()
-    deadline = time.monotonic() + config.drain_timeout
-    def pause(seconds: float) -> None:
-        sleep(seconds)
-        if time.monotonic() >= deadline:
-            wait.abort()
-    return connections.drain(config.drain_timeout, sleep=pause)
+def submit(pool, fn, *args):
+    """pool.submit, or None if it could not start a thread for the work (the process has no more).
+
+    The executor queues the work before it starts a thread for it, so the work
+    is not lost: a running worker takes it when it is free. Said once on stderr.
+    """
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError as exc:
+        if not submit.warned:
+            submit.warned = True
+            warn(f"the pool could not start another worker ({exc}); work waits for a running one")
+        return None
+
+
+submit.warned = False
+
+
+def report(future) -> None:
+    """A worker's done-callback: an unexpected failure is one line on stderr (handlers catch socket errors)."""
+    if not future.cancelled() and future.exception() is not None:
+        exc = future.exception()
+        warn(f"a pool worker failed: {type(exc).__name__}: {exc}")
 
 
 def held(request: Request) -> int:
@@ -109,45 +135,70 @@ def held(request: Request) -> int:
 
 
 class Connection:
-    """One client in request mode: its session and the requests waiting for its reply order."""
+    """One client in request mode: its session, the requests waiting for its reply order, its unsent output."""
 
-    __slots__ = ("sock", "session", "queue", "backlog", "lock", "busy", "done")
+    __slots__ = ("sock", "session", "queue", "backlog", "out", "since", "lock", "busy", "done", "closed",
+                 "failed", "counted", "lingering", "mask")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session = sock, session
         self.queue = []                     # requests received, not yet answered (a short list)
-        self.backlog = 0                    # bytes they hold (see held)
-        self.lock = threading.Lock()        # guards queue, backlog, busy and done between loop and worker
-        self.busy = self.done = False       # busy: a worker answers the queue; done: close once it is empty
+        self.backlog = 0                    # bytes queue and out hold (see held)
+        self.out = bytearray()              # replies the kernel has not taken yet: the loop writes them
+        self.since = 0.0                    # while out is pending: when it last made progress
+        self.lock = threading.Lock()        # guards queue, backlog, out, the socket's sends, busy, done, closed
+        self.busy = self.done = False       # busy: a worker answers the queue; done: close once all is out
+        self.closed = self.failed = False   # failed: its worker died unexpectedly (abort it)
+        self.counted = False                # its session counted a timeout already (a stall is not counted twice)
+        self.lingering = False              # finished, the kernel still delivering its last replies
+        self.mask = READ                    # the events registered in the selector (0: not registered)
 
 
 class RequestLoop:
-    """The selector loop: accept, read, feed the session, hand requests to the pool."""
+    """The selector loop: accept, read, feed the session, hand requests to the pool, write what is left."""
 
-    def __init__(self, listener, config, stats, pool, connections, wait) -> None:
+    def __init__(self, listener, config, stats, pool, connections, wait, stop) -> None:
         self.listener, self.config, self.stats = listener, config, stats
-        self.pool, self.connections, self.wait = pool, connections, wait
+        self.pool, self.connections, self.wait, self.stop = pool, connections, wait, stop
         self.selector = selectors.DefaultSelector()
         listener.setblocking(False)
-        self.selector.register(listener, selectors.EVENT_READ)
-        self.next_sweep, self.stopping = time.monotonic() + SWEEP_INTERVAL, False
-        self.paused: set[Connection] = set()   # not read until their worker catches up (BACKLOG_CAP)
+        self.selector.register(listener, READ, self.accept)
+        self.selector.register(stop, READ, self.wakeup)
+        self.conns: set[Connection] = set()
+        self.inbox = collections.deque()       # connections workers want the loop to look at (settle)
+        self.woken = False                     # a wake-up byte is on its way: workers need not send another
+        self.next_sweep = time.monotonic() + SWEEP_INTERVAL
         self.accept_again = 0.0                # out of fds: when to watch the listener again
 
-    def stop(self, signum, frame) -> None:
-        # Only a flag: a Shutdown raised mid-dispatch could strand a half-handed-over connection.
-        self.stopping = True
-
+    # -- the loop (main thread) ------------------------------------------------------------------
     def poll(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
-            if key.data is None:
-                self.accept()
-            else:
-                self.read(key.data)
+        for key, events in self.selector.select(timeout):
+            conn = key.data
+            if conn.__class__ is not Connection:
+                conn()                         # accept, or wakeup
+                continue
+            if events & WRITE:
+                self.flush(conn)
+            if events & READ and not conn.closed:
+                self.read(conn)
+        inbox = self.inbox
+        while inbox:
+            self.settle(inbox.popleft())
         now = time.monotonic()
         if now >= self.next_sweep:
             self.sweep(now)
             self.next_sweep = now + SWEEP_INTERVAL
+
+    def wakeup(self) -> None:
+        self.woken = False                     # before the inbox is read: a later notify wakes us again
+        self.stop.check()
+
+    def notify(self, conn: Connection) -> None:
+        """From a worker: have the loop settle conn (output to write, finished, or failed)."""
+        self.inbox.append(conn)
+        if not self.woken:
+            self.woken = True
+            self.stop.wake()
 
     def accept(self) -> None:
         try:
@@ -163,11 +214,15 @@ class RequestLoop:
         if not self.stats.try_open():
             reject(sock, self.config)
             return
-        send_timeout(sock, self.config.idle_timeout)   # bounds a worker's sendall to a client that never reads
         no_delay(sock)
         self.connections.add(sock)
-        session = open_session(self.config, self.stats, time.monotonic())
-        self.selector.register(sock, selectors.EVENT_READ, Connection(sock, session))
+        conn = Connection(sock, open_session(self.config, self.stats, time.monotonic()))
+        self.conns.add(conn)
+        self.selector.register(sock, READ, conn)
+
+    def stop_accepting(self) -> None:
+        if not self.accept_again:                      # else it is out of the selector already (EMFILE)
+            self.selector.unregister(self.listener)
 
     def read(self, conn: Connection) -> None:
         try:
@@ -181,61 +236,213 @@ class RequestLoop:
         requests = conn.session.feed(data, time.monotonic()) if data else []
         done = not data or conn.session.closing
         self.deliver(conn, requests, done)          # closing: ERROR is last
-        if not done and conn.backlog > BACKLOG_CAP: # a client that does not read its replies: stop reading it
-            self.selector.unregister(conn.sock)
-            self.paused.add(conn)
-
-    def sweep(self, now: float) -> None:
-        """Read again from paused connections whose worker caught up; expire idle and slow-frame
-        connections, never one with requests in progress."""
-        if self.accept_again and now >= self.accept_again and not self.stopping:
-            self.selector.register(self.listener, selectors.EVENT_READ)
-            self.accept_again = 0.0
-        for conn in [conn for conn in self.paused if conn.backlog <= BACKLOG_CAP]:
-            self.paused.discard(conn)
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-        for conn in [key.data for key in self.selector.get_map().values() if key.data is not None]:
-            if not conn.busy and now >= conn.session.deadline:
-                self.deliver(conn, [Request(conn.session.expire(now))], done=True)
+        if done or conn.backlog > BACKLOG_CAP:      # a client that does not read its replies: stop reading it
+            self.settle(conn)
 
     def deliver(self, conn: Connection, requests: list, done: bool = False) -> None:
-        """Queue requests behind conn's; if done, read no more and close once all are answered."""
-        if done:
-            self.selector.unregister(conn.sock)
+        """Queue requests behind conn's and have a worker answer them; done: read no more."""
         with conn.lock:
             conn.queue.extend(requests)
             conn.backlog += sum(map(held, requests))
-            conn.done = done
-            if conn.busy:                           # the worker answering conn takes these too
-                return
-            conn.busy = start = bool(conn.queue)
+            if done:
+                conn.done = True
+            start = not conn.busy and bool(conn.queue)
+            if start:
+                conn.busy = True
         if start:
-            self.pool.submit(self.answer, conn)
-        elif done:
-            self.close(conn)
+            future = submit(self.pool, self.answer, conn)
+            if future is not None:
+                future.add_done_callback(functools.partial(self.answered, conn))
 
-    def answer(self, conn: Connection) -> None:
-        """In a worker: answer conn's queue in order, then give conn back (or close it)."""
-        sock, queue, lock, wait = conn.sock, conn.queue, conn.lock, self.wait
-        while True:
-            with lock:
-                if not queue:
-                    conn.busy, done = False, conn.done
-                    break
-                request = queue.pop(0)
-                conn.backlog -= held(request)
-            try:
-                if request.io_s:
-                    wait(request.io_s)
-                sock.sendall(request.run(time.monotonic()))
-            except OSError:                         # reset, unread for too long, or aborted
-                with lock:
-                    queue.clear()
-                    conn.backlog = 0
-                abort(sock)                         # the loop then reads EOF: done
-        if done:
-            self.close(conn)
+    def flush(self, conn: Connection) -> None:
+        """EVENT_WRITE: hand the kernel what it takes of conn's output, without waiting."""
+        now, broken = time.monotonic(), False
+        with conn.lock:
+            sent = 0
+            if not conn.closed and conn.out:
+                try:
+                    sent = conn.sock.send(conn.out, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    broken = True                   # reset by the peer
+                if sent:
+                    del conn.out[:sent]
+                    conn.backlog -= sent
+                    conn.since = now
+            emptied = not conn.out
+        if broken:
+            return self.close(conn, reset=True)
+        if sent and emptied:
+            conn.session.replied(now)               # the idle timeout counts from the last reply out
+        self.settle(conn)
 
-    def close(self, conn: Connection) -> None:
+    def settle(self, conn: Connection) -> None:
+        """Close conn once it is finished, else register exactly the events it now waits for."""
+        if conn.closed:
+            return
+        if conn.failed:
+            return self.close(conn, reset=True)
+        with conn.lock:
+            writing = bool(conn.out)
+            finished = conn.done and not conn.busy and not conn.queue and not writing
+        if finished:
+            return self.finish(conn)
+        reading = not conn.done and conn.backlog <= BACKLOG_CAP
+        self.watch(conn, (READ if reading else 0) | (WRITE if writing else 0))
+
+    def watch(self, conn: Connection, mask: int) -> None:
+        if mask == conn.mask:
+            return
+        if not conn.mask:
+            self.selector.register(conn.sock, mask, conn)
+        elif not mask:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, mask, conn)
+        conn.mask = mask
+
+    def finish(self, conn: Connection) -> None:
+        """All answered and handed to the kernel: close once the kernel has delivered it (or it stalls)."""
+        stalled = output_stalled(conn.sock)
+        if stalled is None:
+            return self.close(conn)
+        if stalled >= conn.session.idle_timeout:
+            return self.stalled(conn)
+        conn.lingering = True                       # the sweep looks again
+        self.watch(conn, 0)
+
+    def stalled(self, conn: Connection) -> None:
+        """The write policy: output that made no progress for --idle-timeout ends with a reset, counted idle."""
+        if not conn.counted:
+            self.stats.count("idle_timeouts")
+        self.close(conn, reset=True)
+
+    def close(self, conn: Connection, reset: bool = False) -> None:
+        with conn.lock:                             # a worker sends only under this lock, after looking at closed
+            if conn.closed:
+                return
+            conn.closed = True
+            conn.queue.clear()
+            conn.out.clear()
+            conn.backlog = 0
+        self.watch(conn, 0)
+        self.conns.discard(conn)
+        if reset:
+            abort(conn.sock)
         self.connections.discard(conn.sock)
         release(conn.sock, conn.session, self.stats)
+
+    def sweep(self, now: float) -> None:
+        """Watch the listener again after a backoff; read again from connections whose output caught up;
+        judge stalled output; expire idle and slow-frame connections, never one with requests in progress."""
+        if self.accept_again and now >= self.accept_again and not self.stop.requested:
+            self.selector.register(self.listener, READ, self.accept)
+            self.accept_again = 0.0
+        for conn in list(self.conns):
+            if conn.lingering:
+                self.finish(conn)
+            elif conn.out:
+                if now - conn.since >= conn.session.idle_timeout:
+                    self.judge_progress(conn, now)
+            elif not conn.busy and not conn.done:
+                if not conn.mask & READ:
+                    self.settle(conn)               # paused, and caught up: read again
+                if now >= conn.session.deadline:
+                    self.expire(conn, now)
+
+    def judge_progress(self, conn: Connection, now: float) -> None:
+        """conn's output has not moved for --idle-timeout as far as the loop saw; the kernel knows better
+        (it wakes writers only once a third of the buffer is free): has it sent the peer anything since?"""
+        try:
+            state, quiet = quiet_for(conn.sock)
+        except OSError:
+            state, quiet = 0, 0.0
+        if state not in SENDING_STATES:
+            return self.close(conn, reset=True)     # the peer is gone
+        if quiet >= conn.session.idle_timeout:
+            return self.stalled(conn)
+        conn.since = now - quiet
+
+    def expire(self, conn: Connection, now: float) -> None:
+        """The session's deadline passed. Replies still reaching the peer from the kernel make it not idle
+        (the clock restarts at their last progress); stuck there, it is a stall. Else ERROR, then close."""
+        stalled = output_stalled(conn.sock)
+        if stalled is not None:
+            if stalled >= conn.session.idle_timeout:
+                return self.stalled(conn)
+            conn.session.replied(now - stalled)
+            if not conn.session.expired(now):
+                return
+        conn.counted = True
+        self.deliver(conn, [Request(conn.session.expire(now))], done=True)
+        self.settle(conn)
+
+    def abort_all(self) -> None:
+        """The drain deadline (after ConnectionSet counted and aborted the sockets): close every connection."""
+        for conn in list(self.conns):
+            self.close(conn, reset=True)
+
+    # -- the workers -------------------------------------------------------------------------------
+    def answer(self, conn: Connection) -> None:
+        """In a worker: answer conn's queue in order, offering each reply to the kernel (see send_now)."""
+        queue, lock, wait = conn.queue, conn.lock, self.wait
+        while True:
+            with lock:
+                if conn.closed or not queue:
+                    conn.busy = False
+                    tell = conn.done or not conn.mask & READ      # the loop closes it, or reads it again
+                    break
+                request = queue.pop(0)
+            if request.io_s:
+                try:
+                    wait(request.io_s)
+                except ConnectionAbortedError:      # the drain deadline: the loop closes everything
+                    with lock:
+                        queue.clear()
+                        conn.busy = False
+                    return
+            if self.send_now(conn, request, request.run(time.monotonic())):
+                self.notify(conn)                   # output pending: the loop writes it
+        if tell:
+            self.notify(conn)
+
+    def send_now(self, conn: Connection, request: Request, reply: bytes) -> bool:
+        """Send reply if nothing is pending before it, never waiting; keep the rest in conn.out.
+        True if conn.out just became non-empty (the loop must start writing)."""
+        with conn.lock:
+            conn.backlog -= held(request)
+            if conn.closed:
+                return False
+            if conn.out:                            # the loop is writing earlier replies: queue behind them
+                conn.out += reply
+                conn.backlog += len(reply)
+                return False
+            try:
+                sent = conn.sock.send(reply, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:                         # the peer is gone: answer nothing more, let the loop close
+                conn.queue.clear()
+                conn.backlog = 0
+                conn.done = True
+                return False
+            if sent == len(reply):
+                return False
+            conn.out += memoryview(reply)[sent:]
+            conn.backlog += len(reply) - sent
+            conn.since = time.monotonic()
+            return True
+
+    def answered(self, conn: Connection, future) -> None:
+        """A worker's done-callback: an unexpected failure is one line on stderr, and its connection is aborted
+        (it would stay busy forever)."""
+        if future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        warn(f"a pool worker failed answering a connection, which is aborted: {type(exc).__name__}: {exc}")
+        with conn.lock:
+            conn.failed = True
+            conn.busy = False
+            conn.queue.clear()
+        self.notify(conn)

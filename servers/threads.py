@@ -7,90 +7,148 @@ the lab measures: a stack per thread (8 MiB of *virtual* memory by default,
 a few KiB resident), a kernel context switch per hand-off, and, in CPython,
 one GIL that lets only one thread compute at a time.
 
-WORK's wait is ``time.sleep``: it releases the GIL, so other connections are
-served meanwhile.
+WORK's wait releases the GIL, so other connections are served meanwhile. It is
+a ``base.AbortableWait`` rather than ``time.sleep``: a thread cannot be
+cancelled, and the drain deadline must be able to end a 10 s WORK.
 
 Rate limiting (``--rate-limit``): the token bucket is in the connection's
 ``Session``, and only that connection's thread ever calls into it, so it needs
 no lock: the state is per connection, and the connection is per thread. A
-delayed request waits like WORK, in ``time.sleep``, holding only its own thread.
+delayed request waits like WORK, holding only its own thread.
 
 Deadlines are the kernel's (``base.KernelDeadlines``: SO_RCVTIMEO and
 SO_SNDTIMEO), not Python's socket timeout, which would poll before every recv
-and send and hand the GIL around twice more per request. A client that stops
-reading holds one read's replies and its thread for ``--idle-timeout`` without
-progress, and is dropped.
+and send and hand the GIL around twice more per request.
 
-Out of fds (EMFILE), the accept loop sleeps ``ACCEPT_BACKOFF`` instead of
-retrying at once: the listener stays readable, and retrying would spin until a
-connection closes.
+The write policy (docs/protocol.md section 3): a reply that makes no progress
+for ``--idle-timeout`` ends the connection with a reset, counted in
+``idle_timeouts``; one that makes progress is never cut. A client that stops
+reading holds one read's replies and its thread until then. Replies the kernel
+already took count too: a connection whose idle deadline passes while the
+kernel still delivers them is not idle (the clock restarts at their last
+progress), one whose replies sit there undelivered is reset, and a finished
+connection is closed only once they are out (``base.deliver_or_reset``), so no
+socket outlives its thread holding data for a peer that never reads.
+
+The accept loop waits in a selector on the listener and on ``StopSignals``:
+SIGTERM only sets a flag and wakes it, so no exception can interrupt a
+connection half-handed to its thread. Out of fds (EMFILE), the listener leaves
+the selector for ``ACCEPT_BACKOFF``: it stays readable, and retrying would spin
+until a connection closes. Out of threads (``can't start new thread``, e.g.
+under an address-space limit), the connection is shed ("server busy", counted
+in ``connections_rejected``) and accepting pauses for ``THREAD_BACKOFF``, until
+some connection's thread has ended.
 """
 from __future__ import annotations
 
 import contextlib
+import selectors
+import socket
 import threading
 import time
 
-from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, ConnectionSet, KernelDeadlines, Shutdown, announce,
-                   graceful_signals, ignore_signals, no_delay, release)
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, AbortableWait, ConnectionSet, KernelDeadlines,
+                   StopSignals, WriteStalled, abort, announce, deliver_or_reset, drain, no_delay, output_stalled,
+                   release, shed)
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
+ACCEPT_BATCH = 64              # accepts per wake-up of the accept loop, then the stop flag is looked at again
+THREAD_BACKOFF = 0.05          # no thread to be had: stop accepting this long (a thread must end first)
+NO_THREAD = (RuntimeError, MemoryError)   # what Thread.start() raises when the process cannot have one more
 
 
 def serve(listener, config, stats) -> None:
-    connections = ConnectionSet()
+    connections, wait = ConnectionSet(), AbortableWait()
 
     def start(sock):
-        threading.Thread(target=handle, args=(sock, config, stats, connections), daemon=True).start()
+        threading.Thread(target=handle, args=(sock, config, stats, connections, wait), daemon=True).start()
 
     accept_until_signalled(listener, config, stats, connections, start)
-    ignore_signals()
-    listener.close()
-    stats.aborted = connections.drain(config.drain_timeout)
+    stats.aborted = drain(listener, config, connections, wait)
 
 
 def accept_until_signalled(listener, config, stats, connections, start) -> None:
-    """Accept each connection and ``start`` its handler, until SIGTERM or SIGINT."""
-    announce(listener)
-    with graceful_signals(config):
+    """Accept each connection and ``start`` its handler, until SIGTERM or SIGINT.
+
+    ``start`` raising one of NO_THREAD means it could not take the connection:
+    it is shed, and accepting pauses for THREAD_BACKOFF.
+    """
+    listener.setblocking(False)
+    with StopSignals(config) as stop, selectors.DefaultSelector() as selector:
+        selector.register(stop, selectors.EVENT_READ)
+        selector.register(listener, selectors.EVENT_READ)
+        announce(listener)                     # only now: a signal from here on stops the loop cleanly
+        resume_at = 0.0                        # while not accepting: when to watch the listener again
+        while True:
+            timeout = max(resume_at - time.monotonic(), 0.0) if resume_at else None
+            woken = selector.select(timeout)
+            if any(key.fileobj is stop for key, _ in woken):
+                stop.check()
+            if stop.requested:
+                return
+            if resume_at:
+                if time.monotonic() < resume_at:
+                    continue
+                selector.register(listener, selectors.EVENT_READ)
+                resume_at = 0.0
+            pause = accept_batch(listener, config, stats, connections, start, stop)
+            if pause:
+                selector.unregister(listener)  # it stays readable: selecting it now would spin
+                resume_at = time.monotonic() + pause
+
+
+def accept_batch(listener, config, stats, connections, start, stop) -> float:
+    """Accept what is waiting (at most ACCEPT_BATCH); returns how long to stop accepting, or 0."""
+    for _ in range(ACCEPT_BATCH):
+        if stop.requested:
+            return 0.0
         try:
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except ConnectionAbortedError:
-                    continue                   # reset while it waited in the backlog
-                except OSError as exc:
-                    if exc.errno not in FD_EXHAUSTED:
-                        raise
-                    time.sleep(ACCEPT_BACKOFF)  # out of fds: until a connection closes, a retry fails at once
-                    continue
-                if not stats.try_open():
-                    reject(sock, config)
-                    continue
-                connections.add(sock)
-                start(sock)
-        except Shutdown:
-            pass
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return 0.0
+        except ConnectionAbortedError:
+            continue                           # reset while it waited in the backlog
+        except OSError as exc:
+            if exc.errno not in FD_EXHAUSTED:
+                raise
+            return ACCEPT_BACKOFF              # out of fds: until a connection closes, a retry fails at once
+        if not stats.try_open():
+            reject(sock, config)
+            continue
+        connections.add(sock)
+        try:
+            start(sock)
+        except NO_THREAD:
+            connections.discard(sock)
+            shed(sock, config, stats)
+            return THREAD_BACKOFF
+    return 0.0
 
 
 def reject(sock, config) -> None:
+    """Over the cap: "server busy", never waiting on the peer, and close."""
     with contextlib.suppress(OSError), sock:
-        sock.sendall(rejection(config))
+        sock.send(rejection(config), socket.MSG_DONTWAIT)
 
 
 def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelDeadlines) -> None:
+    """Serve one connection until it closes. ``sleep`` is the model's wait for WORK and rate-limit delays
+    (threads: an AbortableWait; gevent: gevent.sleep); ``deadlines`` wraps sock's recv and sendall so they
+    give up at the session's deadline (threads: the kernel's timers; gevent: a hub timer)."""
     session = open_session(config, stats, time.monotonic())
     peer = deadlines(sock, session)            # sock's recv and sendall, giving up at the session's deadline
     no_delay(sock)
+    expired = False                            # the session counted its own timeout
     try:
         while not session.closing:
             try:
                 data = peer.recv(RECV_SIZE)
             except TIMED_OUT:
                 now = time.monotonic()
-                if not session.expired(now):
-                    continue                   # woken early: the deadline moved since the timer was set
+                if not session.expired(now) or still_delivering(sock, session, now):
+                    continue                   # woken early, or replies in the kernel still making progress
+                expired = True
                 peer.sendall(session.expire(now))
                 break
             if not data:
@@ -100,9 +158,29 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
                 if request.io_s:
                     sleep(request.io_s)
                 peer.sendall(request.run(time.monotonic()))
+        deliver_or_reset(sock, session.idle_timeout, sleep)   # close only once the replies are out
+    except TIMED_OUT:                          # a reply made no progress for --idle-timeout (WriteStalled)
+        if not expired:
+            stats.count("idle_timeouts")
+        abort(sock)
+    except ConnectionAbortedError:             # the drain deadline ended a wait: nothing may linger
+        abort(sock)
     except OSError:
         pass                                   # reset by the peer, or aborted by the drain
     finally:
         peer.close()
         connections.discard(sock)
         release(sock, session, stats)
+
+
+def still_delivering(sock, session, now: float) -> bool:
+    """At the idle deadline: are replies the kernel took still reaching the peer? Then the connection
+    is not idle (the clock restarts at their last progress); stuck for --idle-timeout, WriteStalled.
+    A frame timeout is not deferred."""
+    stalled = output_stalled(sock)
+    if stalled is None:
+        return False
+    if stalled >= session.idle_timeout:
+        raise WriteStalled("replies in the kernel made no progress for --idle-timeout")
+    session.replied(now - stalled)
+    return not session.expired(now)

@@ -239,13 +239,16 @@ def noisy_cal() -> dict:
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """Two whole reports of the fixture: as committed (no calibration) and with a noisy calibration."""
+    """The fixture's page as committed (no calibration), and its whole report (charts too) with a noisy one.
+
+    The first page is rendered without its charts (the trust section does not use them); the second is
+    written as ``conclab report`` writes it.
+    """
     tmp = tmp_path_factory.mktemp("trust")
-    out = {}
-    for name, cal in (("plain", None), ("noisy", noisy_cal())):
-        run = load_run(str(copy_run(tmp, name, cal)))
-        out[name] = Path(report.build(run)).read_text(encoding="utf-8")
-    return out
+    plain = load_run(str(copy_run(tmp, "plain")))
+    noisy = load_run(str(copy_run(tmp, "noisy", noisy_cal())))
+    return {"plain": report.render(plain, [], plain.path),
+            "noisy": Path(report.build(noisy)).read_text(encoding="utf-8")}
 
 
 def text_of(page: str) -> str:
@@ -315,6 +318,7 @@ def test_below_floor_uses_the_larger_p99_and_needs_a_calibration():
     assert trust.floor_us(run) == 500.0
     assert trust.below_floor(run, 499.0) and trust.below_floor(run, -499.0)
     assert not trust.below_floor(run, 500.0) and not trust.below_floor(run, 10_000.0)
+    assert not trust.below_floor(run, -10_000.0)                             # either sign: a difference's size
     assert not trust.below_floor(run, None)
     assert not trust.below_floor(SimpleNamespace(manifest={}), 1.0)          # uncalibrated: cannot say
     timer_worse = calibrate.judge(changed("start.timer.1.p99_us", 800.0))

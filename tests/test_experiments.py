@@ -432,3 +432,155 @@ def test_interrupt_stops_everything_and_keeps_results(tmp_path):
         except psutil.Error:
             continue
     assert leftovers == []
+
+
+# -- rounds, spreads, the measured window and the validity gates -----------------------------------------
+
+class _Case:
+    def __init__(self, name):
+        self.name, self.backend = name, name
+
+
+def _rounds_run(repeat: int):
+    """Just what Run.in_rounds uses: the repeat count, progress lines and skips (recorded here)."""
+    from types import SimpleNamespace
+    skips = []
+    return SimpleNamespace(repeat=repeat, progress=lambda message: None,
+                           skip=lambda experiment, case, reason, point="": skips.append((case.name, point, reason))), \
+        skips
+
+
+def test_rounds_interleave_variants_and_a_failure_skips_only_that_one():
+    from conclab.experiments.harness.run import Run
+    run, skips = _rounds_run(3)
+    order = []
+
+    def body(case, repeat):
+        order.append((case.name, repeat))
+        if case.name == "B" and repeat == 2:
+            raise RuntimeError("pretend the point failed")
+        if case.name == "C" and repeat == 1:
+            raise ServerStartError("pretend it cannot start")
+    Run.in_rounds(run, "throughput", [_Case("A"), _Case("B"), _Case("C")], body)
+    assert order == [("A", 1), ("B", 1), ("C", 1), ("A", 2), ("B", 2), ("A", 3), ("B", 3)]
+    assert [(name, point) for name, point, _ in skips] == [("C", ""), ("B", "repeat=2")]
+    assert "did not start" in skips[0][2] and "pretend the point failed" in skips[1][2]
+
+
+def test_stats_spread_interval_and_comparison():
+    from conclab.experiments.harness import stats
+    one = stats.spread([5.0])
+    assert (one["median"], one["ci_lo"], one["ci_hi"], one["ci_flag"]) == (5.0, 5.0, 5.0, stats.CI_MIN_MAX)
+    two = stats.spread([1.0, "", None, 3.0])
+    assert (two["n"], two["ci_lo"], two["ci_hi"], two["ci_flag"]) == (2, 1.0, 3.0, stats.CI_MIN_MAX)
+    values = [10.0, 11.0, 9.5, 10.5, 30.0, 10.2, 9.8, 10.1, 9.9, 10.3]
+    first, again = stats.spread(values), stats.spread(list(reversed(values)))
+    assert first == again and first["ci_flag"] == stats.CI_BOOTSTRAP          # fixed seed: the same interval
+    assert first["min"] <= first["ci_lo"] <= first["median"] <= first["ci_hi"] <= first["max"]
+    assert first["ci_hi"] < 30.0                                               # one outlier does not make the interval
+    assert stats.compare({"ci_lo": 1, "ci_hi": 2}, {"ci_lo": 3, "ci_hi": 4}) == stats.LOWER
+    assert stats.compare({"ci_lo": 3, "ci_hi": 4}, {"ci_lo": 1, "ci_hi": 2}) == stats.HIGHER
+    assert stats.compare({"ci_lo": 1, "ci_hi": 3}, {"ci_lo": 2, "ci_hi": 4}) == stats.TIE
+    assert stats.compare(stats.spread([100, 110, 120]), 99) == stats.HIGHER   # a number is a point interval
+    assert stats.compare(None, 1) == stats.TIE                                 # nothing is ranked on a missing value
+    assert summary.summarize({"throughput": [{"backend": "go", "variant": "go", "repeat": r, "conns": 50,
+                                              "throughput_rps": v, "valid": 1} for r, v in ((1, 10.0), (2, 30.0),
+                                                                                            (3, 20.0))]})[1] \
+        == {"experiment": "throughput", "backend": "go", "variant": "go", "point": "conns=50", "x": 50,
+            "metric": "throughput_rps", **stats.spread([10.0, 30.0, 20.0])}
+
+
+def test_server_cpu_is_over_the_measured_window():
+    from conclab.experiments.harness.run import Window, server_deltas
+
+    def counters(t, cpu, ctx):
+        return {"t": t, "cpu_user_s": cpu * 0.75, "cpu_sys_s": cpu * 0.25, "ctx_voluntary": ctx, "ctx_involuntary": 0}
+    # around the whole run (10 s, start-up and warm-up included) 2.1 s of CPU; in its 3 s window 1.8 s
+    before, after = counters(100.0, 5.0, 1000), counters(110.0, 7.1, 4000)
+    window = Window(counters(104.0, 5.2, 1200), counters(107.0, 7.0, 3900), active=50)
+    row = server_deltas(before, after, 31_000, 30_000, {}, window=window, throughput=10_000.0)
+    assert row["server_cpu_percent"] == pytest.approx(60.0)                    # 1.8 s / 3 s, not 2.1 s / 10 s
+    assert row["cpu_us_per_req"] == pytest.approx(60.0)                        # 1.8 s / the window's 30,000 requests
+    assert row["ctx_per_req"] == pytest.approx(2700 / 30_000)
+    old = server_deltas(before, after, 31_000, 30_000, {}, window=Window(), throughput=10_000.0)
+    assert old["cpu_us_per_req"] == pytest.approx(2.1e6 / 31_000)              # no window: the whole run, per request
+    assert old["server_cpu_percent"] == pytest.approx(2.1e6 / 31_000 * 10_000 / 1e4)   # scaled by the window's rate
+
+
+def test_the_generator_announces_its_window_in_the_form_the_harness_reads(capsys):
+    from conclab.loadgen.params import LoadParams
+    from conclab.loadgen.runner import announce_window
+    announce_window(LoadParams(duration=3.0, warmup=0.5), 10_000_000_000)
+    assert capsys.readouterr().err == ""                                       # not asked: nothing said
+    announce_window(LoadParams(duration=3.0, warmup=0.5, announce=True), 10_000_000_000)
+    match = loadproc.WINDOW_RE.search(capsys.readouterr().err.encode())
+    assert match and (float(match[1]), float(match[2])) == (pytest.approx(10.5), pytest.approx(13.5))
+
+
+def test_a_point_too_short_for_its_latency_or_not_fully_accepted_is_invalid():
+    from conclab.experiments.harness.run import accepted_check
+    base = {"requests": 900, "errors": {}, "duration_s": 3.0, "throughput_rps": 300.0, "loadgen_saturated": False,
+            "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4, "p9999": 5, "max": 6, "mean": 100_000},
+            "connections": {"requested": 30, "opened": 30, "served": 30}, "unanswered": 0}
+    assert loadproc.flatten(base)["valid"] is True                             # 3 s >= 20 x 100 ms
+    slow = loadproc.flatten({**base, "latency_us": {**base["latency_us"], "mean": 200_000}})
+    assert slow["valid"] is False and slow["invalid_reason"].startswith(loadproc.TOO_SHORT)
+    row = loadproc.flatten(base)
+    accepted_check(row, 30, 30)
+    assert row["valid"] is True and row["server_conns_active"] == 30
+    accepted_check(row, 27, 30)
+    assert row["valid"] is False and row["invalid_reason"] == "server had accepted only 27 of 30 connections"
+    unknown = loadproc.flatten(base)
+    accepted_check(unknown, None, 30)                                          # STATS unanswered: not judged
+    assert unknown["valid"] is True and unknown["server_conns_active"] is None
+
+
+def test_the_connections_check_counts_only_the_generators_connections():
+    from conclab.experiments.harness.run import ConnectionsCheck
+
+    class Server:
+        def __init__(self, answers):
+            self.answers = list(answers)
+
+        def try_stats(self, timeout):
+            return self.answers.pop(0) if self.answers else {"connections_active": 0, "connections_total": 0}
+    far = time.monotonic() + 60
+    # 50 active of which 1 is the check's own STATS connection and 1 a closed one not yet reaped: 48 are the generator's
+    server = Server([{"connections_active": 50, "connections_total": 10 + 48 + 1}])
+    check = ConnectionsCheck(server, 50, window_start=time.monotonic() - 1, total_before=10).begin()
+    assert check.result() == 48
+    ramping = Server([{"connections_active": 21, "connections_total": 31}, {"connections_active": 51,
+                                                                            "connections_total": 62}])
+    assert ConnectionsCheck(ramping, 50, window_start=far, total_before=10).begin().result() == 50
+    silent = Server([None])
+    assert ConnectionsCheck(silent, 50, window_start=time.monotonic() - 1).begin().result() is None
+
+
+def test_the_standard_profile_is_the_reference_and_the_default_repeat_is_its_rounds():
+    from conclab.experiments.harness.profiles import PROFILES
+    standard = PROFILES["standard"]
+    assert standard.rounds >= 3 and standard.point_s >= 3
+    assert len(standard.latency_fractions) >= 6 and 0.1 in standard.latency_fractions
+    assert {0, 1000, 2500, 5000, 10_000} <= set(standard.memory_conns) and len(standard.memory_conns) >= 5
+    assert standard.reference_conns in standard.throughput_conns and standard.c10k_conns >= 10_000
+    assert PROFILES["quick"].rounds == 1 and PROFILES["tiny"].rounds == 1
+    import argparse
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.rounds(parser.parse_args(["all", "--profile", "standard"]), standard) == standard.rounds
+    assert cli.rounds(parser.parse_args(["all", "--profile", "standard", "--repeat", "5"]), standard) == 5
+
+
+@pytest.mark.live
+def test_rounds_interleave_in_a_real_run(tmp_path):
+    code = cli.main(["throughput", "--profile", "tiny", "--repeat", "2", "--backends", "threads,asyncio",
+                     "--results", str(tmp_path), "--run-id", "rounds"])
+    assert code == 0
+    rows = read(tmp_path / "rounds", "throughput")
+    assert list(zip(rows.variant, rows.repeat)) == [("threads", 1), ("asyncio", 1), ("threads", 2), ("asyncio", 2)]
+    assert (rows.server_conns_active == rows.conns).all() and (rows.valid == 1).all()
+    assert (rows.server_cpu_percent > 0).all()
+    summ = read(tmp_path / "rounds", "summary")
+    tput = summ[summ.metric == "throughput_rps"]
+    assert (tput.n == 2).all() and (tput.ci_flag == "min-max").all()
+    assert ((tput.ci_lo == tput["min"]) & (tput.ci_hi == tput["max"])).all()

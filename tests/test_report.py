@@ -418,3 +418,96 @@ def test_charts_draw_invalid_points_hollow(invalid_pool):
     hollow = [line for line in fig.axes[0].get_lines() if line.get_markerfacecolor() == "none"
               and len(line.get_xdata())]
     assert len(hollow) == 1 and list(hollow[0].get_ydata()) == [FAST_RPS]
+
+
+# -- ranking honesty: ranked only where the intervals separate ----------------------------------------
+
+def synthetic_throughput(tmp_path: Path, values: dict, name: str = "synthetic") -> Path:
+    """A run of throughput only: per variant one row per round (its values, in rounds 1, 2, 3) at the reference
+    point, every row valid, the rest of each row from the fixture."""
+    run_dir = copy_run(tmp_path, name)
+    keep_only(run_dir, ("throughput",))
+
+    def rewrite(frame):
+        template = frame[frame.variant == "go"].iloc[0]
+        rows = []
+        for variant, rounds in values.items():
+            for repeat, rps in enumerate(rounds, 1):
+                row = template.copy()
+                row[["backend", "variant", "repeat", "throughput_rps", "cpu_us_per_req", "valid", "conns_served",
+                     "unanswered", "loadgen_saturated"]] = [variant, variant, str(repeat), str(rps),
+                                                            str(1e6 / rps), "1", row["conns"], "0", "0"]
+                rows.append(row)
+        frame.drop(frame.index, inplace=True)
+        for i, row in enumerate(rows):
+            frame.loc[i] = row
+    edit_csv(run_dir, "throughput", rewrite)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["parameters"]["repeat"] = 3
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir
+
+
+def throughput_finding(run_dir: Path):
+    from conclab.analysis import findings
+    run = load_run(str(run_dir))
+    return findings.throughput(derive.at_reference(run), derive.reference_conns(run))
+
+
+def test_overlapping_intervals_are_a_tie_and_separated_ones_rank(tmp_path):
+    overlap = throughput_finding(synthetic_throughput(tmp_path, {"epoll": [20_000, 30_000, 24_000],
+                                                                 "asyncio": [22_000, 27_000, 33_000]}, "overlap"))
+    assert "tie within noise" in overlap.title and "tie within noise" in overlap.text
+    for word in ("fastest", "slowest", "×"):
+        assert word not in overlap.title and word not in overlap.text, word
+    apart = throughput_finding(synthetic_throughput(tmp_path, {"epoll": [20_000, 21_000, 22_000],
+                                                               "asyncio": [30_000, 31_000, 29_000]}, "apart"))
+    assert "tie" not in apart.title and "asyncio is fastest" in apart.title and "epoll slowest" in apart.title
+    assert apart.facts["times"] == pytest.approx(30_000 / 21_000)
+    assert (apart.facts["hi_rps_min"], apart.facts["hi_rps_max"]) == (29_000, 31_000)       # the spread is shown
+    assert apart.facts["hi_cpu"] == pytest.approx(1e6 / 30_000)                             # and what a request cost
+
+
+def test_compare_medians_is_the_one_rule():
+    row = {"throughput_rps": 10.0, "throughput_rps_lo": 9.0, "throughput_rps_hi": 11.0}
+    assert derive.compare_medians(row, {"throughput_rps": 12.0, "throughput_rps_lo": 11.5,
+                                        "throughput_rps_hi": 13.0}, "throughput_rps") == "lower"
+    assert derive.compare_medians(row, {"throughput_rps": 12.0, "throughput_rps_min": 10.5,
+                                        "throughput_rps_max": 13.0}, "throughput_rps") == "tie"
+    assert derive.compare_medians(row, 8.0, "throughput_rps") == "higher"
+    assert derive.compare_medians({"ns_per_switch": 5.0, "ns_min": 4.0, "ns_max": 6.0},
+                                  {"ns_per_switch": 9.0, "ns_min": 5.5, "ns_max": 9.5}, "ns_per_switch") == "tie"
+
+
+# -- the summary: valid points only, and "all" means all ---------------------------------------------
+
+SUPERLATIVES = re.compile(r"\b(fastest|slowest|most|least|every|all|each)\b", re.IGNORECASE)
+
+
+def test_every_summary_number_is_from_valid_points_and_all_means_all(invalid_pool):
+    run, path, results = invalid_pool
+    items = report.summary(run, results, claims.claims(run), targets(run))
+    by_name = {r.name: r for r in results}
+    pool = re.compile(rf"\b{POOL}\b(?!-)")
+    for name in ("throughput", "latency_load", "io_bound"):      # the experiments where the pool is invalid
+        finding = by_name[name].finding
+        assert FAST_RPS not in finding.numbers.values() and num(FAST_RPS) not in finding.title
+        title = finding.title + "."
+        assert title in items
+        if SUPERLATIVES.search(finding.title):
+            assert pool.search(finding.title) and "left out" in finding.title, finding.title
+    text = " ".join(items)
+    assert num(FAST_RPS) not in text
+    # the headline tables: summary.csv medians and targets.csv come from valid rows only
+    def row(variant, rps, valid, reason=""):
+        return {"backend": variant, "variant": variant, "repeat": 1, "conns": 50, "throughput_rps": rps,
+                "cpu_us_per_req": 10.0, "valid": int(valid), "invalid_reason": reason, "loadgen_saturated": 0}
+    rows = [row("go", 40_000.0, True), row("epoll", 35_000.0, True),
+            row(POOL, FAST_RPS, False, "served 6 of 50 connections"),
+            dict(row("uvloop", FAST_RPS, False, "load generator saturated"), loadgen_saturated=1)]
+    from conclab.experiments.harness import summary as harness_summary
+    summ = harness_summary.summarize({"throughput": rows})
+    assert all(r["median"] != FAST_RPS and r["max"] != FAST_RPS for r in summ)
+    assert {r["variant"] for r in summ if r["metric"] != "valid"} == {"go", "epoll"}
+    ratios = {t["variant"]: t["value"] for t in harness_summary.targets(summ, 50, [])}
+    assert ratios[POOL] is None and ratios["uvloop"] is None and ratios["epoll"] == pytest.approx(35 / 40)

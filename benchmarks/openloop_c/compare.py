@@ -14,8 +14,10 @@ What it does:
    alternating which goes first, both with the same rate, connections,
    warm-up and duration, both pinned to CPU 1 with ``taskset``.
 4. Prints a table: per rate and tool the median p50 and p99 over the rounds
-   (with min-max), and the ratios Python / C of the medians. Writes every run
-   as JSON to ``--out``.
+   (with min-max) and the median p50 measured from the actual send (what is
+   left when each tool's own send lag is taken out), then the ratios
+   Python / C of the medians and, in brackets, the paired ratios (median over
+   rounds of the ratio within a round). Writes every run as JSON to ``--out``.
 
 Both clients keep the same schedule (request k due at start + k/R on
 connection k mod C, at most ``--pipeline`` in flight per connection) and
@@ -166,8 +168,10 @@ def summarize(runs: list[dict]) -> list[dict]:
     Each run is ``{"rate": R, "tool": "python"|"c", "p50": µs, "p99": µs, "uncorrected_p50": µs (optional)}``.
     Per rate (ascending): one row per tool present, ``{"rate", "tool", "rounds", "p50": spread, "p99": spread,
     "uncorrected_p50": spread or None}``, then, when both tools ran, ``{"rate", "tool": "python/c", "p50_ratio",
-    "p99_ratio", "uncorrected_p50_ratio", "agree"}`` with the ratios of the medians (Python / C) and ``agree`` =
-    p50 and p99 both within AGREEMENT either way.
+    "p99_ratio", "uncorrected_p50_ratio", "p50_paired", "p99_paired", "agree"}`` with the ratios of the medians
+    (Python / C), the paired ratios (the median over rounds of Python / C within one round: the two runs of a
+    round are back to back, so a slow drift of the machine's load cancels) and ``agree`` = p50 and p99 ratios
+    of the medians both within AGREEMENT either way. Runs without a ``round`` key are not paired.
     """
     rows = []
     for rate in sorted({r["rate"] for r in runs}):
@@ -188,9 +192,21 @@ def summarize(runs: list[dict]) -> list[dict]:
             agree = all(v is not None and 1 / AGREEMENT <= v <= AGREEMENT for v in ratios.values())
             both = py["uncorrected_p50"] and c["uncorrected_p50"]
             unc_ratio = ratio(py["uncorrected_p50"]["median"], c["uncorrected_p50"]["median"]) if both else None
-            rows.append({"rate": rate, "tool": "python/c", **ratios, "uncorrected_p50_ratio": unc_ratio,
+            paired = {f"{p}_paired": paired_ratio([r for r in runs if r["rate"] == rate], p) for p in ("p50", "p99")}
+            rows.append({"rate": rate, "tool": "python/c", **ratios, "uncorrected_p50_ratio": unc_ratio, **paired,
                          "agree": agree})
     return rows
+
+
+def paired_ratio(runs: list[dict], key: str) -> float | None:
+    """Median over rounds of python[key] / c[key] within the same round; None without a complete round."""
+    by_round: dict = {}
+    for r in runs:
+        if r.get("round") is not None:
+            by_round.setdefault(r["round"], {})[r["tool"]] = r[key]
+    ratios = [ratio(t["python"], t["c"]) for t in by_round.values() if "python" in t and "c" in t]
+    ratios = [x for x in ratios if x is not None]
+    return statistics.median(ratios) if ratios else None
 
 
 def ratio(a: float, b: float) -> float | None:
@@ -212,7 +228,9 @@ def format_table(rows: list[dict], fractions: dict | None = None) -> str:
         if fractions and row["rate"] in fractions:
             rate += f" ({fractions[row['rate']]:.0%})"
         if row["tool"] == "python/c":
-            cells = [f"**{row[k]:.2f}x**" if row[k] is not None else "n/a" for k in ("p50_ratio", "p99_ratio")]
+            cells = [(f"**{row[k]:.2f}x**" if row[k] is not None else "n/a")
+                     + (f" (paired {row[q]:.2f}x)" if row.get(q) is not None else "")
+                     for k, q in (("p50_ratio", "p50_paired"), ("p99_ratio", "p99_paired"))]
             unc = row.get("uncorrected_p50_ratio")
             lines.append(f"| {rate} | Python / C | {cells[0]} | {cells[1]} | {f'{unc:.2f}x' if unc else 'n/a'} |")
         else:

@@ -90,7 +90,8 @@ USER, NICE, SYSTEM, IDLE, IOWAIT, IRQ, SOFTIRQ, STEAL = range(8)
 
 @dataclass(frozen=True)
 class Settings:
-    """How much calibration a profile gets (about 2 s per phase for tiny, 4 s for quick, 6 s for full)."""
+    """How much calibration a profile gets (about 2.5 s per phase for tiny, 4 s for quick, 6 s for standard
+    and full: the runs meant for conclusions get the longer floor)."""
     timer_samples: int             # 1 ms sleeps per CPU
     floor_s: float                 # measured seconds of the latency floor
     floor_warmup_s: float          # its warm-up (not counted)
@@ -102,6 +103,7 @@ class Settings:
 
 SETTINGS = {"tiny": Settings(timer_samples=200, floor_s=1.0, floor_warmup_s=0.0),
             "quick": Settings(timer_samples=500, floor_s=2.0, floor_warmup_s=0.2),
+            "standard": Settings(timer_samples=1000, floor_s=3.0, floor_warmup_s=0.5),
             "full": Settings(timer_samples=1000, floor_s=3.0, floor_warmup_s=0.5)}
 DEFAULT_SETTINGS = SETTINGS["quick"]   # a profile not listed here
 

@@ -146,6 +146,11 @@ def preflight_loadgen() -> None:
         raise UsageError(f"load generator {' '.join(command)!r} cannot run: {last}")
 
 
+def rounds(args, profile) -> int:
+    """How many interleaved rounds: --repeat if given, else the profile's ``rounds``."""
+    return args.repeat if args.repeat is not None else profile.rounds
+
+
 def new_run_id(results: str, experiments: list[str]) -> str:
     label = "all" if experiments == registry.names(in_all=True) else "+".join(experiments)
     base = time.strftime("%Y%m%d-%H%M%S") + "-" + label
@@ -180,7 +185,7 @@ def prepare(args) -> Run:
     if any(registry.get(name).loadgen for name in experiments):
         preflight_loadgen()
     profile = PROFILES[args.profile]
-    repeat = args.repeat if args.repeat is not None else profile.rounds
+    repeat = rounds(args, profile)
     run_id = args.run_id or new_run_id(args.results, experiments)
     if args.run_id and os.path.exists(os.path.join(args.results, run_id)):
         raise UsageError(f"--run-id {run_id}: {os.path.join(args.results, run_id)} already exists")

@@ -86,6 +86,16 @@ FULL = Profile(
     pitfall_s=10.0, pitfall_rate=300, pitfall_silent=300, pitfall_idle_s=1.0, pitfall_cap=1000,
 )
 
+STANDARD = Profile(
+    name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
+    connect_rate=5000,
+    memory_conns=(0, 1000, 2500, 5000, 10_000), throughput_conns=(50, 500), reference_conns=50, size=64,
+    latency_conns=50, latency_fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.1), io_conns=(10, 1000), io_us=10_000,
+    cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go",), c10k_conns=10_000, c10k_probe_conns=10,
+    switch_rounds=5, switch_round_s=0.1, pool_workers=default_workers(), rounds=3,
+    pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
+)
+
 TINY = Profile(
     name="tiny", point_s=0.3, warmup_s=0.0, sample_interval_s=0.1, settle_s=0.05, ramp_timeout_s=5.0,
     connect_rate=2000, memory_conns=(0, 30), throughput_conns=(4,), reference_conns=4, size=64,
@@ -95,4 +105,4 @@ TINY = Profile(
     pitfall_s=0.8, pitfall_rate=200, pitfall_silent=20, pitfall_idle_s=0.3, pitfall_cap=20,
 )
 
-PROFILES = {p.name: p for p in (QUICK, FULL, TINY)}
+PROFILES = {p.name: p for p in (QUICK, STANDARD, FULL, TINY)}

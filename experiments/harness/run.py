@@ -138,20 +138,25 @@ class Run:
         A failure skips that one (variant, round), not the run; a server that does not start is skipped
         for the rounds left too (it would not start then either).
         """
-        variants = list(self.variants_for(experiment))
+        self.in_rounds(experiment, list(self.variants_for(experiment)), body)
+
+    def in_rounds(self, experiment: str, cases: list, body) -> None:
+        """body(case, repeat) for round 1..repeat, every case in each round (cases: Variants, or anything with a
+        ``name`` and ``backend``, e.g. microbenchmarks). Errors as in ``each_variant``."""
+        cases = list(cases)
         for repeat in range(1, self.repeat + 1):
             if self.repeat > 1:
                 self.progress(f"[{experiment}] round {repeat}/{self.repeat}: "
-                              f"{', '.join(v.name for v in variants) or 'no variant left'}")
-            for variant in list(variants):
+                              f"{', '.join(c.name for c in cases) or 'nothing left to measure'}")
+            for case in list(cases):
                 try:
-                    body(variant, repeat)
+                    body(case, repeat)
                 except ServerStartError as exc:
-                    self.skip(experiment, variant, f"server did not start: {exc}")
-                    variants.remove(variant)
+                    self.skip(experiment, case, f"server did not start: {exc}")
+                    cases.remove(case)
                 except (loadproc.LoadgenError, OSError, RuntimeError, psutil.Error) as exc:
                     detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                    self.skip(experiment, variant, f"failed: {detail}", point=f"repeat={repeat}")
+                    self.skip(experiment, case, f"failed: {detail}", point=f"repeat={repeat}")
 
     def server_options(self, variant, *, max_conns: int | None = None, idle_timeout: float | None = None,
                        cpus=None) -> list:

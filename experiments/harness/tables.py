@@ -36,10 +36,12 @@ SERVER = ("server_requests", "server_conns_active", "server_cpu_user_s", "server
 GAUGES = ("rss_kib", "uss_kib", "vms_kib", "threads", "fds", "tcp_established", "tcp_close_wait", "tcp_time_wait")
 
 # Kernel memory around one memory point (experiments.memory): the change from before the connections were opened
-# to while they were held (machine-wide slab, kernel stacks, TCP socket memory and TIME_WAIT count; the server's
-# page tables), and the load generator's end of the connections held (estimated), which is in the machine's change.
+# to while they were held (machine-wide slab, kernel stacks, TCP socket memory; the server's page tables), what
+# other processes did meanwhile (TIME_WAIT sockets, TCP sockets and tasks not the server's or its clients'), and
+# the load generator's end of the connections held (estimated), which is in the machine's change.
 KERNEL = ("kernel_sock_kib", "kernel_stack_kib", "kernel_slab_kib", "kernel_sreclaimable_kib", "kernel_sunreclaim_kib",
-          "kernel_pte_kib", "time_wait_delta", "client_sock_kib", "client_slab_kib")
+          "kernel_pte_kib", "time_wait_delta", "other_sockets_delta", "other_tasks_delta", "client_sock_kib",
+          "client_slab_kib")
 
 COLUMNS = {
     "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus", *KERNEL),
