@@ -121,7 +121,7 @@ def draw_memory_rss(points: pd.DataFrame, finding):
 def _fit_label(rows: pd.DataFrame) -> str:
     """r² of a variant's RSS line, or why there is none."""
     r2 = rows.rss_r2.dropna() if "rss_r2" in rows else rows.iloc[0:0]
-    return f"r² {num(r2.iloc[0])}" if not r2.empty else f"{rows.n_conns.notna().sum()} points: no r²"
+    return f"r² {r2.iloc[0]:.4f}" if not r2.empty else f"{rows.n_conns.notna().sum()} points: no r²"
 
 
 KERNEL_ALPHA = {"kernel_sock_kib": 0.9, "kernel_stack_kib": 0.65, "kernel_slab_kib": 0.4, "kernel_pte_kib": 0.2}
@@ -129,7 +129,9 @@ KERNEL_ALPHA = {"kernel_sock_kib": 0.9, "kernel_stack_kib": 0.65, "kernel_slab_k
 
 def draw_memory_kernel(split: pd.DataFrame, finding):
     """Per variant a stacked bar, KiB per idle connection: process RSS (the variant's colour), then the kernel's
-    parts (grey shades, derive.MEMORY_PARTS); the total at its end. A part below 0 (noise) is drawn as 0."""
+    parts (grey shades, derive.MEMORY_PARTS); the total at its end. A part below 0 (noise) is drawn as 0; a
+    variant without a kernel line is left out (its finding says why)."""
+    split = split.dropna(subset=["kernel_kib"]).reset_index(drop=True)
     fig, axes = style.figure()
     ax = axes[0][0]
     y = np.arange(len(split))

@@ -14,7 +14,9 @@ the findings and claims rank by: "higher" or "lower" only when the two
 intervals separate, else "tie" (within noise).
 
 Invalid points (a connection never served, requests unanswered, the load
-generator saturated: the table's ``valid`` = 0, see harness.loadproc.validity)
+generator saturated, a window too short for its latency, connections the server
+had not accepted: the table's ``valid`` = 0, see harness.loadproc.validity and
+harness.run.accepted_check)
 are never a headline, a ranking or a knee. ``medians`` takes the median over
 the valid repeats of a point; a point with none is kept for the tables with
 ``valid`` False and ``invalid_reason``, and ``valid(frame)`` is what findings,
@@ -219,10 +221,12 @@ def memory_kernel(run) -> pd.DataFrame:
     """One row per variant whose kernel memory was measured, KiB per idle connection: the MEMORY_PARTS (process
     RSS, then the kernel's: the server's share), kernel_kib (the kernel parts' sum; its spread over repeats),
     total_kib (RSS + kernel), kernel_both_kib (the machine's change: both ends, nothing subtracted), client_kib
-    (the load generator's end, subtracted); r² and points of the RSS and kernel fits. Empty: nothing measured."""
+    (the load generator's end, subtracted); r² and points of the RSS and kernel fits. A variant whose kernel had
+    too few undisturbed points for a line has NaN there. Empty: no variant has a kernel line."""
     fits = memory_fits(run)
     by = fits.set_index(["variant", "metric"]) if not fits.empty else fits
-    variants = fits.loc[(fits.metric == "kernel_kib") & fits.per_conn.notna(), "variant"] if not fits.empty else []
+    kernel = fits[fits.metric == "kernel_kib"] if not fits.empty else fits
+    variants = kernel.variant if not kernel.empty and kernel.per_conn.notna().any() else []
     rows = []
     for variant in variants:
         def get(metric, column="per_conn"):

@@ -9,6 +9,13 @@ numbers, never written in advance.
 Only valid points are ranked or quoted (``derive.valid``); the invalid ones of a
 frame (a connection never served, requests unanswered, a saturated load
 generator) get a sentence saying they were left out and why (``_left_out``).
+
+Every comparison between two measured values (faster, fastest, slowest, most,
+"X times") goes through ``derive.compare_medians``: a ranking only where the two
+medians' 95 % intervals separate, else the sentence says "tie within noise".
+Medians are shown with their min–max over the rounds (``_spread``), req/s with
+the server CPU µs per request it cost (``_cpu``), and a superlative over fewer
+variants than were measured names the ones left out (``_scope``).
 """
 from __future__ import annotations
 
@@ -171,8 +178,9 @@ def _fit_quality(b: Builder, slopes: pd.DataFrame) -> None:
               "grows linearly; a profile with more memory points can).", prefix="fit.", k=slopes.rss_points.min())
         return
     worst = judged.loc[judged.rss_r2.idxmin()]
-    b.add("The lines are fitted through {k} points: r² is at least {r2} ({v}).", prefix="fit.",
-          k=judged.rss_points.min(), r2=worst.rss_r2, v=worst.variant)
+    b.add("The lines are fitted through {k} points and leave at most {unexplained}% of the variance "
+          "unexplained (the complement of r², {v}).", prefix="fit.", k=judged.rss_points.min(), r2=worst.rss_r2,
+          unexplained=100 * (1 - worst.rss_r2), v=worst.variant)
     if "rss_max_residual_kib" in judged and judged.rss_max_residual_kib.notna().any():
         far = judged.loc[judged.rss_max_residual_kib.idxmax()]
         b.add("The farthest point is {res_mib} MiB off its line ({v}).", prefix="fit.residual.",
@@ -191,8 +199,9 @@ def memory_kernel(split: pd.DataFrame) -> Finding:
           "was measured apart: the change of /proc/meminfo, /proc/net/sockstat and the server's page tables while "
           "the connections were held, less the load generator's end of each connection ({client} KiB, estimated "
           "from loopback pairs).", client=rows.client_kib.median())
+    one = len(rows) == 1
     b.add("With the kernel counted, an idle connection costs {hi_total} KiB with {hi} ({hi_rss} KiB process RSS "
-          "+ {hi_kernel} KiB kernel) and {lo_total} KiB with {lo} ({lo_rss} + {lo_kernel}).",
+          "+ {hi_kernel} KiB kernel)" + ("." if one else " and {lo_total} KiB with {lo} ({lo_rss} + {lo_kernel})."),
           hi=hi.variant, hi_total=hi.total_kib, hi_rss=hi.rss_kib, hi_kernel=hi.kernel_kib,
           lo=lo.variant, lo_total=lo.total_kib, lo_rss=lo.rss_kib, lo_kernel=lo.kernel_kib)
     positive = rows[(rows.kernel_kib > 0) & (rows.total_kib > 0)]
@@ -203,21 +212,26 @@ def memory_kernel(split: pd.DataFrame) -> Finding:
     threads = rows[rows.variant == derive.THREAD_VARIANT]
     if not threads.empty and threads.iloc[0].kernel_stack_kib >= MIN_SLOPE_KIB:
         t = threads.iloc[0]
-        b.add("{tv}'s thread per connection adds {stack} KiB of kernel stack and {pte} KiB of page tables.",
-              tv=t.variant, stack=t.kernel_stack_kib, pte=t.kernel_pte_kib)
+        b.add("With {tv}, a thread per connection, each connection adds {stack} KiB of kernel stack and {pte} KiB "
+              "of page tables.", tv=t.variant, stack=t.kernel_stack_kib, pte=t.kernel_pte_kib)
     for r in rows.itertuples():
         if pd.notna(r.rss_points) and pd.notna(r.kernel_points) and r.kernel_points < r.rss_points:
-            b.add("{v}: {k} of {n} points left out of the kernel fit (the machine's TIME_WAIT sockets changed "
-                  "while they were measured).", prefix=f"left_out.{r.variant}.", v=r.variant,
+            b.add("{v}: {k} of {n} points left out of the kernel fit (other processes' sockets, TIME_WAIT "
+                  "sockets or tasks changed the kernel's counters while they were measured).",
+                  prefix=f"left_out.{r.variant}.", v=r.variant,
                   k=r.rss_points - r.kernel_points, n=r.rss_points)
+    for r in split[split.kernel_kib.isna()].itertuples():
+        b.add("{v}: no kernel line, {k} of {n} points were left undisturbed by other processes.",
+              prefix=f"no_line.{r.variant}.", v=r.variant, k=r.kernel_points, n=r.rss_points)
     judged = rows.dropna(subset=["kernel_r2"])
     if judged.empty:
         b.add("{k} points: no r² for the kernel fits.", prefix="kernel_fit.", k=rows.kernel_points.min())
     else:
         worst = judged.loc[judged.kernel_r2.idxmin()]
-        b.add("Kernel fits: r² at least {r2} ({v}).", prefix="kernel_fit.", r2=worst.kernel_r2, v=worst.variant)
-    return b.finding("With the kernel counted, an idle connection costs {hi_total} KiB with {hi} and "
-                     "{lo_total} KiB with {lo}")
+        b.add("The kernel lines leave at most {unexplained}% of the variance unexplained ({v}).",
+              prefix="kernel_fit.", r2=worst.kernel_r2, unexplained=100 * (1 - worst.kernel_r2), v=worst.variant)
+    return b.finding("With the kernel counted, an idle connection costs {hi_total} KiB with {hi}"
+                     + ("" if one else " and {lo_total} KiB with {lo}"))
 
 
 def thread_vms(slopes: pd.DataFrame) -> Finding:

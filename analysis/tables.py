@@ -106,18 +106,20 @@ SLOPE_COLUMNS = {"rss_kib": "RSS KiB/conn", "rss_kib_min": "min over repeats", "
                  "uss_kib": "USS KiB/conn", "vms_kib": "VMS KiB/conn", "threads": "threads/conn", "fds": "fds/conn",
                  "rss_r2": "RSS fit r²", "rss_max_residual_kib": "largest residual (KiB)", "rss_points": "points"}
 KERNEL_COLUMNS = {**{part: f"{label} KiB/conn" for part, label in derive.MEMORY_PARTS.items()},
-                  "kernel_kib": "kernel KiB/conn", "total_kib": "total KiB/conn",
+                  "kernel_kib": "kernel KiB/conn", "kernel_kib_min": "kernel min over repeats",
+                  "kernel_kib_max": "kernel max over repeats", "total_kib": "total KiB/conn",
                   "kernel_both_kib": "kernel, both ends (nothing subtracted)",
                   "client_kib": "load generator's end (subtracted)", "kernel_r2": "kernel fit r²",
                   "kernel_points": "kernel fit points"}
 
 
 def no_r2(frame: pd.DataFrame, r2: str, points: str) -> pd.DataFrame:
-    """The r² column as text where a fit had too few points for one ("2 points: no r²")."""
+    """The r² column as text: 4 decimals (3 digits would round 0.9996 to 1), or why there is none where a fit
+    had too few points for one ("2 points: no r²")."""
     if frame.empty or r2 not in frame or points not in frame:
         return frame
-    text = [f"{num(k)} points: no r²" if pd.isna(v) and pd.notna(k) and k < derive.MIN_R2_POINTS else v
-            for v, k in zip(frame[r2], frame[points])]
+    text = [f"{num(k)} points: no r²" if pd.isna(v) and pd.notna(k) and k < derive.MIN_R2_POINTS
+            else f"{v:.4f}" if pd.notna(v) else v for v, k in zip(frame[r2], frame[points])]
     return frame.assign(**{r2: pd.Series(text, index=frame.index, dtype=object)})
 
 

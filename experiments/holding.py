@@ -25,6 +25,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from .harness import loadproc
 
 STALL_S = 3.0                  # no newly accepted connection for this long: the ramp is over
@@ -221,12 +223,24 @@ def kernel_delta(before: dict, held: dict) -> dict:
             for column, key in KERNEL_DELTAS.items()}
 
 
-def other_activity(before: dict, held: dict, own_sockets: float) -> dict:
+def other_activity(before: dict, held: dict, own_sockets: float, own_tasks: float = 0.0) -> dict:
     """What other processes did between two readings: other_sockets_delta, TCP sockets allocated beyond
     ``own_sockets`` (both ends of the connections held: 2 per connection); other_tasks_delta, tasks beyond
-    the server's own new threads (``threads`` of both readings; none if they lack it). None: not readable."""
+    the server's own new threads (``threads`` of both readings; none if they lack it) and ``own_tasks`` (the
+    load generator's). None: not readable."""
     def change(key):
         return held[key] - before[key] if key in held and key in before else None
     sockets, tasks, threads = change("tcp_alloc"), change("tasks"), change("threads")
     return {"other_sockets_delta": sockets - own_sockets if sockets is not None else None,
-            "other_tasks_delta": tasks - (threads or 0.0) if tasks is not None else None}
+            "other_tasks_delta": tasks - (threads or 0.0) - own_tasks if tasks is not None else None}
+
+
+def generator_tasks(h: Hold | None) -> int:
+    """Threads of the load generator holding ``h`` (its processes and theirs); 0 without one or if unreadable."""
+    if h is None or h.run is None:
+        return 0
+    try:
+        proc = psutil.Process(h.run.proc.pid)
+        return sum(p.num_threads() for p in [proc, *proc.children(recursive=True)])
+    except (psutil.Error, AttributeError):
+        return 0

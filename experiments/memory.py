@@ -36,12 +36,13 @@ tables are not read.
 Other processes' sockets and threads come and go in the same counters. What
 shows it: TCP sockets allocated beyond the two ends of the connections held
 (``other_sockets_delta``), TIME_WAIT sockets expiring (each frees slab:
-``time_wait_delta``), tasks beyond the server's new threads
-(``other_tasks_delta``). A point during which any of them moved by more than
-``OTHER_TOLERANCE`` of its connections (at least ``OTHER_MIN_SOCKETS`` sockets,
-``OTHER_MIN_TASKS`` tasks, a tenth of the tolerance for tasks: a thread costs
-the kernel some 10x a socket) is kept in memory.csv but left out of the kernel
-fits; a calibration round so disturbed is measured again.
+``time_wait_delta``), tasks beyond the server's new threads and the load
+generator's (``other_tasks_delta``). Their possible effect is estimated
+(``other_kib``: ``TIME_WAIT_KIB`` per TIME_WAIT socket, ``OTHER_SOCKET_KIB`` per
+socket, ``OTHER_TASK_KIB`` per task); a point where it exceeds
+``OTHER_BUDGET_KIB`` per connection held (at least ``OTHER_BUDGET_MIN_KIB``) is
+kept in memory.csv but left out of the kernel fits, and a calibration round so
+disturbed is measured again.
 """
 from __future__ import annotations
 
@@ -72,9 +73,11 @@ KERNEL_FITS = {**dict.fromkeys(SERVER_KERNEL, "KiB/conn"),
                "kernel_both_kib": "KiB/conn",     # unsubtracted: the machine's change, both ends of every connection
                "client_kib": "KiB/conn"}          # the client's end that was subtracted (client_end)
 FIT_METRICS = {**GAUGE_FITS, **KERNEL_FITS}
-OTHER_TOLERANCE = 0.05         # other processes' sockets (or TIME_WAIT) moved by more than this x the connections...
-OTHER_MIN_SOCKETS = 100        # ...and more than this many: the point is left out of the kernel fits;
-OTHER_MIN_TASKS = 10           # tasks: a tenth of the tolerance, at least this many
+TIME_WAIT_KIB = 0.25           # slab a TIME_WAIT socket holds (a 256 B tw_sock)
+OTHER_SOCKET_KIB = 4.5         # slab another process's TCP socket holds: about one end of a connection (client_end)
+OTHER_TASK_KIB = 25.0          # kernel memory of another task: a 16 KiB kernel stack and its slab (task_struct...)
+OTHER_BUDGET_KIB = 0.5         # other processes may move the kernel's memory by this much per connection held...
+OTHER_BUDGET_MIN_KIB = 1024.0  # ...(at least this much) before a point is left out of the kernel fits
 
 CALIBRATION_MIN_PAIRS = 2000   # loopback pairs client_end opens at least (fewer only if the fd limit says so)...
 CALIBRATION_ROUNDS = 3         # ...this many times; the median per part is the estimate
@@ -126,11 +129,12 @@ def measure_point(run, variant, repeat: int, n: int, baseline: bool, client: dic
 def read_point(run, variant, repeat: int, server, n: int, h, started: float, before: dict, client: dict) -> dict:
     """Settle, read the gauges and the kernel, let the hold (if any) end; one memory row."""
     server.sampler.point = f"n={n}"
-    gauges, kernel, held, connect_errors = {}, {}, 0, 0
+    gauges, kernel, held, connect_errors, generator_tasks = {}, {}, 0, 0, 0
     try:
         time.sleep(run.profile.settle_s)
         gauges = holding.gauges(server)
         kernel = holding.kernel_gauges(server.pid)
+        generator_tasks = holding.generator_tasks(h)
         held = holding.accepted(server, h.base_fds) if h else 0
     finally:
         if h:
@@ -139,7 +143,8 @@ def read_point(run, variant, repeat: int, server, n: int, h, started: float, bef
     delta = holding.kernel_delta(before, kernel)
     row = {"experiment": NAME, "backend": variant.backend, "variant": variant.name, "repeat": repeat,
            "n_target": n, "n_conns": held, **gauges, "connect_errors": connect_errors,
-           "server_cpus": run.server_cpus, **delta, **holding.other_activity(before, kernel, 2 * held),
+           "server_cpus": run.server_cpus, **delta,
+           **holding.other_activity(before, kernel, 2 * held, own_tasks=generator_tasks),
            **client_share(client, held)}
     both = [delta[c] for c in SERVER_KERNEL]
     kernel_text = (f", kernel {sum(both) / 1024:+.1f} MiB (both ends" + ("; disturbed by other processes)"
@@ -168,13 +173,17 @@ def _total(values):
     return None if None in values else sum(values)
 
 
+def other_kib(time_wait=None, other_sockets=None, other_tasks=None) -> float:
+    """How much other processes' TIME_WAIT sockets, sockets and tasks may have moved the kernel's memory (KiB,
+    either way); a count that is None was not readable and adds nothing."""
+    return sum(abs(value) * kib for value, kib in ((time_wait, TIME_WAIT_KIB), (other_sockets, OTHER_SOCKET_KIB),
+                                                  (other_tasks, OTHER_TASK_KIB)) if value is not None)
+
+
 def activity_disturbed(conns: float, time_wait=None, other_sockets=None, other_tasks=None) -> bool:
-    """Whether other processes' sockets, TIME_WAIT sockets or tasks moved too much while ``conns`` connections
-    were measured (see the module); a count that is None was not readable and does not count."""
-    sockets = max(OTHER_MIN_SOCKETS, OTHER_TOLERANCE * conns)
-    tasks = max(OTHER_MIN_TASKS, OTHER_TOLERANCE / 10 * conns)
-    return any(value is not None and abs(value) > limit
-               for value, limit in ((time_wait, sockets), (other_sockets, sockets), (other_tasks, tasks)))
+    """Whether other processes may have moved the kernel's memory by more than the budget for ``conns``
+    connections (OTHER_BUDGET_KIB each, at least OTHER_BUDGET_MIN_KIB) while they were measured."""
+    return other_kib(time_wait, other_sockets, other_tasks) > max(OTHER_BUDGET_MIN_KIB, OTHER_BUDGET_KIB * conns)
 
 
 def disturbed(row: dict) -> bool:

@@ -180,21 +180,36 @@ def send_timeout(sock, seconds: float) -> None:
 # -- the write policy: no progress for --idle-timeout ends a connection with a reset ----------------
 # Progress is the kernel sending the peer new data. A blocked sender cannot see it: Linux wakes it
 # (and reports EPOLLOUT) only once a third of the send buffer is free, which a slow but steady reader
-# may take many seconds to free. So a stall is judged from the kernel's own record instead.
+# may take many seconds to free. So a stall is judged from the kernel's own record instead (stuck_for).
 TCP_INFO_SIZE = 104                 # struct tcp_info up to the fields read here (and a little more)
-TCPI_LAST_DATA_SENT = 44            # offset of tcpi_last_data_sent (ms since the kernel last sent data)
+TCPI_LAST_DATA_SENT = 44            # offset of tcpi_last_data_sent: ms since the kernel last sent the peer data
+TCPI_LAST_ACK_RECV = 56             # offset of tcpi_last_ack_recv: ms since the peer last acknowledged anything
 SENDING_STATES = {1, 8}             # TCP_ESTABLISHED, TCP_CLOSE_WAIT: states that still send the peer data
-LINGER_CHECK = 0.05                 # a finished connection with replies still in the kernel: look this often
+STALL_CHECK = 0.1                   # output pending and not moving: ask the kernel this often whether it is stuck
 
 
-def quiet_for(sock) -> tuple[int, float]:
-    """(TCP state, seconds since the kernel last sent this connection's peer any data): TCP_INFO."""
+def stuck_for(sock) -> tuple[int, float, float]:
+    """(TCP state, seconds this connection's pending output has provably been stuck, seconds since the
+    kernel last sent the peer data): TCP_INFO.
+
+    Stuck since the kernel last sent the peer data, as far as the peer has
+    confirmed it. A reader that frees room is heard of only when its kernel
+    advertises a window, which it does in steps (receiver-side silly-window
+    avoidance: a sizeable part of its buffer at a time), so a slow reader's
+    progress arrives in bursts, however steadily it reads. An acknowledgement
+    after the last send that still left no room proves the time in between. A
+    silent peer proves less: Linux rate-limits its answers to window probes,
+    and the next probe is backed off, so silence counts at half weight (a peer
+    that is gone is still judged, after twice the time).
+    """
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
-    return info[0], struct.unpack_from("I", info, TCPI_LAST_DATA_SENT)[0] / 1000
+    sent = struct.unpack_from("I", info, TCPI_LAST_DATA_SENT)[0] / 1000
+    heard = struct.unpack_from("I", info, TCPI_LAST_ACK_RECV)[0] / 1000
+    return info[0], min(sent, max(sent - heard, heard / 2)), sent
 
 
 def output_stalled(sock) -> float | None:
-    """None if the kernel holds no reply bytes the peer can still get; else seconds since it last sent any.
+    """None if the kernel holds no reply bytes the peer can still get; else how long they have been stuck.
 
     One ioctl (SIOCOUTQ) when nothing is pending, the usual case; TCP_INFO only
     when something is: after a reset the queue still counts bytes nobody will send.
@@ -202,26 +217,29 @@ def output_stalled(sock) -> float | None:
     try:
         if not struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]:
             return None
-        state, quiet = quiet_for(sock)
+        state, stuck, _ = stuck_for(sock)
     except (OSError, ValueError):       # closed or reset under us: nothing left to deliver
         return None
-    return quiet if state in SENDING_STATES else None
+    return stuck if state in SENDING_STATES else None
 
 
-def deliver_or_reset(sock, idle_timeout: float, sleep=time.sleep) -> None:
-    """Before closing: wait while the kernel still delivers replies; raise WriteStalled if they stop.
+def deliver_or_reset(sock, idle_timeout: float, sleep=time.sleep) -> bool:
+    """Wait while the kernel still delivers replies (as a blocked send would); raise WriteStalled if they stop.
 
-    A close with unsent data would leave the kernel holding the socket, the data
-    and the peer (FIN-WAIT-1) for as long as the peer does not read; a reply that
-    makes no progress for ``idle_timeout`` is reset instead (the caller aborts).
+    Before a close: a close with unsent data would leave the kernel holding the
+    socket, the data and the peer (FIN-WAIT-1) for as long as the peer does not
+    read; a reply that makes no progress for ``idle_timeout`` is reset instead
+    (the caller aborts). Returns whether there was anything to wait for.
     """
+    waited = False
     while True:
         stalled = output_stalled(sock)
         if stalled is None:
-            return
+            return waited
         if stalled >= idle_timeout:
-            raise WriteStalled("no progress sending the last replies")
-        sleep(min(LINGER_CHECK, idle_timeout - stalled))
+            raise WriteStalled("replies in the kernel made no progress for --idle-timeout")
+        waited = True
+        sleep(STALL_CHECK)
 
 
 class KernelDeadlines:
@@ -240,9 +258,9 @@ class KernelDeadlines:
     ``send``. A send that finds the buffer full blocks until the kernel wakes it
     or SO_SNDTIMEO (the idle timeout, set once) passes; the kernel wakes a
     blocked sender only once a third of its buffer is free, so a timeout is not
-    yet a stall: the kernel is asked when it last sent the peer data
-    (``quiet_for``), and the send is tried again with what is left of the idle
-    timeout from then.
+    yet a stall: the kernel is asked how long the output has been stuck
+    (``stuck_for``), and again every STALL_CHECK while it is (SO_SNDTIMEO set
+    that short until the reply is out).
     """
 
     __slots__ = ("sock", "session", "armed", "send")
@@ -269,10 +287,15 @@ class KernelDeadlines:
 
     def _send_rest(self, view: memoryview) -> None:
         """The buffer was full. A send that returns short or fails with EAGAIN was not woken for SO_SNDTIMEO
-        (what it took, it took before it slept): ask the kernel when it last sent the peer anything."""
-        idle = armed = self.session.idle_timeout
+        (what it took, it took before it slept): ask the kernel how long the output has been stuck, and from
+        then on every STALL_CHECK (a stall is confirmed when the peer answers a window probe)."""
+        idle = self.session.idle_timeout
+        send_timeout(self.sock, STALL_CHECK)
         try:
             while True:
+                _, stuck, _ = stuck_for(self.sock)
+                if stuck >= idle:
+                    raise WriteStalled("a reply made no progress for --idle-timeout")
                 try:
                     sent = self.send(view)
                 except BlockingIOError:
@@ -280,24 +303,25 @@ class KernelDeadlines:
                 if sent == len(view):
                     return
                 view = view[sent:]
-                _, quiet = quiet_for(self.sock)
-                if quiet >= idle:
-                    raise WriteStalled("a reply made no progress for --idle-timeout")
-                armed = idle - quiet + DEADLINE_SLACK         # the rest of the idle timeout since the last progress
-                send_timeout(self.sock, armed)
         finally:
-            if armed != idle:
-                with contextlib.suppress(OSError):
-                    send_timeout(self.sock, idle)
+            with contextlib.suppress(OSError):
+                send_timeout(self.sock, idle)
 
     def close(self) -> None:
         """Nothing to undo: the kernel's timers go with the socket."""
 
 
-def abort(sock) -> None:
-    """Close with RST at once (SO_LINGER 0): the drain deadline, or a reply that stalled."""
+def reset(sock) -> None:
+    """Make the coming close() a reset (SO_LINGER 0): RST, unsent data dropped, nothing kept by the kernel."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def abort(sock) -> None:
+    """Reset a connection another thread is blocked on (the drain deadline): SO_LINGER 0, and shut both
+    ways so its blocked recv or send returns; its close then sends RST."""
+    reset(sock)
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
 
 

@@ -59,11 +59,12 @@ import itertools
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 
-from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, abort, announce, ignore_signals, no_delay, release, stop_signals
+from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, announce, ignore_signals, no_delay, release, stop_signals
 from .session import open_session, rejection
 from .tcpdiag import unsent
 
@@ -73,6 +74,7 @@ ACCEPT_BATCH = 64              # accepts per listener event, so a connect storm 
 OUTPUT_CAP = 1 << 20           # stop reading while more than this waits to be sent (+ one read's replies)
 FIRST_LOOK = 0.01              # replies in the kernel: look again this soon after they moved...
 LAST_LOOK = 1.0                # ...then after as long as they have been stuck, at most this long
+LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 
 
 class Connection:
@@ -163,8 +165,7 @@ class Loop:
         except Exception as exc:               # a bug: it must cost one connection, not the server
             print(f"conclab: epoll: a connection failed and was reset: {exc!r}", file=sys.stderr, flush=True)
             if not conn.closed:
-                abort(conn.sock)
-                self.close(conn)
+                self.reset(conn)
 
     # -- timers -------------------------------------------------------------------------------
     def call_at(self, when: float, callback, conn=None) -> list:
@@ -268,8 +269,7 @@ class Loop:
         (unless the session had timed out already: that was counted)."""
         if not conn.expired:
             self.stats.count("idle_timeouts")
-        abort(conn.sock)                       # SO_LINGER 0: the close sends RST, the kernel drops the bytes
-        self.close(conn)
+        self.reset(conn)
 
     # -- connections: accept, read, answer, write -----------------------------------------------
     def accept(self) -> None:
@@ -396,8 +396,14 @@ class Loop:
             return self.close(conn)
         self.watch_replies(conn)               # look soon: closed once they are out
 
+    def reset(self, conn: Connection) -> None:
+        """Close with RST (SO_LINGER 0): the kernel drops what is unsent and keeps nothing of the socket."""
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        self.close(conn)
+
     def close(self, conn: Connection) -> None:
-        """Forget the connection and close its socket (a FIN; ``abort`` first for a reset)."""
+        """Forget the connection and close its socket (a FIN once the kernel has sent what it holds)."""
         conn.closed = True
         self.conns.pop(conn.fd, None)
         with contextlib.suppress(OSError):
@@ -422,8 +428,7 @@ class Loop:
         """The drain deadline, one more timer: whatever is left is cut (and run() returns)."""
         left = list(self.conns.values())
         for conn in left:
-            abort(conn.sock)                   # SO_LINGER 0: close sends RST
-            self.close(conn)
+            self.reset(conn)
         self.stats.aborted = len(left)
 
 

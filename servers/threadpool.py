@@ -39,8 +39,8 @@ Limits, request dispatch: the loop stops reading a connection whose queue and
 unsent output hold more than ``BACKLOG_CAP`` (replies plus bookkeeping) and reads
 it again once they shrink, so a client that pipelines and never reads costs a
 bounded amount. The write policy (docs/protocol.md section 3): output that makes
-no progress for ``--idle-timeout`` (the kernel has sent the peer nothing for that
-long) ends the connection with a reset, counted in ``idle_timeouts``; a
+no progress for ``--idle-timeout`` (``base.stuck_for``: the kernel has sent the peer
+nothing for that long, as the peer confirms) ends the connection with a reset, counted in ``idle_timeouts``; a
 connection whose replies are still reaching a slow reader is never cut, and
 a finished one is closed once the kernel has delivered them.
 
@@ -61,8 +61,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, SENDING_STATES, AbortableWait, ConnectionSet, StopSignals, abort,
-                   announce, drain, no_delay, output_stalled, quiet_for, release, warn)
+from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, SENDING_STATES, AbortableWait, ConnectionSet, StopSignals, announce,
+                   drain, no_delay, output_stalled, release, stuck_for, warn)
+from .base import reset as reset_on_close
 from .session import Request, open_session
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
@@ -138,7 +139,7 @@ class Connection:
     """One client in request mode: its session, the requests waiting for its reply order, its unsent output."""
 
     __slots__ = ("sock", "session", "queue", "backlog", "out", "since", "lock", "busy", "done", "closed",
-                 "failed", "counted", "lingering", "mask")
+                 "failed", "counted", "following", "mask")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session = sock, session
@@ -150,7 +151,7 @@ class Connection:
         self.busy = self.done = False       # busy: a worker answers the queue; done: close once all is out
         self.closed = self.failed = False   # failed: its worker died unexpectedly (abort it)
         self.counted = False                # its session counted a timeout already (a stall is not counted twice)
-        self.lingering = False              # finished, the kernel still delivering its last replies
+        self.following = False              # replies in the kernel, not yet delivered: the sweep follows them
         self.mask = READ                    # the events registered in the selector (0: not registered)
 
 
@@ -309,8 +310,22 @@ class RequestLoop:
             return self.close(conn)
         if stalled >= conn.session.idle_timeout:
             return self.stalled(conn)
-        conn.lingering = True                       # the sweep looks again
+        conn.following = True                       # the sweep looks again
         self.watch(conn, 0)
+
+    def follow(self, conn: Connection, now: float) -> None:
+        """Replies the kernel holds for conn: wait until they are delivered (a finished connection then
+        closes, an idle one restarts its idle clock), or reset conn once they are stuck for --idle-timeout."""
+        stalled = output_stalled(conn.sock)
+        if stalled is not None:
+            if stalled >= conn.session.idle_timeout:
+                self.stalled(conn)
+            return
+        conn.following = False
+        if conn.done:
+            self.settle(conn)
+        else:
+            conn.session.replied(now)
 
     def stalled(self, conn: Connection) -> None:
         """The write policy: output that made no progress for --idle-timeout ends with a reset, counted idle."""
@@ -329,7 +344,7 @@ class RequestLoop:
         self.watch(conn, 0)
         self.conns.discard(conn)
         if reset:
-            abort(conn.sock)
+            reset_on_close(conn.sock)
         self.connections.discard(conn.sock)
         release(conn.sock, conn.session, self.stats)
 
@@ -340,8 +355,8 @@ class RequestLoop:
             self.selector.register(self.listener, READ, self.accept)
             self.accept_again = 0.0
         for conn in list(self.conns):
-            if conn.lingering:
-                self.finish(conn)
+            if conn.following:
+                self.follow(conn, now)
             elif conn.out:
                 if now - conn.since >= conn.session.idle_timeout:
                     self.judge_progress(conn, now)
@@ -353,27 +368,27 @@ class RequestLoop:
 
     def judge_progress(self, conn: Connection, now: float) -> None:
         """conn's output has not moved for --idle-timeout as far as the loop saw; the kernel knows better
-        (it wakes writers only once a third of the buffer is free): has it sent the peer anything since?"""
+        (it reports EVENT_WRITE only once a third of the buffer is free): how long has it been stuck?
+        Until it has sent the peer something new, the next sweep asks again."""
         try:
-            state, quiet = quiet_for(conn.sock)
+            state, stuck, sent = stuck_for(conn.sock)
         except OSError:
-            state, quiet = 0, 0.0
+            state, stuck, sent = 0, 0.0, 0.0
         if state not in SENDING_STATES:
             return self.close(conn, reset=True)     # the peer is gone
-        if quiet >= conn.session.idle_timeout:
+        if stuck >= conn.session.idle_timeout:
             return self.stalled(conn)
-        conn.since = now - quiet
+        conn.since = max(conn.since, now - sent)
 
     def expire(self, conn: Connection, now: float) -> None:
-        """The session's deadline passed. Replies still reaching the peer from the kernel make it not idle
-        (the clock restarts at their last progress); stuck there, it is a stall. Else ERROR, then close."""
+        """The session's deadline passed. Replies the kernel has not delivered yet are a reply in progress:
+        follow them (stuck, it is a stall). Else ERROR, then close."""
         stalled = output_stalled(conn.sock)
         if stalled is not None:
             if stalled >= conn.session.idle_timeout:
                 return self.stalled(conn)
-            conn.session.replied(now - stalled)
-            if not conn.session.expired(now):
-                return
+            conn.following = True
+            return
         conn.counted = True
         self.deliver(conn, [Request(conn.session.expire(now))], done=True)
         self.settle(conn)

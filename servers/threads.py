@@ -25,10 +25,10 @@ for ``--idle-timeout`` ends the connection with a reset, counted in
 ``idle_timeouts``; one that makes progress is never cut. A client that stops
 reading holds one read's replies and its thread until then. Replies the kernel
 already took count too: a connection whose idle deadline passes while the
-kernel still delivers them is not idle (the clock restarts at their last
-progress), one whose replies sit there undelivered is reset, and a finished
-connection is closed only once they are out (``base.deliver_or_reset``), so no
-socket outlives its thread holding data for a peer that never reads.
+kernel still holds some waits for them as a blocked send would (the idle clock
+restarts once they are out; stuck, it is reset), and a finished connection is
+closed only once they are out (``base.deliver_or_reset``), so no socket outlives
+its thread holding data for a peer that never reads.
 
 The accept loop waits in a selector on the listener and on ``StopSignals``:
 SIGTERM only sets a flag and wakes it, so no exception can interrupt a
@@ -48,8 +48,7 @@ import threading
 import time
 
 from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, AbortableWait, ConnectionSet, KernelDeadlines,
-                   StopSignals, WriteStalled, abort, announce, deliver_or_reset, drain, no_delay, output_stalled,
-                   release, shed)
+                   StopSignals, announce, deliver_or_reset, drain, no_delay, release, reset, shed)
 from .session import open_session, rejection
 
 RECV_SIZE = 65536
@@ -146,8 +145,8 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
                 data = peer.recv(RECV_SIZE)
             except TIMED_OUT:
                 now = time.monotonic()
-                if not session.expired(now) or still_delivering(sock, session, now):
-                    continue                   # woken early, or replies in the kernel still making progress
+                if not session.expired(now) or still_delivering(sock, session, sleep):
+                    continue                   # woken early, or it waited for replies still in the kernel
                 expired = True
                 peer.sendall(session.expire(now))
                 break
@@ -158,13 +157,14 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
                 if request.io_s:
                     sleep(request.io_s)
                 peer.sendall(request.run(time.monotonic()))
+            data = request = None              # an idle connection keeps no reply (nor read) alive while it waits
         deliver_or_reset(sock, session.idle_timeout, sleep)   # close only once the replies are out
     except TIMED_OUT:                          # a reply made no progress for --idle-timeout (WriteStalled)
         if not expired:
             stats.count("idle_timeouts")
-        abort(sock)
+        reset(sock)
     except ConnectionAbortedError:             # the drain deadline ended a wait: nothing may linger
-        abort(sock)
+        reset(sock)
     except OSError:
         pass                                   # reset by the peer, or aborted by the drain
     finally:
@@ -173,14 +173,11 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
         release(sock, session, stats)
 
 
-def still_delivering(sock, session, now: float) -> bool:
-    """At the idle deadline: are replies the kernel took still reaching the peer? Then the connection
-    is not idle (the clock restarts at their last progress); stuck for --idle-timeout, WriteStalled.
-    A frame timeout is not deferred."""
-    stalled = output_stalled(sock)
-    if stalled is None:
+def still_delivering(sock, session, sleep) -> bool:
+    """At the session's deadline: replies the kernel took and has not delivered yet are a reply in
+    progress. Wait for them as a blocked send would (WriteStalled if they stop); once they are out,
+    the idle clock restarts. False if there were none."""
+    if not deliver_or_reset(sock, session.idle_timeout, sleep):
         return False
-    if stalled >= session.idle_timeout:
-        raise WriteStalled("replies in the kernel made no progress for --idle-timeout")
-    session.replied(now - stalled)
-    return not session.expired(now)
+    session.replied(time.monotonic())
+    return True

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conclab.analysis import charts, claims, derive, findings, style, tables
+from conclab.analysis.fmt import num
 from conclab.analysis.results import Run
 from conclab.experiments import holding, memory
 from conclab.experiments.harness.tables import COLUMNS
@@ -81,12 +82,15 @@ def test_other_activity_is_what_the_connections_held_do_not_explain():
     held = reading(slab=1, srec=0, stack=1, mem=1, pte=100, alloc=20_530, tasks=10_163, threads=10_001)
     other = holding.other_activity(before, held, own_sockets=2 * 10_000)       # both ends of 10,000 connections
     assert other == {"other_sockets_delta": 30, "other_tasks_delta": 2}        # 30 sockets, 2 tasks not ours
+    assert holding.other_activity(before, held, 2 * 10_000, own_tasks=2)["other_tasks_delta"] == 0   # the generator
     assert holding.other_activity({}, held, 0) == {"other_sockets_delta": None, "other_tasks_delta": None}
+    assert memory.other_kib(time_wait=-400, other_sockets=30, other_tasks=2) == pytest.approx(
+        400 * memory.TIME_WAIT_KIB + 30 * memory.OTHER_SOCKET_KIB + 2 * memory.OTHER_TASK_KIB)
     assert not memory.activity_disturbed(10_000, time_wait=400, other_sockets=30, other_tasks=2)
-    assert memory.activity_disturbed(10_000, other_sockets=501)                # over 5% of 10,000
-    assert memory.activity_disturbed(10_000, other_tasks=51)                   # over 0.5% of 10,000
-    assert memory.activity_disturbed(0, time_wait=-101)                        # at least 100 sockets...
-    assert not memory.activity_disturbed(0, other_tasks=10)                    # ...and 10 tasks
+    assert memory.activity_disturbed(10_000, other_sockets=1200)               # 5.4 MiB > 0.5 KiB x 10,000
+    assert memory.activity_disturbed(10_000, other_tasks=201)                  # 201 x 25 KiB
+    assert memory.activity_disturbed(0, time_wait=-4200)                       # over the 1 MiB floor...
+    assert not memory.activity_disturbed(0, other_tasks=10)                    # ...this is under it
     assert not memory.activity_disturbed(1000)                                 # nothing readable: not judged
 
 
@@ -183,7 +187,7 @@ def test_a_point_disturbed_by_other_processes_is_left_out_of_the_kernel_fits():
     assert "2500:" not in fits["kernel_kib"]["residuals"] and "2500:" in fits["rss_kib"]["residuals"]
     busy = by_metric(memory_rows(other={3: 20_000, 4: -3000}))   # someone else's 20,000 sockets at n=5000...
     assert busy["kernel_kib"]["n_points"] == 3 and busy["rss_kib"]["n_points"] == 5
-    only_one = by_metric(memory_rows(points=(0, 10_000), noise=(0, 0), tw={1: 5000}))
+    only_one = by_metric(memory_rows(points=(0, 10_000), noise=(0, 0), tw={1: 30_000}))
     assert only_one["kernel_kib"].get("per_conn") is None
     assert only_one["kernel_kib"]["n_points"] == 1 and only_one["rss_kib"]["per_conn"] == pytest.approx(20)
 
@@ -195,7 +199,7 @@ def synthetic_run(variants: dict, points=POINTS, old_style: bool = False) -> Run
     per variant; ``old_style``: memory_fit as an older harness wrote it (r² 1 through 2 points, no residuals)."""
     mem, fit = [], []
     for variant, kwargs in variants.items():
-        noise = NOISE_KIB if len(points) == len(NOISE_KIB) else (0.0,) * len(points)
+        noise = NOISE_KIB if len(points) == len(NOISE_KIB) else (0.0, 700.0, 0.0)[:len(points)]
         rows = memory_rows(points, noise, **kwargs)
         for row in rows:
             mem.append({"run_id": "synthetic", "experiment": "memory", "backend": variant, "variant": variant,
@@ -224,7 +228,7 @@ def test_report_says_two_points_give_no_r2():
         slopes = derive.memory_slopes(run)
         assert slopes.rss_r2.isna().all() and (slopes.rss_points == 2).all()
         f = findings.memory_per_conn(slopes)
-        assert "2 points: no r²" in f.text and "r² is at least" not in f.text
+        assert "2 points: no r²" in f.text and "unexplained" not in f.text
         table = dict(tables.memory(run))["Per-connection slopes (least squares, median over repeats)"]
         assert set(table["RSS fit r²"]) == {"2 points: no r²"}
         points = derive.memory_points(run)
@@ -238,8 +242,11 @@ def test_report_gives_r2_and_residual_with_five_points():
     assert slopes.loc["threads", "rss_r2"] == pytest.approx(fits["rss_kib"]["r2"])
     assert slopes.loc["threads", "rss_max_residual_kib"] == pytest.approx(fits["rss_kib"]["max_abs_residual"])
     f = findings.memory_per_conn(derive.memory_slopes(run))
-    assert "no r²" not in f.text and "r² is at least" in f.text
+    assert "no r²" not in f.text and "of the variance unexplained" in f.text
     assert f.facts["fit.r2"] == pytest.approx(min(slopes.rss_r2))
+    assert f.facts["fit.unexplained"] == pytest.approx(100 * (1 - min(slopes.rss_r2)))
+    shown = re.findall(r"(?<![\w.²])-?\d+(?:,\d{3})*(?:\.\d+)?", f.text)            # every number is a fact's
+    assert set(shown) <= {num(v) for v in f.numbers.values()}
     points = derive.memory_points(run)
     threads = points[points.variant == "threads"]
     line = threads.rss_fit_kib.to_numpy()
@@ -264,6 +271,17 @@ def test_memory_kernel_split_adds_process_and_kernel():
     assert not findings.memory_kernel(derive.memory_kernel(old)).facts
 
 
+def test_a_variant_without_a_kernel_line_is_named_not_drawn():
+    run = synthetic_run({"threads": {}, "epoll": {"rss_per_conn": 1.0, "other": {0: 5000}}}, points=(0, 10_000))
+    split = derive.memory_kernel(run).set_index("variant")
+    assert np.isnan(split.loc["epoll", "kernel_kib"]) and split.loc["epoll", "kernel_points"] == 1
+    f = findings.memory_kernel(split.reset_index())
+    assert "epoll: no kernel line, 1 of 2 points" in f.text and f.facts["hi"] == f.facts["lo"] == "threads"
+    with style.context():
+        fig = charts.draw_memory_kernel(split.reset_index(), f)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["threads"]
+
+
 def test_kernel_sentence_says_kernel_memory_is_not_in_rss():
     split = derive.memory_kernel(synthetic_run(TWO_MODELS))
     f = findings.memory_kernel(split)
@@ -275,6 +293,8 @@ def test_kernel_sentence_says_kernel_memory_is_not_in_rss():
     assert f.facts["lo"] == "epoll" and f.facts["lo_total"] == pytest.approx(by.loc["epoll", "total_kib"])
     assert f.facts["stack"] == pytest.approx(16.0)                    # threads' kernel stacks, named as such
     assert "kernel stack" in f.text
+    shown = re.findall(r"(?<![\w.²/])-?\d+(?:,\d{3})*(?:\.\d+)?", f.text)           # every number is a fact's
+    assert set(shown) <= {num(v) for v in f.numbers.values()}
 
 
 def test_go_claim_no_longer_puts_socket_buffers_in_rss():

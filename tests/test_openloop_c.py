@@ -101,10 +101,31 @@ def test_format_table_markdown():
     lines = text.splitlines()
     assert lines[0].startswith("| rate (req/s) | tool | p50")
     assert len(lines) == 2 + len(rows)
-    assert all(line.count("|") == 6 for line in lines)                     # five columns on every line
-    assert "| 1,000 (50%) | python | 115 (110-120) | 460 (440-480) | 92 |" in lines
-    assert "| 1,000 (50%) | Python / C | **1.15x** (paired 1.15x) | **1.15x** (paired 1.15x) | 1.15x |" in lines
+    assert all(line.count("|") == 7 for line in lines)                     # six columns on every line
+    assert "| 1,000 (50%) | python | 115 (110-120) | 460 (440-480) | 92 | n/a |" in lines
+    assert "| 1,000 (50%) | Python / C | **1.15x** (paired 1.15x) | **1.15x** (paired 1.15x) | 1.15x | |" in lines
     assert "| 500 (25%) | Python / C | **2.00x** (paired 2.00x)" in text
+
+
+def test_others_percent_subtracts_our_own_cpu():
+    # 2 CPUs, 10 s: 2000 jiffies in all, 1200 busy (60 %); we used 8 CPU-seconds of 20 (40 %): others 20 %
+    assert compare.others_percent((0, 0), (1200, 2000), ours_cpu_s=8.0, wall_s=10.0, ncpu=2) == 20.0
+    assert compare.others_percent((500, 1000), (700, 2000), ours_cpu_s=4.0, wall_s=10.0, ncpu=2) == 0.0   # never < 0
+    assert compare.others_percent((0, 0), (0, 0), ours_cpu_s=1.0, wall_s=1.0, ncpu=2) == 0.0               # no time
+
+
+def test_quiet_rounds_drop_the_whole_round():
+    def busy(rate, tool, rnd, others):
+        return dict(run(rate, tool, rnd, 10, 20), others_busy_percent=others)
+    runs = [busy(1, "python", 1, 5.0), busy(1, "c", 1, 40.0),           # round 1: C's run was noisy
+            busy(1, "python", 2, 10.0), busy(1, "c", 2, 10.0),
+            busy(2, "python", 1, 0.0), busy(2, "c", 1, 0.0)]
+    kept = compare.quiet_rounds(runs, 25.0)
+    assert [(r["rate"], r["round"], r["tool"]) for r in kept] == [
+        (1, 2, "python"), (1, 2, "c"), (2, 1, "python"), (2, 1, "c")]
+    rows = compare.summarize(kept)
+    assert rows[0]["others_busy_percent"] == {"median": 10.0, "min": 10.0, "max": 10.0}
+    assert "| 1 | python | 10 (10-10) | 20 (20-20) | n/a | 10 |" in compare.format_table(rows)
 
 
 def test_pinned_prefixes_taskset():
@@ -118,7 +139,7 @@ def test_help_documents_the_options(capsys):
         compare.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--backend", "--fractions", "--rounds", "--duration", "--conns", "--c-spin-us"):
+    for option in ("--backend", "--fractions", "--rounds", "--duration", "--conns", "--c-spin-us", "--quiet-below"):
         assert option in out
 
 

@@ -17,7 +17,11 @@ What it does:
    (with min-max) and the median p50 measured from the actual send (what is
    left when each tool's own send lag is taken out), then the ratios
    Python / C of the medians and, in brackets, the paired ratios (median over
-   rounds of the ratio within a round). Writes every run as JSON to ``--out``.
+   rounds of the ratio within a round). Next to each run it measures how much
+   of the machine *other* work used meanwhile (/proc/stat busy minus this
+   server's and this client's CPU time): a second table keeps only the rounds
+   in which that stayed under ``--quiet-below`` during both runs. Writes every
+   run as JSON to ``--out``.
 
 Both clients keep the same schedule (request k due at start + k/R on
 connection k mod C, at most ``--pipeline`` in flight per connection) and
@@ -37,6 +41,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -167,8 +172,9 @@ def summarize(runs: list[dict]) -> list[dict]:
 
     Each run is ``{"rate": R, "tool": "python"|"c", "p50": µs, "p99": µs, "uncorrected_p50": µs (optional)}``.
     Per rate (ascending): one row per tool present, ``{"rate", "tool", "rounds", "p50": spread, "p99": spread,
-    "uncorrected_p50": spread or None}``, then, when both tools ran, ``{"rate", "tool": "python/c", "p50_ratio",
-    "p99_ratio", "uncorrected_p50_ratio", "p50_paired", "p99_paired", "agree"}`` with the ratios of the medians
+    "uncorrected_p50": spread or None, "others_busy_percent": spread or None}``, then, when both tools ran,
+    ``{"rate", "tool": "python/c", "p50_ratio", "p99_ratio", "uncorrected_p50_ratio", "p50_paired", "p99_paired",
+    "agree"}`` with the ratios of the medians
     (Python / C), the paired ratios (the median over rounds of Python / C within one round: the two runs of a
     round are back to back, so a slow drift of the machine's load cancels) and ``agree`` = p50 and p99 ratios
     of the medians both within AGREEMENT either way. Runs without a ``round`` key are not paired.
@@ -181,9 +187,11 @@ def summarize(runs: list[dict]) -> list[dict]:
             if not mine:
                 continue
             unc = [r["uncorrected_p50"] for r in mine if r.get("uncorrected_p50") is not None]
+            others = [r["others_busy_percent"] for r in mine if r.get("others_busy_percent") is not None]
             row = {"rate": rate, "tool": tool, "rounds": len(mine),
                    "p50": spread([r["p50"] for r in mine]), "p99": spread([r["p99"] for r in mine]),
-                   "uncorrected_p50": spread(unc) if unc else None}
+                   "uncorrected_p50": spread(unc) if unc else None,
+                   "others_busy_percent": spread(others) if others else None}
             medians[tool] = row
             rows.append(row)
         if len(medians) == len(TOOLS):
@@ -221,8 +229,8 @@ def _num(x: float) -> str:
 def format_table(rows: list[dict], fractions: dict | None = None) -> str:
     """A Markdown table of ``summarize``'s rows; ``fractions`` maps a rate to its share of capacity."""
     lines = ["| rate (req/s) | tool | p50 µs median (min-max) | p99 µs median (min-max) "
-             "| p50 from the actual send, µs |",
-             "|---:|---|---:|---:|---:|"]
+             "| p50 from the actual send, µs | others' CPU % |",
+             "|---:|---|---:|---:|---:|---:|"]
     for row in rows:
         rate = f"{row['rate']:,.0f}"
         if fractions and row["rate"] in fractions:
@@ -232,11 +240,12 @@ def format_table(rows: list[dict], fractions: dict | None = None) -> str:
                      + (f" (paired {row[q]:.2f}x)" if row.get(q) is not None else "")
                      for k, q in (("p50_ratio", "p50_paired"), ("p99_ratio", "p99_paired"))]
             unc = row.get("uncorrected_p50_ratio")
-            lines.append(f"| {rate} | Python / C | {cells[0]} | {cells[1]} | {f'{unc:.2f}x' if unc else 'n/a'} |")
+            lines.append(f"| {rate} | Python / C | {cells[0]} | {cells[1]} | {f'{unc:.2f}x' if unc else 'n/a'} | |")
         else:
             cells = [f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})" for s in (row["p50"], row["p99"])]
             unc = _num(row["uncorrected_p50"]["median"]) if row.get("uncorrected_p50") else "n/a"
-            lines.append(f"| {rate} | {row['tool']} | {cells[0]} | {cells[1]} | {unc} |")
+            others = f"{row['others_busy_percent']['median']:.0f}" if row.get("others_busy_percent") else "n/a"
+            lines.append(f"| {rate} | {row['tool']} | {cells[0]} | {cells[1]} | {unc} | {others} |")
     return "\n".join(lines)
 
 
@@ -244,6 +253,51 @@ def format_table(rows: list[dict], fractions: dict | None = None) -> str:
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs together since boot (/proc/stat).
+
+    Busy is user + nice + system + steal; idle, iowait, irq and softirq are not
+    busy (loopback traffic's own softirq work is accounted to no process, so
+    counting it would charge this benchmark's traffic to "others").
+    """
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    busy = user + nice + system + steal
+    return busy, busy + idle + iowait + irq + softirq
+
+
+def others_percent(before: tuple[int, int], after: tuple[int, int], ours_cpu_s: float, wall_s: float,
+                   ncpu: int) -> float:
+    """The share of all CPUs (0-100) that other work used during a run: the machine's busy share minus ours."""
+    total = after[1] - before[1]
+    if total <= 0 or wall_s <= 0:
+        return 0.0
+    busy = 100.0 * (after[0] - before[0]) / total
+    ours = 100.0 * ours_cpu_s / (wall_s * ncpu)
+    return round(max(0.0, busy - ours), 1)
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(server, fn) -> dict:
+    """Run ``fn()`` (a client run) and add ``others_busy_percent``: other work's share of the machine meanwhile."""
+    stat0, wall0, server0, child0 = cpu_jiffies(), time.monotonic(), server.cpu_seconds(), children_cpu_s()
+    result = fn()
+    ours = (server.cpu_seconds() - server0) + (children_cpu_s() - child0)
+    result["others_busy_percent"] = others_percent(stat0, cpu_jiffies(), ours, time.monotonic() - wall0,
+                                                   os.cpu_count() or 1)
+    return result
+
+
+def quiet_rounds(runs: list[dict], limit: float) -> list[dict]:
+    """The runs of the rounds in which other work used at most ``limit`` % of the machine during both runs."""
+    noisy = {(r["rate"], r.get("round")) for r in runs if r.get("others_busy_percent", 0.0) > limit}
+    return [r for r in runs if (r["rate"], r.get("round")) not in noisy]
 
 
 def default_backend() -> str:
@@ -266,6 +320,9 @@ def main(argv=None) -> int:
                         help="C client: wake this many µs before each slot and poll (0: sleep on a timer, as the "
                              "Python client does)")
     parser.add_argument("--capacity", type=float, help="skip the closed-loop measurement and use this req/s")
+    parser.add_argument("--quiet-below", type=float, default=25.0,
+                        help="a second table keeps only the rounds in which other work used at most this share "
+                             "of all CPUs (%%) during both runs")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and clients to CPUs 0 and 1")
     parser.add_argument("--out", default=str(REPO / "results" / "openloop_agreement.json"), help="JSON of every run")
     args = parser.parse_args(argv)
@@ -285,25 +342,34 @@ def main(argv=None) -> int:
         cap = args.capacity or capacity(server.target, client_cpu)
         report["capacity_rps"] = cap
         rates = {round(cap * f): f for f in fractions}
-        print(f"{backend} on CPU {SERVER_CPU if server_cpus else '-'}, clients on CPU {client_cpu if client_cpu is not None else '-'}; "
-              f"closed-loop capacity {cap:,.0f} req/s; load average {report['loadavg_before']}", flush=True)
+        where = (f"{backend} on CPU {SERVER_CPU}, clients on CPU {client_cpu}" if server_cpus
+                 else f"{backend} and clients unpinned")
+        print(f"{where}; closed-loop capacity {cap:,.0f} req/s; load average {report['loadavg_before']}", flush=True)
         for rate, fraction in rates.items():
             for i in range(args.rounds):
                 order = TOOLS if i % 2 == 0 else TOOLS[::-1]
                 for tool in order:
-                    run = (run_python(server.target, rate, args, client_cpu) if tool == "python"
-                           else run_c(binary, server.target, rate, args, client_cpu))
+                    run = measured(server, (lambda: run_python(server.target, rate, args, client_cpu))
+                                   if tool == "python" else
+                                   (lambda: run_c(binary, server.target, rate, args, client_cpu)))
                     run.update(rate=rate, fraction=fraction, round=i + 1, loadavg=loadavg())
                     report["runs"].append(run)
                     print(f"  {rate:>8,} req/s round {i + 1} {tool:<6} p50 {run['p50']:>8} p99 {run['p99']:>9} "
-                          f"max {run['max']:>9} unc.p50 {run['uncorrected_p50']} sent {run['sent']} late {run['late']} unanswered {run['unanswered']} "
-                          f"errors {run['errors'] or 0}  load {run['loadavg'][0]}", flush=True)
+                          f"max {run['max']:>9} unc.p50 {run['uncorrected_p50']} sent {run['sent']} "
+                          f"late {run['late']} unanswered {run['unanswered']} errors {run['errors'] or 0}  "
+                          f"load {run['loadavg'][0]}  others {run['others_busy_percent']}%", flush=True)
     report["loadavg_after"] = loadavg()
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     rows = summarize(report["runs"])
     report["rows"] = rows
-    print()
-    print(format_table(rows, {r: f for r, f in rates.items()}))
+    print(f"\nall {args.rounds} rounds:")
+    print(format_table(rows, rates))
+    quiet = quiet_rounds(report["runs"], args.quiet_below)
+    report["quiet_rows"] = summarize(quiet)
+    rounds = len({(r["rate"], r["round"]) for r in quiet})
+    print(f"\nthe {rounds} of {len(rates) * args.rounds} rounds in which other work used at most "
+          f"{args.quiet_below:g}% of the machine during both runs:")
+    print(format_table(report["quiet_rows"], rates) if quiet else "(none)")
     print(f"\nload average before {report['loadavg_before']}, after {report['loadavg_after']}; "
           f"agreement aim: Python / C within {AGREEMENT}x for p50 and p99")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

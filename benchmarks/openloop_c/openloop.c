@@ -288,7 +288,8 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: openloop --target HOST:PORT --rate R --conns C --duration S "
-                   "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] [--spin-us U (0)]\n");
+                   "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] "
+                   "[--spin-us U (0)]\n");
             return 0;
         }
         if (i + 1 >= argc) die_usage("missing value");
@@ -304,7 +305,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--spin-us")) spin_us = atof(v);
         else die_usage("unknown option");
     }
-    if (!target || rate <= 0 || conns <= 0 || duration <= 0 || warmup < 0 || size < 0 || pipeline < 0 || drain < 0 || spin_us < 0)
+    if (!target || rate <= 0 || conns <= 0 || duration <= 0 || warmup < 0 || size < 0 || pipeline < 0
+        || drain < 0 || spin_us < 0)
         die_usage("need --target, --rate > 0, --conns > 0, --duration > 0");
 
     char host[256], port[16];

@@ -15,8 +15,9 @@ reference point (closed loop, 50 conns, 64 B ECHO, server and generator on their
 own CPUs) each variant's throughput as a ratio to go's, and each variant's memory per idle
 connection (slope of RSS, and of USS, over connections held).
 
-Invalid points (``valid`` = 0: a connection never served, requests unanswered, the generator saturated;
-harness.loadproc.validity) never make a median, a knee or a target: summary.csv has their metric ``valid``
+Invalid points (``valid`` = 0: a connection never served, requests unanswered, the generator saturated, a
+window under 20 mean latencies: harness.loadproc.validity; the server had not accepted every connection when
+measuring began: harness.run.accepted_check) never make a median, a knee or a target: summary.csv has their metric ``valid``
 (0/1 per repeat) and nothing else, a target whose point is invalid has no value and says why.
 """
 from __future__ import annotations
