@@ -84,10 +84,9 @@ def medians(frame: pd.DataFrame, keys: list, values: list) -> pd.DataFrame:
     reasons = grouped["_why"].agg(lambda s: "; ".join(dict.fromkeys(s.dropna().astype(str))) or None)
     out["invalid_reason"] = reasons.where(~out["valid"], None)
     for value in (v for v in SPREAD_VALUES if v in present):
-        spreads = {key: stats.spread(group) for key, group in grouped[value]}
+        spreads = grouped[value].agg(list).map(stats.spread)           # indexed as ``out``
         for field, suffix in SPREAD_SUFFIXES.items():
-            out[value + suffix] = pd.Series({key: (d[field] if d else float("nan")) for key, d in spreads.items()},
-                                            dtype=float)
+            out[value + suffix] = spreads.map(lambda d, f=field: d[f] if d else float("nan")).astype(float)
     out["ci_flag"] = [stats.CI_MIN_MAX if n < stats.MIN_BOOTSTRAP_N else stats.CI_BOOTSTRAP for n in out["n"]]
     return sort_variants(out.reset_index())
 

@@ -49,7 +49,7 @@ from conclab.servers.client import Client
 from conclab.servers.launcher import ServerProcess, wait_until
 from conclab.servers.protocol import ECHO, ERROR, PING, PONG, FrameDecoder, ProtocolError, encode
 
-from .scenarios import Outcome, Scale, alive, echo_ok, mib, seconds
+from .scenarios import Outcome, Scale, alive, echo_ok, mib, push, seconds
 
 
 # -- sizes -----------------------------------------------------------------------------------------
@@ -161,29 +161,6 @@ def let_go(after: float | None, bound: float) -> str:
     if after is None:
         return f"not let go of within {bound + LET_GO_LOOK:g} s (bound {bound:g} s)"
     return f"let go of after {after:.2f} s (bound {bound:g} s)"
-
-
-def push(client: Client, limit: int, frame: bytes, stall: float = 0.3, budget: float = 10.0) -> tuple[int, float]:
-    """Send ``frame`` again and again without reading, until ``limit`` bytes went or the kernel takes
-    nothing for ``stall`` s: (bytes taken, when the last of them was taken)."""
-    sock = client.sock
-    sock.setblocking(False)
-    pushed, pending, last = 0, b"", time.monotonic()
-    end = last + budget
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_WRITE)
-        while pushed < limit and time.monotonic() < end:
-            pending = pending or frame[:limit - pushed]
-            try:
-                sent = sock.send(pending)
-            except BlockingIOError:
-                if not sel.select(stall):
-                    break
-                continue
-            except OSError:
-                break
-            pushed, pending, last = pushed + sent, pending[sent:], time.monotonic()
-    return pushed, last
 
 
 def reason(frames) -> str:

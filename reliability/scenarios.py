@@ -232,13 +232,20 @@ def push_until_clogged(client: Client, limit: int, stall: float = CLOG_STALL, bu
                        frame: bytes = CLOG_FRAME) -> int:
     """Send ``frame`` again and again without reading until the kernel takes nothing for ``stall`` s;
     returns the bytes it took."""
+    return push(client, limit, frame, stall, budget)[0]
+
+
+def push(client: Client, limit: int, frame: bytes, stall: float = 0.3, budget: float = 10.0) -> tuple[int, float]:
+    """Send ``frame`` again and again without reading, until ``limit`` bytes went or the kernel takes
+    nothing for ``stall`` s: (bytes taken, when the last of them was taken)."""
     sock = client.sock
     sock.setblocking(False)
-    pushed, pending, end = 0, b"", time.monotonic() + budget
+    pushed, pending, last = 0, b"", time.monotonic()
+    end = last + budget
     with selectors.DefaultSelector() as sel:
         sel.register(sock, selectors.EVENT_WRITE)
         while pushed < limit and time.monotonic() < end:
-            pending = pending or frame
+            pending = pending or frame[:limit - pushed]
             try:
                 sent = sock.send(pending)
             except BlockingIOError:
@@ -247,9 +254,8 @@ def push_until_clogged(client: Client, limit: int, stall: float = CLOG_STALL, bu
                 continue
             except OSError:
                 break
-            pushed += sent
-            pending = pending[sent:]
-    return pushed
+            pushed, pending, last = pushed + sent, pending[sent:], time.monotonic()
+    return pushed, last
 
 
 def clogged_reader(backend, options, scale: Scale) -> Outcome:

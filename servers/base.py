@@ -229,7 +229,7 @@ def deliver_or_reset(sock, idle_timeout: float, sleep=time.sleep) -> bool:
     Before a close: a close with unsent data would leave the kernel holding the
     socket, the data and the peer (FIN-WAIT-1) for as long as the peer does not
     read; a reply that makes no progress for ``idle_timeout`` is reset instead
-    (the caller aborts). Returns whether there was anything to wait for.
+    (the caller resets it). Returns whether there was anything to wait for.
     """
     waited = False
     while True:

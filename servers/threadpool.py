@@ -47,14 +47,14 @@ a finished one is closed once the kernel has delivered them.
 Signals only set a flag and wake the selector (``base.StopSignals``, for both
 dispatches). Out of fds, the loop takes the listener out of the selector for
 ``ACCEPT_BACKOFF`` (connection dispatch uses threads.py's accept loop). A worker
-that fails unexpectedly is reported on stderr, one line, by its future's
-done-callback; with request dispatch its connection is aborted, so nothing stays
-busy forever.
+that fails unexpectedly is reported on stderr, one line: with connection dispatch
+by its future's done-callback, with request dispatch by the worker itself
+(``RequestLoop.answer``, no callback per request), which also aborts that
+connection, so nothing stays busy forever.
 """
 from __future__ import annotations
 
 import collections
-import functools
 import selectors
 import socket
 import threading
@@ -191,8 +191,9 @@ class RequestLoop:
             self.next_sweep = now + SWEEP_INTERVAL
 
     def wakeup(self) -> None:
-        self.woken = False                     # before the inbox is read: a later notify wakes us again
-        self.stop.check()
+        self.stop.check()                      # read the bytes first, then clear the flag: a notify in between
+        self.woken = False                     # has its connection in the inbox, read after this; a later one
+                                               # sends a byte again
 
     def notify(self, conn: Connection) -> None:
         """From a worker: have the loop settle conn (output to write, finished, or failed)."""
@@ -251,9 +252,7 @@ class RequestLoop:
             if start:
                 conn.busy = True
         if start:
-            future = submit(self.pool, self.answer, conn)
-            if future is not None:
-                future.add_done_callback(functools.partial(self.answered, conn))
+            submit(self.pool, self.answer, conn)
 
     def flush(self, conn: Connection) -> None:
         """EVENT_WRITE: hand the kernel what it takes of conn's output, without waiting."""
@@ -400,61 +399,68 @@ class RequestLoop:
 
     # -- the workers -------------------------------------------------------------------------------
     def answer(self, conn: Connection) -> None:
-        """In a worker: answer conn's queue in order, offering each reply to the kernel (see send_now)."""
+        """In a worker: answer conn's queue in order, offering each reply to the kernel (see send_locked).
+
+        One lock hold per request: the reply to one goes out and the next is taken
+        together. An unexpected failure is reported as a future's done-callback
+        would (one line on stderr) and aborts conn, which would otherwise stay busy
+        forever. It is caught here rather than by a callback on every request's
+        future, which would add a call and two lock round trips to each request.
+        """
         queue, lock, wait = conn.queue, conn.lock, self.wait
-        while True:
-            with lock:
-                if conn.closed or not queue:
-                    conn.busy = False
-                    tell = conn.done or not conn.mask & READ      # the loop closes it, or reads it again
-                    break
-                request = queue.pop(0)
-            if request.io_s:
-                try:
-                    wait(request.io_s)
-                except ConnectionAbortedError:      # the drain deadline: the loop closes everything
-                    with lock:
-                        queue.clear()
+        request = reply = None
+        try:
+            while True:
+                with lock:
+                    pending = request is not None and self.send_locked(conn, request, reply)
+                    if conn.closed or not queue:
                         conn.busy = False
-                    return
-            if self.send_now(conn, request, request.run(time.monotonic())):
-                self.notify(conn)                   # output pending: the loop writes it
+                        tell = pending or conn.done or not conn.mask & READ   # write, close, or read again
+                        break
+                    request = queue.pop(0)
+                if pending:
+                    self.notify(conn)               # output pending: the loop writes it
+                if request.io_s:
+                    wait(request.io_s)
+                reply = request.run(time.monotonic())
+        except ConnectionAbortedError:              # the drain deadline ended a wait: the loop closes everything
+            with lock:
+                queue.clear()
+                conn.busy = False
+            return
+        except Exception as exc:                    # noqa: BLE001 (anything: a bug must not leave conn busy)
+            return self.failed(conn, exc)
         if tell:
             self.notify(conn)
 
-    def send_now(self, conn: Connection, request: Request, reply: bytes) -> bool:
-        """Send reply if nothing is pending before it, never waiting; keep the rest in conn.out.
-        True if conn.out just became non-empty (the loop must start writing)."""
-        with conn.lock:
-            conn.backlog -= held(request)
-            if conn.closed:
-                return False
-            if conn.out:                            # the loop is writing earlier replies: queue behind them
-                conn.out += reply
-                conn.backlog += len(reply)
-                return False
-            try:
-                sent = conn.sock.send(reply, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError:                         # the peer is gone: answer nothing more, let the loop close
-                conn.queue.clear()
-                conn.backlog = 0
-                conn.done = True
-                return False
-            if sent == len(reply):
-                return False
-            conn.out += memoryview(reply)[sent:]
-            conn.backlog += len(reply) - sent
-            conn.since = time.monotonic()
-            return True
+    def send_locked(self, conn: Connection, request: Request, reply: bytes) -> bool:
+        """Under conn.lock: send reply if nothing is pending before it, never waiting; keep the rest in
+        conn.out. True if conn.out just became non-empty (the loop must start writing)."""
+        conn.backlog -= held(request)
+        if conn.closed:
+            return False
+        if conn.out:                                # the loop is writing earlier replies: queue behind them
+            conn.out += reply
+            conn.backlog += len(reply)
+            return False
+        try:
+            sent = conn.sock.send(reply, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:                             # the peer is gone: answer nothing more, let the loop close
+            conn.queue.clear()
+            conn.backlog = 0
+            conn.done = True
+            return False
+        if sent == len(reply):
+            return False
+        conn.out += memoryview(reply)[sent:]
+        conn.backlog += len(reply) - sent
+        conn.since = time.monotonic()
+        return True
 
-    def answered(self, conn: Connection, future) -> None:
-        """A worker's done-callback: an unexpected failure is one line on stderr, and its connection is aborted
-        (it would stay busy forever)."""
-        if future.cancelled() or future.exception() is None:
-            return
-        exc = future.exception()
+    def failed(self, conn: Connection, exc: BaseException) -> None:
+        """A worker failed unexpectedly: one line on stderr, and conn is aborted."""
         warn(f"a pool worker failed answering a connection, which is aborted: {type(exc).__name__}: {exc}")
         with conn.lock:
             conn.failed = True

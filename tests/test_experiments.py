@@ -132,7 +132,10 @@ def test_tiny_run_measured_sensible_values(tiny_run):
         rows = read(run_dir, table)
         assert (rows.conns_served <= rows.conns).all() and (rows.conns_served == rows.conns).all(), table
         assert (rows.unanswered == 0).all() and (rows.max_unanswered_wait_us >= 0).all(), table
-        assert (rows.valid == (rows.loadgen_saturated == 0)).all(), table      # valid unless saturated
+        explained = rows.invalid_reason.fillna("").str.contains(f"{loadproc.SATURATED}|{loadproc.TOO_SHORT}")
+        assert (rows.valid == ((rows.loadgen_saturated == 0) & ~explained)).all(), table   # else valid
+        assert (rows.server_conns_active == rows.conns).all(), table           # every connection accepted first
+        assert (rows.server_cpu_percent > 0).all(), table
     io = read(run_dir, "io_bound")
     assert (io.little_ceiling_rps == 8 / 0.01).all()           # 8 conns, 10 ms each
     fits = read(run_dir, "memory_fit")

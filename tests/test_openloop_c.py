@@ -32,8 +32,8 @@ compare = load_driver()
 
 # -- unit: the table and the ratios ------------------------------------------------------------------
 
-def run(rate, tool, rnd, p50, p99, unc=None):
-    return {"rate": rate, "tool": tool, "round": rnd, "p50": p50, "p99": p99, "uncorrected_p50": unc}
+def run(rate, client, rnd, p50, p99, unc=None):
+    return {"rate": rate, "client": client, "round": rnd, "p50": p50, "p99": p99, "uncorrected_p50": unc}
 
 
 SYNTHETIC = [
@@ -49,7 +49,7 @@ SYNTHETIC = [
 
 def test_summarize_rows_medians_and_spread():
     rows = compare.summarize(SYNTHETIC)
-    assert [(r["rate"], r["tool"]) for r in rows] == [
+    assert [(r["rate"], r["client"]) for r in rows] == [
         (500, "python"), (500, "c"), (500, "python/c"), (1000, "python"), (1000, "c"), (1000, "python/c")]
     py1000 = rows[3]
     assert py1000["rounds"] == 3
@@ -84,9 +84,9 @@ def test_agreement_is_symmetric_and_bounded():
     assert not agree(126, 100) and not agree(100, 126)                     # either direction fails
 
 
-def test_one_tool_only_has_no_ratio_row():
+def test_one_client_only_has_no_ratio_row():
     rows = compare.summarize([run(1000, "c", 1, 100, 400)])
-    assert [r["tool"] for r in rows] == ["c"]
+    assert [r["client"] for r in rows] == ["c"]
 
 
 def test_ratio_of_zero_is_none_not_a_crash():
@@ -99,7 +99,7 @@ def test_format_table_markdown():
     rows = compare.summarize(SYNTHETIC)
     text = compare.format_table(rows, {500: 0.25, 1000: 0.5})
     lines = text.splitlines()
-    assert lines[0].startswith("| rate (req/s) | tool | p50")
+    assert lines[0].startswith("| rate (req/s) | client | p50")
     assert len(lines) == 2 + len(rows)
     assert all(line.count("|") == 7 for line in lines)                     # six columns on every line
     assert "| 1,000 (50%) | python | 115 (110-120) | 460 (440-480) | 92 | n/a |" in lines
@@ -115,13 +115,13 @@ def test_others_percent_subtracts_our_own_cpu():
 
 
 def test_quiet_rounds_drop_the_whole_round():
-    def busy(rate, tool, rnd, others):
-        return dict(run(rate, tool, rnd, 10, 20), others_busy_percent=others)
+    def busy(rate, client, rnd, others):
+        return dict(run(rate, client, rnd, 10, 20), others_busy_percent=others)
     runs = [busy(1, "python", 1, 5.0), busy(1, "c", 1, 40.0),           # round 1: C's run was noisy
             busy(1, "python", 2, 10.0), busy(1, "c", 2, 10.0),
             busy(2, "python", 1, 0.0), busy(2, "c", 1, 0.0)]
     kept = compare.quiet_rounds(runs, 25.0)
-    assert [(r["rate"], r["round"], r["tool"]) for r in kept] == [
+    assert [(r["rate"], r["round"], r["client"]) for r in kept] == [
         (1, 2, "python"), (1, 2, "c"), (2, 1, "python"), (2, 1, "c")]
     rows = compare.summarize(kept)
     assert rows[0]["others_busy_percent"] == {"median": 10.0, "min": 10.0, "max": 10.0}

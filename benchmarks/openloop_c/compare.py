@@ -13,15 +13,15 @@ What it does:
    the C open loop (``openloop.c`` next to this file) one after the other,
    alternating which goes first, both with the same rate, connections,
    warm-up and duration, both pinned to CPU 1 with ``taskset``.
-4. Prints a table: per rate and tool the median p50 and p99 over the rounds
+4. Prints a table: per rate and client the median p50 and p99 over the rounds
    (with min-max) and the median p50 measured from the actual send (what is
-   left when each tool's own send lag is taken out), then the ratios
+   left when each client's own send lag is taken out), then the ratios
    Python / C of the medians and, in brackets, the paired ratios (median over
-   rounds of the ratio within a round). Next to each run it measures how much
-   of the machine *other* work used meanwhile (/proc/stat busy minus this
-   server's and this client's CPU time): a second table keeps only the rounds
-   in which that stayed under ``--quiet-below`` during both runs. Writes every
-   run as JSON to ``--out``.
+   rounds of the ratio within a round). Next to each run it measures how
+   much of the machine *other* work used meanwhile (the kernel's CPU busy
+   time minus this server's and this client's CPU time): a second table
+   keeps only the rounds in which that stayed under ``--quiet-below`` during
+   both runs. Writes every run as JSON to ``--out``.
 
 Both clients keep the same schedule (request k due at start + k/R on
 connection k mod C, at most ``--pipeline`` in flight per connection) and
@@ -30,9 +30,11 @@ measure latency from the *scheduled* send time, so neither hides a stall
 framing, timer (a timerfd on the next slot) and exact percentiles from the
 sorted samples; the Python one uses its epoll loop and HDR histogram.
 
-The C client is compiled on first use with ``cc -O2`` into
-``$XDG_CACHE_HOME/conclab/openloop-<hash>/openloop`` (default ``~/.cache``),
-``<hash>`` being the SHA-256 of the source; ``build()`` returns its path.
+The C client is compiled on first use with ``cc -O2`` into the user's
+cache directory (XDG_CACHE_HOME, else .cache in the home directory), as
+``conclab/openloop-<hash>/openloop``, ``<hash>`` being the SHA-256 of the
+source (a fresh temporary directory when that cannot be created);
+``build()`` returns its path.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ REPO = HERE.parent.parent
 SOURCE = HERE / "openloop.c"
 BINARY_NAME = "openloop"
 SERVER_CPU, CLIENT_CPU = 0, 1
-TOOLS = ("python", "c")
+CLIENTS = ("python", "c")
 AGREEMENT = 1.25             # the aim: Python / C within this factor (either way) for p50 and p99
 RUN_SLACK_S = 60.0           # a run may take this much longer than warm-up + duration + drain before it is killed
 
@@ -141,7 +143,7 @@ def run_python(target: str, rate: float, args, cpu: int | None) -> dict:
                        "--pipeline", str(args.pipeline), "--size", "64")
     r = _run_json(pinned(argv, cpu), args.warmup + args.duration + RUN_SLACK_S)
     lat, ol = r["latency_us"], r.get("open_loop", {})
-    return {"tool": "python", "count": lat["count"], **{k: lat[k] for k in ("p50", "p90", "p99", "p999", "max")},
+    return {"client": "python", "count": lat["count"], **{k: lat[k] for k in ("p50", "p90", "p99", "p999", "max")},
             "uncorrected_p50": ol.get("uncorrected_latency_us", {}).get("p50"),
             "uncorrected_p99": ol.get("uncorrected_latency_us", {}).get("p99"),
             "sent": ol.get("sent"), "late": ol.get("late"), "unsent": ol.get("unsent"),
@@ -157,7 +159,7 @@ def run_c(binary: Path, target: str, rate: float, args, cpu: int | None) -> dict
     r = _run_json(pinned(argv, cpu), args.warmup + args.duration + RUN_SLACK_S)
     keys = ("count", "p50", "p90", "p99", "p999", "max", "uncorrected_p50", "uncorrected_p99", "send_lag_p50",
             "send_lag_p99", "sent", "answered", "late", "unsent", "unanswered", "errors")
-    return {"tool": "c", **{k: r[k] for k in keys}}
+    return {"client": "c", **{k: r[k] for k in keys}}
 
 
 # -- the table (pure: unit-tested with synthetic numbers) ----------------------------------------------
@@ -170,10 +172,10 @@ def spread(values: list[float]) -> dict:
 def summarize(runs: list[dict]) -> list[dict]:
     """Rows of the table from individual runs.
 
-    Each run is ``{"rate": R, "tool": "python"|"c", "p50": µs, "p99": µs, "uncorrected_p50": µs (optional)}``.
-    Per rate (ascending): one row per tool present, ``{"rate", "tool", "rounds", "p50": spread, "p99": spread,
-    "uncorrected_p50": spread or None, "others_busy_percent": spread or None}``, then, when both tools ran,
-    ``{"rate", "tool": "python/c", "p50_ratio", "p99_ratio", "uncorrected_p50_ratio", "p50_paired", "p99_paired",
+    Each run is ``{"rate": R, "client": "python"|"c", "p50": µs, "p99": µs, "uncorrected_p50": µs (optional)}``.
+    Per rate (ascending): one row per client present, ``{"rate", "client", "rounds", "p50": spread, "p99": spread,
+    "uncorrected_p50": spread or None, "others_busy_percent": spread or None}``, then, when both clients ran,
+    ``{"rate", "client": "python/c", "p50_ratio", "p99_ratio", "uncorrected_p50_ratio", "p50_paired", "p99_paired",
     "agree"}`` with the ratios of the medians
     (Python / C), the paired ratios (the median over rounds of Python / C within one round: the two runs of a
     round are back to back, so a slow drift of the machine's load cancels) and ``agree`` = p50 and p99 ratios
@@ -182,26 +184,26 @@ def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for rate in sorted({r["rate"] for r in runs}):
         medians = {}
-        for tool in TOOLS:
-            mine = [r for r in runs if r["rate"] == rate and r["tool"] == tool]
+        for client in CLIENTS:
+            mine = [r for r in runs if r["rate"] == rate and r["client"] == client]
             if not mine:
                 continue
             unc = [r["uncorrected_p50"] for r in mine if r.get("uncorrected_p50") is not None]
             others = [r["others_busy_percent"] for r in mine if r.get("others_busy_percent") is not None]
-            row = {"rate": rate, "tool": tool, "rounds": len(mine),
+            row = {"rate": rate, "client": client, "rounds": len(mine),
                    "p50": spread([r["p50"] for r in mine]), "p99": spread([r["p99"] for r in mine]),
                    "uncorrected_p50": spread(unc) if unc else None,
                    "others_busy_percent": spread(others) if others else None}
-            medians[tool] = row
+            medians[client] = row
             rows.append(row)
-        if len(medians) == len(TOOLS):
+        if len(medians) == len(CLIENTS):
             py, c = medians["python"], medians["c"]
             ratios = {f"{p}_ratio": ratio(py[p]["median"], c[p]["median"]) for p in ("p50", "p99")}
             agree = all(v is not None and 1 / AGREEMENT <= v <= AGREEMENT for v in ratios.values())
             both = py["uncorrected_p50"] and c["uncorrected_p50"]
             unc_ratio = ratio(py["uncorrected_p50"]["median"], c["uncorrected_p50"]["median"]) if both else None
             paired = {f"{p}_paired": paired_ratio([r for r in runs if r["rate"] == rate], p) for p in ("p50", "p99")}
-            rows.append({"rate": rate, "tool": "python/c", **ratios, "uncorrected_p50_ratio": unc_ratio, **paired,
+            rows.append({"rate": rate, "client": "python/c", **ratios, "uncorrected_p50_ratio": unc_ratio, **paired,
                          "agree": agree})
     return rows
 
@@ -211,7 +213,7 @@ def paired_ratio(runs: list[dict], key: str) -> float | None:
     by_round: dict = {}
     for r in runs:
         if r.get("round") is not None:
-            by_round.setdefault(r["round"], {})[r["tool"]] = r[key]
+            by_round.setdefault(r["round"], {})[r["client"]] = r[key]
     ratios = [ratio(t["python"], t["c"]) for t in by_round.values() if "python" in t and "c" in t]
     ratios = [x for x in ratios if x is not None]
     return statistics.median(ratios) if ratios else None
@@ -228,14 +230,14 @@ def _num(x: float) -> str:
 
 def format_table(rows: list[dict], fractions: dict | None = None) -> str:
     """A Markdown table of ``summarize``'s rows; ``fractions`` maps a rate to its share of capacity."""
-    lines = ["| rate (req/s) | tool | p50 µs median (min-max) | p99 µs median (min-max) "
+    lines = ["| rate (req/s) | client | p50 µs median (min-max) | p99 µs median (min-max) "
              "| p50 from the actual send, µs | others' CPU % |",
              "|---:|---|---:|---:|---:|---:|"]
     for row in rows:
         rate = f"{row['rate']:,.0f}"
         if fractions and row["rate"] in fractions:
             rate += f" ({fractions[row['rate']]:.0%})"
-        if row["tool"] == "python/c":
+        if row["client"] == "python/c":
             cells = [(f"**{row[k]:.2f}x**" if row[k] is not None else "n/a")
                      + (f" (paired {row[q]:.2f}x)" if row.get(q) is not None else "")
                      for k, q in (("p50_ratio", "p50_paired"), ("p99_ratio", "p99_paired"))]
@@ -245,7 +247,7 @@ def format_table(rows: list[dict], fractions: dict | None = None) -> str:
             cells = [f"{_num(s['median'])} ({_num(s['min'])}-{_num(s['max'])})" for s in (row["p50"], row["p99"])]
             unc = _num(row["uncorrected_p50"]["median"]) if row.get("uncorrected_p50") else "n/a"
             others = f"{row['others_busy_percent']['median']:.0f}" if row.get("others_busy_percent") else "n/a"
-            lines.append(f"| {rate} | {row['tool']} | {cells[0]} | {cells[1]} | {unc} | {others} |")
+            lines.append(f"| {rate} | {row['client']} | {cells[0]} | {cells[1]} | {unc} | {others} |")
     return "\n".join(lines)
 
 
@@ -256,7 +258,7 @@ def loadavg() -> list[float]:
 
 
 def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs together since boot (/proc/stat).
+    """(busy, total) jiffies of all CPUs together since boot (the kernel's first ``cpu`` line).
 
     Busy is user + nice + system + steal; idle, iowait, irq and softirq are not
     busy (loopback traffic's own softirq work is accounted to no process, so
@@ -311,11 +313,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backend", help="server backend (default: go, else epoll)")
     parser.add_argument("--fractions", default="0.25,0.5", help="rates as fractions of the closed-loop capacity")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per rate (each runs both tools once)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per rate (each runs both clients once)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="discarded seconds before each run")
-    parser.add_argument("--conns", type=int, default=50, help="connections, both tools")
-    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection, both tools")
+    parser.add_argument("--conns", type=int, default=50, help="connections, both clients")
+    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection, both clients")
     parser.add_argument("--c-spin-us", type=float, default=0.0,
                         help="C client: wake this many µs before each slot and poll (0: sleep on a timer, as the "
                              "Python client does)")
@@ -347,14 +349,14 @@ def main(argv=None) -> int:
         print(f"{where}; closed-loop capacity {cap:,.0f} req/s; load average {report['loadavg_before']}", flush=True)
         for rate, fraction in rates.items():
             for i in range(args.rounds):
-                order = TOOLS if i % 2 == 0 else TOOLS[::-1]
-                for tool in order:
+                order = CLIENTS if i % 2 == 0 else CLIENTS[::-1]
+                for client in order:
                     run = measured(server, (lambda: run_python(server.target, rate, args, client_cpu))
-                                   if tool == "python" else
+                                   if client == "python" else
                                    (lambda: run_c(binary, server.target, rate, args, client_cpu)))
                     run.update(rate=rate, fraction=fraction, round=i + 1, loadavg=loadavg())
                     report["runs"].append(run)
-                    print(f"  {rate:>8,} req/s round {i + 1} {tool:<6} p50 {run['p50']:>8} p99 {run['p99']:>9} "
+                    print(f"  {rate:>8,} req/s round {i + 1} {client:<6} p50 {run['p50']:>8} p99 {run['p99']:>9} "
                           f"max {run['max']:>9} unc.p50 {run['uncorrected_p50']} sent {run['sent']} "
                           f"late {run['late']} unanswered {run['unanswered']} errors {run['errors'] or 0}  "
                           f"load {run['loadavg'][0]}  others {run['others_busy_percent']}%", flush=True)

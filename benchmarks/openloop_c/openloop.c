@@ -421,7 +421,7 @@ int main(int argc, char **argv) {
     double loadavg[3] = {0, 0, 0};
     getloadavg(loadavg, 3);
 
-    printf("{\"tool\": \"openloop.c\", \"target\": \"%s\", \"rate\": %g, \"conns\": %ld, \"size\": %ld, "
+    printf("{\"client\": \"openloop.c\", \"target\": \"%s\", \"rate\": %g, \"conns\": %ld, \"size\": %ld, "
            "\"pipeline\": %d, \"warmup_s\": %g, \"duration_s\": %g, "
            "\"count\": %zu, \"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, \"p999\": %.1f, \"max\": %.1f, "
            "\"mean\": %.1f, \"uncorrected_p50\": %.1f, \"uncorrected_p99\": %.1f, "

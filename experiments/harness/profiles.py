@@ -2,10 +2,13 @@
 
 ``quick`` is sized so that ``conclab run all --profile quick`` finishes in about
 five minutes on a 2-core box with every backend (few points, 1 s each plus a
-short warm-up: 8 variants x 7 experiments leave no room for more);
-``full`` is the real sweep (10 s points, the whole concurrency range, memory up
-to the file limit); ``tiny`` exists for the harness's own tests (seconds).
-Every field is a named tunable and is written to manifest.json.
+short warm-up, one round: 8 variants x 7 experiments leave no room for more):
+the demo; ``standard`` is the reference run (3 interleaved rounds of 3 s points,
+its budget below); ``full`` is the real sweep (10 s points, the whole concurrency
+range, memory up to the file limit, 3 rounds); ``tiny`` exists for the harness's
+own tests (seconds). ``rounds`` is the number of interleaved rounds a run makes
+when ``--repeat`` is not given. Every field is a named tunable and is written to
+manifest.json.
 """
 from __future__ import annotations
 
@@ -82,15 +85,37 @@ FULL = Profile(
     latency_conns=50, latency_fractions=(0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5),
     io_conns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000), io_us=10_000,
     cpu_conns=(1, 10, 50, 200), cpu_us=200, cpu_wide_variants=("*",), c10k_conns=10_000, c10k_probe_conns=10,
-    switch_rounds=7, switch_round_s=0.5, pool_workers=default_workers(),
+    switch_rounds=7, switch_round_s=0.5, pool_workers=default_workers(), rounds=3,
     pitfall_s=10.0, pitfall_rate=300, pitfall_silent=300, pitfall_idle_s=1.0, pitfall_cap=1000,
 )
 
+# standard: what results/reference is (`conclab run all --profile standard --run-id reference`): 3 interleaved
+# rounds (every number a median with min, max and a 95 % interval), 3 s points, 6 latency rates from 0.1x capacity,
+# memory at 0, 1000, 2500, 5000 and 10,000 connections, and C10K at 10,000. The sweeps are trimmed to one point
+# each (throughput: the reference point, 50 connections, which latency also takes its capacity from; io_bound: 1000
+# connections, where the pool's Little's-law cap and the other models' scaling both show).
+#
+# Budget arithmetic, 8 variants x 3 rounds = 24 variant-rounds, with the costs measured by a run of this profile
+# on this 2-core machine (a load point: 3 s + 0.2 s warm-up + ~0.5 s generator start-up, connecting and STATS =
+# ~3.7 s; a server start and stop ~0.6 s per variant, round and experiment; the machine was shared, load 5..250):
+#   latency     24 x (6 x 3.7 + 0.6) + drains of the overloaded 1.1x point      ~  640 s  (measured 636)
+#   throughput  24 x (1 x 3.7 + 0.6)                                            ~  105 s  (2 points: 184)
+#   io_bound    24 x (1 x 3.9 + 0.6)    (1000 connections take longer to open)  ~  110 s  (2 points: 196)
+#   cpu_bound   24 x (3.7 + 0.6) + 3 x 4.3 (go also on both CPUs)               ~  115 s  (measured 114)
+#   c10k        24 x ~11 s (hold 10,000, a 3 s probe, release, stop)            ~  275 s  (measured 275)
+#   switch (microbenchmarks ~35 s) + calibration at start and end (~15 s)      ~   50 s
+#   subtotal without memory                                                     ~ 1295 s = 21.6 min
+#   memory      5 points, a fresh server per N (experiments/memory.py today)    ~  470..610 s (measured 614)
+#   total                                                                       ~ 29..32 min
+# So the 20-minute budget is not met: latency's 6 x 3 s points and the two holding experiments alone are ~17
+# minutes. What would fit: memory holding its N in steps on one server per round (~6 s per variant and round:
+# ~150 s), and c10k_conns 5000 (~190 s, but then the claims table says it is no C10K test), together ~20.5 min;
+# or 2 rounds (~20 min, intervals min-max only).
 STANDARD = Profile(
     name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
     connect_rate=5000,
-    memory_conns=(0, 1000, 2500, 5000, 10_000), throughput_conns=(50, 500), reference_conns=50, size=64,
-    latency_conns=50, latency_fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.1), io_conns=(10, 1000), io_us=10_000,
+    memory_conns=(0, 1000, 2500, 5000, 10_000), throughput_conns=(50,), reference_conns=50, size=64,
+    latency_conns=50, latency_fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.1), io_conns=(1000,), io_us=10_000,
     cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go",), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=5, switch_round_s=0.1, pool_workers=default_workers(), rounds=3,
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,

@@ -339,8 +339,12 @@ class ConnectionsCheck:
 
 
 def accepted_check(row: dict, active: int | None, conns: int) -> None:
-    """Mark the row invalid when the server had accepted fewer than ``conns`` connections before measuring."""
-    row["server_conns_active"] = active
+    """Mark the row invalid when the server had accepted fewer than ``conns`` connections before measuring.
+
+    ``server_conns_active`` is at most ``conns``: a count above it is a connection of the generator's own
+    start-up check (it opens one first and closes it) the server had not reaped yet, not one of the point's.
+    """
+    row["server_conns_active"] = min(active, conns) if active is not None else None
     if active is None or active >= conns:
         return
     reasons = [r for r in (row.get("invalid_reason") or "").split("; ") if r]
