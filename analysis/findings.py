@@ -61,7 +61,8 @@ def _why(row) -> tuple[str, dict]:
         facts.update(active=active, conns=conns)
     reason = getattr(row, "invalid_reason", None)
     if isinstance(reason, str) and TOO_SHORT in reason:
-        parts.append(TOO_SHORT + " (it lasted under " + str(MIN_LATENCIES) + " mean latencies)")
+        parts.append(TOO_SHORT + " (it lasted under {min_latencies} mean latencies)")
+        facts.update(min_latencies=MIN_LATENCIES)
     return ", ".join(parts) or "marked invalid in the table", facts
 
 

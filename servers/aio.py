@@ -335,7 +335,9 @@ class Connection(asyncio.Protocol):
 
     def _look(self, now: float) -> None:
         """Replies in flight: any change since the last look is progress (they shrink as the peer reads, grow as
-        replies are added). None for --idle-timeout: reset, counted as an idle timeout. All delivered: close if finishing, else the idle clock starts now."""
+        replies are added). None for --idle-timeout: reset, counted as an idle timeout. All delivered: close
+        if finishing, else the idle clock starts now. The next look comes soon after progress, then after as
+        long as they have been stuck."""
         session = self.session
         pending = self._in_flight()
         if pending:

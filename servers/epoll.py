@@ -38,14 +38,15 @@ about as big as the connections open, not as the connections of the last
 
 The write policy (docs/protocol.md): a reply that makes no progress for
 --idle-timeout ends the connection with a reset (SO_LINGER 0), counted in
-``idle_timeouts``; one that makes progress is never cut. Progress is watched
-where the reply is: in ``Connection.out`` each send that moves bytes restarts
-its clock; in the kernel's send queue (``tcpdiag.unsent``) the deadline check
-looks at how much is left, at growing intervals. A connection whose idle
-deadline passes while the kernel still delivers its replies is not idle; one
-that is done closes only once they are delivered, since a FIN queued behind
-bytes the peer never reads would leave the socket in FIN-WAIT-1, holding them,
-after the server let go of it.
+``idle_timeouts``; one that makes progress is never cut. Once replies wait,
+the deadline check looks at those in flight (``Connection.out`` plus the
+bytes the kernel has not sent yet, ``tcpdiag.unsent``) at growing intervals:
+any change is progress. (EPOLLOUT alone would miss a slow reader's progress:
+the kernel reports a socket writable only once a third of its send buffer is
+free.) A connection whose idle deadline passes while its replies still move
+is not idle; one that is done closes only once they are delivered, since a
+FIN queued behind bytes the peer never reads would leave the socket in
+FIN-WAIT-1, holding them, after the server let go of it.
 
 A bug in a connection's step (any exception but OSError) costs that
 connection, not the server: ``guarded`` says so on stderr in one line, resets

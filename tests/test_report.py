@@ -466,6 +466,9 @@ def test_overlapping_intervals_are_a_tie_and_separated_ones_rank(tmp_path):
     assert apart.facts["times"] == pytest.approx(30_000 / 21_000)
     assert (apart.facts["hi_rps_min"], apart.facts["hi_rps_max"]) == (29_000, 31_000)       # the spread is shown
     assert apart.facts["hi_cpu"] == pytest.approx(1e6 / 30_000)                             # and what a request cost
+    for finding in (overlap, apart):                     # the spreads are facts too: every number shown is one
+        allowed = {num(v) for v in finding.numbers.values()}
+        assert set(re.findall(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?", finding.text)) <= allowed, finding.text
 
 
 def test_compare_medians_is_the_one_rule():

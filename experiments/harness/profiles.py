@@ -92,30 +92,32 @@ FULL = Profile(
 # standard: what results/reference is (`conclab run all --profile standard --run-id reference`): 3 interleaved
 # rounds (every number a median with min, max and a 95 % interval), 3 s points, 6 latency rates from 0.1x capacity,
 # memory at 0, 1000, 2500, 5000 and 10,000 connections, and C10K at 10,000. The sweeps are trimmed to one point
-# each (throughput: the reference point, 50 connections, which latency also takes its capacity from; io_bound: 1000
-# connections, where the pool's Little's-law cap and the other models' scaling both show).
+# each (throughput: the reference point, 50 connections, which latency also takes its capacity from; io_bound: 50
+# connections, where the request-dispatch pool is held to workers / wait = 600 rps while the other models reach
+# connections / wait = 5000: at 1000 connections the pool's requests wait ~1.7 s, too long for a 3 s point).
 #
 # Budget arithmetic, 8 variants x 3 rounds = 24 variant-rounds, with the costs measured by a run of this profile
 # on this 2-core machine (a load point: 3 s + 0.2 s warm-up + ~0.5 s generator start-up, connecting and STATS =
 # ~3.7 s; a server start and stop ~0.6 s per variant, round and experiment; the machine was shared, load 5..250):
 #   latency     24 x (6 x 3.7 + 0.6) + drains of the overloaded 1.1x point      ~  640 s  (measured 636)
 #   throughput  24 x (1 x 3.7 + 0.6)                                            ~  105 s  (2 points: 184)
-#   io_bound    24 x (1 x 3.9 + 0.6)    (1000 connections take longer to open)  ~  110 s  (2 points: 196)
+#   io_bound    24 x (1 x 3.7 + 0.6)                                            ~  105 s  (2 points: 196)
 #   cpu_bound   24 x (3.7 + 0.6) + 3 x 4.3 (go also on both CPUs)               ~  115 s  (measured 114)
 #   c10k        24 x ~11 s (hold 10,000, a 3 s probe, release, stop)            ~  275 s  (measured 275)
 #   switch (microbenchmarks ~35 s) + calibration at start and end (~15 s)      ~   50 s
-#   subtotal without memory                                                     ~ 1295 s = 21.6 min
+#   subtotal without memory                                                     ~ 1290 s = 21.5 min
 #   memory      5 points, a fresh server per N (experiments/memory.py today)    ~  470..610 s (measured 614)
 #   total                                                                       ~ 29..32 min
-# So the 20-minute budget is not met: latency's 6 x 3 s points and the two holding experiments alone are ~17
-# minutes. What would fit: memory holding its N in steps on one server per round (~6 s per variant and round:
-# ~150 s), and c10k_conns 5000 (~190 s, but then the claims table says it is no C10K test), together ~20.5 min;
-# or 2 rounds (~20 min, intervals min-max only).
+# So the 20-minute budget is not met, and no trim of the sweeps can meet it: latency's 6 x 3 s points (~640 s) and
+# the two holding experiments (~750 s) alone exceed 20 minutes at 3 rounds. Memory holding its N in steps on one
+# server per round (~6 s per variant and round: ~150 s) and c10k_conns 5000 (~190 s; the claims table then says
+# it is no C10K test) would bring it to ~1290 - 275 + 190 + 150 = ~1355 s = 22.6 min; 2 rounds instead of 3 to
+# ~(1290 + 470) x 2/3 = ~1175 s = 19.6 min (but intervals are then min-max only).
 STANDARD = Profile(
     name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
     connect_rate=5000,
     memory_conns=(0, 1000, 2500, 5000, 10_000), throughput_conns=(50,), reference_conns=50, size=64,
-    latency_conns=50, latency_fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.1), io_conns=(1000,), io_us=10_000,
+    latency_conns=50, latency_fractions=(0.1, 0.3, 0.5, 0.7, 0.9, 1.1), io_conns=(50,), io_us=10_000,
     cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go",), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=5, switch_round_s=0.1, pool_workers=default_workers(), rounds=3,
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
