@@ -646,7 +646,9 @@ def slow_steady_reader(backend, options, scale: Scale) -> Outcome:
     with ServerProcess(backend, [*options, "--idle-timeout", str(WRITE_IDLE)]) as server:
         out.check(echo_ok(server) is not None, "warm-up ECHO failed")
         idle0 = server.stats()["idle_timeouts"]
-        client = server.connect(budget)
+        # A fixed receive buffer: the reader's progress reaches the server as window updates of its
+        # reads, not as the kernel's autotuned bursts (which can hide several reads from the server).
+        client = Client(server.address, budget, receive_buffer=STEADY_READ)
 
         def send():
             with contextlib.suppress(OSError):          # cut: what it got says it

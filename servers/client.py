@@ -26,8 +26,16 @@ RECV_SIZE = 1 << 20
 class Client:
     """A blocking connection to a lab server: send frames (or raw bytes), read frames."""
 
-    def __init__(self, address, timeout: float = IO_TIMEOUT_S) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address, timeout: float = IO_TIMEOUT_S, receive_buffer: int | None = None) -> None:
+        """``receive_buffer``: a fixed SO_RCVBUF set before connecting (no autotuning), so the
+        window the server sees opens as this client reads, not in the kernel's own bursts."""
+        if receive_buffer is None:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
         self.decoder = FrameDecoder(max_frame=2**32 - 1)      # a client accepts whatever length a server sends
         self.frames: list = []
 

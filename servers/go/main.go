@@ -47,6 +47,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 // Every frame is: u32 big-endian length (= 1 + len(payload)), u8 op, payload.
@@ -285,11 +286,39 @@ func (s *server) release(conn net.Conn, err error) {
 		// these and everyone gets "server busy".
 		return
 	}
+	if !errors.Is(err, errPeerNotReading) { // (a stalled one was reset already)
+		s.deliver(conn)
+	}
 	conn.Close()
 	s.mu.Lock()
 	delete(s.conns, conn)
 	s.mu.Unlock()
 	s.stats.active.Add(-1)
+}
+
+// deliverCheck is how often a closing connection looks whether its last replies left.
+const deliverCheck = 50 * time.Millisecond
+
+// deliver waits, before a close, for the replies the kernel still holds to
+// reach the peer: a close with unsent data would leave the socket behind
+// (FIN-WAIT-1) holding them for a peer that may never read. They get what any
+// write gets, --idle-timeout without progress; then the connection is reset.
+func (s *server) deliver(conn net.Conn) {
+	if s.cfg.fault == "no-deadline" {
+		return
+	}
+	idle, left, last := seconds(s.cfg.idle), unsent(conn), time.Now()
+	for left > 0 {
+		time.Sleep(deliverCheck)
+		now := unsent(conn)
+		if now < left {
+			last = time.Now()
+		}
+		if left = now; left > 0 && time.Since(last) >= idle {
+			reset(conn)
+			return
+		}
+	}
 }
 
 // Per-connection buffers: 1 KiB each instead of bufio's 4 KiB default saves
@@ -396,7 +425,7 @@ func (p *peer) Write(b []byte) (int, error) {
 	if p.timed {
 		due = time.Now().Add(p.idle)
 	}
-	written := 0
+	written, queued := 0, -1 // unsent bytes at the last passed deadline: asked only then, never per write
 	for {
 		if p.timed && p.writeArmed.need(due) {
 			p.conn.SetWriteDeadline(due)
@@ -409,10 +438,43 @@ func (p *peer) Write(b []byte) (int, error) {
 		} else if p.writeArmed.early(err, due) {
 			continue
 		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The deadline counts from the last progress, not from the start of the write: a
+			// peer that reads slowly keeps its connection. The kernel wakes a blocked writer
+			// only once a good part of the send buffer has drained, so progress is also read
+			// from the kernel: fewer bytes waiting to be sent than at the last deadline (the
+			// first deadline of a write only takes that reading: one more period to compare).
+			if now := unsent(p.conn); n > 0 || (now >= 0 && (queued < 0 || now < queued)) {
+				queued, due, p.writeArmed = now, time.Now().Add(p.idle), lazyDeadline{}
+				continue
+			}
 			err = errPeerNotReading
 		}
 		return written, err
 	}
+}
+
+// siocoutqnsd is Linux's SIOCOUTQNSD ioctl: bytes in the send queue not yet sent.
+const siocoutqnsd = 0x894B
+
+// unsent is how many bytes the kernel holds for conn and has not sent yet, or -1
+// where that cannot be asked (not a TCP socket, not Linux).
+func unsent(conn net.Conn) int {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return -1
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	n := -1
+	raw.Control(func(fd uintptr) {
+		var v int32
+		if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, fd, siocoutqnsd, uintptr(unsafe.Pointer(&v))); e == 0 {
+			n = int(v)
+		}
+	})
+	return n
 }
 
 // reply queues one frame in p.w: sent when we next need input (see peer), or
@@ -624,7 +686,10 @@ func (s *server) fail(p *peer, err error) error {
 	}
 	if s.cfg.protocol == "framed" {
 		p.reply(opError, []byte(reason)) // best effort: the connection closes either way
-		p.w.Flush()
+		if p.w.Flush() != nil {          // stalled behind replies the peer does not read
+			reset(p.conn)
+			return errPeerNotReading
+		}
 	}
 	return err
 }
