@@ -453,11 +453,17 @@ func (p *peer) Write(b []byte) (int, error) {
 	}
 }
 
-// siocoutqnsd is Linux's SIOCOUTQNSD ioctl: bytes in the send queue not yet sent.
-const siocoutqnsd = 0x894B
+// siocoutqnsd is Linux's SIOCOUTQNSD ioctl: bytes in the send queue not yet sent;
+// tcpEstablished and tcpCloseWait are the TCP states in which they can still leave.
+const (
+	siocoutqnsd    = 0x894B
+	tcpEstablished = 1
+	tcpCloseWait   = 8
+)
 
 // unsent is how many bytes the kernel holds for conn and has not sent yet, or -1
-// where that cannot be asked (not a TCP socket, not Linux).
+// where that cannot be asked (not a TCP socket, not Linux) or nothing more can be
+// sent (the connection is no longer established: a reset leaves its count behind).
 func unsent(conn net.Conn) int {
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
@@ -469,6 +475,13 @@ func unsent(conn net.Conn) int {
 	}
 	n := -1
 	raw.Control(func(fd uintptr) {
+		var info [8]byte // struct tcp_info begins with tcpi_state
+		size := uint32(len(info))
+		if _, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, syscall.IPPROTO_TCP, syscall.TCP_INFO,
+			uintptr(unsafe.Pointer(&info[0])), uintptr(unsafe.Pointer(&size)), 0); e != 0 ||
+			(info[0] != tcpEstablished && info[0] != tcpCloseWait) {
+			return
+		}
 		var v int32
 		if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, fd, siocoutqnsd, uintptr(unsafe.Pointer(&v))); e == 0 {
 			n = int(v)
