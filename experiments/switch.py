@@ -109,20 +109,22 @@ def python_command(run, bench: str):
 
 def go_command(run):
     """The Go microbenchmark's command (building it into the cache if needed), or the reason it cannot run."""
-    try:
-        binary = build_go()
-    except RuntimeError as exc:
-        return str(exc)
-    return [str(binary), "-rounds", str(run.profile.switch_rounds), "-round-s", f"{run.profile.switch_round_s:g}"]
+    return built_command(run, build_go, "-")
 
 
 def c_command(run):
     """The kernel baseline's command without --mode/--cpus (built into the cache if needed), or why it cannot run."""
+    return built_command(run, build_c, "--")
+
+
+def built_command(run, build, dash: str):
+    """A compiled benchmark's command with the profile's rounds, or the one-line reason it cannot be built."""
     try:
-        binary = build_c()
+        binary = build()
     except RuntimeError as exc:
         return str(exc)
-    return [str(binary), "--rounds", str(run.profile.switch_rounds), "--round-s", f"{run.profile.switch_round_s:g}"]
+    return [str(binary), f"{dash}rounds", str(run.profile.switch_rounds),
+            f"{dash}round-s", f"{run.profile.switch_round_s:g}"]
 
 
 def micro(run, name: str, bench: str, cpus: list, pinned: bool, command) -> None:
