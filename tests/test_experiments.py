@@ -135,7 +135,10 @@ def test_tiny_run_measured_sensible_values(tiny_run):
         explained = rows.invalid_reason.fillna("").str.contains(f"{loadproc.SATURATED}|{loadproc.TOO_SHORT}")
         assert (rows.valid == ((rows.loadgen_saturated == 0) & ~explained)).all(), table   # else valid
         assert (rows.server_conns_active == rows.conns).all(), table           # every connection accepted first
-        assert (rows.server_cpu_percent > 0).all(), table
+        # CPU is read in 10 ms clock ticks: a server that mostly waits (io_bound) may spend less than one tick
+        # in a tiny point, so only the busy tables must show some
+        assert (rows.server_cpu_percent > 0).all() or table == "io_bound", table
+        assert (rows.server_cpu_percent >= 0).all(), table
     io = read(run_dir, "io_bound")
     assert (io.little_ceiling_rps == 8 / 0.01).all()           # 8 conns, 10 ms each
     fits = read(run_dir, "memory_fit")
