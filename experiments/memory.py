@@ -1,9 +1,11 @@
 """Experiment 1, memory: what an idle connection costs each model, in the process and in the kernel.
 
-For every N of the profile a fresh server (``--max-conns`` above N, a long
-``--idle-timeout``) is made to hold N idle connections; once it has accepted
-them and settled, its RSS, USS, VMS, threads and fds are read. N = 0 is read
-on the first of those servers, before it holds anything. A least-squares
+One fresh server per variant and round (``--max-conns`` above the largest N, a
+long ``--idle-timeout``) is read empty (N = 0), then made to hold idle
+connections in steps up to every N of the profile (each step one more hold of
+the load generator, the earlier ones still held); once it has accepted them
+and settled, its RSS, USS, VMS, threads and fds are read. Steps on one server
+cost one ramp to the largest N instead of one per point. A least-squares
 line over the points gives KiB per connection (RSS: what the kernel maps,
 shared pages included; USS: what is this process's alone) and the same slope
 for VMS and threads: the "1 MB per thread" of the article is *virtual* stack
@@ -17,8 +19,8 @@ process's RSS: the socket (a tcp_sock, its inode, dentry and file, epoll items:
 slab), its buffers (TCP's pages), one kernel stack per thread, the page tables
 of what the process maps. Around every point the harness reads /proc/meminfo
 (Slab = SReclaimable + SUnreclaim, KernelStack), /proc/net/sockstat (TCP "mem")
-and the server's VmPTE once on the fresh server before the connections are
-opened and again while they are held (holding.kernel_gauges); the change over
+and the server's VmPTE once on the fresh server before any connection is
+opened and again at every step (holding.kernel_gauges); the change over
 the connections held is kernel memory per connection.
 
 Those counters are the whole machine's, and the load generator's end of every
@@ -94,55 +96,68 @@ def run(run) -> None:
 
 
 def measure_variant(run, variant, repeat: int, client: dict | None = None) -> None:
-    points = run.profile.memory_points()
-    baseline = 0 in points                     # read on the first server, before it holds anything
-    rows = []
-    for n in [n for n in points if n > 0] or [0]:
-        for row in measure_point(run, variant, repeat, n, baseline, client or {}):
-            run.write("memory", row)
-            rows.append(row)
-        baseline = False
+    rows = measure_steps(run, variant, repeat, run.profile.memory_points(), client or {})
+    for row in rows:
+        run.write("memory", row)
     for fit_row in fit_rows(rows):
         run.write("memory_fit", {"experiment": NAME, "backend": variant.backend, "variant": variant.name,
                                  "repeat": repeat, **fit_row})
 
 
-def measure_point(run, variant, repeat: int, n: int, baseline: bool, client: dict) -> list:
-    """Rows for n held connections on a fresh server (and for 0, read before the hold, if ``baseline``)."""
-    rows = []
-    with run.serve(NAME, variant, repeat, track_ctx=False, max_conns=n + CONN_MARGIN,
+def measure_steps(run, variant, repeat: int, points: list, client: dict) -> list:
+    """Rows for every N of ``points`` on one fresh server, N growing in steps: read it empty (N = 0), then
+    hold more connections (one more hold per step, the earlier ones still held) up to each N and read it.
+    Every kernel change is from the empty server's reading. A step whose connections were not all accepted
+    ends the climb (the server holds no more; the larger points would not be what they say)."""
+    rows, holds = [], []
+    steps = [n for n in points if n > 0]
+    with run.serve(NAME, variant, repeat, track_ctx=False, max_conns=max(steps, default=0) + CONN_MARGIN,
                    idle_timeout=IDLE_TIMEOUT_S, stop_grace=HELD_STOP_GRACE_S) as server:
-        before = holding.kernel_gauges(server.pid)
-        if baseline or n == 0:
-            rows.append(read_point(run, variant, repeat, server, 0, None, time.monotonic(), before, client))
-            if n > 0:
-                before = holding.kernel_gauges(server.pid)
-        if n > 0:
-            started = time.monotonic()
-            server.sampler.point = f"n={n}"
-            window = holding.measure_window(run) + holding.kernel_window()
-            rows.append(read_point(run, variant, repeat, server, n, holding.hold(run, server, n, window), started,
-                                   before, client))
+        try:
+            before = holding.kernel_gauges(server.pid)
+            base_fds = server.sampler.probe.process.num_fds()
+            if 0 in points:
+                rows.append(read_point(run, variant, repeat, server, 0, 0, time.monotonic(), before, client, []))
+            held = 0
+            for i, n in enumerate(steps):
+                started = time.monotonic()
+                server.sampler.point = f"n={n}"
+                h = holding.hold(run, server, n - held, step_window(run, steps[i:]))
+                holds.append(h)
+                held = holding.accepted(server, base_fds)
+                rows.append(read_point(run, variant, repeat, server, n, held, started, before, client, holds))
+                if held < n:
+                    run.skip(NAME, variant, f"the server accepted {held} of {n} connections: larger N not measured",
+                             point=f"n={n} repeat={repeat}")
+                    break
+        finally:
+            server.sampler.stop()              # before thousands of connections (and threads) go away
+            release_all(holds, rows)
     return rows
 
 
-def read_point(run, variant, repeat: int, server, n: int, h, started: float, before: dict, client: dict) -> dict:
-    """Settle, read the gauges and the kernel, let the hold (if any) end; one memory row."""
-    server.sampler.point = f"n={n}"
-    gauges, kernel, held, connect_errors, generator_tasks = {}, {}, 0, 0, 0
-    try:
-        time.sleep(run.profile.settle_s)
-        gauges = holding.gauges(server)
-        kernel = holding.kernel_gauges(server.pid)
-        generator_tasks = holding.generator_tasks(h)
-        held = holding.accepted(server, h.base_fds) if h else 0
-    finally:
-        if h:
-            server.sampler.stop()              # before thousands of connections (and threads) go away
-            _, connect_errors = holding.release(h, gauges.get("tcp_established"))
+def step_window(run, steps_left: list) -> float:
+    """How long a step's hold must last: its own reading and every later step's ramp and reading (the holds
+    are stopped as soon as the climb ends; this only bounds a hold the harness could not stop)."""
+    profile, previous, total = run.profile, None, 0.0
+    for n in steps_left:
+        added = n - previous if previous is not None else 0
+        total += added / profile.connect_rate + holding.STALL_S + holding.measure_window(run) + \
+            holding.kernel_window()
+        previous = n
+    return total
+
+
+def read_point(run, variant, repeat: int, server, n: int, held: int, started: float, before: dict,
+               client: dict, holds: list) -> dict:
+    """Settle, read the gauges and the kernel (the holds still held); one memory row."""
+    time.sleep(run.profile.settle_s)
+    gauges = holding.gauges(server)
+    kernel = holding.kernel_gauges(server.pid)
+    generator_tasks = sum(holding.generator_tasks(h) for h in holds)
     delta = holding.kernel_delta(before, kernel)
     row = {"experiment": NAME, "backend": variant.backend, "variant": variant.name, "repeat": repeat,
-           "n_target": n, "n_conns": held, **gauges, "connect_errors": connect_errors,
+           "n_target": n, "n_conns": held, **gauges, "connect_errors": max(0, n - held),
            "server_cpus": run.server_cpus, **delta,
            **holding.other_activity(before, kernel, 2 * held, own_tasks=generator_tasks),
            **client_share(client, held)}
@@ -154,6 +169,15 @@ def read_point(run, variant, repeat: int, server, n: int, h, started: float, bef
                  f"USS {gauges['uss_kib'] / 1024:.1f} MiB, VMS {gauges['vms_kib'] / 1024:.0f} MiB, "
                  f"{gauges['threads']} threads{kernel_text} ({time.monotonic() - started:.1f} s)")
     return row
+
+
+def release_all(holds: list, rows: list) -> None:
+    """End every hold; a hold the server did not fully accept runs to its end, and the generator's own count
+    of failed connects (when it gives one) replaces the row's N - held for the step it belongs to."""
+    for h, row in zip(holds, [r for r in rows if r["n_target"] > 0]):
+        _, errors = holding.release(h)
+        if errors is not None and h.held < h.target:
+            row["connect_errors"] = errors
 
 
 def client_share(client: dict, conns: int) -> dict:

@@ -84,8 +84,9 @@ class Experiment:
 
 EXPERIMENTS = (
     Experiment(
-        "memory", "A fresh server per point holds N idle connections; RSS, USS and VMS are read once it settles, "
-                  "and the kernel's memory (slab, socket buffers, kernel stacks, page tables) before and while held.",
+        "memory", "One server per variant and round holds N idle connections, N growing in steps; RSS, USS and VMS "
+                  "are read once each step settles, and the kernel's memory (slab, socket buffers, kernel stacks, "
+                  "page tables) before and at every step.",
         tables=(Table("memory", "n_target"), Table("memory_fit", "metric")),
         charts=("memory_rss", "memory_per_conn", "memory_kernel", "memory_thread_vms"),
         findings=("memory_per_conn", "memory_kernel")),
