@@ -8,6 +8,8 @@ throughput at the same concurrency (50) in this run's throughput experiment
 or, when the run has no such rows, a closed-loop calibration point measured
 here first (once per variant; the manifest's ``needs`` records it). Each row
 has p50, p99, p99.9 at one offered rate; the knee is harness.summary.knee.
+Once the generator saturates at a rate, the higher rates of that variant and
+round are not offered (skipped.csv says so): they would measure the generator.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .harness.fit import spread
 from .harness.run import describe, key
 
 NAME = "latency"
+NOT_OFFERED = "not offered: the load generator saturated"   # skipped.csv's reason for the rates above such a point
 
 
 def run(run) -> None:
@@ -31,8 +34,14 @@ def measure_variant(run, variant, repeat: int) -> None:
         if not capacity:
             run.skip(NAME, variant, "no capacity measured (calibration served nothing)", point=f"repeat={repeat}")
             return
+        saturated_at = None
         for fraction in profile.latency_fractions:
             rate = max(1.0, round(fraction * capacity))
+            if saturated_at is not None:
+                run.skip(NAME, variant, f"{NOT_OFFERED} at {saturated_at:g} rps, a "
+                                        f"lower rate (a higher one would measure it, not the server)",
+                         point=f"rate={rate:g} repeat={repeat}")
+                continue
             started = time.monotonic()
             row = run.measure(server, f"rate={rate:g}", "open", profile.latency_conns, rate=rate,
                               size=profile.size, op="echo")
@@ -42,6 +51,8 @@ def measure_variant(run, variant, repeat: int) -> None:
             run.write(NAME, row)
             run.progress(f"[{NAME}] {variant.name} rate={rate:g} ({fraction:g} x capacity) r{repeat}: "
                          f"{describe(row)} ({time.monotonic() - started:.1f} s)")
+            if row.get("loadgen_saturated"):
+                saturated_at = rate
 
 
 def capacity_of(run, variant, server) -> float:

@@ -96,23 +96,18 @@ FULL = Profile(
 # connections, where the request-dispatch pool is held to workers / wait = 600 rps while the other models reach
 # connections / wait = 5000: at 1000 connections the pool's requests wait ~1.7 s, too long for a 3 s point).
 #
-# Budget arithmetic, 8 variants x 3 rounds = 24 variant-rounds, with the costs measured by a run of this profile
-# on this 2-core machine (a load point: 3 s + 0.2 s warm-up + ~0.5 s generator start-up, connecting and STATS =
-# ~3.7 s; a server start and stop ~0.6 s per variant, round and experiment; the machine was shared, load 5..250):
-#   latency     24 x (6 x 3.7 + 0.6) + drains of the overloaded 1.1x point      ~  640 s  (measured 636)
-#   throughput  24 x (1 x 3.7 + 0.6)                                            ~  105 s  (2 points: 184)
-#   io_bound    24 x (1 x 3.7 + 0.6)                                            ~  105 s  (2 points: 196)
-#   cpu_bound   24 x (3.7 + 0.6) + 3 x 4.3 (go also on both CPUs)               ~  115 s  (measured 114)
-#   c10k        24 x ~11 s (hold 10,000, a 3 s probe, release, stop)            ~  275 s  (measured 275)
-#   switch (microbenchmarks ~35 s) + calibration at start and end (~15 s)      ~   50 s
-#   subtotal without memory                                                     ~ 1290 s = 21.5 min
-#   memory      5 points, a fresh server per N (experiments/memory.py today)    ~  470..610 s (measured 614)
-#   total                                                                       ~ 29..32 min
-# So the 20-minute budget is not met, and no trim of the sweeps can meet it: latency's 6 x 3 s points (~640 s) and
-# the two holding experiments (~750 s) alone exceed 20 minutes at 3 rounds. Memory holding its N in steps on one
-# server per round (~6 s per variant and round: ~150 s) and c10k_conns 5000 (~190 s; the claims table then says
-# it is no C10K test) would bring it to ~1290 - 275 + 190 + 150 = ~1355 s = 22.6 min; 2 rounds instead of 3 to
-# ~(1290 + 470) x 2/3 = ~1175 s = 19.6 min (but intervals are then min-max only).
+# Budget arithmetic, 8 variants x 3 rounds = 24 variant-rounds, with the costs measured on this 2-core machine,
+# quiet (a load point: 3 s + 0.2 s warm-up + ~0.3 s generator start-up, connecting and STATS = ~3.5 s; one past
+# saturation drains for up to 2 s more; a server start and stop ~0.6 s per variant, round and experiment):
+#   memory      one server per variant-round, N held in steps to 10,000: ~10 s each     ~  250 s
+#   throughput  24 x 3.5 s                                                              ~   85 s
+#   latency     24 x up to 6 x 3.5..5.5 s: a variant-round stops offering higher rates
+#               once the generator saturates (those points would measure it)           ~  400..550 s
+#   io_bound    24 x 3.5 s                                                              ~   85 s
+#   cpu_bound   24 x 3.5 s + 3 x 4 s (go also on both CPUs)                             ~  100 s
+#   c10k        24 x ~7.3 s (hold 10,000, a 3 s probe, release, stop)                  ~  175 s
+#   switch (microbenchmarks ~35 s) + calibration at start and end (~11 s)              ~   45 s
+#   total                                                                               ~ 19..22 min
 STANDARD = Profile(
     name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
     connect_rate=5000,
