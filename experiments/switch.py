@@ -33,12 +33,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from conclab.servers import processes
+
 from . import registry
 from .harness.run import describe, key
-from conclab.servers import Variant
 
 NAME = "switch"
 MICRO = "micro"
@@ -61,16 +62,38 @@ NEEDS = {"greenlet": "greenlet", "uvloop": "uvloop"}
 
 
 def run(run) -> None:
-    command = c_command(run)
+    """Every microbenchmark in interleaved rounds (all of them once, then again...), then the per-request costs."""
+    command, cases = c_command(run), []
     for bench in KERNEL_BENCHES:
         for placement, cpus in kernel_placements(run).items():
-            kernel(run, bench, placement, cpus, command)
+            cases.append(kernel_case(bench, placement, cpus, command))
     for bench, pinnings in PYTHON_BENCHES:
         for pinned in pinnings:
-            micro(run, label(bench, pinned), bench, placement_cpus(run, pinned), pinned, python_command(run, bench))
+            cases.append(Micro(label(bench, pinned), bench, placement_cpus(run, pinned), pinned,
+                               python_command(run, bench)))
     for pinned in (True, False):
-        micro(run, label("goroutine", pinned), "goroutine", placement_cpus(run, pinned), pinned, go_command(run))
+        cases.append(Micro(label("goroutine", pinned), "goroutine", placement_cpus(run, pinned), pinned,
+                           go_command(run)))
+    runnable = []
+    for case in cases:
+        if isinstance(case.command, str):
+            run.skip(NAME, case, case.command, point=case.name)
+        else:
+            runnable.append(case)
+    run.in_rounds(NAME, runnable, lambda case, repeat: micro(run, case, repeat))
     per_request(run)
+
+
+@dataclass(frozen=True)
+class Micro:
+    """One microbenchmark at one placement: its command, or the one-line reason it cannot run here."""
+    name: str
+    bench: str
+    cpus: list
+    pinned: bool
+    command: list | str
+    backend: str = MICRO
+    options: tuple = ()
 
 
 def label(bench: str, pinned: bool) -> str:
@@ -89,11 +112,11 @@ def kernel_placements(run) -> dict:
             CROSS_CPU: [first, others[0]] if others else "only one CPU is available: nothing to cross to"}
 
 
-def kernel(run, bench: str, placement: str, cpus, command) -> None:
+def kernel_case(bench: str, placement: str, cpus, command) -> Micro:
     """One kernel baseline (``futex`` or ``pipe``) at one placement; ``command`` or ``cpus`` may be why it cannot run."""
     why = command if isinstance(command, str) else cpus if isinstance(cpus, str) else None
     args = why or [*command, "--mode", bench, "--cpus", ",".join(map(str, cpus))]
-    micro(run, f"{bench}-{placement}", bench, [] if why else cpus, placement == SAME_CPU, args)
+    return Micro(f"{bench}-{placement}", bench, [] if why else cpus, placement == SAME_CPU, args)
 
 
 def python_command(run, bench: str):
@@ -127,25 +150,17 @@ def built_command(run, build, dash: str):
             f"{dash}round-s", f"{run.profile.switch_round_s:g}"]
 
 
-def micro(run, name: str, bench: str, cpus: list, pinned: bool, command) -> None:
-    variant = Variant(name, MICRO)
-    if isinstance(command, str):
-        run.skip(NAME, variant, command, point=name)
-        return
-    env = {**os.environ, "GOMAXPROCS": str(len(cpus))}
-    for repeat in range(1, run.repeat + 1):
-        try:
-            result = run_json(command, cpus, env)
-        except RuntimeError as exc:
-            run.skip(NAME, variant, str(exc), point=f"repeat={repeat}")
-            return
-        row = {**key(NAME, variant, repeat), **micro_row(result, bench, pinned, cpus)}
-        run.write(NAME, row)
-        cpu_ns = None if row["cpu_us_per_req"] is None else row["cpu_us_per_req"] * 1000
-        run.progress(f"[{NAME}] {name} r{repeat}: {result['ns_per_switch']:.0f} ns/switch "
-                     f"(min {result['ns_min']:.0f}, max {result['ns_max']:.0f}; per switch "
-                     f"{_shown(row['ctx_per_req'], '.2f')} OS context switches, {_shown(cpu_ns, '.0f')} ns CPU"
-                     f"{idle_note(result)}; CPUs {cpus})")
+def micro(run, case: Micro, repeat: int) -> None:
+    """One round of one microbenchmark: a switch.csv row (a failure raises RuntimeError: in_rounds skips it)."""
+    env = {**os.environ, "GOMAXPROCS": str(len(case.cpus))}
+    result = run_json(case.command, case.cpus, env)
+    row = {**key(NAME, case, repeat), **micro_row(result, case.bench, case.pinned, case.cpus)}
+    run.write(NAME, row)
+    cpu_ns = None if row["cpu_us_per_req"] is None else row["cpu_us_per_req"] * 1000
+    run.progress(f"[{NAME}] {case.name} r{repeat}: {result['ns_per_switch']:.0f} ns/switch "
+                 f"(min {result['ns_min']:.0f}, max {result['ns_max']:.0f}; per switch "
+                 f"{_shown(row['ctx_per_req'], '.2f')} OS context switches, {_shown(cpu_ns, '.0f')} ns CPU"
+                 f"{idle_note(result)}; CPUs {case.cpus})")
 
 
 def micro_row(result: dict, bench: str, pinned: bool, cpus: list) -> dict:

@@ -21,6 +21,7 @@ import pytest
 
 from conclab.analysis import charts, derive, findings, style
 from conclab.experiments import switch
+from conclab.experiments.harness.run import Run
 from conclab.experiments.harness.tables import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,8 @@ class FakeRun:
     def progress(self, message):
         self.lines.append(message)
 
+    in_rounds = Run.in_rounds             # the harness's own interleaving and error handling
+
 
 def fake_benchmark(calls):
     def run_json(command, cpus, env):
@@ -119,6 +122,21 @@ def test_run_measures_futex_and_pipe_on_one_cpu_and_across_two(monkeypatch):
     assert (["threadswitch", "--rounds", "1", "--mode", "pipe", "--cpus", "2,1"], [2, 1]) in calls
     assert all(r["backend"] == "micro" and r["ctx_per_req"] > 0 for r in run.rows)
     assert any("idle entries per round trip" in line for line in run.lines)
+
+
+def test_microbenchmarks_are_interleaved_in_rounds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(switch, "c_command", lambda run: ["threadswitch", "--rounds", "1"])
+    monkeypatch.setattr(switch, "python_command", lambda run, bench: "not in this test")
+    monkeypatch.setattr(switch, "go_command", lambda run: "not in this test")
+    monkeypatch.setattr(switch, "per_request", lambda run: None)
+    monkeypatch.setattr(switch, "run_json", fake_benchmark(calls))
+    run = FakeRun([0], [0, 1])
+    run.repeat = 2
+    switch.run(run)
+    order = [(r["variant"], r["repeat"]) for r in run.rows]
+    names = [name for name, _ in order[:4]]
+    assert len(set(names)) == 4 and order == [(n, 1) for n in names] + [(n, 2) for n in names]
 
 
 def test_one_cpu_skips_the_cross_cpu_rows_with_a_reason(monkeypatch):
