@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from conclab.analysis import charts, derive, findings, style
+from conclab.analysis import charts, claims, derive, findings, style
 from conclab.experiments import switch
 from conclab.experiments.harness.run import Run
 from conclab.experiments.harness.tables import COLUMNS
@@ -230,14 +230,21 @@ def test_labels_say_what_each_figure_measures(bench, pinned, ctx, label):
     assert derive.switch_label(bench, pinned, ctx) == label
 
 
-def micro_rows(*rows) -> pd.DataFrame:
-    """switch.csv rows: (variant, bench, pinned, ns, voluntary, involuntary, cpu_ns or None, ctx_per_req or None)."""
+def switch_run(*rows, spread: float = 0.0) -> SimpleNamespace:
+    """A run whose switch.csv has rows (variant, bench, pinned, ns, voluntary, involuntary, cpu_ns or None,
+    ctx_per_req or None); each ns_min/ns_max is ns -/+ ``spread`` x ns."""
     frame = pd.DataFrame([{c: None for c in COLUMNS["switch"]} | {
         "run_id": "t", "experiment": "switch", "backend": "micro", "variant": v, "repeat": 1, "bench": b,
-        "pinned": int(p), "iterations": 1000, "rounds": 2, "ns_per_switch": ns, "ns_min": ns, "ns_max": ns,
-        "ctx_voluntary": vol, "ctx_involuntary": invol, "cpu_us_per_req": None if cpu is None else cpu / 1000,
-        "ctx_per_req": ctx, "source": "micro"} for v, b, p, ns, vol, invol, cpu, ctx in rows])
-    return derive.switch_micro(SimpleNamespace(tables={"switch": frame}))
+        "pinned": int(p), "iterations": 1000, "rounds": 2, "ns_per_switch": ns, "ns_min": ns * (1 - spread),
+        "ns_max": ns * (1 + spread), "ctx_voluntary": vol, "ctx_involuntary": invol,
+        "cpu_us_per_req": None if cpu is None else cpu / 1000, "ctx_per_req": ctx, "source": "micro"}
+        for v, b, p, ns, vol, invol, cpu, ctx in rows])
+    return SimpleNamespace(tables={"switch": frame})
+
+
+def micro_rows(*rows) -> pd.DataFrame:
+    """derive.switch_micro of switch_run(*rows)."""
+    return derive.switch_micro(switch_run(*rows))
 
 
 BASELINE = (("futex-same-cpu", "futex", True, 2700.0, 2500, 1500, 2690.0, 1.0),
@@ -325,6 +332,31 @@ def test_finding_without_the_kernel_baseline_still_compares_the_python_hand_off(
     f = findings.switch(micro)
     assert f.title.startswith("A Python thread hand-off costs") and "kernel_ns" not in f.facts
     assert f.facts["times"] == pytest.approx(9000 / 280)
+
+
+THREAD_PINNED = ("thread-pinned", "thread", True, 9000.0, 6000, 4000, None, None)
+
+
+def test_switch_claim_compares_the_kernel_switch_and_labels_the_python_hand_off():
+    claim = claims.switch_claim(switch_run(*BASELINE, THREAD_PINNED))
+    base, greenlet = claim.measured.split("; ")[:2]
+    assert base.startswith("kernel thread switch (futex, one CPU)")
+    assert greenlet.startswith("greenlet") and "cheaper" in greenlet and f"{2700 / 280:.3g}" in greenlet
+    assert "for comparison: Python thread hand-off (a lock and the GIL)" in claim.measured
+    assert claim.verdict == "holds"
+
+
+def test_switch_claim_without_the_kernel_baseline_says_it_is_the_python_hand_off():
+    claim = claims.switch_claim(switch_run(BASELINE[2], THREAD_PINNED))
+    assert claim.measured.startswith("Python thread hand-off (a lock and the GIL)")
+    assert "kernel" not in claim.measured and claim.verdict == "holds"
+
+
+def test_switch_claim_within_noise_is_a_tie_not_cheaper():
+    futex = ("futex-same-cpu", "futex", True, 300.0, 2500, 1500, 300.0, 1.0)
+    claim = claims.switch_claim(switch_run(futex, BASELINE[2], spread=0.2))     # 240..360 vs 224..336 ns
+    assert "a tie within noise" in claim.measured and "cheaper" not in claim.measured
+    assert claim.verdict == "does not hold here"
 
 
 def test_chart_groups_kernel_and_runtime_bars_under_their_labels():
