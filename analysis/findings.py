@@ -188,6 +188,16 @@ def _fit_quality(b: Builder, slopes: pd.DataFrame) -> None:
               res_mib=far.rss_max_residual_kib / 1024, v=far.variant)
 
 
+def kernel_share(row) -> tuple[float, float]:
+    """The interval of the kernel's share of a connection's memory (kernel / (RSS + kernel)) over the kernel
+    slope's spread (kernel_kib_min..max; the median alone where there is none)."""
+    def share(kernel):
+        return kernel / (row.rss_kib + kernel) if pd.notna(kernel) and row.rss_kib + kernel > 0 else None
+    ends = [share(k) for k in (row.kernel_kib_min, row.kernel_kib_max)]
+    ends = [e for e in ends if e is not None] or [share(row.kernel_kib)]
+    return (min(ends), max(ends))
+
+
 def memory_kernel(split: pd.DataFrame) -> Finding:
     """Process RSS + the kernel's memory per idle connection (derive.memory_kernel)."""
     rows = split.dropna(subset=["rss_kib", "kernel_kib"]) if not split.empty else split
@@ -208,8 +218,11 @@ def memory_kernel(split: pd.DataFrame) -> Finding:
     positive = rows[(rows.kernel_kib > 0) & (rows.total_kib > 0)]
     if not positive.empty:
         top = positive.loc[(positive.kernel_kib / positive.total_kib).idxmax()]
-        b.add("The kernel's share is largest with {kv}: {share}% of the total.", kv=top.variant,
-              share=100 * top.kernel_kib / top.total_kib)
+        tied = [r.variant for r in positive.itertuples() if r.variant != top.variant
+                and derive.compare_medians(kernel_share(top), kernel_share(r)) == derive.TIE]
+        b.add("The kernel's share is largest with {kv}: {share}% of the total" +
+              (" (a tie within noise with {tied})." if tied else "."), kv=top.variant,
+              share=100 * top.kernel_kib / top.total_kib, tied=", ".join(tied))
     threads = rows[rows.variant == derive.THREAD_VARIANT]
     if not threads.empty and threads.iloc[0].kernel_stack_kib >= MIN_SLOPE_KIB:
         t = threads.iloc[0]

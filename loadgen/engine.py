@@ -307,6 +307,9 @@ class Worker:
     def _send_slots(self, t: int) -> None:
         """Every slot that has come: its connection sends what is due, as far as its pipeline allows."""
         order, conns = self.order, self.conns
+        if not order:                                            # this process opened no connection
+            self.slot_at = NEVER
+            return
         while self.slot_at <= t:
             if self.slot_at >= self.stop_ns:
                 self.slot_at = NEVER                             # the schedule is over

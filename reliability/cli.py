@@ -21,6 +21,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 from conclab.servers import VARIANTS
@@ -37,27 +38,30 @@ CHECK_POOL_WORKERS = 32
 CSV_COLUMNS = ("run_id", "variant", "backend", "scenario", "status", "passed", "figure", "failures", "limit",
                "seconds", "metrics")
 
-DESCRIPTION = """\
+INTRO = """\
 Run the reliability scenarios against live servers of each backend and say, per
 scenario, whether the server kept serving and lost nothing, with the figure that
 shows it. Sizes are the full ones (20,000 churn cycles, 2,000 resets, 400 slow
-clients, ...); --quick uses the test suite's. About 40 s per variant at full size.
+clients, ...); --quick uses the test suite's. About 40 s per variant at full size."""
 
-scenarios:
-  reset           clients reset (SO_LINGER 0) mid-frame and mid-reply
-  half_close      SHUT_WR after pipelined requests: all replies, then EOF
-  clogged_reader  a client that never reads: memory bounded, dropped, SIGTERM on time
-  slowloris       silent and byte-dribbling clients closed by the idle/frame timeouts
-  emfile          more clients than RLIMIT_NOFILE: no busy loop, service resumes
-  hostile         lengths up to 2^32-1, unknown ops, short WORK, oversized PING
-  churn           connect/request/close cycles: fds back, no CLOSE_WAIT
-  shutdown        SIGTERM under a closed loop of 100 connections: 0 replies lost
-  rate_delay      --rate-limit R: R requests/s within 10%
-  rate_reject     --rate-limit-mode reject: ERROR "rate limited", connection kept
-  max_frame       --max-frame enforced on the header, before any payload
-  loopback        127.0.0.1 by default; a warning for any other address
 
-See docs/reliability.md."""
+def first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence, on one line."""
+    text = " ".join((doc or "").split())
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def describe_scenarios(scenarios=SCENARIOS) -> str:
+    """--help's list of scenarios: each name and the first sentence of its docstring (the one description)."""
+    lines, width = [], max(map(len, scenarios), default=0) + 4
+    for name, check in scenarios.items():
+        lines += textwrap.wrap(first_sentence(check.__doc__), 100, initial_indent=f"  {name:<{width - 2}}",
+                               subsequent_indent=" " * width)
+    return "\n".join(lines)
+
+
+DESCRIPTION = f"{INTRO}\n\nscenarios:\n{describe_scenarios()}\n\nSee docs/reliability.md."
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -811,18 +811,7 @@ SCENARIOS = {
     "rate_reject": rate_reject,
     "max_frame": max_frame,
     "loopback": loopback_default,
-    # the edge scenarios (reliability/edges.py, built on the helpers above)
-    "fairness": edges.fairness,
-    "non_reading_clients": edges.non_reading_clients,
-    "closing_with_unsent_data": edges.closing_with_unsent_data,
-    "sigterm_during_connect_burst": edges.sigterm_during_connect_burst,
-    "thread_exhaustion": edges.thread_exhaustion,
-    "churn_state": edges.churn_state,
-    "slow_steady_reader": edges.slow_steady_reader,
-    "stopped_reader": edges.stopped_reader,
-    "big_frame_memory": edges.big_frame_memory,
-    "huge_timeouts": edges.huge_timeouts,
-    "metrics_port": edges.metrics_port,
+    **edges.EDGES,          # the edge scenarios (reliability/edges.py, built on the helpers above)
 }
 
 # (scenario, variant) -> (why the model cannot pass it, the failures that show it). Only failures that

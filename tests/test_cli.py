@@ -76,3 +76,11 @@ def test_a_server_process_imports_neither_the_analysis_stack_nor_gevent():
             "print(sorted(m for m in ('pandas', 'matplotlib', 'gevent', 'locust') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_check_help_lists_every_scenario_with_its_description():
+    from conclab.reliability.scenarios import SCENARIOS
+    result = conclab("check", "--help")
+    listed = [line.split()[0] for line in result.stdout.split("scenarios:\n", 1)[1].splitlines()
+              if line.startswith("  ") and not line.startswith("   ")]
+    assert listed[:len(SCENARIOS)] == list(SCENARIOS)

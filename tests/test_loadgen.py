@@ -237,6 +237,14 @@ def test_worker_sets_every_attribute_in_init(mode, monkeypatch):
         far.close()
 
 
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_worker_without_connections_ends_and_reports_nothing_served(mode):
+    """One of several processes may open no connection (all its connects failed): it ends, it does not crash."""
+    worker = engine.Worker(LoadParams(mode=mode, duration=0.2), [], rate=100 if mode == "open" else None)
+    result = worker.run()
+    assert result["requests"] == 0 and result["connections"]["served"] == 0
+
+
 def test_self_check_flags_a_saturated_load_generator():
     busy = cpu_check([{"cpu_s": 0.95, "cpu_wall_s": 1.0}], cpus_usable=1)
     idle = cpu_check([{"cpu_s": 0.30, "cpu_wall_s": 1.0}, {"cpu_s": 0.35, "cpu_wall_s": 1.0}], cpus_usable=2)

@@ -351,3 +351,13 @@ def test_loopback_pairs_are_connected_and_measured():
     end, busy = memory.measure_pairs(300)
     assert set(end) == {"sock_kib", "slab_kib"} and busy in (True, False)
     assert all(value is not None and value >= 0 for value in end.values())
+
+
+def test_kernel_share_is_ranked_only_where_its_intervals_separate():
+    split = derive.memory_kernel(synthetic_run(TWO_MODELS))
+    separated = findings.memory_kernel(split)
+    assert "largest with epoll" in separated.text and "tie" not in separated.text
+    close = split.assign(rss_kib=[20.0, 18.0], kernel_kib_min=[10.0, 10.0], kernel_kib_max=[40.0, 40.0])
+    close = close.assign(total_kib=close.rss_kib + close.kernel_kib)
+    tied = findings.memory_kernel(close)
+    assert "a tie within noise with threads" in tied.text
