@@ -137,13 +137,10 @@ def _triple(stats: dict | None) -> str:
     return " / ".join(num(stats.get(k)) for k in ("p50_us", "p99_us", "max_us"))
 
 
-def _load(phase: dict) -> str:
+def _load(phase: dict, judged: bool = True) -> str:
+    """The 1-minute load average; at the end, said to be the run's own (calibrate: recorded, not judged)."""
     load = (phase.get("loadavg") or [None])[0]
-    text = num(load)
-    own = phase.get("own_load")
-    if is_number(load) and is_number(own) and own:
-        text += f" ({num(load - own)} without the run's own {num(own)})"
-    return text
+    return num(load) if judged or not is_number(load) else f"{num(load)} (mostly the run's own tasks: not judged)"
 
 
 def figures(cal: dict) -> pd.DataFrame:
@@ -158,8 +155,8 @@ def figures(cal: dict) -> pd.DataFrame:
         rows.append({"measure": measure, "start": at_start, "during the run": in_run, "end": at_end,
                      "noisy above": limit})
     load_limit = (limits.get("load_per_cpu") or 0) * (cpu_count or 0)
-    add(f"load average, 1 min ({num(cpu_count)} CPUs)", _load(start), MISSING, _load(end) if end else MISSING,
-        num(load_limit) if load_limit else "")
+    add(f"load average, 1 min ({num(cpu_count)} CPUs)", _load(start), MISSING,
+        _load(end, judged=False) if end else MISSING, f"{num(load_limit)} at start" if load_limit else "")
     cpus = sorted({*(start.get("timer") or {}), *(end.get("timer") or {})}, key=int)
     for cpu in cpus:
         add(f"timer: a {num(settings.get('timer_sleep_us'))} µs sleep woke up late by, CPU {cpu} "
