@@ -743,9 +743,16 @@ def pitfalls(summary: pd.DataFrame) -> Finding:
     broken, fixed = pair("no-deadline")
     if broken is not None and fixed is not None:
         starved = [v for v in broken.index if broken.loc[v, "served"] == 0 and broken.loc[v, "starved"] > 0]
-        b.add("no-deadline: fresh clients were starved in {starved} broken; fixed, {fserved} fresh clients "
-              "were served in all.", prefix="nodeadline.",
-              starved=_names(starved) if starved else "no variant", fserved=fixed.served.min())
+        b.add("no-deadline: fresh clients were starved in {starved} broken.", prefix="nodeadline.",
+              starved=_names(starved) if starved else "no variant")
+        whole = [v for v in fixed.index if fixed.loc[v, "starved"] == 0]          # over every fixed variant
+        if whole:
+            b.add("Fixed, every fresh client was served in " + ("all {n} variants" if len(whole) == len(fixed)
+                  else "{whole}") + ".", prefix="nodeadline.", n=len(fixed), whole=_names(whole))
+        for v in [v for v in fixed.index if v not in whole]:
+            b.add("Fixed, {v} served {served} of {sent} fresh clients ({starved} starved).",
+                  prefix=f"nodeadline.{v}.", v=v, served=fixed.loc[v, "served"], sent=fixed.loc[v, "sent"],
+                  starved=fixed.loc[v, "starved"])
         worse += ["no-deadline"] if _worse(broken.starved.sum(), fixed.starved.sum()) else []
     broken, fixed = pair("unbounded")
     if broken is not None and fixed is not None:

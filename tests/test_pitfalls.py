@@ -82,3 +82,20 @@ def test_report_has_the_pitfalls_section(tiny):
     drawn = [r for r in results if r.experiment == "pitfalls" and r.files]
     assert drawn, "the pitfalls chart was drawn"
     assert all((Path(path).parent / r.files["png"]).exists() for r in drawn)
+
+
+@pytest.mark.unit
+def test_no_deadline_sentence_is_computed_over_every_fixed_variant():
+    """'served in all' only when every fixed variant served every fresh client; else each shortfall by name."""
+    from conclab.analysis import findings
+    def rows(threadpool_served):
+        return pd.DataFrame([
+            {"variant": v, "backend": v, "pitfall": "no-deadline", "fixed": fixed, "sent": sent, "served": served,
+             "starved": sent - served}
+            for v, sent in (("threads", 10), ("threadpool", 50), ("go", 10))
+            for fixed, served in ((0, 0 if v == "threadpool" else sent),
+                                  (1, threadpool_served if v == "threadpool" else sent))])
+    short = findings.pitfalls(rows(17)).text
+    assert "every fresh client was served in threads and go." in short
+    assert "threadpool served 17 of 50 fresh clients (33 starved)" in short and "in all" not in short
+    assert "every fresh client was served in all 3 variants" in findings.pitfalls(rows(50)).text
