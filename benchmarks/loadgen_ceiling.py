@@ -11,6 +11,14 @@ recorded; repeated, median reported with the spread. Next to each run: the
 load generator's CPU share (its self-check) and the server's, and how busy
 the machine's CPUs were meanwhile (other people's work shows up there).
 
+Then the open loop against the same server (``--no-open`` skips it): at
+half the ceiling's median rate, how late the generator sends (the p99 of
+actual minus scheduled send time, target <= 100 µs), then at rising
+fractions of the ceiling (0.6x .. 1.0x) until it flags itself saturated or
+falls behind its schedule (more than 1% of the requests late by over 1 ms or
+never sent): the highest fraction it kept is reported (target >= 0.9x). The open loop's cost per request is shown
+next to the closed loop's: the generator CPU µs per request sent.
+
 ``--python-backends`` then drives every Python backend the same way and shows
 which side saturates first: the server (CPU 0 near 100%) or the load
 generator (its self-check).
@@ -39,6 +47,10 @@ SERVER_CPU, LOADGEN_CPU = 0, 1
 CEILING_BACKENDS = ("go", "epoll", "threads")       # first available is the ceiling server
 PYTHON_BACKENDS = ("threads", "threadpool", "asyncio", "uvloop", "gevent", "epoll")
 TARGET_RPS = 120_000
+OPEN_HALF = 0.5                                      # the fraction of the ceiling where send lateness is judged
+OPEN_FRACTIONS = (0.6, 0.7, 0.8, 0.9, 1.0)           # then rising until the open loop no longer keeps up
+OPEN_TARGET_FRACTION, OPEN_TARGET_LATENESS_US = 0.9, 100
+OPEN_MAX_BEHIND = 0.01                               # more of the schedule late or unsent than this: fell behind
 
 
 def start_server(backend: str, cmd: list | None = None) -> ServerProcess:
@@ -67,6 +79,54 @@ def one_run(server: ServerProcess, args) -> dict:
             "server_cpu_percent": round(server_share, 1),
             "cpu_busy_percent": result["machine"]["cpu_busy_percent"],
             "loadavg_after": result["machine"]["loadavg_after"]}
+
+
+def open_run(server: ServerProcess, args, rate: float) -> dict:
+    """One open-loop run at ``rate`` req/s: kept its schedule or not, its send lateness, its CPU per request."""
+    params = LoadParams(target=server.target, mode="open", rate=rate, conns=args.conns, size=64, op="echo",
+                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
+    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    result = run_load(params)
+    server_s = server.cpu_seconds() - cpu0
+    ol = result["open_loop"]
+    sent = max(ol["sent"], 1)
+    loadgen_cpu_s = result["loadgen_cpu_percent"] / 100 * (time.monotonic() - wall0)
+    return {"rate": round(rate, 1), "throughput_rps": result["throughput_rps"], "achieved_send_rps": ol["achieved_send_rps"],
+            "offered": ol["offered"], "sent": ol["sent"], "late": ol["late"], "unsent": ol["unsent"],
+            "unanswered": ol["unanswered"], "errors": result["errors"], "latency_us": result["latency_us"],
+            "send_lateness_us": ol["send_lateness_us"], "loadgen_cpu_percent": result["loadgen_cpu_percent"],
+            "loadgen_saturated": result["loadgen_saturated"],
+            "loadgen_cpu_us_per_request": round(1e6 * loadgen_cpu_s / sent, 2),
+            "server_cpu_us_per_request": round(1e6 * server_s / sent, 2),
+            "cpu_busy_percent": result["machine"]["cpu_busy_percent"],
+            "kept_up": not result["loadgen_saturated"] and ol["not_on_schedule"] <= OPEN_MAX_BEHIND * max(ol["offered"], 1)}
+
+
+def open_series(backend: str, args, ceiling_rps: float) -> dict:
+    """At half the ceiling (send lateness), then rising fractions until the open loop does not keep up."""
+    with start_server(backend) as server:
+        half = open_run(server, args, OPEN_HALF * ceiling_rps)
+        show_open(OPEN_HALF, half)
+        rising, kept = [], None
+        for fraction in OPEN_FRACTIONS:
+            run = open_run(server, args, fraction * ceiling_rps)
+            show_open(fraction, run)
+            rising.append({"fraction": fraction, **run})
+            if not run["kept_up"]:
+                break
+            kept = fraction
+    return {"backend": backend, "ceiling_rps": ceiling_rps, "half": half, "rising": rising,
+            "highest_fraction_kept": kept, "half_lateness_p99_us": half["send_lateness_us"]["p99"]}
+
+
+def show_open(fraction: float, r: dict) -> None:
+    lat, late = r["latency_us"], r["send_lateness_us"]
+    print(f"  open {fraction:.1f}x = {r['rate']:>9,.0f} req/s: sent {r['achieved_send_rps']:>9,.0f}/s  "
+          f"unsent {r['unsent']:,}  late(>1 ms) {r['late']:,}  send lateness p50 {late['p50']} p99 {late['p99']} µs  "
+          f"latency p50 {lat['p50']} p99 {lat['p99']} µs  loadgen CPU {r['loadgen_cpu_percent']:5.1f}%"
+          f"{' (SATURATED)' if r['loadgen_saturated'] else ''}  CPU µs/request loadgen "
+          f"{r['loadgen_cpu_us_per_request']} server {r['server_cpu_us_per_request']}  "
+          f"machine busy {r['cpu_busy_percent']}  -> {'kept up' if r['kept_up'] else 'did NOT keep up'}")
 
 
 def series(backend: str, args, repeats: int) -> dict:
@@ -107,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--conns", type=int, default=50, help="connections (default: 50)")
     parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection (default: 1)")
     parser.add_argument("--quick", action="store_true", help="3 s runs")
+    parser.add_argument("--no-open", action="store_true", help="skip the open-loop runs after the ceiling")
     parser.add_argument("--python-backends", action="store_true", help="also drive every Python backend once")
     parser.add_argument("--out", default=str(REPO / "results" / "loadgen_ceiling.json"), help="JSON results file")
     args = parser.parse_args(argv)
@@ -122,6 +183,16 @@ def main(argv=None) -> int:
     verdict = "meets" if ceiling["median_rps"] >= TARGET_RPS else "is below"
     print(f"  -> {verdict} the {TARGET_RPS:,} req/s target")
     report = {"ceiling": ceiling, "target_rps": TARGET_RPS, "args": vars(args), "python_backends": []}
+    if not args.no_open:
+        print(f"open loop against {backend}: {OPEN_HALF}x the ceiling, then {', '.join(map(str, OPEN_FRACTIONS))}x "
+              f"until it does not keep up (saturated, or > {OPEN_MAX_BEHIND:.0%} late or unsent)")
+        report["open_loop"] = opened = open_series(backend, args, ceiling["median_rps"])
+        kept = opened["highest_fraction_kept"]
+        print(f"  -> kept up to {f'{kept:.1f}x' if kept else 'none of the rates from 0.6x'} of the closed-loop ceiling "
+              f"(target {OPEN_TARGET_FRACTION}x); send lateness p99 at {OPEN_HALF}x: {opened['half_lateness_p99_us']} µs "
+              f"(target <= {OPEN_TARGET_LATENESS_US} µs); load generator CPU µs/request: closed "
+              f"{statistics.median(r['loadgen_cpu_us_per_request'] for r in ceiling['runs'])}, open at {OPEN_HALF}x "
+              f"{opened['half']['loadgen_cpu_us_per_request']}")
     if args.python_backends:
         for name in PYTHON_BACKENDS:
             if available(name):

@@ -28,10 +28,23 @@ sends a scheduled request as soon as it is due and it has fewer than
 ``pipeline`` in flight; latency is reply time minus *scheduled* time, so when
 the server stalls, every request that should have gone out meanwhile carries
 the stall. Sends more than ``OPEN_LATE_US`` behind schedule are counted
-(``late``), and requests never sent by the end are ``unsent``.
+(``late``), and requests never sent by the end are ``unsent``; every send's
+lateness (actual minus scheduled time) is recorded too (``send_lateness_histogram``).
+The accounting is of the window's requests, those *scheduled* inside it
+(``offered``): a reply to a request scheduled in the warm-up but answered in
+the window is not served, so served <= sent <= offered = sent + unsent.
+
+The open loop's cost per request is kept close to the closed loop's, so that it
+keeps its schedule up to about the rate the closed loop reaches: due slots are
+handled inline (no call per slot unless its connection has something to send),
+the sleep is a ``select`` on the epoll fd with the timer slack lowered to
+1 µs for the run (a short sleep ends when asked, not up to 50 µs later), and
+a wake-up costs one system call where one is enough (``_wait``).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import math
 import select
@@ -49,12 +62,35 @@ RECV_MIN, RECV_MAX = 4_096, 65_536   # one read's buffer: room for a pipeline of
 TICK_S = 0.1              # publish progress and look at the clock this often
 FOLD_EVERY_TICKS = 5      # fold latencies into the HDR histogram every this many ticks (fewer record_value calls)
 OPEN_LATE_US = 1_000      # an open-loop send this far behind its schedule was not on time
-OPEN_MIN_SLEEP_US = 200   # the open loop never sleeps less: sends go out in batches, at most this late
+OPEN_MIN_SLEEP_US = 50    # the open loop never sleeps less: sends go out in batches, at most about this late
+OPEN_TIMER_SLACK_NS = 1_000   # the kernel's default slack (50 µs) would make every short sleep ~50 µs longer
 OPEN_DRAIN_S = 2.0        # after an open-loop run, how long in-flight requests may still answer
 EPOLLIN = select.EPOLLIN  # the epoll flags, NS and TICK_S are hold.py's too (imported from here)
 EPOLLOUT = select.EPOLLOUT
 NS = 1_000_000_000        # nanoseconds per second (perf_counter_ns)
 NEVER = 1 << 62           # a time (ns) that never comes
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30       # prctl(2)
+
+
+@contextlib.contextmanager
+def timer_slack(ns: int):
+    """Run with this thread's timer slack at ``ns`` (how much later than asked the kernel may end a sleep)."""
+    before = _libc.prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    _libc.prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0)
+    try:
+        yield
+    finally:
+        _libc.prctl(PR_SET_TIMERSLACK, max(before, 0), 0, 0, 0)   # 0: back to the default
+
+
+def slots_between(first: float, step: float, start: int, stop: int) -> int:
+    """How many of the times first + k*step (k = 0, 1, ...) fall in [start, stop)."""
+    def before(t):                                         # times < t
+        return max(0, math.ceil((t - first) / step))
+    return max(0, before(stop) - before(start)) if step > 0 else 0
 
 
 class Conn:
@@ -136,8 +172,9 @@ class Worker:
         self.stopped = stopped or (lambda: False)      # asked to end early (Ctrl-C): wind down, still report
         self.latency = Recorder()
         self.uncorrected = Recorder()
+        self.lateness = Recorder()           # open loop: actual minus scheduled send time of every request, µs
         self.errors: Counter = Counter()
-        self.counts = Counter()              # sent / late / unsent (open loop), unanswered, lost connections
+        self.counts = Counter()              # unsent (open loop), unanswered, lost connections (sent, late: lateness)
         self.max_wait_ns = 0                 # at the end, the age of the oldest request still outstanding
         self.warm = False
         self.ticks = 0
@@ -164,7 +201,8 @@ class Worker:
         gc.disable()                         # the loop makes no cycles; spare it the collector's pauses
         try:
             if self.open:
-                self._open_loop(start)
+                with timer_slack(OPEN_TIMER_SLACK_NS):
+                    self._open_loop(start)
             else:
                 self._closed_loop()
         finally:
@@ -181,6 +219,7 @@ class Worker:
         self.warm = True
         self.latency.reset()
         self.uncorrected.reset()
+        self.lateness.reset()
         self.errors.clear()
         self.counts.clear()
         for c in self.order:
@@ -193,6 +232,7 @@ class Worker:
         if self.ticks % FOLD_EVERY_TICKS == 0:
             self.latency.fold()
             self.uncorrected.fold()
+            self.lateness.fold()
         self._begin_measuring(now)
         self.progress(self.latency.count if self.warm else 0)
         if self.stopped() and now < self.stop_ns:
@@ -259,16 +299,19 @@ class Worker:
     def _open_loop(self, start: int) -> None:
         self._schedule(start)
         now, get, reply, recv_size, epollin = time.perf_counter_ns, self.conns.get, self.reply, self.recv_size, EPOLLIN
-        lat, unc = self.latency.values.append, self.uncorrected.values.append
+        lat, unc, warm = self.latency.values.append, self.uncorrected.values.append, self.warm_ns
         next_tick = self._next_tick(now())
+        events = ()
         while True:
             t = now()
-            self._send_slots(t)
+            if self.slot_at <= t:
+                self._send_slots(t)
             if t >= next_tick:
                 if self._tick(t):
                     break
                 next_tick = self._next_tick(t)
-            for fd, ev in self._wait(min(self.slot_at, next_tick) - t):
+            events = self._wait(min(self.slot_at, next_tick) - t, busy=len(events) > 1)
+            for fd, ev in events:
                 c = get(fd)
                 if c is None:
                     continue
@@ -284,8 +327,10 @@ class Worker:
                     continue
                 t = now()
                 if data == reply and c.clean:                         # the hot path: exactly one reply
-                    lat((t - c.sent.popleft()) // 1000)
-                    unc((t - c.actual.popleft()) // 1000)
+                    scheduled, actual = c.sent.popleft(), c.actual.popleft()
+                    if scheduled >= warm:                             # served: scheduled inside the window
+                        lat((t - scheduled) // 1000)
+                        unc((t - actual) // 1000)
                     c.got += 1
                     if c.next_at <= t:
                         self._send_due(c, t)
@@ -305,29 +350,47 @@ class Worker:
         self.slot, self.slot_at = 0, int(self.first)
 
     def _send_slots(self, t: int) -> None:
-        """Every slot that has come: its connection sends what is due, as far as its pipeline allows."""
-        order, conns = self.order, self.conns
+        """Every slot that has come: its connection sends what is due, as far as its pipeline allows.
+
+        One slot per request, so this is the open loop's hot path: locals only, and ``_send_due`` is
+        called only for a connection with a request due (one whose due requests already went out,
+        with a reply, costs a comparison).
+        """
+        order, conns, send_due = self.order, self.conns, self._send_due
         if not order:                                            # this process opened no connection
             self.slot_at = NEVER
             return
-        while self.slot_at <= t:
-            if self.slot_at >= self.stop_ns:
-                self.slot_at = NEVER                             # the schedule is over
-                return
-            c = order[self.slot % len(order)]
-            self.slot += 1
-            self.slot_at = int(self.first + self.slot * self.step)
-            if c.fd in conns:
-                self._send_due(c, t)
+        n, first, step, stop = len(order), self.first, self.step, self.stop_ns
+        slot, slot_at = self.slot, self.slot_at
+        while slot_at <= t:
+            if slot_at >= stop:
+                slot_at = NEVER                                  # the schedule is over
+                break
+            c = order[slot % n]
+            slot += 1
+            slot_at = int(first + slot * step)
+            if c.next_at <= t and c.fd in conns:
+                send_due(c, t)
+        self.slot, self.slot_at = slot, slot_at
 
-    def _wait(self, wait_ns: int) -> list:
-        """epoll events, waking on time to within a few µs (epoll alone rounds up to whole ms)."""
+    def _wait(self, wait_ns: int, busy: bool) -> list:
+        """epoll events, waking on time to within a few µs (epoll alone rounds up to whole ms).
+
+        One system call where one does: ``busy`` (the last wait brought several events: replies come
+        faster than the loop turns) first looks without sleeping, as more are then usually there
+        already; a ``select`` that ran out (the wake-up for the next slot) says there is nothing to fetch.
+        """
+        poll = self.ep.poll
         if wait_ns <= 0:
-            return self.ep.poll(0)
+            return poll(0)
+        if busy:
+            events = poll(0)
+            if events:
+                return events
         if wait_ns >= 1_000_000:
-            return self.ep.poll(wait_ns // 1_000_000 / 1000 - 1e-7)       # whole ms, rounded down: early, never late
-        select.select(self.ep_list, (), (), max(wait_ns, OPEN_MIN_SLEEP_US * 1000) / NS)   # µs resolution
-        return self.ep.poll(0)
+            return poll(wait_ns // 1_000_000 / 1000 - 1e-7)            # whole ms, rounded down: early, never late
+        readable, _, _ = select.select(self.ep_list, (), (), max(wait_ns, OPEN_MIN_SLEEP_US * 1000) / NS)  # µs
+        return poll(0) if readable else []
 
     def _open_drain(self) -> None:
         """After the schedule ends, let in-flight requests answer (bounded), then count what is left."""
@@ -361,26 +424,40 @@ class Worker:
             self.max_wait_ns = max(self.max_wait_ns, now - min(min(c.sent) for c in live))
 
     def _unsent(self, c: Conn) -> int:
-        """Requests of this connection scheduled before the end that never went out."""
-        if c.next_at >= self.stop_ns:
-            return 0
-        return math.ceil((self.stop_ns - c.next_at) / self.interval)
+        """Requests of this connection scheduled inside the window that never went out."""
+        return slots_between(c.next_at, self.interval, self.warm_ns, self.stop_ns)
 
     def _send_due(self, c: Conn, t: int) -> None:
-        """Send every request of ``c`` that is due, as far as the pipeline allows."""
+        """Send every request of ``c`` that is due, as far as the pipeline allows (one ``send`` for all).
+
+        Each request sent records its lateness (whole µs, rounded up): that record is also the count of
+        requests sent and, above OPEN_LATE_US, of late ones (``_open_counts``), so nothing else is counted here.
+        """
+        at, stop, interval, lateness = c.next_at, self.stop_ns, self.interval, self.lateness.values.append
+        sent, actual, warm = c.sent, c.actual, self.warm_ns
+        free = self.depth - len(sent)
         k = 0
-        at, free, stop = c.next_at, self.depth - len(c.sent), self.stop_ns
         while k < free and at <= t and at < stop:
-            c.sent.append(at)
-            c.actual.append(t)
-            if t - at > OPEN_LATE_US * 1000:
-                self.counts["late"] += 1
-            at = int(at + self.interval)
+            sent.append(at)
+            actual.append(t)
+            if at >= warm:                                       # a request of the window (offered)
+                lateness((t - at + 999) // 1000)
+            at = int(at + interval)
             k += 1
-        if k:
-            c.next_at = at
-            self.counts["sent"] += k
-            self._send(c, self.batches[k])
+        if not k:
+            return
+        c.next_at = at
+        data = self.batches[k]
+        if c.out:                                                # _send, inline: this runs once per request
+            c.out += data
+            return
+        try:
+            done = c.send(data)
+        except OSError as exc:
+            self._send_failed(c, data, exc)
+            return
+        if done != len(data):
+            self._partial(c, data, done)
 
     # -- the slow path -------------------------------------------------------------------------
     def _readable(self, c: Conn) -> None:
@@ -411,9 +488,14 @@ class Worker:
         lat, unc = self.latency.values.append, self.uncorrected.values.append
         c.got += answered
         for _ in range(answered):
-            lat((t - c.sent.popleft()) // 1000)
-            if self.open:
-                unc((t - c.actual.popleft()) // 1000)
+            sent = c.sent.popleft()
+            if not self.open:
+                lat((t - sent) // 1000)
+                continue
+            actual = c.actual.popleft()
+            if sent >= self.warm_ns:                              # served: scheduled inside the window
+                lat((t - sent) // 1000)
+                unc((t - actual) // 1000)
         if self.open:
             self._send_due(c, t)
         elif answered:
@@ -521,6 +603,17 @@ class Worker:
         self.conns.clear()
         self.ep.close()
 
+    def _open_counts(self) -> dict:
+        """offered / sent / late / unsent / unanswered of the window's requests (those scheduled inside it):
+        offered from the schedule, sent and late from the lateness histogram (one value per send)."""
+        self.lateness.fold()
+        histogram = self.lateness.histogram
+        late = sum(item.count_at_value_iterated_to for item in histogram.get_recorded_iterator()
+                   if item.value_iterated_to > OPEN_LATE_US)
+        offered = slots_between(self.first, self.step, self.warm_ns, self.stop_ns) if self.order else 0
+        return {"offered": offered, "sent": histogram.get_total_count(), "late": late,
+                "unsent": self.counts["unsent"], "unanswered": self.counts["unanswered"]}
+
     def _result(self, end_cpu: float, end_ns: int) -> dict:
         self.latency.fold()
         if not self.warm:                                      # ended (all connections lost) inside the warm-up
@@ -542,5 +635,6 @@ class Worker:
         }
         if self.open:
             result["uncorrected_histogram"] = self.uncorrected.encode()
-            result["open_loop"] = {key: self.counts[key] for key in ("sent", "late", "unsent", "unanswered")}
+            result["send_lateness_histogram"] = self.lateness.encode()
+            result["open_loop"] = self._open_counts()
         return result

@@ -141,7 +141,7 @@ def open_block(params: LoadParams, parts: list[dict], duration: float) -> dict:
     uncorrected = histo.merge([p["uncorrected_histogram"] for p in parts])
     return {
         "rate": params.rate,
-        "scheduled": counts["sent"] + counts["unsent"],
+        "offered": counts["offered"],
         "sent": counts["sent"],
         "late": counts["late"],
         "late_threshold_us": OPEN_LATE_US,
@@ -149,6 +149,7 @@ def open_block(params: LoadParams, parts: list[dict], duration: float) -> dict:
         "unanswered": counts["unanswered"],
         "not_on_schedule": counts["late"] + counts["unsent"],
         "achieved_send_rps": round(counts["sent"] / duration, 1) if duration else 0.0,
+        "send_lateness_us": histo.summary(histo.merge([p["send_lateness_histogram"] for p in parts])),
         "uncorrected_latency_us": histo.summary(uncorrected),
         "uncorrected_histogram": histo.encode(uncorrected),
     }

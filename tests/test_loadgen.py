@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,9 @@ def test_open_loop(server):
     check_shape(result)
     assert result["errors"] == {}
     ol = result["open_loop"]
-    assert ol["scheduled"] == pytest.approx(400, abs=8)
-    assert ol["sent"] + ol["unsent"] == ol["scheduled"]
-    assert result["requests"] == ol["sent"] - ol["unanswered"]
+    assert ol["offered"] == pytest.approx(400, abs=8)
+    assert ol["sent"] + ol["unsent"] == ol["offered"]
+    assert result["requests"] == ol["sent"] - ol["unanswered"] <= ol["offered"]
     assert {"late", "unsent", "not_on_schedule", "uncorrected_latency_us"} <= ol.keys()
     assert result["unanswered"] == ol["unanswered"] == 0 and result["connections"]["served"] == 4
 
@@ -245,6 +246,34 @@ def test_a_worker_without_connections_ends_and_reports_nothing_served(mode):
     assert result["requests"] == 0 and result["connections"]["served"] == 0
 
 
+def test_open_loop_counts_sends_and_late_ones_from_their_lateness():
+    """Each send records its lateness; sent and late (> OPEN_LATE_US, to the ns) are read back from that record."""
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=8, duration=10.0), [near], rate=1000)
+        worker.stop_ns = 10_000_000                           # a 10 ms window from 0: 10 requests offered
+        worker._schedule(0)                                   # one connection: request k due at k ms
+        late_ns, c = engine.OPEN_LATE_US * 1000, worker.order[0]
+        worker._send_due(c, late_ns)                          # request 0 exactly at the limit, 1 just due: on time
+        worker._send_due(c, 2_000_000 + late_ns + 1)          # request 2 one ns over the limit: late; 3 on time
+        worker._send_due(c, 6_000_000)                        # requests 4 (2 ms: late), 5 (at the limit), 6
+        assert len(c.sent) == 7 and len(far.recv(4096)) == 7 * len(worker.request)      # one send per call
+        assert worker._open_counts() == {"offered": 10, "sent": 7, "late": 2, "unsent": 0, "unanswered": 0}
+        lateness = histo.decode(worker.lateness.encode())
+        assert (lateness.get_min_value(), lateness.get_max_value()) == (0, 2000)
+    finally:
+        far.close()
+        near.close()
+
+
+def test_timer_slack_is_given_back():
+    before = engine._libc.prctl(engine.PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    with engine.timer_slack(engine.OPEN_TIMER_SLACK_NS):
+        assert engine._libc.prctl(engine.PR_GET_TIMERSLACK, 0, 0, 0, 0) == engine.OPEN_TIMER_SLACK_NS
+    assert engine._libc.prctl(engine.PR_GET_TIMERSLACK, 0, 0, 0, 0) == before
+
+
 def test_self_check_flags_a_saturated_load_generator():
     busy = cpu_check([{"cpu_s": 0.95, "cpu_wall_s": 1.0}], cpus_usable=1)
     idle = cpu_check([{"cpu_s": 0.30, "cpu_wall_s": 1.0}, {"cpu_s": 0.35, "cpu_wall_s": 1.0}], cpus_usable=2)
@@ -341,3 +370,44 @@ def test_loadgen_imports_go_one_way():
                 seen.add(name)
                 todo.extend(graph[name])
         assert module not in seen, f"{module} imports itself back through {sorted(seen)}"
+
+
+def test_folding_spread_out_latencies_by_bucket_keeps_every_percentile():
+    """Many distinct values (a lagging generator) are grouped by HDR bucket before recording: same histogram."""
+    from hdrh.histogram import HdrHistogram
+    rng = random.Random(7)
+    values = [rng.randint(1, 5_000_000) for _ in range(20_000)] + [rng.randint(1, 2047) for _ in range(5_000)]
+    recorder = histo.Recorder()
+    recorder.values.extend(values)
+    recorder.fold()
+    direct = HdrHistogram(histo.LOWEST_US, histo.HIGHEST_US, histo.SIGNIFICANT_FIGURES)
+    for value in values:
+        direct.record_value(value)
+    assert len(histo.bucketed(Counter(values))) < len(set(values))                  # it did group
+    assert recorder.histogram.get_total_count() == direct.get_total_count() == len(values)
+    for q in (1, 10, 50, 90, 99, 99.9, 100):
+        assert recorder.histogram.get_value_at_percentile(q) == direct.get_value_at_percentile(q)
+
+
+def test_slots_between_counts_the_schedule_inside_a_window():
+    assert engine.slots_between(0, 10, 0, 100) == 10                  # 0, 10, ..., 90
+    assert engine.slots_between(5, 10, 20, 60) == 4                   # 25, 35, 45, 55
+    assert engine.slots_between(5, 10, 0, 5) == 0 and engine.slots_between(5, 10, 0, 6) == 1
+    assert engine.slots_between(100, 10, 0, 50) == 0                  # the schedule starts after the window
+
+
+def test_a_request_scheduled_in_the_warm_up_is_not_served_in_the_window():
+    """served <= offered: a reply in the window to a request scheduled before it is not counted."""
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=8, duration=10.0), [near], rate=1000)
+        worker.warm_ns, worker.stop_ns = 3_000_000, 10_000_000        # warm-up 0..3 ms, window 3..10 ms
+        worker._schedule(0)
+        c = worker.order[0]
+        worker._send_due(c, 5_000_000)                                # requests 0..5: 0, 1, 2 of the warm-up
+        assert len(c.sent) == 6 and worker._open_counts()["sent"] == 3
+        worker._data(c, worker.reply * 6, 5_500_000)                  # all six answered in the window
+        assert worker.latency.count == 3 and worker._open_counts()["offered"] == 7
+    finally:
+        far.close()

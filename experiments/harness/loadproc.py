@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from conclab.servers import processes
+from .tables import OPEN
 
 LOADGEN_ENV = "CONCLAB_LOADGEN"
 EXIT_SLACK_S = 30.0         # past duration + warm-up, how long before a run counts as hung
@@ -214,6 +215,9 @@ def flatten(result: dict) -> dict:
            "loadgen_saturated": result.get("loadgen_saturated"),
            "unanswered": result.get("unanswered"), "conns_served": connections.get("served"),
            "max_unanswered_wait_us": result.get("max_unanswered_wait_us")}
+    opened = result.get("open_loop")
+    if isinstance(opened, dict):                   # open loop: what was offered, sent, late, never sent
+        row.update({key: opened.get(key) for key in OPEN})
     if result.get("requests"):                     # an empty histogram's "percentiles" are not latencies
         row.update({column: latency.get(key) for column, key in PERCENTILES.items()})
     reasons = validity(result)

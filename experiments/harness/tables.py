@@ -43,12 +43,17 @@ KERNEL = ("kernel_sock_kib", "kernel_stack_kib", "kernel_slab_kib", "kernel_srec
           "kernel_pte_kib", "time_wait_delta", "other_sockets_delta", "other_tasks_delta", "client_sock_kib",
           "client_slab_kib")
 
+# The open loop's accounting of one point (the generator's ``open_loop``): requests scheduled inside the measured
+# window (offered), of them sent, sent more than OPEN_LATE_US behind schedule (late) and never sent (unsent);
+# ``requests`` is what of the offered was answered (served <= offered).
+OPEN = ("offered", "sent", "late", "unsent")
+
 COLUMNS = {
     "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus", *KERNEL),
     "memory_fit": KEY + ("metric", "per_conn", "intercept", "r2", "n_points", "unit", "max_abs_residual", "residuals"),
     "throughput": KEY + ("conns", "size", "op", "workers", "server_cpus", *LOAD, *SERVER),
     "latency": KEY + ("conns", "size", "capacity_rps", "rate_fraction", "offered_rps", "workers", "server_cpus",
-                      *LOAD, *SERVER),
+                      *LOAD, *OPEN, *SERVER),
     "io_bound": KEY + ("conns", "io_us", "workers", "conc_ceiling_rps", "little_ceiling_rps", "server_cpus",
                        *LOAD, *SERVER),
     "cpu_bound": KEY + ("conns", "cpu_us", "server_cpus", "n_server_cpus", "gomaxprocs", "ceiling_rps",
