@@ -34,7 +34,9 @@ The C client is compiled on first use with ``cc -O2`` into the user's
 cache directory (XDG_CACHE_HOME, else .cache in the home directory), as
 ``conclab/openloop-<hash>/openloop``, ``<hash>`` being the SHA-256 of the
 source (a fresh temporary directory when that cannot be created);
-``build()`` returns its path.
+``build()`` returns its path. ``build(source=CLOSED_LOOP_SOURCE)`` builds its
+sibling, the closed-loop client ``closedloop.c`` that
+benchmarks/full_vs_minimal.py uses, the same way (``conclab/closedloop-<hash>/closedloop``).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 SOURCE = HERE / "openloop.c"
-BINARY_NAME = "openloop"
+CLOSED_LOOP_SOURCE = HERE / "closedloop.c"
 SERVER_CPU, CLIENT_CPU = 0, 1
 CLIENTS = ("python", "c")
 AGREEMENT = 1.25             # the aim: Python / C within this factor (either way) for p50 and p99
@@ -64,17 +66,17 @@ RUN_SLACK_S = 60.0           # a run may take this much longer than warm-up + du
 
 # -- building the C client ---------------------------------------------------------------------------
 
-def source_hash() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+def source_hash(source: Path = SOURCE) -> str:
+    return hashlib.sha256(source.read_bytes()).hexdigest()
 
 
-def cache_dir() -> Path:
+def cache_dir(source: Path = SOURCE) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conclab" / f"openloop-{source_hash()[:16]}"
+    return Path(base) / "conclab" / f"{source.stem}-{source_hash(source)[:16]}"
 
 
-def build(cc: str | None = None) -> Path:
-    """The compiled C client, built now (``cc -O2``) unless this source was built already.
+def build(cc: str | None = None, source: Path = SOURCE) -> Path:
+    """The compiled C client ``source`` (a binary named after it), built now (``cc -O2``) unless built already.
 
     The cache directory is used when it can be created, else a fresh temporary
     directory. Concurrent builds take a file lock; the compiler writes a
@@ -84,25 +86,26 @@ def build(cc: str | None = None) -> Path:
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    directory = cache_dir()
+    directory = cache_dir(source)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
-        directory = Path(tempfile.mkdtemp(prefix="conclab-openloop-"))
-    binary = directory / BINARY_NAME
+        directory = Path(tempfile.mkdtemp(prefix=f"conclab-{source.stem}-"))
+    binary = directory / source.stem
     if os.access(binary, os.X_OK):
         return binary
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.access(binary, os.X_OK):
             return binary
-        partial = directory / f".{BINARY_NAME}.{os.getpid()}.tmp"
-        done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)],
+        partial = directory / f".{source.stem}.{os.getpid()}.tmp"
+        done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(source)],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise RuntimeError(f"building {SOURCE.name} failed: {first}")
+            first = next((line for line in done.stderr.splitlines() if "error" in line),
+                         done.stderr.strip()[:200] or f"{cc} exited with status {done.returncode}")
+            raise RuntimeError(f"building {source.name} failed: {first}")
         os.replace(partial, binary)
     return binary
 
