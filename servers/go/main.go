@@ -334,6 +334,15 @@ const readBufSize, writeBufSize = 1024, 1024
 // no deadline. p.Read first flushes the replies queued so far, so replies to
 // pipelined requests coalesce into one write, and no reply is left unsent
 // while we wait for the client.
+//
+// The clock is read once per p.Read (not three times per request), and by
+// the monotonic clock alone (see timeNow): a time.Now costs as much as the
+// rest of our per-request work. A finished frame only marks the idle clock
+// for a restart, a frame that has begun only marks its frame clock to start;
+// the next p.Read takes one reading for both, and lends it to the flush it
+// starts (p.now). Between the marks and that reading we only work on input
+// already buffered (no wait, no sleep, no write), so the clocks start the
+// same instant as if read at the marks, give or take microseconds.
 type peer struct {
 	conn                  net.Conn
 	st                    *stats
@@ -341,14 +350,18 @@ type peer struct {
 	w                     *bufio.Writer // writes to p.Write
 	timed                 bool          // arm deadlines (off under --fault no-deadline)
 	idle, frame           time.Duration
-	idleStart, frameStart time.Time    // frameStart is zero between frames
+	idleStart, frameStart time.Time    // frameStart is zero between frames and until a frame's first p.Read
+	restartIdle, inFrame  bool         // marks for the next clock reading: a frame ended; a frame has begun
+	now                   time.Time    // p.Read's clock reading while its flush runs; zero otherwise
+	born                  time.Time    // time.Now() at the start: timeNow counts from it
 	readArmed, writeArmed lazyDeadline // what the connection's deadlines are set to now
 	head                  [5]byte      // reply header scratch, so replies allocate nothing
 }
 
 func (s *server) newPeer(conn net.Conn) *peer {
 	p := &peer{conn: conn, st: &s.stats, timed: s.cfg.fault != "no-deadline", // FAULT no-deadline: a silent, dribbling or non-reading client holds its goroutine and fd forever
-		idle: seconds(s.cfg.idle), frame: seconds(s.cfg.frame), idleStart: time.Now()}
+		idle: seconds(s.cfg.idle), frame: seconds(s.cfg.frame), born: time.Now()}
+	p.idleStart = p.born
 	p.r, p.w = bufio.NewReaderSize(p, readBufSize), bufio.NewWriterSize(p, writeBufSize)
 	return p
 }
@@ -395,7 +408,11 @@ func (p *peer) readDeadline() time.Time {
 
 // Read reads the socket for bufio.Reader (see peer).
 func (p *peer) Read(b []byte) (int, error) {
-	if err := p.w.Flush(); err != nil {
+	p.now = p.timeNow()
+	p.startClocks()
+	err := p.w.Flush()
+	p.now = time.Time{}
+	if err != nil {
 		return 0, err
 	}
 	for {
@@ -411,6 +428,32 @@ func (p *peer) Read(b []byte) (int, error) {
 	}
 }
 
+// startClocks starts the clocks marked since the last reading (see peer) at p.now.
+func (p *peer) startClocks() {
+	if p.restartIdle {
+		p.idleStart, p.restartIdle = p.now, false
+	}
+	if p.inFrame && p.frameStart.IsZero() {
+		p.frameStart = p.now
+	}
+}
+
+// clock is the time now: p.Read's reading while its flush runs, else a new one.
+func (p *peer) clock() time.Time {
+	if p.now.IsZero() {
+		return p.timeNow()
+	}
+	return p.now
+}
+
+// timeNow is time.Now() for our clocks and deadlines at half the cost: the
+// start time plus the monotonic time elapsed since, one vDSO call where
+// time.Now makes two (wall and monotonic). Every use compares or subtracts
+// times by their monotonic readings, so nothing else can tell.
+func (p *peer) timeNow() time.Time {
+	return p.born.Add(time.Since(p.born))
+}
+
 // errPeerNotReading: a write to the socket made no progress for --idle-timeout.
 var errPeerNotReading = errors.New("the peer read none of our replies for --idle-timeout")
 
@@ -423,7 +466,7 @@ var errPeerNotReading = errors.New("the peer read none of our replies for --idle
 func (p *peer) Write(b []byte) (int, error) {
 	var due time.Time
 	if p.timed {
-		due = time.Now().Add(p.idle)
+		due = p.clock().Add(p.idle)
 	}
 	written, queued := 0, -1 // unsent bytes at the last passed deadline: asked only then, never per write
 	for {
@@ -542,11 +585,11 @@ func recycle(buf *[]byte) bool {
 // grows only as payload bytes arrive: a hostile length allocates nothing it
 // has not been sent.
 func (s *server) readFrame(p *peer) (op byte, payload *[]byte, err error) {
-	p.frameStart = time.Time{}
+	p.frameStart, p.inFrame = time.Time{}, false
 	if _, err = p.r.Peek(1); err != nil { // between frames only the idle clock runs
 		return 0, nil, err
 	}
-	p.frameStart = time.Now() // a frame has started: its clock runs too
+	p.inFrame = true // a frame has begun: its clock starts at the next reading
 	head, err := p.r.Peek(4)
 	if err != nil {
 		return 0, nil, err
@@ -609,7 +652,7 @@ func (s *server) serveFramed(p *peer) error {
 		}
 		// A complete frame restarts the idle clock, and so does its reply; we
 		// read nothing in between, so restarting it once, now, is the same.
-		p.idleStart = time.Now()
+		p.restartIdle = true
 	}
 }
 
@@ -656,7 +699,7 @@ func (s *server) answer(p *peer, op byte, payload []byte, bucket *tokenBucket) e
 // serveRaw is RFC 862 echo: whatever arrives goes back; no frames, no ERROR.
 func (s *server) serveRaw(p *peer) error {
 	for {
-		p.idleStart = time.Now()
+		p.restartIdle = true
 		if _, err := p.r.Peek(1); err != nil {
 			return s.fail(p, err)
 		}

@@ -314,6 +314,39 @@ func benchmarkRoundTrip(b *testing.B, c net.Conn) {
 	}
 }
 
+// replayConn is a client in memory that sends one 64-byte ECHO per Read,
+// `left` times, then EOF, and swallows the replies: serving it costs only
+// the server's own work per request, no system call.
+type replayConn struct {
+	net.Conn // not called: nil
+	frame    []byte
+	left     int
+}
+
+func (c *replayConn) Read(b []byte) (int, error) {
+	if c.left == 0 {
+		return 0, io.EOF
+	}
+	c.left--
+	return copy(b, c.frame), nil
+}
+
+func (c *replayConn) Write(b []byte) (int, error)      { return len(b), nil }
+func (c *replayConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *replayConn) SetWriteDeadline(time.Time) error { return nil }
+
+// BenchmarkServeFramedEcho is what our code costs per ECHO (ns/op): the
+// framing, clocks, deadlines and counters of serveFramed, without the kernel.
+func BenchmarkServeFramedEcho(b *testing.B) {
+	s, _ := newTestServer(b, false)
+	conn := &replayConn{frame: encode(opEcho, bytes.Repeat([]byte{'x'}, 64)), left: b.N}
+	b.ReportAllocs()
+	b.ResetTimer()
+	if err := s.serveFramed(s.newPeer(conn)); !errors.Is(err, io.EOF) {
+		b.Fatal(err)
+	}
+}
+
 func TestLazyDeadlineFiresEarlyThenRearms(t *testing.T) {
 	var d lazyDeadline
 	now := time.Now()
@@ -361,6 +394,28 @@ func TestFrameTimeoutStillCutsADribbler(t *testing.T) {
 		t.Errorf("frame timeout after %v", took)
 	}
 	waitUntil(t, "counted", func() bool { return s.stats.frameTimeouts.Load() == 1 })
+}
+
+// The clocks are read lazily (see peer): a frame answered from input already
+// buffered must still restart the idle clock when it ends, not when the
+// input was read. Here a WORK that waits 400 ms arrives with the start of
+// the next frame; the idle clock restarts after the WORK, so the idle
+// timeout (0.3 s) comes 0.3 s after its reply, not at once.
+func TestIdleClockRestartsAfterABufferedFrame(t *testing.T) {
+	s, _ := newTestServer(t, true, "--idle-timeout", "0.3")
+	c := dial(t, s)
+	work := encode(opWork, []byte{0, 6, 0x1a, 0x80, 0, 0, 0, 0}) // io_us 400000, cpu_us 0
+	c.Write(append(work, encode(opEcho, []byte("next"))[:3]...))
+	if op, _ := recvFrame(t, c); op != opWork {
+		t.Fatalf("got %x", op)
+	}
+	replied := time.Now()
+	if op, p := recvFrame(t, c); op != opError || string(p) != "idle timeout" {
+		t.Fatalf("got %x %q", op, p)
+	}
+	if took := time.Since(replied); took < 200*time.Millisecond || took > 3*time.Second {
+		t.Errorf("idle timeout %v after the WORK reply, want ~300ms", took)
+	}
 }
 
 // ---------------------------------------------------------------- 11: no big buffer kept

@@ -1,0 +1,3 @@
+module conclab/goecho
+
+go 1.19
