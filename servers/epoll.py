@@ -349,10 +349,13 @@ class Loop:
             session.eof()                      # EOF: answer what was asked, then close
             return self.pump(conn)
         now = monotonic()
-        requests = session.feed(data, now)
-        if conn.queue or len(requests) != 1 or requests[0].io_s:
-            return self.enqueue(conn, requests)
-        self.write(conn, requests[0].run(now))
+        reply = None if conn.queue else session.echo(data, now)   # whole ECHO frames are their own reply
+        if reply is None:
+            requests = session.feed(data, now)
+            if conn.queue or len(requests) != 1 or requests[0].io_s:
+                return self.enqueue(conn, requests)
+            reply = requests[0].run(now)
+        self.write(conn, reply)
         if conn.timer is None or session.frame_started is not None:
             self.watch_deadline(conn)
         if conn.out or session.closing or self.draining or conn.mask != EPOLLIN:

@@ -152,36 +152,50 @@ def echo_frames(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
 
 
 class FrameDecoder:
-    """Turns a byte stream, in chunks of any size, into (op, payload) frames."""
+    """Turns a byte stream, in chunks of any size, into (op, payload) frames.
 
-    __slots__ = ("max_frame", "_buffer")
+    Only the start of a frame that has not fully arrived is kept (``_pending``);
+    whole frames are cut from the chunk itself, with no copy into a buffer first.
+    Between frames, the usual state of an idle connection, it holds the one
+    shared empty ``bytes``: no buffer per connection.
+    """
+
+    __slots__ = ("max_frame", "_pending")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
-        self._buffer = bytearray()
+        self._pending: bytes | bytearray = b""
 
     @property
     def mid_frame(self) -> bool:
         """True while part of a frame has arrived and the rest has not."""
-        return bool(self._buffer)
+        return bool(self._pending)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Add received bytes; return every frame they complete, in order."""
-        buffer = self._buffer
-        buffer += data
+        stream = self._pending
+        if stream:
+            stream += data                 # a bytearray: grows in place
+        else:
+            stream = data
         frames = []
-        start, end = 0, len(buffer)
+        start, end = 0, len(stream)
         while end - start >= 4:
-            (length,) = HEADER.unpack_from(buffer, start)
+            (length,) = HEADER.unpack_from(stream, start)
             if length == 0 or length > self.max_frame:
-                buffer.clear()
+                self._pending = b""
                 error = BadLength(f"frame length {length} outside 1..{self.max_frame}")
                 error.frames = frames
                 raise error
             if end - start - 4 < length:
                 break
-            frames.append((buffer[start + 4], bytes(buffer[start + 5:start + 4 + length])))
+            frames.append((stream[start + 4], bytes(stream[start + 5:start + 4 + length])))
             start += 4 + length
-        if start:
-            del buffer[:start]
+        if stream is data:
+            if start < end:                # the start of a frame: a copy of its own (data may be a caller's buffer)
+                self._pending = bytearray(memoryview(data)[start:])
+        elif start == end:
+            self._pending = b""            # the frame is whole: let its buffer go
+        elif start:
+            del stream[:start]
         return frames

@@ -315,7 +315,91 @@ def test_rate_limit_delay_mode_adds_waits_in_order():
     assert [r.io_s for r in later] == [0]
 
 
+@pytest.mark.parametrize("limits", [{}, {"rate_limit": 100, "burst": 1}])
+def test_bytes_in_counts_reads_that_complete_no_frame(limits):
+    """A frame split over reads: every byte counts when it arrives, with a rate limit or without."""
+    session, stats = new_session(**limits)
+    frame = protocol.encode(ECHO, b"x" * 100)
+    assert session.feed(frame[:50], 0.0) == []
+    assert stats.bytes_in == 50
+    session.feed(frame[50:], 0.0)
+    assert stats.bytes_in == len(frame) and stats.requests_total == 1
+
+
 def test_rate_limit_never_delays_a_counters_request():
     session, _ = new_session(rate_limit=1, burst=1)
     requests = session.feed(protocol.encode(PING) * 2 + protocol.encode(STATS), 0.0)
     assert [r.io_s for r in requests] == pytest.approx([0, 1.0, 0])
+
+
+@given(st.lists(st.tuples(st.sampled_from([ECHO, PING, STATS, WORK]), st.binary(max_size=40)), max_size=12),
+       st.lists(st.integers(min_value=0), max_size=8), st.booleans())
+def test_any_chunking_of_a_pipeline_gets_the_replies_of_the_whole_stream(frames, cuts, echo_first):
+    """The echo hot path (in feed, or Session.echo offered each read first) and the decoder agree on every
+    read: whole, split mid-frame, or mixed with other ops."""
+    frames = [(op, protocol.encode_work(0, 0, payload)[5:] if op == WORK else payload) for op, payload in frames]
+    stream = b"".join(protocol.encode(op, payload) for op, payload in frames)
+    session, stats = new_session()
+    out = []
+    for chunk in chunked(stream, cuts):
+        reply = session.echo(chunk, 0.0) if echo_first else None
+        if reply is not None:
+            assert reply is chunk and protocol.echo_frames(chunk) > 0
+            out.append(reply)
+        else:
+            out += [request.run(0.0) for request in session.feed(chunk, 0.0)]
+        assert (session.frame_started is None) == (not session.decoder.mid_frame)   # what the hot path reads
+    got = FrameDecoder().feed(b"".join(out))
+    assert [(op, payload) for op, payload in got if op != STATS] == [
+        (REQUESTS[op].reply, payload) for op, payload in frames if op != STATS]
+    assert stats.requests_total == len(frames) and stats.bytes_in == len(stream)
+
+
+def test_the_decoder_keeps_a_copy_of_a_started_frame_not_the_callers_buffer():
+    decoder = FrameDecoder()
+    frame = protocol.encode(ECHO, b"payload")
+    chunk = bytearray(frame[:6])
+    assert decoder.feed(chunk) == [] and decoder.mid_frame
+    chunk[:] = b"\xff" * 6                              # a caller reusing its receive buffer
+    assert decoder.feed(memoryview(frame)[6:]) == [(ECHO, b"payload")]
+    assert not decoder.mid_frame and decoder._pending == b""   # nothing held between frames
+
+
+def test_an_immediate_reply_is_a_request_with_no_wait():
+    reply = session_module.Reply(b"bytes")
+    assert isinstance(reply, Request) and (reply.io_s, reply.cpu_us, reply.session) == (0.0, 0, None)
+    assert reply.run(1.0) == b"bytes"
+
+
+@pytest.mark.parametrize("backend", ["threads", "threadpool", "epoll", "asyncio", "uvloop", "gevent"])
+def test_stats_count_a_read_the_same_in_every_backend(backend):
+    stats = Stats(backend, 10)
+    stats.record(2, 10, 12)
+    stats.record(1, 5, 5)
+    counters = stats.snapshot()
+    assert (counters["requests_total"], counters["bytes_in"], counters["bytes_out"]) == (3, 15, 17)
+
+
+def test_threaded_backends_count_under_the_lock():
+    import threading
+    stats = Stats("threads", 10)
+    with stats.lock:
+        writer = threading.Thread(target=stats.record, args=(1, 1, 1))
+        writer.start()
+        writer.join(0.05)
+        assert writer.is_alive() and stats.requests_total == 0    # waits for the lock
+    writer.join(5)
+    assert stats.requests_total == 1
+
+
+def test_echo_answers_only_whole_echo_frames_and_leaves_the_rest_to_feed():
+    session, stats = new_session(now=0.0)
+    two = protocol.encode(ECHO, b"a") + protocol.encode(ECHO, b"bc")
+    assert session.echo(two, 5.0) is two and stats.requests_total == 2 and session.deadline == 65.0
+    for other in (protocol.encode(PING, b"a"), two[:-1], protocol.encode(ECHO, b"a") + protocol.encode(PING)):
+        assert session.echo(other, 9.0) is None
+    assert stats.requests_total == 2 and stats.bytes_in == len(two) and session.deadline == 65.0   # nothing done
+    limited, _ = new_session(rate_limit=10)
+    assert limited.echo(two, 0.0) is None                    # every request takes a token: feed
+    raw, raw_stats = new_session(protocol="raw")
+    assert raw.echo(b"\x00any", 1.0) == b"\x00any" and raw_stats.requests_total == 1
