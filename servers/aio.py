@@ -1,8 +1,8 @@
 """asyncio event loop with Protocols: one thread, many connections, waits that cost nothing.
 
 One OS thread runs an event loop. The kernel says which sockets are ready
-(epoll; libuv on uvloop) and the loop calls into Python: ``data_received`` with
-the bytes that arrived, a timer callback when a deadline passes. Python code
+(epoll; libuv on uvloop) and the loop calls into Python: ``buffer_updated``
+when bytes arrived, a timer callback when a deadline passes. Python code
 runs until it returns or reaches an ``await``: scheduling is *cooperative*.
 Nothing runs in parallel, so nothing takes a lock, and the GIL plays no part:
 there is one thread, and it waits for I/O in epoll_wait, not in Python.
@@ -19,11 +19,24 @@ the callback, one ``transport.write`` per read, with a task only while a WORK
 waits: less CPU per request and less memory per idle connection than streams
 (docs/performance.md, "asyncio: Protocols, not streams", has the comparison).
 
+A *buffered* Protocol: the transport reads into a buffer we lend it
+(``get_buffer``, then ``buffer_updated``). A plain Protocol's transport makes a
+new 256 KiB bytes object for every recv() and shrinks it to what arrived; glibc
+hands a block that large out by mmap unless its adaptive threshold has risen,
+which depends on the process's past, so each request could cost an mmap, an
+mremap and a munmap besides its recv and send. All connections share one read
+buffer (``Hub.read_buffer``): the loop has one thread, and each read is copied
+out (a small bytes object, what the session keeps) before the next one starts,
+so an idle connection holds no buffer at all.
+
 While a WORK waits, reading is paused and one task answers the queue in order;
 while the write buffer is over its high-water mark (``pause_writing``) reading
 stops too, so a client that never reads holds that buffer plus one read of
-replies. One lazy timer per connection keeps the deadlines; it never expires a
-connection whose request is in progress, nor one whose replies are in flight.
+replies. One lazy deadline per connection keeps its timeouts; it never expires
+a connection whose request is in progress, nor one whose replies are in flight.
+The deadlines are entries in one heap under one loop timer (``Deadlines``), not
+a loop timer each: on uvloop a timer (TimerHandle, UVTimer, uv_timer_t) costs
+about 0.6 KiB per idle connection, a heap entry about 0.1 KiB.
 
 The write policy (docs/protocol.md): a reply that makes no progress for
 --idle-timeout ends the connection with a reset (SO_LINGER 0, then
@@ -57,6 +70,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
+import itertools
+import math
 import socket
 import struct
 import time
@@ -69,6 +85,7 @@ from .tcpdiag import unsent
 FIRST_LOOK = 0.01              # replies in flight: look again this soon after they moved...
 LAST_LOOK = 1.0                # ...then after as long as they have been stuck, at most this long
 LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST and drops what is unsent
+READ_SIZE = 256 * 1024        # the most one read takes: the stdlib transport's own recv size (max_size)
 
 
 def serve(listener, config, stats) -> None:
@@ -134,6 +151,8 @@ class Hub:
         self.loop, self.config, self.stats = loop, config, stats
         self.connections: set[Connection] = set()
         self.draining = False
+        self.read_buffer = memoryview(bytearray(READ_SIZE))   # lent to every read in turn (Connection.get_buffer)
+        self.deadlines = Deadlines(loop)
 
     async def drain(self, timeout: float) -> int:
         """Shut every read side, abort what is left at the deadline; return how many were aborted."""
@@ -155,7 +174,66 @@ class Hub:
         return not self.connections
 
 
-class Connection(asyncio.Protocol):
+class Deadlines:
+    """Every connection's deadline, in one heap of ``[when, seq, connection]`` under one loop timer.
+
+    As in the epoll backend, a cancelled entry (its connection closed, or its
+    deadline superseded by a sooner one) stays in place as a husk holding no
+    connection, so a closed connection is freed at once; the heap is rebuilt
+    once husks are more than half of it. The loop timer is due by the first
+    entry; it runs what is due, each connection's ``_on_deadline``, and
+    schedules itself for the next.
+    """
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.heap: list = []
+        self.seq = itertools.count()          # ties are taken in order (and connections are never compared)
+        self.husks = 0
+        self.timer, self.due = None, math.inf  # the loop timer, and when it fires (time.monotonic())
+
+    def add(self, when: float, connection) -> list:
+        """Have ``connection._on_deadline()`` run at ``when`` (monotonic); returns the entry, for ``cancel``."""
+        entry = [when, next(self.seq), connection]
+        heapq.heappush(self.heap, entry)
+        if when < self.due:
+            self._schedule(when)
+        return entry
+
+    def cancel(self, entry: list) -> None:
+        """Make an entry a husk (a loop timer then due too early finds nothing due and schedules the next)."""
+        entry[2] = None
+        self.husks += 1
+        if self.husks > len(self.heap) // 2:
+            self.heap[:] = [live for live in self.heap if live[2] is not None]
+            heapq.heapify(self.heap)
+            self.husks = 0
+
+    def _schedule(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.due = when
+        # call_later, not call_at: the Session counts in time.monotonic(), libuv in its own clock
+        self.timer = self.loop.call_later(max(when - time.monotonic(), 0.001), self._run)
+
+    def _run(self) -> None:
+        """Run what is due; entries added meanwhile wait for the next turn. Whatever a connection raises (the
+        loop reports it), the timer is scheduled for what is left."""
+        self.timer, self.due = None, math.inf
+        heap, now, fresh = self.heap, time.monotonic(), next(self.seq)
+        try:
+            while heap and heap[0][0] <= now and heap[0][1] < fresh:
+                connection = heapq.heappop(heap)[2]
+                if connection is None:
+                    self.husks -= 1
+                else:
+                    connection._on_deadline()
+        finally:
+            if heap and heap[0][0] < self.due:
+                self._schedule(heap[0][0])
+
+
+class Connection(asyncio.BufferedProtocol):
     """One client. The loop calls these methods; the Session decides what to answer."""
 
     # Watching replies in flight: class defaults, so a connection that never needs them carries none.
@@ -167,9 +245,9 @@ class Connection(asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.transport = self.session = None  # the session stays None for a connection turned away
-        self.queue = []                       # requests behind a waiting WORK, in order (a short list)
+        self.queue = None                     # requests behind a waiting WORK, in order (a list, once needed)
         self.worker = None                    # the task answering self.queue
-        self.timer, self.due = None, 0.0      # the deadline timer, and when it fires (time.monotonic())
+        self.timer = None                     # the deadline's entry in hub.deadlines
         self.write_paused = False
 
     def connection_made(self, transport) -> None:
@@ -184,7 +262,25 @@ class Connection(asyncio.Protocol):
         if hub.draining:                      # accepted just as the listener closed
             self.shut_read()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the transport reads to: the hub's one buffer (``buffer_updated`` copies out what arrived)."""
+        return self.hub.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """The transport read nbytes into the shared buffer: copy them out before the next read overwrites them.
+
+        The hot path: with no WORK waiting (whose replies must keep their order),
+        a read of whole ECHO frames is answered at once with ``Session.echo``, the
+        read itself, with no Request, no list and no second clock read."""
+        data = self.hub.read_buffer[:nbytes].tobytes()
+        if self.worker is None:
+            reply = self.session.echo(data, time.monotonic())
+            if reply is not None:
+                self.transport.write(reply)
+                return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         session = self.session
         requests = session.feed(data, time.monotonic())
         if session.frame_started is not None:
@@ -209,7 +305,7 @@ class Connection(asyncio.Protocol):
         if self.session.forget_to_close:      # --fault leak: keep it open, forgotten (see base.release)
             self.hub.connections.discard(self)
             if self.timer is not None:
-                self.timer.cancel()
+                self.hub.deadlines.cancel(self.timer)
             LEAKED.append(self.transport)
             return True
         if self.worker is None:
@@ -220,9 +316,10 @@ class Connection(asyncio.Protocol):
         if self.session is None:
             return
         self.hub.connections.discard(self)
-        for pending in (self.timer, self.worker):
-            if pending is not None:
-                pending.cancel()
+        if self.timer is not None:
+            self.hub.deadlines.cancel(self.timer)
+        if self.worker is not None:
+            self.worker.cancel()
         self.hub.stats.closed()
 
     def reset(self) -> None:
@@ -238,7 +335,7 @@ class Connection(asyncio.Protocol):
                 sock.shutdown(socket.SHUT_RD)
 
     def _start_worker(self, requests) -> None:
-        self.queue.extend(requests)
+        self.queue = list(requests)
         self.worker = self.hub.loop.create_task(self._answer_queue())
         self._flow()
 
@@ -288,13 +385,12 @@ class Connection(asyncio.Protocol):
 
     def _arm(self, when: float) -> None:
         """Have ``_on_deadline`` run by ``when`` (monotonic): a timer due sooner stays, a later one is replaced."""
-        if self.timer is not None:
-            if self.due <= when:
+        timer = self.timer
+        if timer is not None:
+            if timer[0] <= when:
                 return
-            self.timer.cancel()
-        self.due = when
-        # call_later, not call_at: the Session counts in time.monotonic(), libuv in its own clock
-        self.timer = self.hub.loop.call_later(max(when - time.monotonic(), 0.001), self._on_deadline)
+            self.hub.deadlines.cancel(timer)
+        self.timer = self.hub.deadlines.add(when, self)
 
     def _watch_deadline(self) -> None:
         """Idle/frame deadlines: the timer is due by the Session's deadline (unless replies are watched)."""
@@ -309,9 +405,9 @@ class Connection(asyncio.Protocol):
         self._arm(now + FIRST_LOOK)
 
     def _on_deadline(self) -> None:
-        """The connection's one timer. A WORK wait is never expired (the worker re-arms); replies in flight
-        are looked at (``_look``); else, past the Session's deadline, the idle or frame timeout is told with an
-        ERROR. The frame timeout is never deferred by replies in flight."""
+        """The connection's one deadline (``Deadlines`` runs it). A WORK wait is never expired (the worker
+        re-arms); replies in flight are looked at (``_look``); else, past the Session's deadline, the idle or
+        frame timeout is told with an ERROR. The frame timeout is never deferred by replies in flight."""
         self.timer = None
         if self.worker is not None or self.transport.is_closing():
             return

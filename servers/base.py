@@ -251,7 +251,10 @@ class KernelDeadlines:
     nothing per call. The receive timeout counts from each ``recv``, so it is
     set only when the time left until the session's deadline differs from the
     armed one (a frame started, or ended); a read woken early just reads
-    again.
+    again. The read that follows a reply, with no frame begun, needs no clock:
+    the idle clock restarts at each reply (docs/protocol.md section 3), so the
+    time left is the whole idle timeout, armed as it is (under load, reads
+    after a GIL wait of more than DEADLINE_SLACK would otherwise re-arm it).
 
     Sends follow the write policy: a reply that makes no progress for
     ``--idle-timeout`` raises ``WriteStalled``. The usual reply leaves in one
@@ -263,16 +266,24 @@ class KernelDeadlines:
     that short until the reply is out).
     """
 
-    __slots__ = ("sock", "session", "armed", "send")
+    __slots__ = ("sock", "session", "armed", "send", "answered")
 
     def __init__(self, sock, session) -> None:
         self.sock, self.session, self.armed = sock, session, -1.0
         self.send = sock.send
+        self.answered = False               # a reply went out since the last recv
         send_timeout(sock, session.idle_timeout)
 
     def recv(self, size: int) -> bytes:
-        seconds = self.session.timeout(time.monotonic())
-        if abs(seconds - self.armed) > DEADLINE_SLACK:
+        session = self.session
+        if self.answered and session.frame_started is None:
+            seconds = session.idle_timeout  # the idle clock restarted with that reply: no clock to read
+            stale = seconds != self.armed
+        else:
+            seconds = session.timeout(time.monotonic())
+            stale = abs(seconds - self.armed) > DEADLINE_SLACK
+        self.answered = False
+        if stale:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self.armed = seconds
         return self.sock.recv(size)
@@ -284,6 +295,7 @@ class KernelDeadlines:
             sent = 0
         if sent < len(data):
             self._send_rest(memoryview(data)[sent:])
+        self.answered = True
 
     def _send_rest(self, view: memoryview) -> None:
         """The buffer was full. A send that returns short or fails with EAGAIN was not woken for SO_SNDTIMEO
