@@ -219,13 +219,18 @@ def test_a_missing_measure_writes_no_row():
 # -- the report -----------------------------------------------------------------------------------------
 
 def copy_run(tmp_path: Path, name: str, cal: dict | None = None, profile: str | None = None) -> Path:
-    """The fixture run in tmp_path/name, its manifest given ``cal`` (judged) and ``profile`` if given."""
+    """The fixture run in tmp_path/name, its manifest given ``cal`` (judged; None: a run made before the
+    harness calibrated, no calibration at all) and ``profile`` if given."""
     target = tmp_path / name
     shutil.copytree(FIXTURE, target)
     path = target / "manifest.json"
     manifest = json.loads(path.read_text())
     if cal is not None:
         manifest["calibration"] = calibrate.judge(copy.deepcopy(cal))
+    else:
+        manifest.pop("calibration", None)
+        table = target / "calibration.csv"
+        table.write_text(table.read_text().splitlines(keepends=True)[0])
     if profile is not None:
         manifest["profile"]["name"] = manifest["parameters"]["profile"] = profile
     path.write_text(json.dumps(manifest))
