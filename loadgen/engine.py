@@ -96,7 +96,7 @@ def slots_between(first: float, step: float, start: int, stop: int) -> int:
 class Conn:
     """One client connection's state; ``sent`` holds send (closed) or scheduled (open) times, ns."""
 
-    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at",
+    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at", "next_slot",
                  "got")
 
     def __init__(self, sock, max_frame: int) -> None:
@@ -109,6 +109,7 @@ class Conn:
         self.clean = True                    # nothing partial buffered: a read equal to one reply is one reply
         self.out = b""                       # bytes the kernel has not taken yet
         self.next_at = 0                     # open loop: scheduled time of this connection's next request
+        self.next_slot = 0                   # open loop: its slot k in the schedule (due at first + k*step)
         self.got = 0                         # replies counted in the measured window (0: never served)
 
 
@@ -213,13 +214,18 @@ class Worker:
         return self._result(end_cpu, end_ns)
 
     def _begin_measuring(self, now: int, force: bool = False) -> None:
-        """At the end of the warm-up: forget what was recorded, start the CPU and wall clocks."""
+        """At the end of the warm-up: forget what was recorded, start the CPU and wall clocks.
+
+        The open loop records only the window's requests (scheduled from ``warm_ns`` on), so it has no
+        latency to forget; resetting here, at the first tick of the window, would drop what the window's
+        first microseconds sent or answered.
+        """
         if self.warm or not (force or now >= self.warm_ns):
             return
         self.warm = True
-        self.latency.reset()
-        self.uncorrected.reset()
-        self.lateness.reset()
+        if not self.open:
+            self.latency.reset()
+            self.uncorrected.reset()
         self.errors.clear()
         self.counts.clear()
         for c in self.order:
@@ -346,7 +352,7 @@ class Worker:
         self.interval = self.step * n                            # between two requests of one connection
         self.first = start + self.phase * self.step
         for i, c in enumerate(self.order):
-            c.next_at = int(self.first + i * self.step)
+            c.next_slot, c.next_at = i, int(self.first + i * self.step)
         self.slot, self.slot_at = 0, int(self.first)
 
     def _send_slots(self, t: int) -> None:
@@ -425,7 +431,7 @@ class Worker:
 
     def _unsent(self, c: Conn) -> int:
         """Requests of this connection scheduled inside the window that never went out."""
-        return slots_between(c.next_at, self.interval, self.warm_ns, self.stop_ns)
+        return slots_between(self.first + c.next_slot * self.step, self.interval, self.warm_ns, self.stop_ns)
 
     def _send_due(self, c: Conn, t: int) -> None:
         """Send every request of ``c`` that is due, as far as the pipeline allows (one ``send`` for all).
@@ -433,8 +439,8 @@ class Worker:
         Each request sent records its lateness (whole µs, rounded up): that record is also the count of
         requests sent and, above OPEN_LATE_US, of late ones (``_open_counts``), so nothing else is counted here.
         """
-        at, stop, interval, lateness = c.next_at, self.stop_ns, self.interval, self.lateness.values.append
-        sent, actual, warm = c.sent, c.actual, self.warm_ns
+        at, slot, stop, lateness = c.next_at, c.next_slot, self.stop_ns, self.lateness.values.append
+        sent, actual, warm, first, step, n = c.sent, c.actual, self.warm_ns, self.first, self.step, len(self.order)
         free = self.depth - len(sent)
         k = 0
         while k < free and at <= t and at < stop:
@@ -442,11 +448,12 @@ class Worker:
             actual.append(t)
             if at >= warm:                                       # a request of the window (offered)
                 lateness((t - at + 999) // 1000)
-            at = int(at + interval)
+            slot += n                                            # from the slot, not the last time: no drift
+            at = int(first + slot * step)
             k += 1
         if not k:
             return
-        c.next_at = at
+        c.next_at, c.next_slot = at, slot
         data = self.batches[k]
         if c.out:                                                # _send, inline: this runs once per request
             c.out += data

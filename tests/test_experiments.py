@@ -139,6 +139,9 @@ def test_tiny_run_measured_sensible_values(tiny_run):
         # in a tiny point, so only the busy tables must show some
         assert (rows.server_cpu_percent > 0).all() or table == "io_bound", table
         assert (rows.server_cpu_percent >= 0).all(), table
+    lat = read(run_dir, "latency")                             # the open loop's accounting of the window
+    assert (lat.requests <= lat.sent).all() and (lat.sent <= lat.offered).all()
+    assert (lat.sent + lat.unsent == lat.offered).all()
     io = read(run_dir, "io_bound")
     assert (io.little_ceiling_rps == 8 / 0.01).all()           # 8 conns, 10 ms each
     fits = read(run_dir, "memory_fit")

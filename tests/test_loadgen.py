@@ -407,7 +407,35 @@ def test_a_request_scheduled_in_the_warm_up_is_not_served_in_the_window():
         c = worker.order[0]
         worker._send_due(c, 5_000_000)                                # requests 0..5: 0, 1, 2 of the warm-up
         assert len(c.sent) == 6 and worker._open_counts()["sent"] == 3
+        worker._begin_measuring(5_200_000)                            # the window's first tick forgets nothing of it
+        assert worker._open_counts()["sent"] == 3
         worker._data(c, worker.reply * 6, 5_500_000)                  # all six answered in the window
         assert worker.latency.count == 3 and worker._open_counts()["offered"] == 7
     finally:
         far.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sent_and_unsent_add_up_to_the_offered_window_exactly(seed):
+    """Whatever times the loop wakes at, every request scheduled in the window is sent or unsent, once."""
+    rng = random.Random(seed)
+    pairs = [socket.socketpair() for _ in range(5)]
+    try:
+        for near, _ in pairs:
+            near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=1000, duration=1.0), [p[0] for p in pairs],
+                               rate=rng.uniform(3_000, 30_000))
+        worker.warm_ns, worker.stop_ns = 1_000_000 + rng.randrange(1000), 21_000_000 + rng.randrange(1000)
+        worker._schedule(rng.randrange(1000))
+        t = 0
+        while t < 15_000_000:                                   # the loop stops waking before the window ends
+            t += rng.randrange(1, 400_000)
+            worker._send_slots(t)
+        worker.counts["unsent"] = sum(worker._unsent(c) for c in worker.order)
+        counts = worker._open_counts()
+        assert counts["unsent"] > 0 and counts["sent"] > 0
+        assert counts["sent"] + counts["unsent"] == counts["offered"]
+    finally:
+        for near, far in pairs:
+            near.close()
+            far.close()
