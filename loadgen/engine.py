@@ -86,11 +86,27 @@ def timer_slack(ns: int):
         _libc.prctl(PR_SET_TIMERSLACK, max(before, 0), 0, 0, 0)   # 0: back to the default
 
 
-def slots_between(first: float, step: float, start: int, stop: int) -> int:
-    """How many of the times first + k*step (k = 0, 1, ...) fall in [start, stop)."""
-    def before(t):                                         # times < t
-        return max(0, math.ceil((t - first) / step))
-    return max(0, before(stop) - before(start)) if step > 0 else 0
+def first_slot_at(first: float, step: float, t: int) -> int:
+    """The first slot k >= 0 whose time, int(first + k*step) (as the loop computes it), is at or after ``t``.
+
+    The division lands on the right k but for rounding: when t is a slot's exact time (a whole
+    number of requests in the warm-up, say), the neighbours are checked with that same expression.
+    """
+    k = max(0, math.ceil((t - first) / step))
+    while k > 0 and int(first + (k - 1) * step) >= t:
+        k -= 1
+    while int(first + k * step) < t:
+        k += 1
+    return k
+
+
+def slots_between(first: float, step: float, start: int, stop: int, every: int = 1, from_slot: int = 0) -> int:
+    """How many slots k >= from_slot with k = from_slot (mod every) have their time in [start, stop)."""
+    if step <= 0:
+        return 0
+    lo, hi = max(from_slot, first_slot_at(first, step, start)), first_slot_at(first, step, stop)
+    lo += (from_slot - lo) % every                         # the first k of from_slot's residue
+    return max(0, -(-(hi - lo) // every))
 
 
 class Conn:
@@ -431,7 +447,7 @@ class Worker:
 
     def _unsent(self, c: Conn) -> int:
         """Requests of this connection scheduled inside the window that never went out."""
-        return slots_between(self.first + c.next_slot * self.step, self.interval, self.warm_ns, self.stop_ns)
+        return slots_between(self.first, self.step, self.warm_ns, self.stop_ns, len(self.order), c.next_slot)
 
     def _send_due(self, c: Conn, t: int) -> None:
         """Send every request of ``c`` that is due, as far as the pipeline allows (one ``send`` for all).

@@ -439,3 +439,16 @@ def test_sent_and_unsent_add_up_to_the_offered_window_exactly(seed):
         for near, far in pairs:
             near.close()
             far.close()
+
+
+@pytest.mark.parametrize("rate", [58_580, 29_710, 65_089, 1_000])
+@pytest.mark.parametrize("first", [12_000_000_000_000, 17_345_678_901_234])    # perf_counter_ns: hours of uptime
+def test_every_connections_share_of_the_window_adds_up_when_a_slot_lands_on_its_edge(rate, first):
+    """A whole number of requests in the warm-up puts a slot exactly on the window's start (and end), where
+    float rounding decides the side (58,580 and 29,710 req/s were off by one before): each connection's count
+    and the process's must agree, slot for slot, with the times the loop computes."""
+    step, n = engine.NS / rate, 50
+    warm, stop = first + int(0.2 * engine.NS), first + int(3.2 * engine.NS)
+    whole = engine.slots_between(first, step, warm, stop)
+    assert whole == sum(1 for k in range(int(3.3 * rate)) if warm <= int(first + k * step) < stop)
+    assert sum(engine.slots_between(first, step, warm, stop, n, r) for r in range(n)) == whole
