@@ -470,17 +470,7 @@ class Worker:
         if not k:
             return
         c.next_at, c.next_slot = at, slot
-        data = self.batches[k]
-        if c.out:                                                # _send, inline: this runs once per request
-            c.out += data
-            return
-        try:
-            done = c.send(data)
-        except OSError as exc:
-            self._send_failed(c, data, exc)
-            return
-        if done != len(data):
-            self._partial(c, data, done)
+        self._send(c, self.batches[k])
 
     # -- the slow path -------------------------------------------------------------------------
     def _readable(self, c: Conn) -> None:

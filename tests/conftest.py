@@ -12,7 +12,10 @@ fails at once with a message saying to mark it live.
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +95,17 @@ def shared_server(variant):
     backend, options = variant
     with ServerProcess(backend, options) as server:
         yield server
+
+
+FULL_VS_MINIMAL = Path(__file__).resolve().parent.parent / "benchmarks" / "full_vs_minimal.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/full_vs_minimal.py imported as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("full_vs_minimal", FULL_VS_MINIMAL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module              # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

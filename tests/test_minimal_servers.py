@@ -6,11 +6,8 @@ an empty payload and a large one, on several connections at once.
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,17 +16,6 @@ from conclab.servers.launcher import ServerProcess
 
 pytestmark = pytest.mark.live
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "full_vs_minimal.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("full_vs_minimal_bare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module              # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 def frame(payload: bytes) -> bytes:

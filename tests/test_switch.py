@@ -106,13 +106,20 @@ def fake_benchmark(calls):
     return run_json
 
 
-def test_run_measures_futex_and_pipe_on_one_cpu_and_across_two(monkeypatch):
+@pytest.fixture
+def kernel_only(monkeypatch) -> list:
+    """switch.run with only the C kernel baselines, faked: the calls they made (command, cpus)."""
     calls = []
     monkeypatch.setattr(switch, "c_command", lambda run: ["threadswitch", "--rounds", "1"])
     monkeypatch.setattr(switch, "python_command", lambda run, bench: "not in this test")
     monkeypatch.setattr(switch, "go_command", lambda run: "not in this test")
     monkeypatch.setattr(switch, "per_request", lambda run: None)
     monkeypatch.setattr(switch, "run_json", fake_benchmark(calls))
+    return calls
+
+
+def test_run_measures_futex_and_pipe_on_one_cpu_and_across_two(kernel_only):
+    calls = kernel_only
     run = FakeRun([2], [1, 2, 3])
     switch.run(run)
     rows = {r["variant"]: r for r in run.rows}
@@ -124,13 +131,7 @@ def test_run_measures_futex_and_pipe_on_one_cpu_and_across_two(monkeypatch):
     assert any("idle entries per round trip" in line for line in run.lines)
 
 
-def test_microbenchmarks_are_interleaved_in_rounds(monkeypatch):
-    calls = []
-    monkeypatch.setattr(switch, "c_command", lambda run: ["threadswitch", "--rounds", "1"])
-    monkeypatch.setattr(switch, "python_command", lambda run, bench: "not in this test")
-    monkeypatch.setattr(switch, "go_command", lambda run: "not in this test")
-    monkeypatch.setattr(switch, "per_request", lambda run: None)
-    monkeypatch.setattr(switch, "run_json", fake_benchmark(calls))
+def test_microbenchmarks_are_interleaved_in_rounds(kernel_only):
     run = FakeRun([0], [0, 1])
     run.repeat = 2
     switch.run(run)
