@@ -77,8 +77,8 @@ import socket
 import struct
 import time
 
-from .base import (ABORT_GRACE, DRAIN_POLL_INTERVAL, FD_EXHAUSTED, LEAKED, LISTEN_BACKLOG, announce, ignore_signals,
-                   stop_signals)
+from .base import (ABORT_GRACE, DRAIN_POLL_INTERVAL, FD_EXHAUSTED, LEAKED, LISTEN_BACKLOG, announce, stop_signals,
+                   then_ignore_signals)
 from .session import open_session, rejection
 from .tcpdiag import unsent
 
@@ -100,9 +100,12 @@ def serve_uvloop(listener, config, stats) -> None:
 
 
 def _run(listener, config, stats, loop_factory) -> None:
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    runner = asyncio.Runner(loop_factory=loop_factory)
+    try:
         runner.run(_serve(listener, config, stats))
-    ignore_signals()                       # the loop is gone: a late signal must not cut the final line
+    finally:
+        with then_ignore_signals():        # closing the loop takes its signal handlers away
+            runner.close()
 
 
 class Listener(socket.socket):

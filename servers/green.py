@@ -59,7 +59,8 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from .base import ConnectionSet, WriteStalled, abort, announce, ignore_signals, output_stalled, stop_signals
+from .base import (ConnectionSet, WriteStalled, abort, announce, output_stalled, stop_signals,
+                   then_ignore_signals)
 from .threads import handle, reject
 
 KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
@@ -89,9 +90,9 @@ def serve(listener, config, stats) -> None:
         stats.aborted = drain(connections, greenlets, config.drain_timeout)
     finally:
         greenlets.kill(timeout=KILL_GRACE)     # none outlives serve, even if it failed
-        for watcher in watchers:               # a second signal during the drain only re-set stop
-            watcher.cancel()
-        ignore_signals()
+        with then_ignore_signals():            # until here a second signal only re-set stop
+            for watcher in watchers:
+                watcher.cancel()
         gevent.get_hub().destroy(destroy_loop=True)   # like asyncio.run closing its loop: epoll fd and all
 
 

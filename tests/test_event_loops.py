@@ -2,12 +2,17 @@
 
 epoll: the timer heap keeps no state per closed connection (a husk, then a rebuild), and a bug in one
 connection's step costs that connection, not the server. gevent: a greenlet whose reads never wait still
-yields to the hub, and one whose reads do wait never yields needlessly.
+yields to the hub, and one whose reads do wait never yields needlessly. Both: a second SIGTERM that
+lands while the loop takes its signal handlers away does not kill the drained server.
 """
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -189,3 +194,54 @@ def test_gevent_reads_that_wait_never_yield_needlessly(hub, monkeypatch):
     assert yields == []
     reader.close()
     writer.close()
+
+
+# -- both: the loop's signal handlers are taken away without a gap -----------------------------------
+# Each script installs its loop's SIGTERM handler as the server does, then takes it away and sends
+# itself SIGTERM at once: the worst moment for a late second signal. The default action would kill it.
+TEARDOWNS = {
+    "asyncio": """
+        import asyncio
+        loop = asyncio.new_event_loop()
+        loop.add_signal_handler(signal.SIGTERM, print)
+        def take_away():
+            loop.close()
+    """,
+    "gevent": """
+        import gevent
+        watcher = gevent.signal_handler(signal.SIGTERM, print)
+        def take_away():
+            watcher.cancel()
+    """,
+}
+GUARDED = """
+    from conclab.servers.base import then_ignore_signals
+    with then_ignore_signals():
+        take_away()
+        os.kill(os.getpid(), signal.SIGTERM)
+    print("alive")
+"""
+UNGUARDED = """
+    take_away()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("alive")
+"""
+
+
+def run_teardown(loop: str, ending: str) -> subprocess.CompletedProcess:
+    script = "import os, signal\n" + textwrap.dedent(TEARDOWNS[loop]) + textwrap.dedent(ending)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("loop", sorted(TEARDOWNS))
+def test_a_signal_while_the_loop_lets_go_of_it_is_ignored(loop):
+    done = run_teardown(loop, GUARDED)
+    assert (done.returncode, done.stdout.strip()) == (0, "alive"), done.stderr
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("loop", sorted(TEARDOWNS))
+def test_without_the_guard_that_signal_kills(loop):
+    """The gap is real: taking the handler away restores the default action."""
+    assert run_teardown(loop, UNGUARDED).returncode == -signal.SIGTERM
