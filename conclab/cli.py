@@ -1,7 +1,7 @@
 """The ``conclab`` command: one subcommand per tool, each defined by the layer that owns it.
 
 This module sits above every layer and only assembles them: ``serve`` and
-``backends`` come from ``servers.cli``, ``load`` from ``loadgen.cli``, ``run``
+``backends`` come from ``servers.cli``, ``load`` and ``load-worker`` from ``loadgen.cli``, ``run``
 from ``experiments.harness.cli``, ``check`` from ``reliability.cli``, ``report``
 from ``analysis.cli`` and ``demo`` from ``conclab.demo``. The server commands
 build a parser without the other layers, so a server process never imports
@@ -27,8 +27,10 @@ def build_parser(prog: str = "conclab", tools: bool = True) -> argparse.Argument
         from conclab.analysis.cli import add_parser as add_report
         from conclab.experiments.harness.cli import add_parser as add_run
         from conclab.loadgen.cli import add_parser as add_load
+        from conclab.loadgen.cli import add_worker_parser as add_load_worker
         from conclab.reliability.cli import add_parser as add_check
         add_load(commands)
+        add_load_worker(commands)
         add_run(commands)
         add_report(commands)
         demo.add_parser(commands)

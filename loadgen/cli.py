@@ -2,16 +2,21 @@
 
 ``add_parser(subparsers)`` adds the ``load`` subcommand to any argparse
 subparsers object and sets ``run=cmd_load``; ``main()`` is the stand-alone
-entry point. Every option maps onto a ``LoadParams`` field of the same name.
+entry point. Every option maps onto a ``LoadParams`` field of the same name,
+except Locust's ``--master`` options (a ``locust_engine.MasterSpec``).
+``add_worker_parser(subparsers)`` adds ``load-worker``: a Locust worker for a
+``conclab load --engine locust --master`` on another machine.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
+from .locust_engine import MasterSpec, locust_env, run_locust, worker_command
 from .params import DEFAULT_TARGET, ENGINES, MODES, OPS, PROTOCOLS, LoadError, LoadParams
 from .progress import Progress
 from .report import append_csv, saturation_warning, summary_text, unserved_warning, warn
@@ -93,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"locust worker processes on this machine (default: {d.processes})")
     locust.add_argument("--run-time", type=float, default=d.run_time, metavar="T",
                         help="seconds locust runs (default: --duration)")
+    locust.add_argument("--master", action="store_true",
+                        help="be only the master: workers on other machines (`conclab load-worker --master "
+                             "HOST:PORT`) send the load and their reports; their merge is the result")
+    locust.add_argument("--expect-workers", type=int, default=1, metavar="N",
+                        help="--master: start once N workers are connected (default: 1)")
+    locust.add_argument("--master-bind", default=MasterSpec.bind, metavar="HOST:PORT",
+                        help=f"--master: where workers connect (default: {MasterSpec.bind})")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     out.add_argument("--out", metavar="PATH", help="also write the JSON result to PATH")
@@ -108,13 +120,25 @@ def params_from(args: argparse.Namespace) -> LoadParams:
     return LoadParams(**values)
 
 
+def master_from(args: argparse.Namespace) -> MasterSpec | None:
+    """``--master``'s spec, or None; a master option without ``--master`` is an error."""
+    if not getattr(args, "master", False):
+        if getattr(args, "expect_workers", 1) != 1 or getattr(args, "master_bind", MasterSpec.bind) != MasterSpec.bind:
+            raise LoadError("--expect-workers and --master-bind need --master")
+        return None
+    if args.engine != "locust":
+        raise LoadError("--master needs --engine locust")
+    return MasterSpec(expect_workers=args.expect_workers, bind=args.master_bind).validate()
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from .fleet import graceful_interrupts
     from .runner import run_load
     try:
         params = params_from(args).validate()
+        master = master_from(args)
         with graceful_interrupts():
-            result = run_load(params)
+            result = run_load(params) if master is None else run_locust(params, master)
     except LoadError as exc:
         print(f"conclab load: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -151,3 +175,39 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m conclab.loadgen [options]``: the same as ``conclab load [options]``."""
     args = build_parser().parse_args(argv)
     return args.run(args)
+
+
+WORKER_DESCRIPTION = """\
+A Locust worker for `conclab load --engine locust --master` on another machine:
+it connects to the master at HOST:PORT (default port 5557), takes the request
+shape, target and users from it, drives the target, and when the test stops
+sends the master its exact µs HDR histogram and failure counts. It exits when
+the master quits. The same as
+`locust -f loadgen/locustfile.py --worker --master-host HOST --master-port PORT`.
+See docs/loadgen.md."""
+
+
+def add_worker_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``load-worker`` to an argparse subparsers object; returns the new parser."""
+    parser = subparsers.add_parser("load-worker", help="a locust worker for a `conclab load --master` elsewhere",
+                                   description=WORKER_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--master", required=True, metavar="HOST[:PORT]", help="the master (port default: 5557)")
+    parser.add_argument("--processes", type=int, default=1, metavar="P",
+                        help="worker processes on this machine, -1: one per core (default: 1)")
+    parser.set_defaults(run=cmd_load_worker)
+    return parser
+
+
+def cmd_load_worker(args: argparse.Namespace) -> int:
+    """Become the Locust worker (exec: signals reach Locust directly)."""
+    if args.processes == 0 or args.processes < -1:
+        print("conclab load-worker: error: --processes must be at least 1, or -1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cmd = worker_command(args.master, args.processes)
+    except LoadError as exc:
+        print(f"conclab load-worker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, locust_env())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by demo.sh and test.sh: a virtualenv in .venv with the lab installed,
-# and the Go toolchain for the goroutine reference backend (Debian's golang-go, as root).
+# and the Go toolchain for the goroutine reference backend (Debian's golang-go, as root);
+# iproute2's `ip` for the tests that put hosts in network namespaces (as root).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -17,4 +18,9 @@ if ! command -v go >/dev/null 2>&1; then
     else
         echo "setup: no Go toolchain and not root: the go backend is unavailable (apt-get install golang-go)" >&2
     fi
+fi
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing iproute2 (apt-get install iproute2) for the network-namespace tests..." >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq iproute2 >/dev/null \
+        || echo "setup: could not install iproute2; the network-namespace tests will skip" >&2
 fi

@@ -10,6 +10,7 @@ load generator cannot run, 130 interrupted, 1 an unexpected error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import textwrap
 import time
 import traceback
 
-from conclab.servers import VARIANTS, processes, select_variants
+from conclab.servers import VARIANTS, netns, processes, select_variants
 
 from .. import registry
 from . import calibrate, loadproc, summary
@@ -60,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-cpus", metavar="LIST", help="CPUs the servers are pinned to (default: the first)")
     parser.add_argument("--loadgen-cpus", metavar="LIST",
                         help="CPUs the load generator (and this harness) use (default: all the others)")
+    parser.add_argument("--server-host", metavar="NAME",
+                        help="run the servers on another host: a network namespace NAME made for the run (root), "
+                             "joined to this one by a veth pair, so the load crosses a real network stack, not "
+                             "loopback (docs/scaling.md)")
     parser.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
                         help=f"where run directories go (default: {DEFAULT_RESULTS}/)")
     parser.add_argument("--run-id", metavar="ID", help="name of the run directory (default: time and experiment)")
@@ -182,6 +187,13 @@ def prepare(args) -> Run:
     if args.repeat is not None and args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     server_cpus, loadgen_cpus = choose_cpus(args)
+    server_host = getattr(args, "server_host", None)
+    if server_host is not None:
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", server_host):
+            raise UsageError(f"--server-host {server_host!r}: use letters, digits and _ only")
+        reason = netns.unavailable_reason()
+        if reason:
+            raise UsageError(f"--server-host: {reason}")
     if any(registry.get(name).loadgen for name in experiments):
         preflight_loadgen()
     profile = PROFILES[args.profile]
@@ -192,7 +204,7 @@ def prepare(args) -> Run:
     params = {"argv": sys.argv, "experiments": experiments, "backends": [v.name for v in variants],
               "backends_option": args.backends,
               "profile": profile.name, "repeat": repeat, "server_cpus": server_cpus,
-              "loadgen_cpus": loadgen_cpus, "results": args.results}
+              "loadgen_cpus": loadgen_cpus, "results": args.results, "server_host": server_host}
     return Run(run_id=run_id, results_dir=args.results, experiments=experiments, variants=variants,
                profile=profile, repeat=repeat, server_cpus=server_cpus, loadgen_cpus=loadgen_cpus,
                params=params)
@@ -207,7 +219,14 @@ def execute(run: Run, prog: str) -> int:
                  f"round(s)) on "
                  f"{len(run.variants)} variants; server CPUs {run.server_cpus}, load generator CPUs "
                  f"{run.loadgen_cpus} -> {run.dir}")
+    hosts = contextlib.ExitStack()
     try:
+        if run.params.get("server_host"):
+            run.server_host, here = hosts.enter_context(netns.linked_host(run.params["server_host"]))
+            run.manifest["server_host"] = {"namespace": run.server_host.namespace,
+                                           "address": run.server_host.address, "loadgen_address": here}
+            run.progress(f"{prog}: servers on {run.server_host.address} (namespace {run.server_host.namespace}), "
+                         f"load from {here}")
         os.sched_setaffinity(0, run.loadgen_cpus)        # the sampler stays off the server's CPUs
         calibrate.start(run)                              # how quiet the machine is (timers, latency floor)
         run.manifest["needs"] = registry.sources(run.experiments)
@@ -229,6 +248,7 @@ def execute(run: Run, prog: str) -> int:
         print(f"{prog}: error: {type(exc).__name__}: {exc} (traceback: {run.raw_dir}/error.log)", file=sys.stderr)
     finally:
         processes.stop_all()
+        hosts.close()                                     # the namespace goes after every server in it
         calibrate.end(run, status)                        # every child stopped: the machine as the run leaves it
         os.sched_setaffinity(0, own_cpus)
         signal.signal(signal.SIGTERM, previous)

@@ -6,7 +6,12 @@ points with ``run.measure(...)`` (one load generator run plus the server's CPU,
 context-switch and request deltas over its measured window), write rows with ``run.write``,
 and report what they could not do with ``run.skip`` (skipped.csv: never silent).
 ``run.each_variant`` runs an experiment's body in interleaved rounds (every
-variant's round 1, then every variant's round 2, ...).
+variant's round 1, then every variant's round 2, ...). With ``--server-host``
+the servers run on another host (a network namespace joined to this one by a
+veth pair, ``servers.netns.linked_host``) and the load crosses a real network
+stack instead of loopback; nothing else changes (pinning, /proc, STATS work
+across it). The samples' TCP-state columns then stay empty: they are read in
+this host's namespace, and the server's sockets are in the other.
 
 The CPU window: the load generator announces on stderr, as it starts, the planned
 start and end of its measured window on CLOCK_MONOTONIC (the clock of
@@ -68,6 +73,7 @@ class Run:
         self.loadgen_cpus = loadgen_cpus
         self.all_cpus = sorted(os.sched_getaffinity(0) | set(server_cpus) | set(loadgen_cpus))
         self.params = params
+        self.server_host = None            # --server-host: a servers.netns.Host the servers run on (cli.execute)
         self.t0 = time.monotonic()
         self.tables: dict = {}
         for name in ("skipped", "samples", "calibration"):
@@ -159,11 +165,12 @@ class Run:
                     self.skip(experiment, case, f"failed: {detail}", point=f"repeat={repeat}")
 
     def server_options(self, variant, *, max_conns: int | None = None, idle_timeout: float | None = None,
-                       cpus=None) -> list:
-        """The server's command-line options for one experiment (pool size fixed, Go's GOMAXPROCS = its CPUs)."""
+                       cpus=None, workers: int | None = None) -> list:
+        """The server's command-line options for one experiment (pool size: ``workers``, else the profile's;
+        Go's GOMAXPROCS = its CPUs)."""
         options = list(variant.options)
         if variant.is_pool:
-            options += ["--workers", str(self.profile.pool_workers)]
+            options += ["--workers", str(workers or self.profile.pool_workers)]
         if variant.backend == "go":
             options += ["--gomaxprocs", str(len(cpus or self.server_cpus))]
         if max_conns is not None:
@@ -182,8 +189,7 @@ class Run:
         """
         cpus = cpus or self.server_cpus
         stem = log_stem(self.raw_dir, experiment, variant.name, f"r{repeat}")
-        server = ServerProcess(variant.backend, self.server_options(variant, cpus=cpus, **options), cpus=cpus,
-                               log_stem=stem)
+        server = self._start_server(variant, self.server_options(variant, cpus=cpus, **options), cpus, stem)
         labels = {"experiment": experiment, "backend": variant.backend, "variant": variant.name, "repeat": repeat}
         sampler = None
         try:
@@ -197,6 +203,14 @@ class Run:
             server.stop(grace=stop_grace)
             for row in rows:
                 self.write("samples", row)
+
+    def _start_server(self, variant, options: list, cpus, stem: str) -> ServerProcess:
+        """Here on loopback, or with ``--server-host`` on the other host (its own namespace, across a veth pair)."""
+        if self.server_host is None:
+            return ServerProcess(variant.backend, options, cpus=cpus, log_stem=stem)
+        argv = [sys.executable, "-m", "conclab.servers", variant.backend, "--host", self.server_host.address,
+                "--port", "0", *options]
+        return ServerProcess.command(self.server_host.command(argv), name=variant.backend, cpus=cpus, log_stem=stem)
 
     def flush_samples(self, server) -> None:
         for row in server.sampler.take():
