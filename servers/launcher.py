@@ -25,7 +25,8 @@ How it is built:
   deadline, raises ``ServerStartError`` whose message is one line ending with
   the server's last stderr line.
 * What the kernel says about it (fds, RSS, CPU time, CLOSE_WAIT sockets) comes
-  from /proc and psutil; what the server says, from STATS over a fresh
+  from /proc and psutil, for the process it started (with ``--procs N``, the
+  parent; ``worker_pids()`` names its workers); what the server says, from STATS over a fresh
   ``Client`` (the lab's one STATS client) or from /metrics.
 * ``stop()`` signals (SIGTERM: the graceful drain), waits ``grace`` seconds,
   then SIGKILLs; it returns the exit status and the final JSON line, and sets
@@ -177,6 +178,12 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def worker_pids(self) -> list[int]:
+        """The server's worker processes (``--procs N`` over 1), else []."""
+        with contextlib.suppress(psutil.Error):
+            return [child.pid for child in self.process.children()]
+        return []
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -5,7 +5,8 @@ Every server, load generator and microbenchmark the harness starts goes through
 SIGKILL) and ``stop_all`` (also run at interpreter exit) ends whatever is left,
 so Ctrl-C, SIGTERM or an exception anywhere leaves no process behind. Servers
 also get PR_SET_PDEATHSIG: if the harness itself is killed with SIGKILL, the
-kernel sends them SIGTERM.
+kernel sends them SIGTERM (``signal_on_parent_death``; the workers of a server's
+``--procs`` ask for it too).
 
 Pinning uses ``os.sched_setaffinity`` on the child right after it starts (one
 thread exists then; threads created later inherit the mask); ``pin_all_tasks``
@@ -33,11 +34,17 @@ except (OSError, AttributeError):      # not Linux/glibc: no parent-death signal
     _prctl = None
 
 
+def signal_on_parent_death(sig=signal.SIGTERM) -> bool:
+    """Have the kernel send this process ``sig`` when the thread that started it dies (Linux
+    PR_SET_PDEATHSIG); False where that cannot be asked for."""
+    return _prctl is not None and _prctl(PR_SET_PDEATHSIG, int(sig)) == 0
+
+
 def _in_child(die_with_parent: bool, nofile: int | None):
     """The preexec_fn: SIGTERM this child when its parent dies (Linux); RLIMIT_NOFILE soft = hard = ``nofile``."""
     def preexec() -> None:
-        if die_with_parent and _prctl is not None:
-            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if die_with_parent:
+            signal_on_parent_death(signal.SIGTERM)
         if nofile is not None:           # soft = hard: Go raises its soft limit to the hard one at start
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     return preexec

@@ -84,3 +84,40 @@ def test_check_help_lists_every_scenario_with_its_description():
     listed = [line.split()[0] for line in result.stdout.split("scenarios:\n", 1)[1].splitlines()
               if line.startswith("  ") and not line.startswith("   ")]
     assert listed[:len(SCENARIOS)] == list(SCENARIOS)
+
+
+@pytest.mark.parametrize("option,message", [(["--procs", "0"], "--procs must be in 1..1024"),
+                                            (["--switch-interval", "0"], "--switch-interval must be a positive"),
+                                            (["--switch-interval", "inf"], "--switch-interval must be a positive")])
+def test_bad_process_options_give_one_line_and_exit_2(option, message):
+    result = run("epoll", *option)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option,message", [(["--procs", "2"], "--procs is for Python backends; go uses GOMAXPROCS"),
+                                            (["--switch-interval", "0.01"], "--switch-interval is for Python backends"),
+                                            (["--python", sys.executable], "--python is for Python backends")])
+def test_go_refuses_the_python_process_options_in_one_line(option, message):
+    result = run("go", *option)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_python_that_is_not_an_executable_is_one_line(tmp_path):
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    for path in (not_executable, tmp_path / "missing"):
+        result = run("epoll", "--python", str(path))
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"python -m conclab.servers: error: --python {path}: not an executable file"
+
+
+def test_python_that_cannot_import_the_servers_is_one_line(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'conclab'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    result = run("epoll", "--python", str(broken))
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "cannot import conclab.servers: ModuleNotFoundError: No module named 'conclab'" in result.stderr
