@@ -1,0 +1,588 @@
+"""Soak: a server under steady open-loop load, connection turnover and a mix of faults, sampled every second.
+
+    from conclab.reliability.soak import soak, SoakSize
+    result = soak("epoll", [], SoakSize.for_seconds(30))
+    result.verdicts, result.samples, result.passed
+
+One run, per backend variant:
+
+1. **Capacity**: a closed loop (the load generator's ``run_load``, ``CAPACITY_CONNS`` connections,
+   64 B ECHO) for ``CAPACITY_S`` seconds (3 s after 0.5 s of warm-up: long enough for a stable
+   rate on loopback, short next to the soak). Its rate is the variant's *capacity* here; if the
+   generator saturated while measuring it, the capacity is the generator's ceiling and the result
+   says so (``capacity_loadgen_saturated``).
+2. **Steady load**: the load generator's open-loop engine (``loadgen.engine.Worker``: latency from
+   the *scheduled* send, no coordinated omission) at ``LOAD_FRACTION`` (70 %) of that capacity over
+   ``conns`` connections, in a thread of this process pinned to the load generator's CPU. Once a
+   second, between two turns of its loop (so nothing races it), ``REPLACE_FRACTION`` (5 %) of its
+   connections are replaced: closed and reconnected, each one only while it has no request in
+   flight, so turnover loses nothing; the new connection takes over the old one's place in the
+   schedule. The same hook cuts the latencies into one-second slices (p99 per second) and reads
+   the generator's own CPU time for that second: a second where it used >= 90 % of its CPU is
+   flagged ``loadgen_saturated`` (the load generator's own self-check, per second: the generator,
+   not the server, may have been behind). Late sends are counted too, but not taken for the
+   generator's fault: with a pipeline of ``PIPELINE`` a connection whose replies are slow cannot
+   send on time, so lateness is mostly the server's.
+3. **Faults**, ``FAULT_RATE`` a second in turn (``reliability.scenarios``' clients): a reset mid-frame,
+   a clogged reader (pushes ECHOs without reading until the kernel stops taking them or
+   ``CLOG_BYTES`` went, then resets),
+   a half-close (pipelined ECHOs, SHUT_WR, every reply then EOF), an oversized frame (a header over
+   ``--max-frame``: ERROR, then close). Each is a failure if the server does not answer as the
+   protocol says.
+4. **Samples**, every second (``gauges``): RSS, fds, threads (the launcher's view of the process:
+   psutil and /proc), CLOSE_WAIT (``servers.tcpdiag``: sock_diag, filtered in the kernel), that
+   second's p99 and replies, and the generator's flag.
+
+The verdict (``judge``, a pure function of the samples, so tests feed it synthetic ones), after the
+warm-up (the first minute; the first quarter for runs under 2 minutes):
+
+* RSS slope, least squares with its 95 % interval, under ``RSS_SLOPE_BOUND`` (1 KiB per minute per
+  1,000 connections held): the interval's upper end must be under it. The samples are serially
+  correlated, so the interval is narrower than it should be: a pass is meant, a fail may be noise;
+* fds and threads flat: the fitted change over the measured part under ``FLAT_TOLERANCE`` (the
+  turnover and the faults keep a few connections in flight at any instant); fds also back to the
+  baseline once the load has stopped (threads need not be: Go's runtime and a thread pool keep
+  the threads they started);
+* no CLOSE_WAIT: none left after the load stops, and never in two samples in a row (a half-close
+  holds one for the moment the server takes to answer and close);
+* 0 lost replies: every request the generator sent was answered, no connection was lost;
+* p99 of the last warm-up-long stretch within 2x of the warm-up's p99.
+
+Sizes are set in one place, ``SoakSize``: ``conclab check --soak SECONDS`` and tests/test_soak.py
+(``CI_SECONDS``, ``CONCLAB_FULL=1``: ``FULL_SECONDS``) build one with ``for_seconds``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from conclab.loadgen import LoadParams, engine, run_load
+from conclab.loadgen import conn as connmod
+from conclab.loadgen.histo import bucketed
+from conclab.loadgen.params import LoadError
+from conclab.loadgen.report import SATURATION_PERCENT
+from conclab.servers import tcpdiag, variant_of
+from conclab.servers.launcher import ServerProcess, ServerStartError, wait_until
+from conclab.servers.protocol import ECHO, ERROR, ProtocolError, encode
+
+from .scenarios import push
+
+CI_SECONDS = 20.0              # tests/test_soak.py: long enough for a warm-up quarter and a slope over 15 samples
+FULL_SECONDS = 600.0           # CONCLAB_FULL=1 (and a reasonable --soak): ten minutes
+CAPACITY_S, CAPACITY_WARMUP_S, CAPACITY_CONNS = 3.0, 0.5, 50
+LOAD_FRACTION = 0.70
+MAX_RATE = 20_000.0            # the steady rate's cap: what one generator thread, sharing this process, keeps on schedule
+REPLACE_FRACTION = 0.05
+SOAK_CONNS = 100
+PIPELINE = 4                   # per connection in flight at most: room for a slow reply without going off schedule
+FAULT_RATE = 2.0               # faults a second
+CLOG_BYTES = 256 << 10         # a clogged reader pushes at most this: more than the socket buffers take at once
+MAX_FRAME = 65_536             # the server's --max-frame during the soak: the oversized fault sends one over it
+SAMPLE_S = 1.0
+SPARE_WORKERS = 16             # workers beyond one per connection: the faults' connections, the capacity run's 50
+RSS_SLOPE_BOUND = 1024 / 60 / 1000     # bytes per second per connection: 1 KiB per minute per 1,000 connections
+FLAT_TOLERANCE = 8             # fds or threads: the fitted change allowed over the measured part
+P99_FACTOR = 2.0
+SATURATED_CPU = SATURATION_PERCENT   # the load generator's own self-check, applied to each second
+SETTLE_S = 10.0
+T_975 = 1.959964               # the normal quantile; Student's t adds a correction for few samples
+
+
+@dataclass(frozen=True)
+class SoakSize:
+    seconds: float
+    conns: int = SOAK_CONNS
+    load_fraction: float = LOAD_FRACTION
+    replace_fraction: float = REPLACE_FRACTION
+    fault_rate: float = FAULT_RATE
+
+    @staticmethod
+    def for_seconds(seconds: float) -> SoakSize:
+        return SoakSize(seconds=float(seconds))
+
+    @staticmethod
+    def default() -> SoakSize:
+        """The test suite's: CI_SECONDS, or FULL_SECONDS when CONCLAB_FULL=1."""
+        return SoakSize(FULL_SECONDS if os.environ.get("CONCLAB_FULL") == "1" else CI_SECONDS)
+
+    @property
+    def warmup(self) -> float:
+        """The first minute, or the first quarter of a run under 2 minutes."""
+        return 60.0 if self.seconds >= 120 else self.seconds / 4
+
+
+@dataclass
+class Verdict:
+    criterion: str
+    value: str
+    bound: str
+    passed: bool
+    reason: str = ""           # one line, when it failed
+
+
+@dataclass
+class SoakResult:
+    variant: str
+    size: SoakSize
+    capacity_rps: float = 0.0
+    capacity_loadgen_saturated: bool = False
+    rate: float = 0.0
+    samples: list = field(default_factory=list)
+    verdicts: list = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(v.passed for v in self.verdicts)
+
+    @property
+    def failures(self) -> list[str]:
+        return ([self.error] if self.error else []) + [v.reason for v in self.verdicts if not v.passed]
+
+
+# -- arithmetic ------------------------------------------------------------------------------------
+def t_quantile(df: int) -> float:
+    """Student's t 0.975 quantile (Cornish-Fisher expansion; within 1 % for df >= 3)."""
+    z = T_975
+    df = max(df, 1)
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def slope_interval(ts, ys) -> tuple[float, float, float]:
+    """Least-squares slope of ys over ts with its 95 % interval: (slope, low, high). Needs 3 points."""
+    n = len(ts)
+    if n < 3:
+        raise ValueError("a slope with an interval needs at least 3 samples")
+    mt, my = sum(ts) / n, sum(ys) / n
+    stt = sum((t - mt) ** 2 for t in ts)
+    if stt == 0:
+        raise ValueError("the samples have one time only")
+    slope = sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / stt
+    residual = sum((y - my - slope * (t - mt)) ** 2 for t, y in zip(ts, ys))
+    half = t_quantile(n - 2) * math.sqrt(residual / (n - 2) / stt)
+    return slope, slope - half, slope + half
+
+
+def percentile(counts: Counter, p: float) -> int | None:
+    """The p-th percentile of a Counter of values (the smallest value with p % at or below it)."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    target, seen = math.ceil(p / 100 * total), 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= target:
+            return value
+    return None
+
+
+def window_p99(samples: list, start: float, end: float) -> int | None:
+    merged = Counter()
+    for s in samples:
+        if start <= s["t_s"] < end and s.get("latencies"):
+            merged.update(s["latencies"])
+    return percentile(merged, 99.0)
+
+
+# -- the verdict -----------------------------------------------------------------------------------
+def judge(samples: list, size: SoakSize, totals: dict) -> list[Verdict]:
+    """The pass criteria over the samples (dicts with t_s, rss_kib, fds, threads, close_wait and
+    ``latencies``, a Counter of µs) and the run's totals (lost, settled fds/threads/CLOSE_WAIT, baselines)."""
+    measured = [s for s in samples if s["t_s"] >= size.warmup]
+    verdicts = [rss_verdict(measured, size)]
+    verdicts.append(flat_verdict(measured, "fds", totals.get("fds_baseline"), totals.get("fds_after")))
+    verdicts.append(flat_verdict(measured, "threads", None, None))
+    verdicts.append(close_wait_verdict(samples, totals.get("close_wait_after", 0)))
+    lost = totals.get("lost", 0)
+    verdicts.append(Verdict("lost replies", str(lost), "0", lost == 0,
+                            "" if lost == 0 else f"{lost} requests sent were never answered "
+                                                 f"({totals.get('lost_detail', '')})"))
+    verdicts.append(p99_verdict(samples, size))
+    return verdicts
+
+
+def rss_verdict(measured: list, size: SoakSize) -> Verdict:
+    bound = RSS_SLOPE_BOUND * size.conns * 60             # bytes per minute for this many connections
+    label = f"< {bound:.0f} B/min"
+    if len(measured) < 3:
+        return Verdict("RSS slope", "too few samples", label, False, f"only {len(measured)} samples after warm-up")
+    slope, low, high = slope_interval([s["t_s"] for s in measured], [s["rss_kib"] * 1024 for s in measured])
+    value = f"{slope * 60:+.0f} B/min [{low * 60:+.0f}, {high * 60:+.0f}]"
+    ok = high * 60 < bound
+    return Verdict("RSS slope", value, label, ok,
+                   "" if ok else f"RSS grows: {slope * 60:+.0f} B/min (95% up to {high * 60:+.0f}) over "
+                                 f"{len(measured)} s, bound {bound:.0f} B/min for {size.conns} connections")
+
+
+def flat_verdict(measured: list, key: str, baseline, after) -> Verdict:
+    if len(measured) < 3:
+        return Verdict(key, "too few samples", "flat", False, f"only {len(measured)} samples after warm-up")
+    ts = [s["t_s"] for s in measured]
+    slope, _, _ = slope_interval(ts, [s[key] for s in measured])
+    change = slope * (ts[-1] - ts[0])
+    value = f"{min(s[key] for s in measured)}..{max(s[key] for s in measured)}, trend {change:+.1f}"
+    problems = []
+    if abs(change) >= FLAT_TOLERANCE:
+        problems.append(f"{key} trend {change:+.1f} over {ts[-1] - ts[0]:.0f} s (tolerance {FLAT_TOLERANCE})")
+    if baseline is not None and after is not None and after > baseline:
+        problems.append(f"{key} {baseline} before the load, {after} after it")
+    if baseline is not None and after is not None:
+        value += f"; {baseline}->{after}"
+    bound = f"trend < {FLAT_TOLERANCE}" + (", back to baseline" if baseline is not None else "")
+    return Verdict(key, value, bound, not problems, "; ".join(problems))
+
+
+def close_wait_verdict(samples: list, after: int) -> Verdict:
+    runs = [a["close_wait"] and b["close_wait"] for a, b in pairwise(samples)]
+    stuck = sum(1 for r in runs if r)
+    worst = max((s["close_wait"] for s in samples), default=0)
+    problems = []
+    if stuck:
+        problems.append(f"CLOSE_WAIT in {stuck + 1} consecutive samples (up to {worst})")
+    if after:
+        problems.append(f"{after} CLOSE_WAIT left after the load")
+    return Verdict("CLOSE_WAIT", f"max {worst}, after {after}", "0", not problems, "; ".join(problems))
+
+
+def p99_verdict(samples: list, size: SoakSize) -> Verdict:
+    end = max((s["t_s"] for s in samples), default=0.0) + SAMPLE_S
+    first = window_p99(samples, 0.0, size.warmup)
+    last = window_p99(samples, end - size.warmup, end)
+    if first is None or last is None:
+        return Verdict("p99", "no replies", f"<= {P99_FACTOR:g}x first", False, "no replies in the first or last stretch")
+    ok = last <= P99_FACTOR * first
+    return Verdict("p99", f"{first} -> {last} us", f"<= {P99_FACTOR:g}x first", ok,
+                   "" if ok else f"p99 {last} us at the end, {last / first:.1f}x the first {size.warmup:.0f} s' {first} us")
+
+
+# -- capacity --------------------------------------------------------------------------------------
+def capacity(server: ServerProcess, cpus: str | None = None) -> tuple[float, bool]:
+    """(requests/s of a short closed loop, whether the generator saturated measuring it)."""
+    result = run_load(LoadParams(target=server.target, mode="closed", conns=CAPACITY_CONNS, duration=CAPACITY_S,
+                                 warmup=CAPACITY_WARMUP_S, op="echo", size=64, cpus=cpus))
+    return result["throughput_rps"], bool(result.get("loadgen_saturated"))
+
+
+# -- the steady open loop, sliced per second -------------------------------------------------------
+class SlicedRecorder(engine.Recorder):
+    """The engine's latency recorder, also keeping every latency folded since the last ``slice()``."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+
+    def fold(self) -> int:
+        self.pending.extend(self.values)
+        return super().fold()
+
+    def slice(self) -> Counter:
+        self.fold()
+        counts = bucketed(Counter(self.pending))
+        self.pending = []
+        return counts
+
+
+class SteadyLoad:
+    """The open-loop Worker in a thread; every second: a latency slice, a CPU share, connections replaced."""
+
+    def __init__(self, target: str, rate: float, seconds: float, size: SoakSize, cpu: int | None) -> None:
+        self.params = LoadParams(target=target, mode="open", rate=rate, conns=size.conns, pipeline=PIPELINE,
+                                 duration=seconds, op="echo", size=64)
+        self.family, self.address = connmod.resolve(target)
+        self.replace_per_s = max(1, round(size.conns * size.replace_fraction)) if size.replace_fraction else 0
+        self.cpu = cpu
+        self.slices: list = []           # per second: latencies Counter, sent, late, cpu percent
+        self.lock = threading.Lock()
+        self.replaced = 0
+        self.replace_failed = 0
+        self.result: dict | None = None
+        self.error: str | None = None
+        self.worker: engine.Worker | None = None
+        self.thread = threading.Thread(target=self._run, name="soak-load", daemon=True)
+        self._ticks = 0
+        self._cpu_mark = self._wall_mark = 0.0
+        self._taken = 0
+        self._next_victim = 0
+
+    def start(self) -> SteadyLoad:
+        socks, errors = engine.open_connections(self.params, self.params.conns, None)
+        if errors:
+            for sock in socks:
+                sock.close()
+            raise OSError(f"the steady load could not connect: {dict(errors)}")
+        self.worker = engine.Worker(self.params, socks, self.params.rate, self._each_tick)
+        self.worker.latency = SlicedRecorder()
+        self.worker.lateness = SlicedRecorder()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})             # this thread only
+        self._cpu_mark, self._wall_mark = time.thread_time(), time.monotonic()
+        try:
+            self.result = self.worker.run()
+        except Exception as exc:  # noqa: BLE001 - reported by the soak, never lost in a thread
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _each_tick(self, _count: int) -> None:
+        """The Worker's progress hook, in its thread between two turns of its loop: every second, slice."""
+        self._ticks += 1
+        if self._ticks % round(SAMPLE_S / engine.TICK_S):
+            return
+        w = self.worker
+        cpu, now = time.thread_time(), time.monotonic()
+        lateness = w.lateness.slice()
+        entry = {"latencies": w.latency.slice(), "sent": sum(lateness.values()),
+                 "late": sum(n for us, n in lateness.items() if us > engine.OPEN_LATE_US),
+                 "loadgen_cpu_percent": round(100 * (cpu - self._cpu_mark) / max(now - self._wall_mark, 1e-3), 1)}
+        self._cpu_mark, self._wall_mark = cpu, now
+        with self.lock:
+            self.slices.append(entry)
+        self._replace()
+
+    def _replace(self) -> None:
+        """Close and reconnect ``replace_per_s`` idle connections; each new one keeps its place in the schedule."""
+        w = self.worker
+        n = len(w.order)
+        done = tried = 0
+        while done < self.replace_per_s and tried < n:
+            i = self._next_victim % n
+            self._next_victim += 1
+            tried += 1
+            old = w.order[i]
+            if old.sent or old.out or not old.clean or old.fd not in w.conns:
+                continue
+            try:
+                sock = connmod.connect(self.family, self.address, self.params.connect_timeout, None)
+            except OSError:
+                self.replace_failed += 1
+                continue
+            new = engine.Conn(sock, max(len(w.reply), 1 << 20))
+            stamp = getattr(engine, "stamp_replies", None)      # an engine that times replies by kernel stamps
+            if stamp:
+                stamp([new])
+            new.next_at, new.next_slot, new.got = old.next_at, old.next_slot, old.got
+            del w.conns[old.fd]
+            w.ep.unregister(old.fd)
+            old.sock.close()
+            w.conns[new.fd] = new
+            w.order[i] = new
+            w.ep.register(new.fd, engine.EPOLLIN)
+            done += 1
+        self.replaced += done
+
+    def take_slices(self) -> list:
+        """The slices made since the last call (the main thread's; ``slices`` keeps every one)."""
+        with self.lock:
+            fresh, self._taken = self.slices[self._taken:], len(self.slices)
+        return fresh
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+
+# -- faults ----------------------------------------------------------------------------------------
+def fault_reset(server: ServerProcess) -> str | None:
+    client = server.connect()
+    client.send(encode(ECHO, b"r" * 1000)[:600])
+    client.reset()
+    return None
+
+
+def fault_clogged(server: ServerProcess) -> str | None:
+    client = server.connect()
+    push(client, CLOG_BYTES, encode(ECHO, b"c" * 32_768), stall=0.1, budget=0.5)
+    client.reset()
+    return None
+
+
+def fault_half_close(server: ServerProcess) -> str | None:
+    frames = [b"h%d" % i * 20 for i in range(5)]
+    with server.connect() as client:
+        client.send(b"".join(encode(ECHO, f) for f in frames))
+        client.sock.shutdown(socket.SHUT_WR)
+        ending = client.ending(5.0)
+        if client.frames != [(ECHO, f) for f in frames] or ending != "eof":
+            return f"half-close: {len(client.frames)} of {len(frames)} replies, then {ending}"
+    return None
+
+
+def fault_oversized(server: ServerProcess) -> str | None:
+    with server.connect() as client:
+        client.send((MAX_FRAME + 1).to_bytes(4, "big"))
+        reply = client.recv_frame()
+        ending = client.ending(5.0)
+        if reply[0] != ERROR or ending == "open":
+            return f"oversized frame: answered {reply[0]:#x} and the connection was {ending}"
+    return None
+
+
+FAULTS = {"reset": fault_reset, "clogged": fault_clogged, "half_close": fault_half_close, "oversized": fault_oversized}
+
+
+class Faults:
+    """Injects FAULTS in turn at ``rate`` a second in a thread; counts each kind, keeps failures."""
+
+    def __init__(self, server: ServerProcess, rate: float) -> None:
+        self.server, self.interval = server, 1.0 / rate
+        self.done: Counter = Counter()
+        self.failures: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soak-faults", daemon=True)
+
+    def _run(self) -> None:
+        kinds = list(FAULTS)
+        k = 0
+        while not self.stop.wait(self.interval):
+            kind = kinds[k % len(kinds)]
+            k += 1
+            try:
+                problem = FAULTS[kind](self.server)
+            except (OSError, ProtocolError) as exc:
+                problem = f"{kind}: {type(exc).__name__}: {exc}"
+            self.done[kind] += 1
+            if problem and len(self.failures) < 20:
+                self.failures.append(problem)
+
+    def start(self) -> Faults:
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def soak(backend: str, options=(), size: SoakSize | None = None, *, server_cpus=None, loadgen_cpu: int | None = None,
+         progress=None) -> SoakResult:
+    """Measure capacity, then soak one variant for ``size.seconds``; ``progress(text)`` every few seconds.
+    A server that cannot start or a load that cannot run is a failed result (``error``), never an exception."""
+    size = size or SoakSize.default()
+    out = SoakResult(variant_of(backend, options).name, size)
+    try:
+        return run_soak(out, backend, options, server_cpus, loadgen_cpu, progress or (lambda text: None))
+    except (OSError, ServerStartError, LoadError, ProtocolError) as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+        return out
+
+
+def run_soak(out: SoakResult, backend: str, options, server_cpus, loadgen_cpu, say) -> SoakResult:
+    size = out.size
+    with ServerProcess(backend, [*options, *server_options(size.conns)], cpus=server_cpus) as server:
+        cpus = None if loadgen_cpu is None else str(loadgen_cpu)
+        out.capacity_rps, out.capacity_loadgen_saturated = capacity(server, cpus)
+        out.rate = round(min(out.capacity_rps * size.load_fraction, MAX_RATE), 1)
+        say(f"capacity {out.capacity_rps:,.0f} req/s{' (load generator saturated)' if out.capacity_loadgen_saturated else ''}"
+            f"; soaking at {out.rate:,.0f} req/s, {size.conns} connections, {size.seconds:g} s")
+        baseline = settled_baseline(server)
+        load = SteadyLoad(server.target, out.rate, size.seconds, size, loadgen_cpu).start()
+        faults = Faults(server, size.fault_rate).start()
+        out.samples = sample_while(load, server, size, say)
+        faults.finish()
+        load.join(size.seconds + engine.OPEN_DRAIN_S + 30)
+        if load.error or load.result is None:
+            out.error = f"the load generator failed: {load.error or 'no result'}"
+        if not server.alive():
+            out.error = f"the server died (exit {server.proc.poll()}): {server.errors()[-200:]!r}"
+        wait_until(lambda: server.fds() <= baseline["fds"] and close_wait(server) == 0, SETTLE_S, 0.2)
+        after = gauges(server) if server.alive() else {}
+    out.totals = totals_of(load, faults, baseline, after)
+    if faults.failures:
+        out.error = (out.error + "; " if out.error else "") + f"{len(faults.failures)} faults misanswered: {faults.failures[0]}"
+    out.totals["loadgen_saturated_seconds"] = sum(1 for s in out.samples if s["loadgen_saturated"])
+    out.verdicts = judge(out.samples, size, out.totals)
+    return out
+
+
+def server_options(conns: int) -> list[str]:
+    """--max-frame for the oversized fault, and a worker per connection: the connection-dispatch pool gives a
+    worker to a connection for its life, so with fewer the rest would starve in its queue (its head-of-line
+    blocking, which scenarios of its own show), not leak. ``--workers`` is accepted by every backend."""
+    return ["--max-frame", str(MAX_FRAME), "--workers", str(conns + SPARE_WORKERS)]
+
+
+def close_wait(server: ServerProcess) -> int:
+    """The server's sockets in CLOSE_WAIT (sock_diag; the launcher's psutil reading if netlink fails)."""
+    try:
+        return tcpdiag.count(server.port, (tcpdiag.TCP_CLOSE_WAIT,))["tcp_close_wait"]
+    except OSError:
+        return server.close_wait()
+
+
+def gauges(server: ServerProcess) -> dict:
+    """RSS (KiB), fds, threads and CLOSE_WAIT of the server, now."""
+    return {"rss_kib": server.rss() // 1024, "fds": server.fds(), "threads": server.process.num_threads(),
+            "tcp_close_wait": close_wait(server)}
+
+
+def settled_baseline(server: ServerProcess) -> dict:
+    """The server's gauges once the capacity run's connections are gone (the least fds of a few reads)."""
+    wait_until(lambda: server.stats()["connections_active"] <= 1 and close_wait(server) == 0, SETTLE_S, 0.1)
+    reads = []
+    for _ in range(5):
+        time.sleep(0.1)
+        reads.append(gauges(server))
+    return min(reads, key=lambda row: row["fds"])
+
+
+def sample_while(load: SteadyLoad, server: ServerProcess, size: SoakSize, say) -> list:
+    """One sample a second until the load ends: the server's gauges and what the load saw since the last one."""
+    samples, t0, shown = [], time.monotonic(), 0.0
+    while load.thread.is_alive() and time.monotonic() - t0 < size.seconds:    # after it, the load winds down
+        time.sleep(max(0.0, SAMPLE_S - (time.monotonic() - t0) % SAMPLE_S))
+        pieces = load.take_slices()
+        if not pieces:
+            continue
+        try:
+            row = gauges(server)
+        except Exception:                     # noqa: BLE001 - the server is gone: the verdict says so
+            break
+        if not load.thread.is_alive() or time.monotonic() - t0 > size.seconds:   # read as the load wound down
+            break
+        samples.append(sample_of(time.monotonic() - t0, row, pieces))
+        if time.monotonic() - t0 - shown >= 5.0:
+            shown = time.monotonic() - t0
+            last = samples[-1]
+            say(f"{last['t_s']:5.0f} s  RSS {row['rss_kib'] / 1024:7.1f} MiB  fds {row['fds']:4d}  threads "
+                f"{row['threads']:4d}  CLOSE_WAIT {last['close_wait']}  p99 {last['p99_us']} us"
+                f"{'  (load generator saturated)' if last['loadgen_saturated'] else ''}")
+    return samples
+
+
+def sample_of(t_s: float, row: dict, pieces: list) -> dict:
+    """One sample: the server's gauges and the load's slices since the previous sample, merged."""
+    latencies = Counter()
+    for piece in pieces:
+        latencies.update(piece["latencies"])
+    cpu = max(piece["loadgen_cpu_percent"] for piece in pieces)
+    return {"t_s": round(t_s, 2), "rss_kib": row["rss_kib"], "fds": row["fds"], "threads": row["threads"],
+            "close_wait": row.get("tcp_close_wait", 0), "replies": sum(latencies.values()),
+            "p99_us": percentile(latencies, 99.0), "sent": sum(p["sent"] for p in pieces),
+            "late": sum(p["late"] for p in pieces), "loadgen_cpu_percent": cpu,
+            "loadgen_saturated": cpu >= SATURATED_CPU, "latencies": latencies}
+
+
+def totals_of(load: SteadyLoad, faults: Faults, baseline: dict, after: dict) -> dict:
+    result = load.result or {}
+    counts = result.get("open_loop", {})
+    conns = result.get("connections", {})
+    unanswered, in_flight = result.get("unanswered", 0), conns.get("lost_in_flight", 0)
+    lost = unanswered + in_flight + conns.get("lost", 0)
+    return {"sent": counts.get("sent", 0), "replies": result.get("requests", 0), "unsent": counts.get("unsent", 0),
+            "lost": lost, "lost_detail": f"{unanswered} unanswered, {conns.get('lost', 0)} connections lost with "
+                                         f"{in_flight} in flight; errors {result.get('errors', {})}",
+            "replaced": load.replaced, "replace_failed": load.replace_failed, "faults": dict(faults.done),
+            "fds_baseline": baseline.get("fds"), "fds_after": after.get("fds"),
+            "threads_baseline": baseline.get("threads"), "threads_after": after.get("threads"),
+            "close_wait_after": after.get("tcp_close_wait", 0)}
