@@ -85,20 +85,22 @@ def open_run(server: ServerProcess, args, rate: float) -> dict:
     """One open-loop run at ``rate`` req/s: kept its schedule or not, its send lateness, its CPU per request."""
     params = LoadParams(target=server.target, mode="open", rate=rate, conns=args.conns, size=64, op="echo",
                         duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
-    cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+    cpu0 = server.cpu_seconds()
     result = run_load(params)
     server_s = server.cpu_seconds() - cpu0
     ol = result["open_loop"]
     sent = max(ol["sent"], 1)
-    loadgen_cpu_s = result["loadgen_cpu_percent"] / 100 * (time.monotonic() - wall0)
+    loadgen_cpu_s = result["loadgen_cpu_percent"] / 100 * result["duration_s"]    # the window's, as the closed loop's
     return {"rate": round(rate, 1), "throughput_rps": result["throughput_rps"], "achieved_send_rps": ol["achieved_send_rps"],
             "offered": ol["offered"], "sent": ol["sent"], "late": ol["late"], "unsent": ol["unsent"],
             "unanswered": ol["unanswered"], "errors": result["errors"], "latency_us": result["latency_us"],
             "send_lateness_us": ol["send_lateness_us"], "loadgen_cpu_percent": result["loadgen_cpu_percent"],
             "loadgen_saturated": result["loadgen_saturated"],
             "loadgen_cpu_us_per_request": round(1e6 * loadgen_cpu_s / sent, 2),
-            "server_cpu_us_per_request": round(1e6 * server_s / sent, 2),
+            # the server's CPU covers the warm-up too: per request of the whole schedule
+            "server_cpu_us_per_request": round(1e6 * server_s / max(rate * (args.warmup + args.duration), 1), 2),
             "cpu_busy_percent": result["machine"]["cpu_busy_percent"],
+            "loadavg_after": result["machine"]["loadavg_after"],
             "kept_up": not result["loadgen_saturated"] and ol["not_on_schedule"] <= OPEN_MAX_BEHIND * max(ol["offered"], 1)}
 
 
@@ -126,7 +128,7 @@ def show_open(fraction: float, r: dict) -> None:
           f"latency p50 {lat['p50']} p99 {lat['p99']} µs  loadgen CPU {r['loadgen_cpu_percent']:5.1f}%"
           f"{' (SATURATED)' if r['loadgen_saturated'] else ''}  CPU µs/request loadgen "
           f"{r['loadgen_cpu_us_per_request']} server {r['server_cpu_us_per_request']}  "
-          f"machine busy {r['cpu_busy_percent']}  -> {'kept up' if r['kept_up'] else 'did NOT keep up'}")
+          f"machine busy {r['cpu_busy_percent']} load {r['loadavg_after']}  -> {'kept up' if r['kept_up'] else 'did NOT keep up'}")
 
 
 def series(backend: str, args, repeats: int) -> dict:
@@ -152,7 +154,7 @@ def show(s: dict) -> None:
               f"p99.9 {lat['p999']:>6} µs  loadgen CPU {r['loadgen_cpu_percent']:5.1f}%"
               f"{' (SATURATED)' if r['loadgen_saturated'] else ''}  server CPU {r['server_cpu_percent']:5.1f}%  "
               f"CPU µs/request loadgen {r['loadgen_cpu_us_per_request']} server {r['server_cpu_us_per_request']}  "
-              f"machine busy {r['cpu_busy_percent']}  errors {r['errors'] or 0}")
+              f"machine busy {r['cpu_busy_percent']} load {r['loadavg_after']}  errors {r['errors'] or 0}")
     print(f"  median {s['median_rps']:,.0f} req/s (spread {s['min_rps']:,.0f} .. {s['max_rps']:,.0f}), "
           f"loadgen CPU {s['median_loadgen_cpu_percent']:.1f}%, server CPU {s['median_server_cpu_percent']:.1f}%, "
           f"saturates first: {s['saturates_first']}")

@@ -35,11 +35,22 @@ The accounting is of the window's requests, those *scheduled* inside it
 the window is not served, so served <= sent <= offered = sent + unsent.
 
 The open loop's cost per request is kept close to the closed loop's, so that it
-keeps its schedule up to about the rate the closed loop reaches: due slots are
-handled inline (no call per slot unless its connection has something to send),
-the sleep is a ``select`` on the epoll fd with the timer slack lowered to
-1 µs for the run (a short sleep ends when asked, not up to 50 µs later), and
-a wake-up costs one system call where one is enough (``_wait``).
+keeps its schedule up to about the rate the closed loop reaches. What costs, on
+loopback, is less the request than the wake-ups: a sleeping thread woken (ours
+by a timer or a reply, the server's by our send) costs more CPU than a ``send``
+to a peer that is awake. So the loop wakes on a timer, not for each reply:
+each wake-up takes every reply that came (one ``epoll_wait(0)``, one read per
+connection, which holds all its replies), then sends every slot that is due
+(a connection's due requests in one ``send``), then sleeps until the next slot
+but at least ``OPEN_QUANTUM_NS``, with the thread's timer slack lowered to
+1 µs for the run; slots that fall due meanwhile go out together at the next
+wake-up, and the server too then wakes once per batch. Only while a due request
+waits for a reply (its connection's pipeline is full) does a reply wake the loop
+(``_sleep``). A reply that waited in its socket is timed by when it came, not
+when it was read: the kernel stamps each read (``SO_TIMESTAMPNS``, ``arrival``,
+converted at each wake-up by ``clock_offset``). Each send's lateness is the clock
+read just before that send (one reading per ``send``, not one per wake-up), so
+the batching shows in ``send_lateness_histogram``, never hidden.
 """
 from __future__ import annotations
 
@@ -48,6 +59,8 @@ import ctypes
 import gc
 import math
 import select
+import socket
+import struct
 import time
 from collections import Counter, deque
 
@@ -62,7 +75,7 @@ RECV_MIN, RECV_MAX = 4_096, 65_536   # one read's buffer: room for a pipeline of
 TICK_S = 0.1              # publish progress and look at the clock this often
 FOLD_EVERY_TICKS = 5      # fold latencies into the HDR histogram every this many ticks (fewer record_value calls)
 OPEN_LATE_US = 1_000      # an open-loop send this far behind its schedule was not on time
-OPEN_MIN_SLEEP_US = 50    # the open loop never sleeps less: sends go out in batches, at most about this late
+OPEN_QUANTUM_NS = 20_000  # the open loop never sleeps less: what falls due meanwhile goes out in one batch
 OPEN_TIMER_SLACK_NS = 1_000   # the kernel's default slack (50 µs) would make every short sleep ~50 µs longer
 OPEN_DRAIN_S = 2.0        # after an open-loop run, how long in-flight requests may still answer
 EPOLLIN = select.EPOLLIN  # the epoll flags, NS and TICK_S are hold.py's too (imported from here)
@@ -70,6 +83,11 @@ EPOLLOUT = select.EPOLLOUT
 NS = 1_000_000_000        # nanoseconds per second (perf_counter_ns)
 NEVER = 1 << 62           # a time (ns) that never comes
 
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux: stamp each read with the time its data came
+ANCILLARY_SIZE = socket.CMSG_SPACE(16)                      # room for one struct timespec
+_timespec = struct.Struct("@qq").unpack
+OFFSET_PAIR_NS = 2_000                                      # clock_offset's readings are this close, or read again
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30       # prctl(2)
@@ -84,6 +102,35 @@ def timer_slack(ns: int):
         yield
     finally:
         _libc.prctl(PR_SET_TIMERSLACK, max(before, 0), 0, 0, 0)   # 0: back to the default
+
+
+def stamp_replies(conns) -> None:
+    """Ask the kernel to stamp every read of these connections with its data's arrival time (SO_TIMESTAMPNS)."""
+    for c in conns:
+        with contextlib.suppress(OSError):
+            c.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def clock_offset(mono=time.perf_counter_ns, real=time.time_ns) -> int:
+    """CLOCK_REALTIME (the kernel's receive stamps) minus perf_counter_ns, now: the realtime reading is
+    paired with the middle of two perf_counter readings close together (not split by a preemption)."""
+    while True:
+        before = mono()
+        realtime = real()
+        after = mono()
+        if after - before < OFFSET_PAIR_NS:
+            return realtime - (before + after) // 2
+
+
+def arrival(ancillary: list, offset: int) -> int:
+    """When a read's data came (perf_counter_ns): the kernel's stamp of the read (its ``ancillary`` data),
+    on CLOCK_REALTIME, ``offset`` (``clock_offset``, at every wake-up) ahead of perf_counter_ns.
+
+    The stamp is that of the last segment read: replies coalesced into one read (a pipeline) all get
+    the last one's time, an overstatement of the earlier ones' latency by at most their spacing.
+    """
+    seconds, nanoseconds = _timespec(ancillary[0][2])
+    return seconds * NS + nanoseconds - offset
 
 
 def first_slot_at(first: float, step: float, t: int) -> int:
@@ -112,12 +159,26 @@ def slots_between(first: float, step: float, start: int, stop: int, every: int =
 class Conn:
     """One client connection's state; ``sent`` holds send (closed) or scheduled (open) times, ns."""
 
-    __slots__ = ("sock", "fd", "recv", "send", "sent", "actual", "decoder", "raw_got", "clean", "out", "next_at", "next_slot",
-                 "got")
+    __slots__ = (
+        "actual",
+        "clean",
+        "decoder",
+        "fd",
+        "got",
+        "next_at",
+        "next_slot",
+        "out",
+        "raw_got",
+        "recv",
+        "recvmsg",
+        "send",
+        "sent",
+        "sock",
+    )
 
     def __init__(self, sock, max_frame: int) -> None:
         self.sock, self.fd = sock, sock.fileno()
-        self.recv, self.send = sock.recv, sock.send
+        self.recv, self.recvmsg, self.send = sock.recv, sock.recvmsg, sock.send
         self.sent: deque[int] = deque()
         self.actual: deque[int] = deque()    # open loop: the real send times (uncorrected latency)
         self.decoder = FrameDecoder(max_frame)
@@ -175,7 +236,6 @@ class Worker:
         if not self.raw:
             ((self.reply_op, self.reply_payload),) = FrameDecoder(max_frame).feed(self.reply)
         self.ep = select.epoll()
-        self.ep_list = [self.ep.fileno()]
         self.conns: dict[int, Conn] = {}
         self.order: list[Conn] = []
         for sock in socks:
@@ -204,6 +264,8 @@ class Worker:
         self.step = self.interval = 0.0      # ns between two requests of this process / of one connection
         self.first = 0.0                     # when this process's request 0 is due
         self.slot, self.slot_at = 0, NEVER   # the next slot of the schedule, and when it is due
+        self.waiting: set[Conn] = set()      # connections with a request due but their pipeline full
+        self.ep_list = [self.ep.fileno()]    # for select(): a sub-millisecond wait on the epoll fd
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, start_ns: int | None = None) -> dict:
@@ -319,21 +381,23 @@ class Worker:
 
     # -- open loop -----------------------------------------------------------------------------
     def _open_loop(self, start: int) -> None:
+        """Wake up, take every reply that came, send every request that is due, sleep until the next one.
+
+        The sleep is a timer, not a wait on the sockets (but see ``_sleep``): a reply does not wake the
+        loop (a wake-up costs more than the request), it waits in its socket until the next wake-up, and
+        its arrival time is the kernel's receive timestamp (``arrival``), not the time the loop got to it.
+        """
         self._schedule(start)
-        now, get, reply, recv_size, epollin = time.perf_counter_ns, self.conns.get, self.reply, self.recv_size, EPOLLIN
-        lat, unc, warm = self.latency.values.append, self.uncorrected.values.append, self.warm_ns
+        stamp_replies(self.order)
+        now, sleep, poll = time.perf_counter_ns, self._sleep, self.ep.poll
+        get, reply, recv_size, epollin = self.conns.get, self.reply, self.recv_size, EPOLLIN
+        timespec, stamp_size, ns = _timespec, ANCILLARY_SIZE, NS
+        lat, unc, warm, send_due = self.latency.values.append, self.uncorrected.values.append, self.warm_ns, self._send_due
         next_tick = self._next_tick(now())
-        events = ()
         while True:
+            offset = clock_offset()                               # CLOCK_REALTIME (the kernel's stamps) - ours
             t = now()
-            if self.slot_at <= t:
-                self._send_slots(t)
-            if t >= next_tick:
-                if self._tick(t):
-                    break
-                next_tick = self._next_tick(t)
-            events = self._wait(min(self.slot_at, next_tick) - t, busy=len(events) > 1)
-            for fd, ev in events:
+            for fd, ev in poll(0):
                 c = get(fd)
                 if c is None:
                     continue
@@ -341,25 +405,56 @@ class Worker:
                     self._event(c, ev)
                     continue
                 try:
-                    data = c.recv(recv_size)
+                    data, ancillary, _, _ = c.recvmsg(recv_size, stamp_size)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     self._lose(c, connmod.reason_of(exc))
                     continue
-                t = now()
+                if ancillary:                                         # arrival(), inline; no stamp: now
+                    seconds, nanoseconds = timespec(ancillary[0][2])
+                    came = seconds * ns + nanoseconds - offset
+                else:
+                    came = now()
                 if data == reply and c.clean:                         # the hot path: exactly one reply
                     scheduled, actual = c.sent.popleft(), c.actual.popleft()
                     if scheduled >= warm:                             # served: scheduled inside the window
-                        lat((t - scheduled) // 1000)
-                        unc((t - actual) // 1000)
+                        lat((came - scheduled) // 1000)
+                        unc((came - actual) // 1000)
                     c.got += 1
-                    if c.next_at <= t:
-                        self._send_due(c, t)
+                    if c.next_at <= t:                                # its next request waited for this reply
+                        send_due(c, now())
                 else:
-                    self._data(c, data, t)
+                    self._data(c, data, came)
+            t = now()
+            if self.slot_at <= t:
+                t = self._send_slots(t, now)
+            if t >= next_tick:
+                if self._tick(t):
+                    break
+                next_tick = self._next_tick(t)
+            sleep(min(self.slot_at, next_tick), t)
         self.end_ns = self.stop_ns
         self._open_drain()
+
+    def _sleep(self, until: int, t: int) -> None:
+        """Until ``until`` (ns, ``t`` is now), but never less than OPEN_QUANTUM_NS: what falls due meanwhile
+        goes out together at the next wake-up, so the wake-ups (and the server's) stay fewer than the requests.
+
+        While a due request waits for a reply (its connection's pipeline is full: the server is behind,
+        or the loop is), the wait is a ``select`` on the epoll fd instead, so that reply wakes the loop
+        and the request goes out at once.
+        """
+        wait = until - t
+        if wait <= 0:
+            return
+        if self.waiting:
+            conns, stop = self.conns, self.stop_ns
+            self.waiting = {c for c in self.waiting if c.next_at <= t and c.next_at < stop and c.fd in conns}
+        if self.waiting:
+            select.select(self.ep_list, (), (), max(wait, OPEN_QUANTUM_NS) / NS)
+        else:
+            time.sleep(max(wait, OPEN_QUANTUM_NS) / NS)
 
     def _schedule(self, start: int) -> None:
         """Request k of this process is due at first + k*step, on connection k mod n."""
@@ -371,17 +466,19 @@ class Worker:
             c.next_slot, c.next_at = i, int(self.first + i * self.step)
         self.slot, self.slot_at = 0, int(self.first)
 
-    def _send_slots(self, t: int) -> None:
-        """Every slot that has come: its connection sends what is due, as far as its pipeline allows.
+    def _send_slots(self, t: int, clock=None) -> int:
+        """Every slot that has come by ``t``: its connection sends what is due, as far as its pipeline allows.
 
         One slot per request, so this is the open loop's hot path: locals only, and ``_send_due`` is
         called only for a connection with a request due (one whose due requests already went out,
-        with a reply, costs a comparison).
+        with a reply, costs a comparison). With a ``clock``, the time is read again after each send, so
+        each send's lateness is that of its own moment and slots that fall due meanwhile go out too.
+        Returns the last time read.
         """
-        order, conns, send_due = self.order, self.conns, self._send_due
+        order, conns, send_due, waiting = self.order, self.conns, self._send_due, self.waiting
         if not order:                                            # this process opened no connection
             self.slot_at = NEVER
-            return
+            return t
         n, first, step, stop = len(order), self.first, self.step, self.stop_ns
         slot, slot_at = self.slot, self.slot_at
         while slot_at <= t:
@@ -392,27 +489,13 @@ class Worker:
             slot += 1
             slot_at = int(first + slot * step)
             if c.next_at <= t and c.fd in conns:
-                send_due(c, t)
+                if send_due(c, t):
+                    if clock:
+                        t = clock()
+                elif c.next_at < stop:
+                    waiting.add(c)                               # due, but its pipeline is full
         self.slot, self.slot_at = slot, slot_at
-
-    def _wait(self, wait_ns: int, busy: bool) -> list:
-        """epoll events, waking on time to within a few µs (epoll alone rounds up to whole ms).
-
-        One system call where one does: ``busy`` (the last wait brought several events: replies come
-        faster than the loop turns) first looks without sleeping, as more are then usually there
-        already; a ``select`` that ran out (the wake-up for the next slot) says there is nothing to fetch.
-        """
-        poll = self.ep.poll
-        if wait_ns <= 0:
-            return poll(0)
-        if busy:
-            events = poll(0)
-            if events:
-                return events
-        if wait_ns >= 1_000_000:
-            return poll(wait_ns // 1_000_000 / 1000 - 1e-7)            # whole ms, rounded down: early, never late
-        readable, _, _ = select.select(self.ep_list, (), (), max(wait_ns, OPEN_MIN_SLEEP_US * 1000) / NS)  # µs
-        return poll(0) if readable else []
+        return t
 
     def _open_drain(self) -> None:
         """After the schedule ends, let in-flight requests answer (bounded), then count what is left."""
@@ -449,8 +532,9 @@ class Worker:
         """Requests of this connection scheduled inside the window that never went out."""
         return slots_between(self.first, self.step, self.warm_ns, self.stop_ns, len(self.order), c.next_slot)
 
-    def _send_due(self, c: Conn, t: int) -> None:
-        """Send every request of ``c`` that is due, as far as the pipeline allows (one ``send`` for all).
+    def _send_due(self, c: Conn, t: int) -> int:
+        """Send every request of ``c`` that is due at ``t``, as far as the pipeline allows (one ``send`` for all);
+        return how many.
 
         Each request sent records its lateness (whole µs, rounded up): that record is also the count of
         requests sent and, above OPEN_LATE_US, of late ones (``_open_counts``), so nothing else is counted here.
@@ -467,21 +551,40 @@ class Worker:
             slot += n                                            # from the slot, not the last time: no drift
             at = int(first + slot * step)
             k += 1
-        if not k:
-            return
-        c.next_at, c.next_slot = at, slot
-        self._send(c, self.batches[k])
+        if k:
+            c.next_at, c.next_slot = at, slot
+            data = self.batches[k]
+            if c.out:                                            # _send, inline (once per request)
+                c.out += data
+                return k
+            try:
+                done = c.send(data)
+            except OSError as exc:
+                self._send_failed(c, data, exc)
+                return k
+            if done != len(data):
+                self._partial(c, data, done)
+        return k
 
     # -- the slow path -------------------------------------------------------------------------
     def _readable(self, c: Conn) -> None:
         try:
-            data = c.recv(self.recv_size)
+            data, t = self._receive(c)
         except BlockingIOError:
             return
         except OSError as exc:
             self._lose(c, connmod.reason_of(exc))
             return
-        self._data(c, data, time.perf_counter_ns())
+        self._data(c, data, t)
+
+    def _receive(self, c: Conn) -> tuple[bytes, int]:
+        """One read and when its data came: now (closed loop), the kernel's stamp (open loop, ``arrival``)."""
+        if not self.open:
+            data = c.recv(self.recv_size)
+            return data, time.perf_counter_ns()
+        offset = clock_offset()
+        data, ancillary, _, _ = c.recvmsg(self.recv_size, ANCILLARY_SIZE)
+        return data, arrival(ancillary, offset) if ancillary else time.perf_counter_ns()   # no stamp: now
 
     def _event(self, c: Conn, ev: int) -> None:
         """Anything but a plain EPOLLIN: writable again, hang-up, error."""
@@ -510,7 +613,7 @@ class Worker:
                 lat((t - sent) // 1000)
                 unc((t - actual) // 1000)
         if self.open:
-            self._send_due(c, t)
+            self._send_due(c, time.perf_counter_ns())            # t is when the data came, not now
         elif answered:
             c.sent.extend([t] * answered)
             self._send(c, self.batches[answered] if answered <= self.depth else self.request * answered)

@@ -49,7 +49,7 @@ def bucketed(counts: Counter) -> Counter:
 class Recorder:
     """A histogram fed in batches: the hot path only does ``values.append(us)``."""
 
-    __slots__ = ("histogram", "values", "clamped")
+    __slots__ = ("clamped", "histogram", "values")
 
     def __init__(self) -> None:
         self.histogram = new_histogram()

@@ -12,9 +12,11 @@ import importlib.util
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -265,6 +267,82 @@ def test_open_loop_counts_sends_and_late_ones_from_their_lateness():
     finally:
         far.close()
         near.close()
+
+
+def test_a_batch_of_sends_records_each_ones_own_lateness():
+    """One wake-up sends every due slot; each send's lateness is the clock read at that send, not at the wake-up."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for near, _ in pairs:
+            near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=1, duration=10.0), [p[0] for p in pairs], rate=1000)
+        worker.stop_ns = 10_000_000
+        worker._schedule(0)                                    # requests 0, 1, 2 due at 0, 1, 2 ms, one per connection
+        readings = iter([3_000_000, 4_500_000, 6_000_000])     # the clock after each send: the sends took 1.5 ms each
+        last = worker._send_slots(2_000_000, lambda: next(readings))
+        assert last == 6_000_000 and worker.slot == 7          # slots 3..6 fell due meanwhile: each waits for a reply
+        assert [len(far.recv(4096)) for _, far in pairs] == [len(worker.request)] * 3
+        assert worker.lateness.values == [2000, 2000, 2500]    # sent at 2, 3 and 4.5 ms
+    finally:
+        for near, far in pairs:
+            near.close()
+            far.close()
+
+
+def test_open_loop_times_a_reply_by_when_it_came_not_when_it_was_read():
+    """The loop does not wake for replies: one that waits in its socket keeps the kernel's arrival time."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    near = socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=1, duration=10.0), [near], rate=10)
+        start = time.perf_counter_ns()
+        worker.warm_ns, worker.stop_ns = start, start + 10 * engine.NS
+        worker._schedule(start)
+        engine.stamp_replies(worker.order)
+        c = worker.order[0]
+        worker._send_due(c, start)
+        far.sendall(far.recv(4096))                                     # the echo
+        answered = time.perf_counter_ns()
+        assert select.select([near], [], [], 5)[0]                      # the reply is here
+        time.sleep(0.05)                                                # ... and waits 50 ms for the loop
+        worker._readable(c)
+        assert worker.latency.values and worker.latency.values[0] <= (answered - start) // 1000 + 1000
+    finally:
+        for sock in (near, far, listener):
+            sock.close()
+
+
+def test_a_reply_wakes_the_open_loop_only_when_a_due_request_waits_for_it():
+    """Asleep, the loop ignores replies (they keep their stamps) unless a due request waits on a full pipeline."""
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=1, duration=10.0), [near], rate=1000)
+        worker.stop_ns = 10 * engine.NS
+        worker._schedule(0)                                   # one connection: request k due at k ms
+        c = worker.order[0]
+        worker._send_due(c, 0)
+        far.sendall(far.recv(4096))                           # answered, but not read yet
+        started = time.perf_counter()
+        worker._sleep(engine.NS // 20, 0)                     # nothing waits: a timer, the reply does not end it
+        assert time.perf_counter() - started >= 0.05 and not worker.waiting
+        worker._send_slots(1_000_000)                         # request 1 is due, request 0 still in flight
+        assert worker.waiting == {c}
+        started = time.perf_counter()
+        worker._sleep(10 * engine.NS, 1_000_000)              # now the reply there ends the wait at once
+        assert time.perf_counter() - started < 5
+    finally:
+        far.close()
+        near.close()
+
+
+def test_the_clock_offset_is_not_read_across_a_preemption():
+    """A realtime reading split from its perf_counter pair (the thread was preempted) is read again."""
+    mono = iter([0, 10_000, 20_000, 20_500]).__next__          # first pair 10 µs apart, second 0.5 µs
+    real = iter([5_000_000, 1_020_250]).__next__
+    assert engine.clock_offset(mono, real) == 1_000_000
 
 
 def test_timer_slack_is_given_back():
