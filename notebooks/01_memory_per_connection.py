@@ -47,6 +47,36 @@ slopes = derive.memory_slopes(run)       # one row per variant: KiB per connecti
 split = derive.memory_kernel(run)        # one row per variant: process RSS + kernel parts per connection
 
 # %% [markdown]
+# ## Predict, then run
+#
+# Before the charts: what will one more idle connection cost **on this machine**? `threads` gives
+# each connection an OS thread; `gevent` gives it a greenlet, a coroutine whose stack lives on the
+# heap while it waits, all of them on one OS thread.
+#
+# **Question:** how many KiB of RAM (RSS) will one more idle connection add with `threads`, and with
+# `gevent`? Write your two numbers into the next cell, for example `{"threads": 1024, "gevent": 2}`.
+
+# %%
+prediction = None          # {"threads": KiB, "gevent": KiB}: RSS per idle connection
+
+# %% [markdown]
+# The next cell runs `conclab run memory --backends threads,gevent --profile quick --repeat 1` in a
+# subprocess (the servers never enter this notebook's kernel; the results go to a temporary
+# directory): a fresh server of each holds 0, then 10,000 idle connections, and the slope between the
+# two is the price of one. One round, so its spread is a single value. It took 35 s here (2 cores,
+# shared and busy at the time).
+
+# %%
+exercise = common.run_exercise("memory", "threads,gevent", repeat=1, run_id="memory")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+ran = common.result_of(exercise, "memory")
+if ran is not None:
+    common.check(prediction, common.measured(derive.memory_slopes(ran), "rss_kib"), "KiB")
+    common.note("The rest of this notebook explains the gap, with the committed run: RSS against the reserved "
+                "address space (the '1 MB'), and the kernel's memory, which RSS does not count.")
+
+# %% [markdown]
 # ## Memory as connections pile up
 #
 # Dots are the measured RSS, solid lines the least-squares line through them (how far a dot is off

@@ -45,6 +45,36 @@ knees = derive.knees(run)
 latency_conns = run.tables["latency"].conns.median() if run.has("latency") else None
 
 # %% [markdown]
+# ## Predict, then run
+#
+# The open loop offers each backend a fixed share of **its own** capacity, so a slow backend gets a
+# light load and a fast one a heavy load. At half its capacity each should have room to spare.
+#
+# **Question:** offered half of its own capacity, what p99 latency (ms) will `asyncio` (one thread, an
+# event loop) and `threads` (a thread per connection) show? Write your numbers into the next cell, for
+# example `{"asyncio": 5, "threads": 5}`, or just the order, larger p99 first: `["threads", "asyncio"]`.
+
+# %%
+prediction = None          # {"asyncio": ms, "threads": ms}, or a list: larger p99 first
+
+# %% [markdown]
+# The next cell runs `conclab run latency --backends asyncio,threads --profile quick --repeat 2` in a
+# subprocess (results in a temporary directory): each backend's capacity (a closed loop at 50
+# connections), then the open loop at fractions of it, two interleaved rounds. It took 40 s here (2
+# cores, shared and busy at the time).
+
+# %%
+exercise = common.run_exercise("latency", "asyncio,threads", repeat=2, run_id="latency")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+ran = common.result_of(exercise, "latency")
+if ran is not None:
+    half = common.nearest_rate(derive.latency(ran), 0.5)
+    common.note("p99 at the offered rate nearest half of capacity: " + ", ".join(
+        f"{r.variant} {num(r.rate_fraction)}× ({num(r.offered_rps)} req/s offered)" for r in half.itertuples()) + ".")
+    common.check(prediction, common.measured(half, "p99_us", scale=1e-3), "ms")
+
+# %% [markdown]
 # ## Closed loop: throughput as concurrency grows
 #
 # A circled point means the load generator itself was saturated (the number is a lower bound).

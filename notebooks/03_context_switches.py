@@ -46,6 +46,38 @@ micro = derive.switch_micro(run)          # one row per (benchmark, placement): 
 per_request = derive.per_request(run)     # per server variant: CPU µs and context switches per request
 
 # %% [markdown]
+# ## Predict, then run
+#
+# Six ways to hand the CPU from one piece of work to another, each measured alone on one CPU: a
+# Python **thread** hand-off (lock and GIL), an **asyncio** and a **uvloop** coroutine hand-off (one
+# task completes the other's future), a **greenlet** switch (gevent), a **goroutine** switch (Go, an
+# unbuffered channel) and a **generator** switch (`send` and `yield`).
+#
+# **Question:** order them from the most expensive to the cheapest. Write the list into the next cell,
+# for example `["thread", "asyncio", "uvloop", "greenlet", "goroutine", "generator"]`.
+
+# %%
+prediction = None          # the benchmarks, most nanoseconds per switch first
+
+# %% [markdown]
+# The next cell runs `conclab run switch --backends asyncio,threads --profile quick --repeat 1` in a
+# subprocess (results in a temporary directory): every microbenchmark, 3 timed rounds each (the spread
+# is their min–max), then what the two servers spend per request. It took 20 s here (2 cores, shared
+# and busy at the time; the first run also compiles the C and Go benchmarks).
+
+# %%
+exercise = common.run_exercise("switch", "asyncio,threads", repeat=1, run_id="switch")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+ran = common.result_of(exercise, "switch")
+if ran is not None:
+    benches = derive.switch_micro(ran)
+    benches = benches[benches.pinned.astype(bool) & benches.bench.isin(
+        ["thread", "asyncio", "uvloop", "greenlet", "goroutine", "generator"])]
+    common.check(prediction, common.measured(benches, "ns_per_switch", key="bench",
+                                             rounds=ran.profile.get("switch_rounds")), "ns")
+
+# %% [markdown]
 # ## One hand-off, measured alone
 #
 # Each bar is labelled with what it measures and the kernel switches it took. The top panel is

@@ -42,6 +42,43 @@ cpu = derive.cpu_bound(run)
 pools = io[io.variant.str.startswith(derive.POOL_BACKEND) & io.workers.notna()] if not io.empty else io
 
 # %% [markdown]
+# ## Predict, then run
+#
+# A request that **computes** for `cpu_us` microseconds holding the GIL: how many of those can a Python
+# server answer per second, and does a second CPU help? `threads` runs one OS thread per connection,
+# `asyncio` one thread for all of them.
+#
+# **Question:** with the settings printed below, how many requests/s will `threads` reach on one CPU,
+# `threads` on two CPUs, and `asyncio` on one CPU? Write them into the next cell, for example
+# `{"threads on 1 CPU": 4000, "threads on 2 CPUs": 8000, "asyncio on 1 CPU": 4000}`, or the order,
+# most first.
+
+# %%
+settings = common.exercise_settings()
+common.note(f"Profile `{settings.name}`: each request computes cpu_us = {num(settings.cpu_us)} µs; "
+            f"{num(max(settings.cpu_conns))} connections in a closed loop; on two CPUs: "
+            f"{', '.join(settings.cpu_wide_variants) or 'none'}.")
+prediction = None          # {"threads on 1 CPU": req/s, "threads on 2 CPUs": req/s, "asyncio on 1 CPU": req/s}
+
+# %% [markdown]
+# The next cell runs `conclab run cpu_bound --backends threads,asyncio --profile quick --repeat 3` in a
+# subprocess (results in a temporary directory): three interleaved rounds of each point. It took
+# 34 s here (2 cores, shared and busy at the time).
+
+# %%
+exercise = common.run_exercise("cpu_bound", "threads,asyncio", repeat=3, run_id="cpu_bound")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+ran = common.result_of(exercise, "cpu_bound")
+if ran is not None:
+    best = derive.cpu_bound(ran)
+    best = best.assign(point=[f"{r.variant} on {num(r.n_server_cpus)} CPU{'s' * (r.n_server_cpus > 1)}"
+                              for r in best.itertuples()])
+    common.note(f"The CPython ceiling: 1e6 / {num(best.cpu_us.max())} µs = {num(best.ceiling_rps.min())} req/s, "
+                "on any number of CPUs.")
+    common.check(prediction, common.measured(best, "throughput_rps", key="point"), "req/s")
+
+# %% [markdown]
 # ## Waiting work: the `io_bound` experiment
 #
 # Each request waits `io_us` (10 ms in the lab's profiles) and is then answered; the closed loop's

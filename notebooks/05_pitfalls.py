@@ -51,6 +51,41 @@ RISKS = pd.DataFrame([
 common.table(RISKS)
 
 # %% [markdown]
+# ## Predict, then run
+#
+# The first row of the table: a server that never closes a connection. Scripted clients connect one
+# after another, each sends a PING, reads the answer and hangs up. The broken server (`--fault leak`)
+# never calls close(); the fixed one does.
+#
+# **Question:** with the settings printed below, how many of its sockets will the `asyncio` server have
+# in CLOSE_WAIT when the clients are done, broken and fixed? Write them into the next cell, for example
+# `{"asyncio broken": 10, "asyncio fixed": 0}`.
+
+# %%
+settings = common.exercise_settings()
+common.note(f"Profile `{settings.name}`: new clients at {num(settings.pitfall_rate)} per second for "
+            f"{num(settings.pitfall_s)} s.")
+prediction = None          # {"asyncio broken": sockets, "asyncio fixed": sockets}
+
+# %% [markdown]
+# The next cell runs `conclab run pitfalls --backends asyncio --profile quick --repeat 1` in a
+# subprocess (results in a temporary directory): every pitfall of the table, broken and fixed; we look
+# at the leak. One round, so its spread is a single value. It took 43 s here (2 cores, shared and busy
+# at the time).
+
+# %%
+exercise = common.run_exercise("pitfalls", "asyncio", repeat=1, run_id="pitfalls")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+ran = common.result_of(exercise, "pitfalls")
+if ran is not None:
+    leak = ran.tables["pitfalls_summary"]
+    leak = leak[leak.pitfall == "leak"]
+    leak = leak.assign(case=[f"{r.variant} {'fixed' if r.fixed else 'broken'}" for r in leak.itertuples()])
+    common.note(f"{num(leak.clients.max())} clients came and went.")
+    common.check(prediction, common.measured(leak, "close_wait_end", key="case"), "sockets")
+
+# %% [markdown]
 # ## Broken vs fixed, measured
 #
 # The `pitfalls` experiment runs each switch against the same server without it and samples the
