@@ -502,3 +502,204 @@ def draw_pitfalls(series: pd.DataFrame, finding):
     _legend(ax, loc="upper left", fontsize=10, ncols=2)
     style.title(fig, finding.title)
     return fig
+
+
+# -- the trade-offs: pool sizing, message sizes, M:N ------------------------------------------------
+
+POOL_PANELS = (("io", "throughput_rps", 1.0, "I/O-bound (each request waits 10 ms)", "requests/s (log scale)"),
+               ("echo", "throughput_rps", 1.0, "ECHO (64 B, no wait)", "requests/s"),
+               ("io", "server_rss_kib", 1 / 1024, "I/O-bound: server memory", "RSS (MiB)"),
+               ("io", "ctx_per_req", 1.0, "I/O-bound: context switches", "switches per request"))
+
+
+def draw_pool_sizing(p: pd.DataFrame, finding):
+    """Four panels against the pool size (log): I/O-bound throughput with each size's Little's-law bound, ECHO
+    throughput, RSS and switches per request; the models beside the pool as horizontal lines; head-of-line
+    points hollow (invalid: not every connection served)."""
+    fig, axes = style.figure(ncols=2, nrows=2)
+    pools, beside = p[p.workers.notna()], p[p.workers.isna()]
+    for ax, (load, column, scale, panel, label) in zip(axes.flat, POOL_PANELS):
+        rows_of_load = pools[pools.load == load]
+        spread = False
+        for variant, rows in rows_of_load.groupby("variant", sort=False):
+            rows = rows.sort_values("workers")
+            _points(ax, rows.workers, rows[column] * scale, rows, style.color(variant), label=variant)
+            spread |= _whiskers(ax, rows.workers, rows, column, style.color(variant), scale)
+        if column == "throughput_rps" and load == "io" and not rows_of_load.empty:
+            bound = rows_of_load.groupby("workers")["little_bound_rps"].max().sort_index()
+            ax.plot(bound.index, bound.values, "--", color=style.NEUTRAL, lw=1.5,
+                    label="Little's law: min(workers, conns) / wait")
+        for variant, rows in beside[beside.load == load].groupby("variant", sort=False):
+            value = rows[column].iloc[0] * scale
+            if pd.notna(value):
+                ax.axhline(value, color=style.color(variant), ls=":", lw=2, label=f"{variant} (no pool)")
+        _spread_legend(ax, spread)
+        _invalid_legend(ax, rows_of_load)
+        _log_conns(ax)
+        if column == "throughput_rps" and load == "io":
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+        ax.set_title(panel, fontsize=13)
+        ax.set_xlabel("pool workers (log scale)")
+        ax.set_ylabel(label)
+    _legend(axes[0][0], fontsize=9, loc="upper left")
+    _legend(axes[0][1], fontsize=9, loc="upper right")
+    style.title(fig, finding.title)
+    return fig
+
+
+def draw_message_sizes(m: pd.DataFrame, finding):
+    """Two panels against the payload (log): requests/s and payload MB/s, a line per variant with its spread."""
+    fig, axes = style.figure(ncols=2)
+    for ax, column, label in ((axes[0][0], "throughput_rps", "throughput (requests/s, log scale)"),
+                              (axes[0][1], "mb_per_s", "payload MB/s each way (log scale)")):
+        spread = False
+        for variant, rows in m.groupby("variant", sort=False):
+            rows = rows.sort_values("size")
+            _points(ax, rows["size"], rows[column], rows, style.color(variant), label=variant)
+            spread |= _whiskers(ax, rows["size"], rows, column, style.color(variant))
+        _spread_legend(ax, spread)
+        _invalid_legend(ax, m)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        sizes = sorted(m["size"].dropna().unique())
+        ax.set_xticks(sizes, [_bytes(v) for v in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+        ax.set_xlabel("ECHO payload (closed loop; log scale)")
+        ax.set_ylabel(label)
+    _legend(axes[0][0], fontsize=10, ncols=2)
+    style.title(fig, finding.title)
+    return fig
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{num(value / size)} {unit}"
+    return f"{num(value)} B"
+
+
+def draw_m_to_n(m: pd.DataFrame, finding):
+    """Per variant two bars, log scale: logical units (one per connection by design) and OS threads."""
+    fig, axes = style.figure()
+    ax = axes[0][0]
+    x = np.arange(len(m))
+    colors = [style.color(v) for v in m.variant]
+    ax.bar(x - 0.2, m.logical_units, 0.4, color=colors, label="logical units (one per connection: "
+                                                             "goroutine, greenlet, Protocol, thread...)")
+    ax.bar(x + 0.2, m.os_threads, 0.4, color="white", edgecolor=colors, hatch="//", label="OS threads (/proc)")
+    labels = [f"{row.variant} ({num(row.units_per_thread)} per thread)" if pd.notna(row.units_per_thread)
+              and row.logical_units else row.variant for row in m.itertuples()]
+    ax.set_xticks(x, labels, fontsize=11, rotation=25, ha="right")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    ax.set_ylabel("count while holding (log scale)")
+    _legend(ax, loc="lower left", fontsize=10, framealpha=0.9)
+    style.title(fig, finding.title)
+    return fig
+
+
+SOAK_PANELS = (("rss_kib", "RSS (MiB)", 1 / 1024), ("fds", "open fds", 1), ("p99_us", "p99 per second (ms)", 1e-3))
+
+
+def draw_soak(series: pd.DataFrame, finding):
+    """The soak's time series, one panel per gauge (RSS, fds, p99), one line per variant; a second where the
+    load generator saturated is a hollow marker (its p99 is the generator's as much as the server's)."""
+    fig, axes = style.figure(ncols=len(SOAK_PANELS), wide=True)
+    for ax, (column, label, scale) in zip(axes[0], SOAK_PANELS):
+        for variant in style.order(series.variant.unique()):
+            rows = series[series.variant == variant].sort_values("t_s")
+            y = rows[column].astype(float) * scale
+            ax.plot(rows.t_s, y, "-", color=style.color(variant), lw=LINE_WIDTH, label=variant)
+            saturated = rows.loadgen_saturated.astype(str) == "True"
+            if saturated.any():
+                ax.plot(rows.t_s[saturated], y[saturated], MARKER, color=style.color(variant), markerfacecolor="none",
+                        markeredgewidth=2, linestyle="none")
+        if column == "p99_us":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+        ax.set_xlabel("seconds into the soak")
+        ax.set_ylabel(label)
+    if series.loadgen_saturated.astype(str).eq("True").any():
+        axes[0][0].plot([], [], MARKER, color=style.NEUTRAL, markerfacecolor="none", markeredgewidth=2,
+                        linestyle="none", label="load generator saturated")
+    _legend(axes[0][0], fontsize=10)
+    style.title(fig, finding.title)
+    return fig
+
+
+# -- the GIL: convoy and cores (frames: analysis.gil) --------------------------------------------------
+
+def draw_convoy(c: pd.DataFrame, finding):
+    """Per case, two panels (log): ECHO p99 with / without the CPU work (paired per round, whiskers min–max), and
+    the two p99s; invalid cases hollow."""
+    fig, axes = style.figure(ncols=2, wide=True)
+    y = np.arange(len(c))[::-1]
+    colors = [style.color(v) for v in c.variant]
+    ok = c["valid"].astype(bool).to_numpy()
+    ratio, both = axes[0][0], axes[0][1]
+    values = c.ratio_p99.astype(float).fillna(0).to_numpy()
+    ratio.barh(y[ok], values[ok], color=[col for col, good in zip(colors, ok) if good])
+    lo = (c.ratio_p99 - c.ratio_p99_min).clip(lower=0).fillna(0).to_numpy()
+    hi = (c.ratio_p99_max - c.ratio_p99).clip(lower=0).fillna(0).to_numpy()
+    ratio.errorbar(values[ok], y[ok], xerr=[lo[ok], hi[ok]], fmt="none", ecolor=style.NEUTRAL, capsize=3)
+    ratio.axvline(1, color=style.NEUTRAL, ls="--", lw=1.2, label="1×: no convoy")
+    ratio.set_yticks(y, [f"{case}{'' if good else ' (invalid)'}" for case, good in zip(c.case, ok)], fontsize=10)
+    ratio.set_xscale("log")
+    ratio.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{num(v)}×"))
+    ratio.xaxis.set_minor_formatter(NullFormatter())
+    ratio.set_xlabel("ECHO p99 with CPU work / without (log; whiskers: min–max over rounds)")
+    _legend(ratio, fontsize=9, loc="lower right")
+    for offset, column, label, hatch in ((0.2, "p99_us_base", "without CPU work", ""),
+                                         (-0.2, "p99_us_with", "with CPU work", "//")):
+        both.barh(y + offset, c[column].astype(float).fillna(0) * 1e-3, 0.4, color="white" if hatch else colors,
+                  edgecolor=colors, hatch=hatch, label=label)
+    both.set_yticks(y, c.case, fontsize=10)
+    both.set_xscale("log")
+    both.xaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    both.xaxis.set_minor_formatter(NullFormatter())
+    both.set_xlabel("ECHO p99 (ms, log; median over rounds)")
+    _legend(both, fontsize=9, loc="lower right")
+    style.title(fig, finding.title)
+    return fig
+
+
+CORES_HEADROOM = 1.4             # y axis top = this x the tallest whisker: the legend sits above the bars
+CORES_SETTINGS = ((1, 1, "1 CPU, 1 process", ""), (1, 2, "1 CPU, 2 processes", ".."),
+                  (2, 1, "2 CPUs, 1 process", "//"), (2, 2, "2 CPUs, 2 processes / GOMAXPROCS 2", "xx"))
+
+
+def draw_cores(c: pd.DataFrame, finding):
+    """Two panels (ECHO, CPU-bound): per variant a bar per setting (CPUs x processes or GOMAXPROCS), whiskers
+    min–max over rounds, invalid bars hollow."""
+    fig, axes = style.figure(ncols=2, wide=True)
+    variants = list(dict.fromkeys(c.variant))
+    x = np.arange(len(variants))
+    width = 0.8 / len(CORES_SETTINGS)
+    for ax, (load, label) in zip(axes[0], (("echo", "ECHO (closed loop)"), ("cpu", "CPU-bound WORK (closed loop)"))):
+        rows = c[c.load == load]
+        for i, (cpus, par, name, hatch) in enumerate(CORES_SETTINGS):
+            cell = rows[(rows.n_server_cpus == cpus) & (rows.par == par)].set_index("variant").reindex(variants)
+            pos = x + (i - (len(CORES_SETTINGS) - 1) / 2) * width
+            valid = cell["valid"].eq(True).to_numpy()
+            ax.bar(pos, cell.throughput_rps.fillna(0), width, color=[style.color(v) if ok else "white"
+                                                                     for v, ok in zip(variants, valid)],
+                   edgecolor=[style.color(v) for v in variants], hatch=hatch, alpha=0.55 + 0.15 * i, label=name)
+            err = cell[["throughput_rps", "throughput_rps_min", "throughput_rps_max"]].astype(float)
+            ax.errorbar(pos, err.throughput_rps, yerr=[(err.throughput_rps - err.throughput_rps_min).clip(lower=0),
+                                                       (err.throughput_rps_max - err.throughput_rps).clip(lower=0)],
+                        fmt="none", ecolor=style.NEUTRAL, capsize=2)
+        ax.set_xticks(x, variants, rotation=25, ha="right")
+        _thousands(ax)
+        tallest = rows[["throughput_rps", "throughput_rps_max"]].max().max() if not rows.empty else None
+        if pd.notna(tallest) and tallest:
+            ax.set_ylim(0, tallest * CORES_HEADROOM)                 # room above the bars for the legend
+        ax.set_ylabel("throughput (requests/s)")
+        ax.set_title(label, fontsize=13)
+    _legend(axes[0][0], fontsize=9, loc="upper center", ncols=2)
+    style.title(fig, finding.title)
+    return fig

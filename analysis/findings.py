@@ -24,9 +24,11 @@ import pandas as pd
 from conclab.experiments import registry
 
 from conclab.experiments.harness.loadproc import MIN_LATENCIES, TOO_SHORT
+from conclab.experiments.m_to_n import unit_name
 
 from . import derive
 from .fmt import Builder, Finding, nothing
+from .tradeoffs import pool_costs
 
 MIN_SLOPE_KIB = 0.25             # a per-connection slope below this is "no measurable growth"
 VMS_RESERVED_KIB = 1024          # VMS growth per thread at least this (1 MiB): address space is reserved...
@@ -771,3 +773,332 @@ def pitfalls(summary: pd.DataFrame) -> Finding:
     measured = sorted(set(summary.pitfall), key=[p.name for p in registry.pitfalls()].index)
     return b.finding("{k} of {n} pitfalls measured worse broken than fixed ({which})", k=len(worse),
                      n=len(measured), which=", ".join(worse) or "none")
+
+
+# -- the trade-offs: pool sizing, message sizes, M:N ------------------------------------------------
+
+TRACKS_BOUND = 0.8               # a pool size whose throughput reaches this fraction of its Little's-law bound
+                                 # "follows the bound": there, one more worker still buys throughput
+
+
+def _listed(name: str, values) -> tuple[str, dict]:
+    """"{name0}, {name1}, ...": a list of numbers as a template piece whose every number is a fact."""
+    values = list(values)
+    return ", ".join("{" + f"{name}{i}" + "}" for i in range(len(values))), \
+        {f"{name}{i}": v for i, v in enumerate(values)}
+
+
+def pool_sizing(p: pd.DataFrame) -> Finding:
+    """When a bigger pool helps (the I/O-bound curve on its Little's-law line) and what each worker costs."""
+    if p.empty:
+        return nothing("pool_sizing was not measured in this run")
+    b = Builder()
+    everything, ok = p, derive.valid(p)
+    io = ok[(ok.load == "io") & ok.workers.notna()]
+    title, title_facts = "pool_sizing has no valid I/O-bound pool point", {}
+    costs = pool_costs(p)
+    for variant, rows in io.groupby("variant", sort=False):
+        measured = everything[(everything.variant == variant) & (everything.load == "io")].workers
+        last = _pool_curve(b, variant, rows.sort_values("workers"), measured)
+        kib = _pool_cost(b, variant, costs)
+        if last is not None and "t_w" not in title_facts:
+            title = "A bigger pool helps up to {t_w} workers ({t_v}, I/O-bound: {t_rps} rps on the Little's-law line)"
+            title_facts = {"t_w": last.workers, "t_v": variant, "t_rps": last.throughput_rps}
+            if kib is not None:
+                title += "; each extra worker costs {t_kib} KiB RSS"
+                title_facts["t_kib"] = kib
+        elif last is None and not title_facts:
+            title = "No valid pool size reached {t_share}% of its Little's-law bound"
+            title_facts = {"t_share": 100 * TRACKS_BOUND}
+    blocked = everything[(everything.head_of_line.fillna(0) > 0)] if "head_of_line" in everything else everything[:0]
+    if not blocked.empty:
+        sizes, size_facts = _listed("size", sorted(blocked.workers.dropna().unique()))
+        b.add("Connection dispatch with fewer workers than connections (" + sizes + " workers): not every "
+              "connection served (head-of-line blocking), so those points are left out, not read as slow.",
+              prefix="hol.", **size_facts)
+    beside = ok[(ok.load == "io") & ok.workers.isna()]
+    if not beside.empty:
+        top = beside.loc[beside.throughput_rps.idxmax()]
+        rps, facts = _spread("b_rps", top, "throughput_rps")
+        b.add("Beside it, {b_v} reached " + rps + " rps at the same I/O-bound load (its bound: connections / wait "
+              "= {b_bound} rps).", prefix="beside.", b_v=top.variant, b_bound=top.little_bound_rps, **facts)
+    _left_out(b, everything[~(everything.head_of_line.fillna(0) > 0)] if "head_of_line" in everything
+              else everything)
+    return b.finding(title, **title_facts)
+
+
+def _pool_curve(b: Builder, variant: str, rows: pd.DataFrame, measured: pd.Series):
+    """The sentence on where one pool's valid I/O-bound points leave their Little's-law bound; the last size on
+    it (None: no size reached TRACKS_BOUND of its bound). ``measured``: every size it ran, invalid ones too."""
+    prefix = f"{variant}."
+    follows = rows[rows.throughput_rps >= TRACKS_BOUND * rows.little_bound_rps]
+    if follows.empty:
+        sizes, size_facts = _listed("size", rows.workers)
+        b.add("{v}, I/O-bound: no valid pool size (" + sizes + " workers) reached {share}% of its Little's-law "
+              "bound min(workers, connections) / wait.", prefix=prefix, v=variant, share=100 * TRACKS_BOUND,
+              **size_facts)
+        return None
+    last = follows.iloc[-1]
+    rps, facts = _spread("rps", last, "throughput_rps")
+    beyond = rows[rows.workers > last.workers]
+    text = ("{v}, I/O-bound: throughput follows the bound min(workers, connections) / wait up to {w} workers ("
+            + rps + " rps against {bound}); ")
+    unjudged = sorted(w for w in measured.dropna().unique() if w > last.workers)
+    if beyond.empty and unjudged:
+        sizes, size_facts = _listed("over", unjudged)
+        b.add(text + "the larger sizes (" + sizes + " workers) had no valid point, so whether more workers help "
+              "beyond {w} is not measured here.", prefix=prefix, v=variant, w=last.workers,
+              bound=last.little_bound_rps, **facts, **size_facts)
+    elif beyond.empty:
+        b.add(text + "it did at every size measured: a bigger pool still helped at the largest one.",
+              prefix=prefix, v=variant, w=last.workers, bound=last.little_bound_rps, **facts)
+    else:
+        nxt = beyond.iloc[0]
+        b.add(text + "at {w2} workers the bound is {bound2} rps but it reached {rps2}: beyond {w} workers a bigger "
+              "pool did not help.", prefix=prefix, v=variant, w=last.workers, bound=last.little_bound_rps,
+              w2=nxt.workers, bound2=nxt.little_bound_rps, rps2=nxt.throughput_rps, **facts)
+    return last
+
+
+def _pool_cost(b: Builder, variant: str, costs: pd.DataFrame):
+    """The sentence on what one more worker costs (the I/O-bound fit, else ECHO's); its RSS KiB (None: no fit)."""
+    for load, label in (("io", "I/O-bound"), ("echo", "ECHO")):
+        cost = costs[(costs.variant == variant) & (costs.load == load)]
+        if cost.empty or pd.isna(cost.iloc[0].rss_kib_per_worker):
+            continue
+        c = cost.iloc[0]
+        b.add("{v}: each extra worker costs {kib} KiB of RSS and {ctx} context switches per request (" + label
+              + ", least squares over {k} valid sizes, {lo} to {hi} workers).", prefix=f"{variant}.cost.", v=variant,
+              kib=c.rss_kib_per_worker, ctx=c.ctx_per_req_per_worker, k=c.points, lo=c.from_workers,
+              hi=c.to_workers)
+        return c.rss_kib_per_worker
+    return None
+
+
+def message_sizes(m: pd.DataFrame) -> Finding:
+    """Who serves the most requests at the smallest payload, who moves the most bytes at the largest."""
+    if m.empty:
+        return nothing("message_sizes was not measured in this run")
+    b = Builder()
+    everything, m = m, derive.valid(m)
+    if m.empty:
+        _left_out(b, everything)
+        return b.finding("message_sizes has no valid point")
+    small, large = m["size"].min(), m["size"].max()
+    at_small, at_large = m[m["size"] == small], m[m["size"] == large]
+    top_s = at_small.loc[at_small.throughput_rps.idxmax()]
+    top_l = at_large.loc[at_large.mb_per_s.idxmax()]
+    rps, rps_facts = _spread("s_rps", top_s, "throughput_rps")
+    mbps, mb_facts = _spread("l_mbps", top_l, "mb_per_s")
+    ties_s, ties_l = _ties(at_small, top_s, "throughput_rps"), _ties(at_large, top_l, "mb_per_s")
+    b.add("At {small} B {s_v} served the most requests, " + rps + " rps"
+          + (" ({s_ties} tie within noise)" if ties_s else "") + ".", small=small, s_v=top_s.variant, **rps_facts,
+          **({"s_ties": _names(ties_s)} if ties_s else {}))
+    b.add("At {large} B {l_v} moved the most payload, " + mbps + " MB/s each way"
+          + (" ({l_ties} tie within noise)" if ties_l else "") + ".", large=large, l_v=top_l.variant, **mb_facts,
+          **({"l_ties": _names(ties_l)} if ties_l else {}))
+    if large > small:
+        for variant in dict.fromkeys(at_small.variant):
+            a, z = at_small[at_small.variant == variant], at_large[at_large.variant == variant]
+            if a.empty or z.empty or not z.iloc[0].throughput_rps:
+                continue
+            b.add("{v}: {fall}× fewer requests/s at {large} B than at {small} B, {gain}× the MB/s.",
+                  prefix=f"{variant}.", v=variant, fall=a.iloc[0].throughput_rps / z.iloc[0].throughput_rps,
+                  gain=z.iloc[0].mb_per_s / a.iloc[0].mb_per_s if a.iloc[0].mb_per_s else None,
+                  large=large, small=small)
+    _left_out(b, everything)
+    return b.finding("Most requests at {small} B: {s_v}; most bytes at {large} B: {l_v} ({l_mbps} MB/s)")
+
+
+def m_to_n(m: pd.DataFrame) -> Finding:
+    """Logical units per OS thread, the most and the fewest."""
+    if m.empty:
+        return nothing("m_to_n was not measured in this run")
+    b = Builder()
+    held = m[m.held >= HELD_FRACTION * m.hold_target]
+    for _, r in held.iterrows():
+        b.add("{v}: {units} {unit} on {threads} OS threads ({ratio} per thread).", prefix=f"{r.variant}.",
+              v=r.variant, units=r.logical_units, unit=unit_name(str(r.logical_unit)),
+              threads=r.os_threads, ratio=r.units_per_thread)
+    for _, r in m[~m.variant.isin(held.variant)].iterrows():
+        b.add("{v} held only {held} of {target} connections, left out (its note says why).", prefix=f"{r.variant}.",
+              v=r.variant, held=r.held, target=r.hold_target)
+    lo, hi = _extremes(held, "units_per_thread")
+    if lo is None:
+        return b.finding("m_to_n: no thread count was read")
+    return b.finding("Logical units per OS thread while holding {n} idle connections: {hi_ratio} on {hi_v}, "
+                     "{lo_ratio} on {lo_v}", n=m.hold_target.max(), hi_ratio=hi.units_per_thread, hi_v=hi.variant,
+                     lo_ratio=lo.units_per_thread, lo_v=lo.variant)
+
+
+# -- the GIL: convoy and cores (frames: analysis.gil) --------------------------------------------------
+
+DEFAULT_SWITCH_INTERVAL = 0.005          # CPython's: a threads case without --switch-interval runs with it
+VERDICT_WORDS = {derive.LOWER: "lower", derive.HIGHER: "higher", derive.TIE: "tie within noise"}
+
+
+def _verdict(verdict: str, than: str) -> str:
+    """"lower than ...", "higher than ..." or "tie within noise" (derive.compare_medians's verdict in words)."""
+    return VERDICT_WORDS[verdict] + ("" if verdict == derive.TIE else f" than {than}")
+
+
+def _ratio(name: str, row, column: str) -> tuple[str, dict]:
+    """"{name}× ({name_min}–{name_max})": a paired ratio and its min–max over rounds (gil.RATIO_SUFFIXES)."""
+    piece, facts = _spread(name, row, column)
+    return piece.replace("}", "}×", 1), facts
+
+
+def _case_numbers(prefix: str, row) -> dict:
+    """The numbers a case's name shows (switch interval in ms, processes, GOMAXPROCS, CPUs), as facts."""
+    out = {}
+    for key, scale in (("switch_interval", 1000), ("procs", 1), ("gomaxprocs", 1), ("n_server_cpus", 1)):
+        value = row.get(key) if hasattr(row, "get") else None
+        if value is not None and pd.notna(value):
+            out[prefix + key] = float(value) * scale
+    return out
+
+
+def _reason_words(reason) -> str:
+    """An invalid point's reason without its figures (those are in the table): what kind of failure it was."""
+    text = str(reason or "")
+    kinds = [words for marker, words in ((TOO_SHORT, TOO_SHORT), ("unanswered", "requests unanswered"),
+                                         ("served", "not every connection served"),
+                                         ("saturated", "the load generator saturated"),
+                                         ("accepted only", "the server had not accepted every connection"))
+             if marker in text]
+    return ", ".join(kinds) or "marked invalid in the table"
+
+
+def _single_process(c: pd.DataFrame, variant: str):
+    """The one-process case of a Python model (threads: at CPython's default switch interval), or None."""
+    rows = c[(c.variant == variant) & (c.procs.fillna(1) == 1)
+             & (c.switch_interval.isna() | (c.switch_interval == DEFAULT_SWITCH_INTERVAL))]
+    return rows.iloc[0] if not rows.empty else None
+
+
+def convoy(c: pd.DataFrame) -> Finding:
+    """How much ECHO p99 grew beside CPU work, per case; threads by switch interval; two processes; go."""
+    if c.empty:
+        return nothing("convoy was not measured in this run")
+    b = Builder()
+    everything, c = c, derive.valid(c)
+    if c.empty:
+        _convoy_left_out(b, everything)
+        return b.finding("convoy has no case with both points valid")
+    first = c.iloc[0]
+    worst, best = c.loc[c.ratio_p99.idxmax()], c.loc[c.ratio_p99.idxmin()]
+    w, w_facts = _ratio("w", worst, "ratio_p99")
+    lo, lo_facts = _ratio("lo", best, "ratio_p99")
+    verdict = derive.compare_medians(worst, best, "ratio_p99")
+    b.add("With {k} connection(s) sending {cpu_ms} ms of CPU work beside {conns} ECHO connections at {rate} rps, "
+          "ECHO p99 grew the most on {w_case}, " + w + ", and the least on {lo_case}, " + lo
+          + (" (the two tie within noise)" if verdict == derive.TIE else "") + " (p99 with / without, paired per "
+          "round).", k=first.cpu_conns, cpu_ms=first.cpu_us / 1000, conns=first.conns, rate=first.rate,
+          w_case=worst.case, lo_case=best.case, **w_facts, **lo_facts, **_case_numbers("w.", worst),
+          **_case_numbers("lo.", best))
+    threads = c[(c.variant == "threads") & (c.procs.fillna(1) == 1) & c.switch_interval.notna()]
+    if len(threads) > 1:
+        pieces, facts = [], {}
+        for i, (_, r) in enumerate(threads.sort_values("switch_interval").iterrows()):
+            piece, f = _ratio(f"t{i}", r, "ratio_p99")
+            pieces.append(piece + " at a {" + f"t{i}_si" + "} ms switch interval")
+            facts.update(f, **{f"t{i}_si": r.switch_interval * 1000})
+        b.add("threads: " + ", ".join(pieces) + ".", prefix="threads.", **facts)
+    for variant in dict.fromkeys(c[c.procs.fillna(1) > 1].variant):
+        one, two = _single_process(c, variant), c[(c.variant == variant) & (c.procs > 1)].iloc[0]
+        if one is None:
+            continue
+        p1, f1 = _ratio("one", one, "ratio_p99")
+        p2, f2 = _ratio("two", two, "ratio_p99")
+        b.add("{v}: " + p1 + " on one process, " + p2 + " on {procs} ({verdict}).", prefix=f"{variant}.procs.",
+              v=variant, procs=two.procs, verdict=_verdict(derive.compare_medians(two, one, "ratio_p99"), "on one process"),
+              **f1, **f2)
+    go = c[c.variant == "go"].sort_values("gomaxprocs")
+    if len(go) > 1:
+        g1, f1 = _ratio("g1", go.iloc[0], "ratio_p99")
+        g2, f2 = _ratio("g2", go.iloc[-1], "ratio_p99")
+        b.add("go: " + g1 + " at GOMAXPROCS {m1}, " + g2 + " at {m2} ({verdict}).", prefix="go.",
+              m1=go.iloc[0].gomaxprocs, m2=go.iloc[-1].gomaxprocs,
+              verdict=_verdict(derive.compare_medians(go.iloc[-1], go.iloc[0], "ratio_p99"), "at GOMAXPROCS 1"),
+              **f1, **f2)
+    shared = everything[everything.shares_loadgen_cpu.fillna(0).astype(bool)]
+    if not shared.empty:
+        b.add("The {n} case(s) on {cpus} CPUs ran on the load generators' CPU too: there the generators took CPU "
+              "time from the server.", n=len(shared), cpus=shared.n_server_cpus.max())
+    _convoy_left_out(b, everything)
+    return b.finding("GIL convoy: ECHO p99 grew {w}× beside CPU work on {w_case}, {lo}× on {lo_case}")
+
+
+def _convoy_left_out(b: Builder, c: pd.DataFrame) -> None:
+    bad = derive.invalid(c)
+    if not bad.empty:
+        numbers = {k: v for i, (_, r) in enumerate(bad.iterrows()) for k, v in _case_numbers(f"{i}.", r).items()}
+        b.add("Left out, no round with both points valid: {cases}.", prefix="invalid.", **numbers,
+              cases="; ".join(f"{r.case} ({_reason_words(r.invalid_reason)})" for _, r in bad.iterrows()))
+
+
+def cores(c: pd.DataFrame, scaling: pd.DataFrame) -> Finding:
+    """The 2-CPU scaling ratio per model and load, what 2 CPUs do for one threads process, RSS over processes."""
+    if c.empty:
+        return nothing("cores was not measured in this run")
+    b = Builder()
+    if scaling.empty:
+        _cores_left_out(b, c)
+        return b.finding("cores: no model has valid points on both 1 and 2 CPUs")
+    full = scaling[scaling.scaling.str.contains("2 processes")]
+    for load, words in (("cpu", "CPU-bound WORK"), ("echo", "ECHO")):
+        rows = full[full.load == load]
+        if rows.empty:
+            continue
+        pieces, facts = [], {}
+        for i, (_, r) in enumerate(rows.iterrows()):
+            piece, f = _ratio(f"r{i}", r, "ratio")
+            pieces.append("{" + f"v{i}" + "} " + piece + " ({" + f"verdict{i}" + "})")
+            facts.update(f, **{f"v{i}": r.variant, f"verdict{i}": _verdict(r.verdict, "on 1 CPU")})
+        b.add(words + ", throughput on {two} CPUs with {two} processes (go: GOMAXPROCS {two}) over {one} CPU with "
+              "{one}: " + ", ".join(pieces) + ".", prefix=f"{load}.", two=2, one=1, **facts)
+    gil = scaling[(scaling.variant == "threads") & (scaling.load == "cpu") & scaling.scaling.str.contains("1 process")]
+    if not gil.empty:
+        g = gil.iloc[0]
+        piece, f = _ratio("gil", g, "ratio")
+        b.add("threads, one process, CPU-bound: {two} CPUs gave " + piece + " its {one}-CPU throughput ({verdict}): "
+              + ("no gain from the second CPU, as one CPython process runs Python on one CPU at a time (the GIL)."
+                 if g.verdict != derive.HIGHER else "a gain, so work outside the GIL (system calls, the kernel's "
+                 "network stack) used the second CPU."), verdict=_verdict(g.verdict, "on 1 CPU"), two=2, one=1, **f)
+    memory = []
+    for variant in dict.fromkeys(c[c.procs.fillna(1) > 1].variant):
+        one = c[(c.variant == variant) & (c.procs.fillna(1) == 1) & (c.load == "echo")].server_rss_kib.median()
+        two = c[(c.variant == variant) & (c.procs > 1) & (c.load == "echo")]
+        if pd.notna(one) and not two.empty:
+            memory.append((variant, two.server_rss_kib.median() / 1024, two.server_procs.median(), one / 1024,
+                           two.procs.max()))
+    if memory:
+        b.add("RSS summed over the server's processes (ECHO points, medians): "
+              + ", ".join(f"{{m{i}_v}} {{m{i}_two}} MiB over {{m{i}_n}} processes with --procs {{m{i}_procs}} against "
+                          f"{{m{i}_one}} MiB with one" for i in range(len(memory))) + ".",
+              prefix="rss.", **{k: v for i, (variant, two, n, one, procs) in enumerate(memory)
+                                for k, v in ((f"m{i}_v", variant), (f"m{i}_two", two), (f"m{i}_n", n),
+                                             (f"m{i}_one", one), (f"m{i}_procs", procs))})
+    if scaling.shares_loadgen_cpu.any():
+        b.add("On {two} CPUs the server shared one with the load generator: a ratio below {two} is partly the "
+              "generator's CPU time, not the model's limit.", two=2)
+    _cores_left_out(b, c)
+    cpu = full[full.load == "cpu"]
+    if cpu.empty:
+        cpu = full
+    top = cpu.loc[cpu.ratio.idxmax()]
+    title = "{two} CPUs over {one} ({load}): {top_v} ×{top} with {two} processes or GOMAXPROCS {two}"
+    facts = {"load": "CPU-bound" if top.load == "cpu" else "ECHO", "top_v": top.variant, "top": top.ratio, "two": 2,
+             "one": 1}
+    if not gil.empty:
+        title += "; threads, one process: ×{gil_title}"
+        facts["gil_title"] = gil.iloc[0].ratio
+    return b.finding(title, **facts)
+
+
+def _cores_left_out(b: Builder, c: pd.DataFrame) -> None:
+    bad = derive.invalid(c)
+    if not bad.empty:
+        numbers = {k: v for i, (_, r) in enumerate(bad.iterrows()) for k, v in _case_numbers(f"{i}.", r).items()}
+        b.add("Left out as invalid: {points}.", prefix="invalid.", **numbers,
+              points="; ".join(f"{r.case} {r.load} ({_reason_words(r.invalid_reason)})" for _, r in bad.iterrows()))

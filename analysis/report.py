@@ -21,7 +21,7 @@ import pandas as pd
 from conclab.experiments import registry
 from conclab.experiments.harness.tables import COLUMNS
 
-from . import charts, claims, derive, findings, html, style, tables, trust
+from . import charts, claims, derive, findings, gil, html, style, tables, tradeoffs, trust
 from .fmt import Finding, num
 from .results import Run
 
@@ -85,9 +85,10 @@ def _throughput(run):
     return f, (lambda: charts.draw_throughput(t, f, conns)) if not t.empty else None
 
 
-def _plain(name: str):
-    """A chart whose table, finding and drawing all take their name from it: derive.X, findings.X, charts.draw_X."""
-    derive_table, find, draw = getattr(derive, name), getattr(findings, name), getattr(charts, f"draw_{name}")
+def _plain(name: str, frames=derive):
+    """A chart whose table, finding and drawing all take their name from it: derive.X (or ``frames``.X),
+    findings.X, charts.draw_X."""
+    derive_table, find, draw = getattr(frames, name), getattr(findings, name), getattr(charts, f"draw_{name}")
 
     def chart(run):
         table = derive_table(run)
@@ -102,6 +103,12 @@ def _switch(run):
     return f, (lambda: charts.draw_switch(micro, f)) if not micro.empty else None
 
 
+def _cores(run):
+    frame = gil.cores_frame(run)
+    f = findings.cores(frame, gil.cores_scaling(frame, run.tables["cores"]))
+    return f, (lambda: charts.draw_cores(frame, f)) if not frame.empty else None
+
+
 def _pitfalls(run):
     series, summary = run.tables["pitfalls"], run.tables["pitfalls_summary"]
     f = findings.pitfalls(summary)
@@ -111,7 +118,9 @@ def _pitfalls(run):
 # How the charts that are not _plain are made; which charts there are, their order and experiment: the registry.
 MAKERS = {"memory_rss": _memory_rss, "memory_per_conn": _memory_per_conn, "memory_thread_vms": _thread_vms,
           "throughput": _throughput, "latency_spectrum": _spectrum, "latency_load": _latency_load,
-          "switch": _switch, "pitfalls": _pitfalls}
+          "switch": _switch, "pitfalls": _pitfalls,
+          **{name: _plain(name, tradeoffs) for name in tradeoffs.TABLES},
+          "convoy": _plain("convoy", gil), "cores": _cores}
 CHARTS = tuple(ChartSpec(name, e.name, MAKERS.get(name) or _plain(name)) for e in registry.EXPERIMENTS
                for name in e.charts)
 
@@ -254,7 +263,8 @@ def section(run: Run, experiment: str, results: list) -> str:
         parts.append(f'<p class="finding">{html.esc(result.finding.text)}</p>')
     if registry.get(experiment).pitfalls:
         parts.append("<h3>The article's risk table, measured</h3>" + html.table(pitfall_table(run)))
-    for caption, frame in tables.experiment_tables(run, experiment):
+    for caption, frame in [*tables.experiment_tables(run, experiment), *tradeoffs.experiment_tables(run, experiment),
+                           *gil.experiment_tables(run, experiment)]:
         if not frame.empty:
             parts.append(f"<h3>{html.esc(caption)}</h3>" + html.table(frame, swatch=style.color))
     return "\n".join(parts)
@@ -306,7 +316,8 @@ def render(run: Run, results: list, out_dir: str) -> str:
     body = [trust.banners(run), "<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
             f'<p class="small">Run {html.esc(run.id)} · computed from {html.esc(run.path)} · sections: '
             + " · ".join(f'<a href="#{e}">{e}</a>'
-                         for e in (trust.SECTION_ID, "warnings", "claims", "targets", *registry.names()))
+                         for e in (trust.SECTION_ID, "warnings", "claims", "targets", *registry.names(),
+                                   RELIABILITY_ID))
             + "</p>", trust.section(run),
             "<h2>Summary</h2>", html.bullets(summary(run, results, claim_rows, target_rows), "summary"),
             '<h2 id="warnings">Warnings</h2>', html.bullets(warnings(run) or ["None."], "warnings"),
@@ -321,6 +332,7 @@ def render(run: Run, results: list, out_dir: str) -> str:
             "lab's performance targets.</p>"),
             html.table(target_rows, status_column="status", swatch=style.color)]
     body += [section(run, e, results) for e in registry.names()]
+    body.append(reliability_section(run, out_dir))
     body.append(files_section(run, out_dir))
     return html.page(f"conclab report {run.id}", "\n".join(body))
 
@@ -333,6 +345,66 @@ def files_section(run: Run, out_dir: str) -> str:
                     f'<span class="small">{num(os.path.getsize(os.path.join(run.path, n)) / 1024)} KiB</span></li>'
                     for n in names)
     return f"<h2>Files</h2><ul>{links}</ul>"
+
+
+# -- reliability: conclab check's files, when the run directory has them ----------------------------
+RELIABILITY_ID = "reliability"
+SOAK_CHART = "soak"
+
+
+def reliability_section(run: Run, out_dir: str) -> str:
+    """check.csv (the scenarios per variant), the soak's time series and verdicts, the overload table;
+    each from its file in the run directory, and a plain "none" for each the run lacks."""
+    frames = tables.read_reliability(run.path)
+    parts = [f'<h2 id="{RELIABILITY_ID}">reliability</h2>',
+             ("<p>From <code>conclab check</code> run into this directory (<code>--run-id</code>): the fault "
+              "scenarios (check.csv), the soak (<code>--soak</code>: soak.csv, soak_summary.csv) and the overload "
+              "runs (<code>--overload</code>: overload.csv). docs/reliability.md describes each.</p>")]
+    missing = [f"No {what}: this run has no {name}. Run `conclab check {option}--run-id {run.id}` to add it."
+               for key, name, what, option in (("check", "check.csv", "scenario table", ""),
+                                                ("soak", "soak.csv", "soak", "--soak SECONDS "),
+                                                ("overload", "overload.csv", "overload table", "--overload "))
+               if key not in frames]
+    if "check" in frames:
+        check = frames["check"]
+        parts.append("<h3>Fault scenarios per variant (check.csv)</h3>" + html.table(tables.check_table(check)))
+        failures = tables.check_failures(check)
+        if not failures.empty:
+            parts.append("<h3>Scenarios that did not pass</h3>" + html.table(failures))
+    if "soak" in frames:
+        finding = soak_finding(frames.get("soak_summary"))
+        with style.context():
+            paths = style.save(charts.draw_soak(frames["soak"], finding), os.path.join(out_dir, CHART_DIR), SOAK_CHART)
+        files = {ext: os.path.relpath(p, out_dir) for ext, p in paths.items()}
+        parts += [html.figure(files["png"], files["svg"], finding.title),
+                  f'<p class="finding">{html.esc(finding.text)}</p>']
+    if "soak_summary" in frames:
+        parts.append("<h3>Soak verdicts (soak_summary.csv)</h3>"
+                     + html.table(tables.soak_table(frames["soak_summary"]), swatch=style.color))
+    if "overload" in frames:
+        parts.append("<h3>Overload: how each model degrades (overload.csv)</h3>"
+                     + html.table(tables.overload_table(frames["overload"]), status_column="verdict",
+                                  swatch=style.color))
+    if missing:
+        parts.append(html.bullets(missing, "missing"))
+    return "\n".join(parts)
+
+
+def soak_finding(summary: pd.DataFrame | None) -> Finding:
+    """The soak chart's title and text: how many variants passed every criterion, and which criteria failed."""
+    if summary is None or summary.empty:
+        return Finding("Soak: RSS, fds and p99 per second", "The run has soak.csv but no soak_summary.csv: "
+                                                               "no verdicts to show.")
+    verdicts = summary.groupby("variant", sort=False).verdict.apply(lambda v: (v != "FAIL").all())
+    failed = summary[summary.verdict == "FAIL"]
+    unresolved = summary[summary.verdict == "unresolved"]
+    text = (f"{int(verdicts.sum())} of {len(verdicts)} variants failed no soak criterion"
+            + (": failed " + "; ".join(f"{r.variant} {r.criterion}" for r in failed.itertuples()) if len(failed) else "")
+            + (f". Unresolved (the run could not decide, see why): {len(unresolved)} criteria"
+               if len(unresolved) else "")
+            + ". Hollow markers: seconds where the load generator saturated (its own self-check).")
+    title = f"Soak: {int(verdicts.sum())} of {len(verdicts)} variants steady (RSS, fds, p99 per second)"
+    return Finding(title, text, {"passed": int(verdicts.sum()), "variants": len(verdicts)})
 
 
 def write(run: Run, out_dir: str | None = None) -> tuple[str, list]:

@@ -218,3 +218,82 @@ TABLES = {"memory": memory, "throughput": throughput, "latency": latency, "io_bo
 def experiment_tables(run: Run, experiment: str) -> list:
     """(caption, frame) pairs shown under an experiment's charts; empty frames are left out by the page."""
     return TABLES[experiment](run) if experiment in TABLES else []
+
+
+# -- reliability: conclab check's files in the run directory ---------------------------------------
+RELIABILITY_FILES = ("check.csv", "soak.csv", "soak_summary.csv", "overload.csv")
+
+
+def read_reliability(path: str) -> dict:
+    """The reliability files of a run directory by name (without .csv); a missing or empty file is left out."""
+    import os
+    frames = {}
+    for name in RELIABILITY_FILES:
+        file = os.path.join(path, name)
+        if os.path.exists(file) and os.path.getsize(file) > 0:
+            frame = pd.read_csv(file, keep_default_na=False, na_values=[""])
+            if not frame.empty:
+                frames[name.removesuffix(".csv")] = frame
+    return frames
+
+
+def check_table(check: pd.DataFrame) -> pd.DataFrame:
+    """check.csv as one row per variant, one column per scenario: pass, limit or FAIL."""
+    table = check.pivot_table(index="variant", columns="scenario", values="status", aggfunc="first")
+    scenarios = list(dict.fromkeys(check.scenario))
+    return table.reindex(columns=scenarios).fillna("").reset_index().rename_axis(columns=None)
+
+
+def check_failures(check: pd.DataFrame) -> pd.DataFrame:
+    """The scenarios that did not pass, with their figure and why."""
+    bad = check[check.status != "pass"]
+    return bad[["variant", "scenario", "status", "figure", "failures", "limit"]].fillna("").reset_index(drop=True)
+
+
+def soak_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """soak_summary.csv as one row per variant: the capacity and rate, then each criterion's value and verdict."""
+    rows = []
+    for variant, group in summary.groupby("variant", sort=False):
+        first = group.iloc[0]
+        saturated = " (load generator saturated)" if str(first.capacity_loadgen_saturated) == "True" else ""
+        row = {"variant": variant, "capacity req/s": f"{num(first.capacity_rps)}{saturated}",
+               "soak req/s": num(first.rate), "conns": num(first.conns), "seconds": num(first.seconds),
+               "generator saturated s": num(first.loadgen_saturated_seconds)}
+        if "machine_busy" in group:            # runs that measured the machine (floor probe, others' CPU)
+            row["machine"] = (f"{'busy' if str(first.machine_busy) == 'True' else 'quiet'}: floor p99 "
+                              f"{num(first.floor_p99_us)} us, others {num(first.others_cpu_pct)} % CPU")
+        for r in group.itertuples():
+            row[r.criterion] = f"{r.verdict}: {r.value}" if r.value != "" and pd.notna(r.value) else r.verdict
+        row["why not"] = "; ".join(str(r.reason) for r in group.itertuples()
+                                   if r.verdict != "pass" and pd.notna(r.reason))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def overload_table(overload: pd.DataFrame) -> pd.DataFrame:
+    """overload.csv, one row per variant and factor, in words: how each model degrades."""
+    out = pd.DataFrame({
+        "variant": overload.variant, "x capacity": overload.factor.map(lambda f: f"{num(f)}x"),
+        "offered req/s": overload.offered_rps, "sent req/s": overload.sent_rps, "served req/s": overload.served_rps,
+        "p99 during ms": overload.p99_us * MS_PER_US, "normal p99 ms": overload.normal_p99_us * MS_PER_US,
+        "errors by kind": overload.errors.map(_errors_text), "never sent": overload.unsent,
+        "unanswered": overload.unanswered, "RSS peak MiB": overload.rss_peak_mib,
+        "RSS before MiB": overload.rss_before_mib, "recovery s": overload.recovery_s,
+        "generator saturated": overload.loadgen_saturated.map(lambda v: "yes" if str(v) == "True" else ""),
+        "verdict": overload.status, "why not": overload.failures.fillna("")})
+    if "recovery_p99_us" in overload:          # runs judged on robust statistics and the machine's floor
+        out.insert(7, "p99 after drop ms", overload.recovery_p99_us * MS_PER_US)
+        out.insert(8, "floor p99 ms", overload.floor_p99_us * MS_PER_US)
+        out["machine busy"] = overload.machine_busy.map(lambda v: "yes" if str(v) == "True" else "")
+        out["why not"] = [("; ".join(t for t in (str(f), str(u)) if t and t != "nan"))
+                          for f, u in zip(overload.failures.fillna(""), overload.unresolved.fillna(""))]
+    return out
+
+
+def _errors_text(text) -> str:
+    import json
+    try:
+        errors = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        return str(text)
+    return ", ".join(f"{kind} {num(n)}" for kind, n in sorted(errors.items())) or "none"

@@ -115,6 +115,35 @@ EXPERIMENTS = (
         "c10k", "Each server holds many idle connections while a small closed loop measures latency.",
         tables=(Table("c10k", "hold_target"),), charts=("c10k",), findings=("c10k",)),
     Experiment(
+        "pool_sizing", "The thread pool at growing --workers, both dispatches, under a closed loop at two loads: "
+                       "requests that only wait 10 ms (I/O-bound, bounded by Little's law: workers / 10 ms) and "
+                       "plain ECHO; go, asyncio and gevent at the same loads beside it.",
+        tables=(Table("pool_sizing", "workers"),), charts=("pool_sizing",), findings=("pool_sizing",),
+        in_all=False),                  # ~7 min at --profile standard: named runs only, `all` keeps its budget
+    Experiment(
+        "message_sizes", "Closed loop, ECHO payloads from 64 B to 1 MiB (1,048,575 B: the largest that fits the "
+                         "default 1 MiB max frame with its op byte): requests/s and payload MB/s per model.",
+        tables=(Table("message_sizes", "size"),), charts=("message_sizes",), findings=("message_sizes",),
+        in_all=False),
+    Experiment(
+        "m_to_n", "Each server holds many idle connections; its logical units (goroutines, greenlets, protocol "
+                  "objects, threads: one per connection by design) against its OS threads (/proc/PID/task).",
+        tables=(Table("m_to_n", "hold_target"),), charts=("m_to_n",), findings=("m_to_n",),
+        in_all=False),
+    Experiment(
+        "convoy", "The GIL convoy: a few connections send 2 ms CPU-bound WORK (closed loop) beside short ECHO at a "
+                  "fixed open-loop rate; ECHO p50 and p99 with and without the CPU work, per model: threads at three "
+                  "switch intervals, the event loops, go at GOMAXPROCS 1 and 2, and each Python model on two "
+                  "processes (--procs 2).",
+        tables=(Table("convoy", "cpu_conns"),), charts=("convoy",), findings=("convoy",),
+        in_all=False),
+    Experiment(
+        "cores", "ECHO and CPU-bound WORK, closed loop, on 1 and 2 server CPUs: each Python model with --procs 1 "
+                 "and 2, go with GOMAXPROCS 1 and 2; throughput, the 2-CPU scaling ratio and RSS summed over the "
+                 "server's processes.",
+        tables=(Table("cores", "case"),), charts=("cores",), findings=("cores",),
+        in_all=False),
+    Experiment(
         "pitfalls", "Each row of the article's risk table (docs/article.md), run twice per backend under the "
                     "same scripted clients: broken (--fault X: the safeguard off) and fixed, sampled over time.",
         tables=(Table("pitfalls", "t_s"), Table("pitfalls_summary", "pitfall")), charts=("pitfalls",),

@@ -514,3 +514,14 @@ def test_every_summary_number_is_from_valid_points_and_all_means_all(invalid_poo
     assert {r["variant"] for r in summ if r["metric"] != "valid"} == {"go", "epoll"}
     ratios = {t["variant"]: t["value"] for t in harness_summary.targets(summ, 50, [])}
     assert ratios[POOL] is None and ratios["uvloop"] is None and ratios["epoll"] == pytest.approx(35 / 40)
+
+
+def test_page_has_a_reliability_section_that_says_what_the_run_lacks(built):
+    """run-tiny has no conclab check files: the section is there and says so for each (tests/test_soak.py
+    draws it from a run directory that has them)."""
+    _run, path, _results = built
+    text = page_text(path)
+    assert '<h2 id="reliability">' in path.read_text(encoding="utf-8")
+    for sentence in ("No scenario table: this run has no check.csv", "No soak: this run has no soak.csv",
+                     "No overload table: this run has no overload.csv"):
+        assert sentence in text

@@ -51,6 +51,17 @@ class Profile:
     pitfall_silent: int = 100   # pitfalls no-deadline: silent clients holding connections
     pitfall_idle_s: float = 0.5  # pitfalls no-deadline: the fixed server's --idle-timeout
     pitfall_cap: int = 200      # pitfalls unbounded: the fixed server's --max-conns (3x as many connect)
+    pool_sizes: tuple = (2, 6, 32, 128, 512, 2048)     # pool_sizing: thread pool --workers swept
+    pool_conns: int = 1000      # pool_sizing: closed-loop connections at every pool size
+    message_sizes: tuple = (64, 1024, 16_384, 65_536, 1_048_575)   # message_sizes: payload bytes (the largest
+                                # fills the servers' default --max-frame, 1 MiB: a frame is op byte + payload)
+    message_conns: int = 50     # message_sizes: closed-loop connections
+    mn_conns: int = 10_000      # m_to_n: idle connections held
+    convoy_conns: int = 8       # convoy: open-loop ECHO connections (the latency measured)
+    convoy_rate: float = 400    # convoy: ECHO requests/s offered over them, with and without the CPU work
+    convoy_cpu_conns: int = 2   # convoy: closed-loop connections sending CPU-only WORK beside them (K)
+    convoy_cpu_us: int = 2000   # convoy: each of those requests' busy loop, holding the GIL
+    cores_conns: int = 50       # cores: closed-loop connections, ECHO and CPU-only WORK (cpu_us each)
 
     def memory_points(self) -> list[int]:
         """memory_conns with "limit" resolved to this process's file limit (minus a margin)."""
@@ -75,6 +86,8 @@ QUICK = Profile(
     cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go", "threads"), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=3, switch_round_s=0.1, pool_workers=default_workers(),
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
+    pool_sizes=(2, 32, 512), pool_conns=200, message_sizes=(64, 16_384, 1_048_575), message_conns=10,
+    mn_conns=10_000, convoy_conns=8, convoy_rate=400, convoy_cpu_conns=2, convoy_cpu_us=2000, cores_conns=50,
 )
 
 FULL = Profile(
@@ -87,6 +100,7 @@ FULL = Profile(
     cpu_conns=(1, 10, 50, 200), cpu_us=200, cpu_wide_variants=("*",), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=7, switch_round_s=0.5, pool_workers=default_workers(), rounds=3,
     pitfall_s=10.0, pitfall_rate=300, pitfall_silent=300, pitfall_idle_s=1.0, pitfall_cap=1000,
+    pool_sizes=(2, 6, 32, 128, 512, 2048), pool_conns=1000, message_conns=50, mn_conns=10_000,
 )
 
 # standard: what results/reference is (`conclab run all --profile standard --run-id reference`): 3 interleaved
@@ -108,6 +122,15 @@ FULL = Profile(
 #   c10k        24 x ~7.3 s (hold 10,000, a 3 s probe, release, stop)                  ~  175 s
 #   switch (microbenchmarks ~35 s) + calibration at start and end (~11 s)              ~   45 s
 #   total                                                                               ~ 19..22 min
+# Run only when named (not part of `all`), every backend, 3 rounds, estimated from quick runs here:
+#   pool_sizing    15 servers (12 pool sizes x dispatch, go, asyncio, gevent) x 2 points x 3 rounds,
+#                  ~4..6 s a point at 1000 connections (head-of-line points drain up to 2 s more)   ~  8..9 min
+#   message_sizes  8 variants x 5 sizes x 3 rounds x ~4 s                                          ~  8 min
+#   m_to_n         24 variant-rounds x ~7..10 s (hold 10,000, read, release, stop)                 ~  3..4 min
+#   convoy         16 servers (threads x 3 switch intervals, 5 other Python models, go x 2 GOMAXPROCS,
+#                  6 Python models --procs 2) x 2 points (without, with CPU work) x 3 rounds x ~4 s ~  6..7 min
+#   cores          8 variants x 4 servers (1 or 2 CPUs x procs or GOMAXPROCS 1 or 2) x 2 loads
+#                  x 3 rounds x ~3.5 s, plus a server start per server                             ~ 12 min
 STANDARD = Profile(
     name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
     connect_rate=5000,
@@ -116,6 +139,7 @@ STANDARD = Profile(
     cpu_conns=(50,), cpu_us=200, cpu_wide_variants=("go",), c10k_conns=10_000, c10k_probe_conns=10,
     switch_rounds=5, switch_round_s=0.1, pool_workers=default_workers(), rounds=3,
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
+    pool_sizes=(2, 6, 32, 128, 512, 2048), pool_conns=1000, message_conns=50, mn_conns=10_000,
 )
 
 TINY = Profile(
@@ -125,6 +149,8 @@ TINY = Profile(
     cpu_conns=(4,), cpu_us=200, cpu_wide_variants=(), c10k_conns=40, c10k_probe_conns=2,
     switch_rounds=1, switch_round_s=0.01, pool_workers=default_workers(),
     pitfall_s=0.8, pitfall_rate=200, pitfall_silent=20, pitfall_idle_s=0.3, pitfall_cap=20,
+    pool_sizes=(2, 16), pool_conns=8, message_sizes=(64, 65_536), message_conns=2, mn_conns=200,
+    convoy_conns=2, convoy_rate=100, convoy_cpu_conns=1, convoy_cpu_us=2000, cores_conns=4,
 )
 
 PROFILES = {p.name: p for p in (QUICK, STANDARD, FULL, TINY)}

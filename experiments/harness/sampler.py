@@ -15,6 +15,13 @@ One ``Probe`` per server process reads:
   connection): ESTABLISHED, CLOSE_WAIT, TIME_WAIT (sock_diag, filtered in the
   kernel; /proc/net/tcp and tcp6 if netlink is unavailable).
 
+A server started with ``--procs N`` is a parent and N worker processes: every
+gauge and counter above is summed over the parent and its children (RSS, USS
+and VMS, threads, fds, CPU, context switches), so a number is the server's, not
+its parent's. The children are looked up at each sample (the sampler's thread)
+and reused by ``counters`` (the window's edges, where a scan of /proc would
+delay the read); a single-process server has none and costs nothing more.
+
 ``Sampler`` runs a probe in a thread every ``interval`` seconds and keeps the
 rows (the raw time series, samples.csv).
 """
@@ -84,22 +91,39 @@ class Probe:
         self.process = psutil.Process(pid)
         self._ctx_seen: dict = {}
         self._lock = threading.Lock()
+        self.children: list = self._find_children()
+
+    def _find_children(self) -> list:
+        """The server's worker processes (``--procs N``), found now; [] for a single process."""
+        with contextlib.suppress(psutil.Error):
+            return self.process.children(recursive=True)
+        return []
+
+    def family(self) -> list:
+        """The parent and the worker processes still alive (the last ones ``_find_children`` found)."""
+        return [self.process, *(c for c in self.children if c.is_running())]
 
     def ctx_switches(self) -> tuple[int, int]:
         """(voluntary, involuntary) over every thread seen so far (see the module doc)."""
         with self._lock:
-            self._ctx_seen.update(task_ctx_switches(self.pid))
+            for process in self.family():
+                self._ctx_seen.update(task_ctx_switches(process.pid))
             seen = list(self._ctx_seen.values())
         return sum(v for v, _ in seen), sum(i for _, i in seen)
 
     def read(self, uss: bool = True) -> dict:
-        """One sample: gauges, cumulative CPU and context switches, TCP states."""
-        with self.process.oneshot():
-            memory = self.process.memory_full_info() if uss else self.process.memory_info()
-            cpu = self.process.cpu_times()
-            row = {"pid": self.pid, "rss_kib": memory.rss // KIB, "vms_kib": memory.vms // KIB,
-                   "uss_kib": memory.uss // KIB if uss else None, "threads": self.process.num_threads(),
-                   "fds": self.process.num_fds(), "cpu_user_s": cpu.user, "cpu_sys_s": cpu.system}
+        """One sample: gauges, cumulative CPU and context switches, TCP states (summed over the family)."""
+        self.children = self._find_children()
+        row = {"pid": self.pid}
+        for process in self.family():
+            try:
+                part = _read_one(process, uss)
+            except psutil.NoSuchProcess:
+                if process is self.process:
+                    raise
+                continue                                   # a worker that just exited: the rest still count
+            for key, value in part.items():
+                row[key] = None if value is None else (row.get(key) or 0) + value
         if self.track_ctx:
             row["ctx_voluntary"], row["ctx_involuntary"] = self.ctx_switches()
         if self.port is not None:
@@ -108,10 +132,24 @@ class Probe:
 
     def counters(self) -> dict:
         """The cumulative counters only (for deltas around one load point)."""
-        cpu = self.process.cpu_times()
+        user = system = 0.0
+        for process in self.family():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                cpu = process.cpu_times()
+                user, system = user + cpu.user, system + cpu.system
         voluntary, involuntary = self.ctx_switches() if self.track_ctx else (None, None)
-        return {"cpu_user_s": cpu.user, "cpu_sys_s": cpu.system, "ctx_voluntary": voluntary,
+        return {"cpu_user_s": user, "cpu_sys_s": system, "ctx_voluntary": voluntary,
                 "ctx_involuntary": involuntary, "t": time.monotonic()}
+
+
+def _read_one(process, uss: bool) -> dict:
+    """The gauges and CPU counters of one process."""
+    with process.oneshot():
+        memory = process.memory_full_info() if uss else process.memory_info()
+        cpu = process.cpu_times()
+        return {"rss_kib": memory.rss // KIB, "vms_kib": memory.vms // KIB,
+                "uss_kib": memory.uss // KIB if uss else None, "threads": process.num_threads(),
+                "fds": process.num_fds(), "cpu_user_s": cpu.user, "cpu_sys_s": cpu.system}
 
 
 class Sampler:
