@@ -16,6 +16,7 @@ and why the policy is what it is:
   makes no progress for --idle-timeout ends the connection with a reset,
   counted in ``idle_timeouts``; one that makes progress is never cut.
 * ``big_frame_memory``: no connection keeps a big-frame buffer for life.
+* ``buffer_budget``: ``--max-buffered`` bounds the request bytes held; past it ERROR "server busy".
 * ``huge_timeouts``: timeouts no timer can hold are refused at start.
 * ``metrics_port``: ``--metrics-port 0`` says where it is; slow scrapers harm nobody.
 
@@ -803,6 +804,102 @@ def big_frame_memory(backend, options, scale: Scale) -> Outcome:
     return out
 
 
+# -- 12. the buffer budget -------------------------------------------------------------------------
+BUDGET = 8 << 20               # --max-buffered: room for 8 maximal frames (--max-frame is the default 1 MiB)
+BUDGET_MAX_FRAME = 1 << 20
+BUDGET_HOSTILE = 40            # connections that each send most of one maximal frame, then stop
+BUDGET_MISSING = 4096          # ... this many bytes short of its end
+BUDGET_SLACK = 16 << 20        # RSS allowed over the baseline + the budget (reads in flight, threads, the runtime)
+BUDGET_HONEST = 3              # clients that PING and ECHO during the attack
+BUDGET_PING = 2.0              # ... each answered within this
+
+
+def buffer_budget(backend, options, scale: Scale) -> Outcome:
+    """--max-buffered 8 MiB, then 40 connections each send most of one 1 MiB frame and stop: RSS stays
+    within the baseline + the budget + 16 MiB; the connections past the budget get ERROR "server busy",
+    counted in buffer_rejections; honest PING/ECHO clients are served meanwhile; the admitted frames, once
+    completed, are echoed whole; once everyone left, buffered_bytes is 0 and a fresh 1 MiB ECHO passes."""
+    out = Outcome("buffer_budget", variant_of(backend, options).name)
+    payload = (bytes(range(256)) * (BUDGET_MAX_FRAME // 256))[:BUDGET_MAX_FRAME - 1]
+    frame = encode(ECHO, payload)
+    cut = len(frame) - BUDGET_MISSING
+    server_options = [*options, "--max-buffered", str(BUDGET), "--frame-timeout", "60",
+                      "--workers", str(BUDGET_HOSTILE + BUDGET_HONEST + 8)]   # connection dispatch: memory, not its queue
+    with ServerProcess(backend, server_options) as server:
+        out.check(echo_ok(server, payload) is not None, "warm-up 1 MiB ECHO failed")
+        wait_until(lambda: active_now(server) == 0, 5.0, 0.05)
+        rss0 = settled_rss(server)
+        hostile, sent = [], []
+        for _ in range(BUDGET_HOSTILE):
+            client = server.connect(10.0)
+            hostile.append(client)
+            try:
+                client.send(frame[:cut])
+                sent.append(True)
+            except OSError:                  # refused and closed while it sent
+                sent.append(False)
+        admissible = BUDGET // BUDGET_MAX_FRAME
+        counted = lambda: server.stats().get("buffer_rejections", 0)
+        wait_until(lambda: counted() >= BUDGET_HOSTILE - admissible, 10.0, 0.05)
+        rss = settled_rss(server)
+        slow = honest_round_trips(server)
+        endings = [client.ending(0.5) for client in hostile]
+        refused = [i for i, client in enumerate(hostile) if reason(client.frames) == 'ERROR "server busy"']
+        held = [i for i, ending in enumerate(endings) if ending == "open" and not hostile[i].frames]
+        lost = 0
+        for i in held:                      # admitted: finish the frame, get it back whole
+            try:
+                hostile[i].send(frame[cut:])
+                lost += hostile[i].recv_frame() != (ECHO, payload)
+            except OSError:
+                lost += 1
+        rejections = counted()
+        for client in hostile:
+            client.close()
+        freed = wait_until(lambda: server.stats().get("buffered_bytes") == 0 and active_now(server) == 0, 10.0, 0.05)
+        fresh = echo_ok(server, payload)
+        alive(server, out)
+    bound = BUDGET + BUDGET_SLACK
+    growth = rss - rss0
+    out.check(growth <= bound, f"RSS grew {mib(growth):.1f} MiB under {BUDGET_HOSTILE} partial 1 MiB frames "
+                               f"(bound: budget {mib(BUDGET):.0f} + slack {mib(BUDGET_SLACK):.0f} MiB)")
+    out.check(len(refused) >= BUDGET_HOSTILE - admissible,
+              f"{len(refused)} hostile connections got ERROR \"server busy\", at least "
+              f"{BUDGET_HOSTILE - admissible} are past the budget")
+    out.check(len(refused) + len(held) == BUDGET_HOSTILE,
+              f"{BUDGET_HOSTILE - len(refused) - len(held)} hostile connections neither refused nor held "
+              f"(endings {sorted(set(endings))})")
+    out.check(rejections == len(refused), f"buffer_rejections {rejections}, {len(refused)} refused")
+    out.check(not slow, f"honest clients during the attack: {'; '.join(slow)}")
+    out.check(lost == 0, f"{lost} of {len(held)} admitted frames not echoed whole once completed")
+    out.check(freed, "buffered_bytes not back to 0 (or connections left) after every hostile closed")
+    out.check(fresh is not None, "a fresh 1 MiB ECHO after the attack failed")
+    out.metrics = {"rss_before_mib": round(mib(rss0), 1), "rss_attack_mib": round(mib(rss), 1),
+                   "refused": len(refused), "held": len(held)}
+    out.figure = (f"{BUDGET_HOSTILE} partial 1 MiB frames, budget {mib(BUDGET):.0f} MiB: RSS {mib(rss0):.1f} -> "
+                  f"{mib(rss):.1f} MiB, {len(refused)} refused, {len(held)} held")
+    return out
+
+
+def honest_round_trips(server: ServerProcess) -> list[str]:
+    """Each of BUDGET_HONEST fresh clients PINGs and ECHOes 64 B; what went wrong or took over BUDGET_PING."""
+    problems = []
+    for i in range(BUDGET_HONEST):
+        began = time.monotonic()
+        try:
+            with server.connect(BUDGET_PING) as client:
+                answers = client.request(PING, b"%d" % i), client.request(ECHO, b"e" * 64)
+        except OSError as exc:
+            problems.append(f"client {i}: {type(exc).__name__}")
+            continue
+        took = time.monotonic() - began
+        if answers != ((PONG, b"%d" % i), (ECHO, b"e" * 64)):
+            problems.append(f"client {i}: {reason([answers[0], answers[1]])}")
+        elif took > BUDGET_PING:
+            problems.append(f"client {i}: {took:.2f} s")
+    return problems
+
+
 # -- 13. timeouts no timer can hold ----------------------------------------------------------------
 HUGE = [("--idle-timeout", "1e10"), ("--idle-timeout", "inf"), ("--frame-timeout", "1e10"), ("--drain-timeout", "inf")]
 REFUSE_WAIT = 30.0             # a server that starts after all is stopped once it says "listening on"
@@ -979,4 +1076,5 @@ EDGES = {
     "big_frame_memory": big_frame_memory,
     "huge_timeouts": huge_timeouts,
     "metrics_port": metrics_port,
+    "buffer_budget": buffer_budget,
 }

@@ -323,6 +323,7 @@ class Connection(asyncio.BufferedProtocol):
             self.hub.deadlines.cancel(self.timer)
         if self.worker is not None:
             self.worker.cancel()
+        self.session.close()                  # its buffer budget back, whatever ended it
         self.hub.stats.closed()
 
     def reset(self) -> None:

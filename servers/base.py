@@ -1,7 +1,12 @@
 """What every Python backend shares outside the per-connection logic.
 
 * ``open_listener``: bind and listen, with one-line errors instead of tracebacks;
-* ``announce``: the contract's ``listening on HOST:PORT`` line, printed when ready;
+* ``announce``: the contract's ``listening on HOST:PORT`` line, printed when ready
+  (a worker of ``--procs`` tells its parent instead, which prints the one line:
+  servers/prefork.py);
+* ``process_facts`` and ``final_counters``: what STATS and the final line say
+  about the process besides the counters (``procs``, ``python``, ``gil``,
+  ``switch_interval``);
 * ``StopSignals``: SIGTERM/SIGINT only set a flag and wake a selector, for the
   models whose main thread waits for connections (threads, pools). Nothing is
   raised asynchronously: an exception raised by a signal handler can land
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import platform
 import signal
 import socket
 import struct
@@ -48,15 +54,22 @@ class WriteStalled(TimeoutError):
     """A reply made no progress for --idle-timeout: the connection ends with a reset (docs/protocol.md section 3)."""
 
 
-def open_listener(config: ServerConfig) -> socket.socket:
-    """A listening TCP socket for config.host:config.port (IPv4 or IPv6)."""
+def open_listener(config: ServerConfig, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening TCP socket for config.host:config.port (IPv4 or IPv6).
+
+    ``reuse_port``: SO_REUSEPORT, one of several listeners on the port (--procs);
+    ``listen=False``: only bound (it reserves the port and receives nothing).
+    """
     try:
         infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind(address)
-        listener.listen(LISTEN_BACKLOG)
+        if listen:
+            listener.listen(LISTEN_BACKLOG)
     except socket.gaierror as exc:
         raise StartupError(f"cannot resolve --host {config.host!r}: {exc.strerror}") from None
     except OSError as exc:
@@ -70,9 +83,35 @@ def address_of(listener: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+_announce_to = None            # a --procs worker's callback: it tells its parent, which prints the one line
+
+
+def announce_to(callback) -> None:
+    """Make ``announce`` call ``callback()`` instead of printing (a worker of --procs)."""
+    global _announce_to
+    _announce_to = callback
+
+
 def announce(listener: socket.socket) -> None:
     """Tell the world we serve: the one line scripts wait for."""
+    if _announce_to is not None:
+        _announce_to()
+        return
     print(f"listening on {address_of(listener)}", flush=True)
+
+
+def process_facts(config: ServerConfig) -> dict:
+    """What this server process is, for STATS and the final line: --procs, the interpreter, its GIL, and
+    the GIL's switch interval (``sys._is_gil_enabled`` exists from CPython 3.13 on; before, there is a GIL)."""
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return {"procs": config.procs, "python": platform.python_version(),
+            "gil": True if gil_enabled is None else bool(gil_enabled()),
+            "switch_interval": round(sys.getswitchinterval(), 6)}      # CPython keeps it in whole microseconds
+
+
+def final_counters(stats) -> dict:
+    """The final JSON line's object (docs/protocol.md section 4): every STATS key, and connections_aborted."""
+    return {"event": "stopped", **stats.snapshot(), "connections_aborted": stats.aborted}
 
 
 LEAKED: list = []   # --fault leak: connections "forgotten" open (fds or transports nobody will close)

@@ -5,19 +5,32 @@ builds its parser from each layer's ``add_parser(s)``); ``main`` is
 ``python -m conclab.servers BACKEND ...``, the same as ``conclab serve``. This
 module imports nothing above the servers layer, so a server process stays lean:
 no pandas, no matplotlib, no load generator.
+
+``cmd_serve`` picks how to run: ``--python PATH`` first (this process becomes
+``PATH -m conclab.servers BACKEND`` with the same options but that one), then
+the go backend (its own program), ``--procs N`` over 1 (servers/prefork.py), and
+otherwise the one process this has always been, in ``serve_here``. The Python
+backends' own options are refused for go in one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 from . import BACKENDS, load, metrics, unavailable_reason
-from .base import StartupError, open_listener, warn
-from .config import add_arguments, from_namespace
+from .base import StartupError, final_counters, open_listener, process_facts, warn
+from .config import ServerConfig, add_arguments, from_namespace
 from .stats import Stats
 
 EXIT_USAGE = 2
+PROBE_TIMEOUT_S = 60           # --python: how long the interpreter may take to import the servers
+GO_REFUSES = {"--procs": "--procs is for Python backends; go uses GOMAXPROCS (--gomaxprocs)",
+              "--switch-interval": "--switch-interval is for Python backends (the GIL's); go has no GIL",
+              "--python": "--python is for Python backends; go is compiled"}
 
 
 def add_parsers(commands) -> None:
@@ -61,6 +74,10 @@ def cmd_serve(args) -> int:
         config = from_namespace(args)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    if args.backend == "go" and config.python_only():
+        raise StartupError(GO_REFUSES[config.python_only()[0]])
+    if config.python is not None:
+        return reexec(config.python, args.backend, config)
     reason = unavailable_reason(args.backend)
     if reason:
         raise StartupError(f"backend {args.backend!r} cannot run here: {reason}")
@@ -68,19 +85,53 @@ def cmd_serve(args) -> int:
         warn(f"binding {config.host}: this server is reachable from other machines")
     if config.fault != "none":
         warn(f"FAULT '{config.fault}' IS ON: a safeguard is deliberately disabled (teaching mode)")
-    serve = load(args.backend)
     if args.backend == "go":                        # its own program: exec it, it prints the same lines
-        return serve(config)
-    stats = Stats(args.backend, config.connection_cap)
+        return load("go")(config)
+    if config.switch_interval is not None:
+        sys.setswitchinterval(config.switch_interval)
+    if config.procs > 1:
+        from . import prefork
+        return prefork.serve(args.backend, config)
+    return serve_here(args.backend, config)
+
+
+def serve_here(backend: str, config: ServerConfig) -> int:
+    """One process serves: the listener, the metrics thread, the backend, the final line."""
+    stats = Stats(backend, config.connection_cap)
+    stats.facts = process_facts(config)
     listener = open_listener(config)
     exporter = None
     if config.metrics_port is not None:
         exporter = metrics.start(config.host, config.metrics_port, stats, listener.getsockname()[1])
-    serve(listener, config, stats)
+    load(backend)(listener, config, stats)
     if exporter is not None:
         exporter.shutdown()
-    print(json.dumps({"event": "stopped", **stats.snapshot(), "connections_aborted": stats.aborted}), flush=True)
+    print(json.dumps(final_counters(stats)), flush=True)
     return 0
+
+
+def reexec(python: str, backend: str, config: ServerConfig) -> int:
+    """Become ``PYTHON -m conclab.servers BACKEND`` with these options minus --python (never returns on
+    success); StartupError in one line if PYTHON is no executable or cannot import the servers. A bare
+    name (``python3.13``) is looked up on PATH."""
+    executable = shutil.which(python)
+    if executable is None or not os.path.isfile(executable):
+        raise StartupError(f"--python {python}: not an executable file")
+    try:
+        probe = subprocess.run([executable, "-c", "import conclab.servers.cli"], capture_output=True, text=True,
+                               timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StartupError(f"--python {python} did not run: {exc}") from None
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        raise StartupError(f"--python {python} cannot import conclab.servers: {last}")
+    options = config.argv()
+    at = options.index("--python")
+    del options[at:at + 2]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(executable, [executable, "-m", "conclab.servers", backend, *options])
+    return 1                                        # not reached
 
 
 def cmd_backends(args) -> int:

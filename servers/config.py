@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from .protocol import DEFAULT_MAX_FRAME
 
+DEFAULT_MAX_BUFFERED = 256 << 20   # 256 MiB: fits a small machine (docs/protocol.md section 3)
 FAULTS = ("none", "leak", "no-deadline", "unbounded", "hard-kill")
+PYTHON_ONLY = ("procs", "switch_interval", "python")   # options of the Python backends (go has its own knobs)
+MAX_PROCS = 1024               # --procs: worker processes (each a whole interpreter)
 MAX_TIMEOUT_S = 1_000_000      # ~11.6 days: every timer API of every backend (and Go's time.Duration) holds it
 
 
@@ -28,6 +31,7 @@ class ServerConfig:
     idle_timeout: float = field(default=60.0, metadata={"help": "seconds without a complete frame (raw: any byte) before ERROR 'idle timeout'"})
     frame_timeout: float = field(default=10.0, metadata={"help": "seconds a started frame has to complete (defeats slowloris dribbling)"})
     max_frame: int = field(default=DEFAULT_MAX_FRAME, metadata={"help": "largest accepted frame length (op + payload), bytes"})
+    max_buffered: int = field(default=DEFAULT_MAX_BUFFERED, metadata={"help": "global budget of request bytes held and not yet answered; a frame that does not fit gets ERROR 'server busy'", "metavar": "BYTES"})
     drain_timeout: float = field(default=5.0, metadata={"help": "graceful shutdown deadline, seconds; what is left then is aborted"})
     metrics_port: int | None = field(default=None, metadata={"help": "serve Prometheus metrics on this port (off by default)"})
     rate_limit: float | None = field(default=None, metadata={"help": "requests/s per connection (token bucket); off by default"})
@@ -38,7 +42,13 @@ class ServerConfig:
     workers: int | None = field(default=None, metadata={"help": "threadpool: worker threads (default: min(32, cpus + 4), like ThreadPoolExecutor)"})
     dispatch: str = field(default="connection", metadata={"help": "threadpool: a worker per connection, or per request",
                                                           "choices": ("connection", "request")})
-    gomaxprocs: int | None = field(default=None, metadata={"help": "go: GOMAXPROCS (default: what Go chooses)"})
+    gomaxprocs: int | None = field(default=None, metadata={"help": "go: GOMAXPROCS", "default": "what Go chooses"})
+    procs: int = field(default=1, metadata={"help": "Python backends: worker processes serving one port, each with "
+                                                    "--max-conns / N of the cap (servers/prefork.py)", "metavar": "N"})
+    switch_interval: float | None = field(default=None, metadata={"help": "Python backends: sys.setswitchinterval, "
+                                                                          "seconds", "default": "CPython's 0.005", "metavar": "S"})
+    python: str | None = field(default=None, metadata={"help": "Python backends: run the server under this interpreter",
+                                                       "default": "the running one", "metavar": "PATH"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,12 +64,16 @@ class ServerConfig:
               for name, value in (("idle-timeout", self.idle_timeout), ("frame-timeout", self.frame_timeout),
                                   ("drain-timeout", self.drain_timeout))),
             (1 <= self.max_frame <= 0xFFFFFFFF, "--max-frame must be in 1..4294967295"),
+            (self.max_buffered >= self.max_frame, "--max-buffered must be at least --max-frame (one maximal frame must fit)"),
             (self.drain_timeout >= 0, "--drain-timeout must not be negative"),
             (self.metrics_port is None or 0 <= self.metrics_port <= 65535, "--metrics-port must be in 0..65535"),
             (self.rate_limit is None or self.rate_limit > 0, "--rate-limit must be positive"),
             (self.burst is None or self.burst >= 1, "--burst must be at least 1"),
             (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
             (self.gomaxprocs is None or self.gomaxprocs >= 1, "--gomaxprocs must be at least 1"),
+            (1 <= self.procs <= MAX_PROCS, f"--procs must be in 1..{MAX_PROCS}"),
+            (self.switch_interval is None or (self.switch_interval > 0 and _finite(self.switch_interval)),
+             f"--switch-interval must be a positive number of seconds, at most {MAX_TIMEOUT_S}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -78,9 +92,25 @@ class ServerConfig:
         return float("inf") if self.fault == "unbounded" else self.max_conns
 
     @property
+    def buffer_budget(self) -> float:
+        """--max-buffered, or no budget at all under --fault unbounded."""
+        return float("inf") if self.fault == "unbounded" else self.max_buffered
+
+    @property
     def effective_burst(self) -> float | None:
         """The bucket size: --burst, else the rate, and never under one whole token."""
         return None if self.rate_limit is None else max(self.burst or self.rate_limit, 1.0)
+
+    def python_only(self) -> list[str]:
+        """The options given here that only the Python backends take (--procs, ...), as --names."""
+        return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(self)
+                if f.name in PYTHON_ONLY and getattr(self, f.name) != f.default]
+
+    def per_worker(self) -> "ServerConfig":
+        """One of --procs workers' settings: its share of the server's caps, ceil(cap / procs) of --max-conns
+        and of --max-buffered (never under one --max-frame)."""
+        return dataclasses.replace(self, max_conns=math.ceil(self.max_conns / self.procs),
+                                   max_buffered=max(self.max_frame, math.ceil(self.max_buffered / self.procs)))
 
     def argv(self) -> list[str]:
         """These settings as command-line options (for the Go server and subprocesses)."""
@@ -98,16 +128,16 @@ def _finite(seconds: float) -> bool:
 
 
 def _type_of(f: dataclasses.Field) -> type:
-    return {"str": str, "int": int, "float": float, "int | None": int, "float | None": float}[f.type]
+    return {"str": str, "int": int, "float": float, "int | None": int, "float | None": float, "str | None": str}[f.type]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ServerConfig field as a --option with its help and default."""
     for f in dataclasses.fields(ServerConfig):
         meta = dict(f.metadata)
-        default = "off" if f.default is None else f.default
+        default = meta.get("default", "off" if f.default is None else f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_type_of(f), default=f.default,
-                            choices=meta.get("choices"), metavar=None if "choices" in meta else f.name.upper(),
+                            choices=meta.get("choices"), metavar=None if "choices" in meta else meta.get("metavar", f.name.upper()),
                             help=f"{meta['help']} (default: {default})")
 
 

@@ -463,6 +463,7 @@ class Loop:
         for entry in (conn.timer, conn.waiting):
             if entry is not None:
                 self.cancel(entry)             # the heap keeps no reference to it
+        conn.session.close()                   # its buffer budget back, whatever ended it
         release(conn.sock, conn.session, self.stats)
         conn.sock = conn.session = conn.out = conn.queue = conn.waiting = conn.timer = None
 

@@ -24,6 +24,10 @@ threading HTTP server) with a socket timeout, so a client that connects and
 sends nothing, or dribbles a header, holds one idle thread, never the scrapes
 of others, and never the exit: the threads are daemons, and ``shutdown``
 stops only the accept loop.
+
+With ``--procs N`` the parent process serves the one endpoint, and ``stats``
+is its view of the workers (servers/prefork.py): their counters and open fds
+summed at scrape time, asked of each worker over a private socket.
 """
 from __future__ import annotations
 
@@ -53,6 +57,11 @@ COUNTER_HELP = {
     "frame_timeouts": "connections closed by --frame-timeout",
     "protocol_errors": "connections closed for breaking the protocol",
     "rate_limited": "requests answered 'rate limited'",
+    "buffer_rejections": "connections refused a frame with 'server busy' (over --max-buffered)",
+}
+GAUGE_HELP = {
+    "connections_active": "connections open now",
+    "buffered_bytes": "request bytes held and not yet answered, reserved from --max-buffered",
 }
 SLOW_COUNT_EVERY = 1.0         # seconds: the psutil fallback for CLOSE_WAIT is taken at most this often
 SCRAPE_IO_TIMEOUT = 5.0        # seconds a scrape connection may stay silent (reading) or stalled (writing)
@@ -65,6 +74,7 @@ class StatsCollector:
         self.stats = stats
         self.port = port
         self.process = psutil.Process()
+        self.open_fds = getattr(stats, "open_fds", self.process.num_fds)   # --procs: every worker's, summed
         self.netlink = True                    # until it fails once
         self.slow = (-float("inf"), 0)         # (when, value) of the last psutil count
         self.lock = threading.Lock()           # scrapes run in threads of their own
@@ -72,15 +82,16 @@ class StatsCollector:
     def collect(self):
         snapshot = self.stats.snapshot()
         labels = ["backend"], [snapshot["backend"]]
-        active = GaugeMetricFamily(PREFIX + "connections_active", "connections open now", labels=labels[0])
-        active.add_metric(labels[1], snapshot["connections_active"])
-        yield active
+        for name, help_text in GAUGE_HELP.items():
+            gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=labels[0])
+            gauge.add_metric(labels[1], snapshot[name])
+            yield gauge
         for name, help_text in COUNTER_HELP.items():
             family = CounterMetricFamily(PREFIX + name.removesuffix("_total"), help_text, labels=labels[0])
             family.add_metric(labels[1], snapshot[name])
             yield family
         for name, help_text, value in [
-            ("open_fds", "file descriptors open in the server process", self.process.num_fds()),
+            ("open_fds", "file descriptors open in the server process", self.open_fds()),
             ("close_wait_connections", "server connections in CLOSE_WAIT (peer closed, we did not)",
              self.close_wait()),
         ]:

@@ -11,7 +11,8 @@ Every message is one frame::
 h11 and wsproto): every backend, the load generator and the tests drive this one
 module, so a protocol bug is fixed once. A hostile length is rejected as soon as
 its four bytes arrive, before any payload is buffered, so the decoder never
-holds more than one maximum frame plus one read.
+holds more than one maximum frame plus one read; a server's buffer budget is
+asked at that same moment (``FrameDecoder``'s ``budget``).
 
 What each request op means is one table, ``REQUESTS`` (as h11 keeps its rules
 in one place): the op of its reply, the check its payload must pass, and how a
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 ECHO = 0x01
 PING = 0x02
@@ -51,6 +52,17 @@ class ProtocolError(Exception):
 
 class BadLength(ProtocolError):
     """The length field is 0 or above max_frame."""
+
+
+class OverBudget(ProtocolError):
+    """A frame's length does not fit in the buffer budget (``--max-buffered``): the server is busy.
+
+    Not the peer's fault, but answered the same way: frames before it are
+    answered, then ERROR "server busy" and the connection is closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("server busy")
 
 
 class UnknownOp(ProtocolError):
@@ -151,6 +163,12 @@ def echo_frames(data: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
     return count if start == end else 0
 
 
+class Budget(Protocol):
+    """What a FrameDecoder asks before it keeps the start of a frame (servers/session.py: Reservations)."""
+
+    def reserve(self, size: int) -> bool: ...
+
+
 class FrameDecoder:
     """Turns a byte stream, in chunks of any size, into (op, payload) frames.
 
@@ -158,13 +176,25 @@ class FrameDecoder:
     whole frames are cut from the chunk itself, with no copy into a buffer first.
     Between frames, the usual state of an idle connection, it holds the one
     shared empty ``bytes``: no buffer per connection.
+
+    ``budget`` (optional, a server's buffer budget) is asked before the start of
+    a frame is kept: ``budget.reserve(length)``, once the frame's 4 length bytes
+    are in, returns whether that many bytes may be buffered. If not, the
+    decoder keeps nothing and raises ``OverBudget`` (with the frames before it).
+    A frame that lies whole in one chunk is never kept, so never reserved.
+    ``reserved`` is the length reserved for the frame being kept (0: none); it
+    is carried until that frame completes, when it goes to 0 and the frame's
+    bytes belong to whoever answers it (``reserved`` read before the ``feed``
+    that completed it says how many: that frame is the feed's first).
     """
 
-    __slots__ = ("max_frame", "_pending")
+    __slots__ = ("max_frame", "_pending", "budget", "reserved")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, budget: Budget | None = None) -> None:
         self.max_frame = max_frame
         self._pending: bytes | bytearray = b""
+        self.budget = budget             # an object, not a bound method: ~64 B less per connection
+        self.reserved = 0
 
     @property
     def mid_frame(self) -> bool:
@@ -178,6 +208,7 @@ class FrameDecoder:
             stream += data                 # a bytearray: grows in place
         else:
             stream = data
+        carried, self.reserved = self.reserved, 0   # the kept frame's reservation, if it is still incomplete
         frames = []
         start, end = 0, len(stream)
         while end - start >= 4:
@@ -188,6 +219,15 @@ class FrameDecoder:
                 error.frames = frames
                 raise error
             if end - start - 4 < length:
+                if start == 0 and carried:
+                    self.reserved = carried
+                elif self.budget is not None:
+                    if not self.budget.reserve(length):
+                        self._pending = b""
+                        error = OverBudget()
+                        error.frames = frames
+                        raise error
+                    self.reserved = length
                 break
             frames.append((stream[start + 4], bytes(stream[start + 5:start + 4 + length])))
             start += 4 + length

@@ -18,6 +18,19 @@ makes one send per read the common case. A backend may first offer a read to
 ``session.echo(data, now)``, the hot path: whole ECHO frames come back as the
 bytes to send, with no Request made; None means "feed it".
 
+The buffer budget (``--max-buffered``, docs/protocol.md section 3) is kept
+here too, once for every backend. A frame that lies whole in the read that
+brought it reserves nothing: the backend answers it before it reads again, so
+those bytes are the connection's one read (bounded by the backend's read size),
+not buffered bytes. A frame that does not, reserves its length from the global
+budget (``Stats.buffered_bytes``) when its 4 length bytes are in, before the decoder
+keeps any of it (``FrameDecoder``'s ``budget``); if that fails, the frames
+before it are answered, then ERROR "server busy" and close, counted in
+``buffer_rejections``. The reservation goes back exactly once: when the
+request that answers the frame runs (``Held``: its reply is handed over), or
+when the connection ends (``close``, which every backend calls, whatever
+ended it), whichever comes first. ``Reservations`` is what one connection holds.
+
 Like the codec it reads no clock (h11's way): every method that needs the time
 takes ``now``, in ``time.monotonic()`` seconds, from the backend, which reads
 it where it calls; tests pass any times they like. The one exception is WORK's
@@ -30,7 +43,7 @@ import time
 
 from . import protocol
 from .config import ServerConfig
-from .protocol import AFTER_WORK, AT_ONCE, COUNTERS, ECHO, ERROR, REQUESTS, ProtocolError, UnknownOp
+from .protocol import AFTER_WORK, AT_ONCE, COUNTERS, ECHO, ERROR, REQUESTS, OverBudget, ProtocolError, UnknownOp
 from .stats import Stats
 
 HEADER = protocol.HEADER
@@ -87,6 +100,56 @@ class Reply(Request):
         self.reply = reply
 
 
+class Reservations:
+    """What one connection holds of the global buffer budget (``Stats.buffered_bytes``), in bytes.
+
+    Its own object, not the Session's state: the decoder keeps it as its
+    ``budget``, and a Session referring to itself through its decoder would be
+    a reference cycle, freed only by the garbage collector instead of at once.
+    """
+
+    __slots__ = ("stats", "budget", "held")
+
+    def __init__(self, stats: Stats, budget: float) -> None:
+        self.stats, self.budget, self.held = stats, budget, 0
+
+    def reserve(self, size: int) -> bool:
+        """The decoder's ``reserve``: take ``size`` bytes from the global budget for a frame it will keep."""
+        stats = self.stats
+        with stats.lock:                            # global, and a pool worker may release meanwhile
+            if stats.buffered_bytes + size > self.budget:
+                return False
+            stats.buffered_bytes += size
+            self.held += size
+            return True
+
+    def release(self, size: int) -> None:
+        """A frame holding ``size`` bytes is answered: give them back (at most what is still held)."""
+        stats = self.stats
+        with stats.lock:                            # a pool worker (Held.run) and the closer may race here
+            size = min(size, self.held)
+            self.held -= size
+            stats.buffered_bytes -= size
+
+
+class Held(Request):
+    """A request answering a frame that reserved budget bytes: running it (its reply handed over) gives them back.
+
+    Made only for a frame that did not arrive whole in one read, so never on the hot path.
+    """
+
+    __slots__ = ("held", "reservations")
+
+    def __init__(self, request: Request, held: int, session: "Session") -> None:
+        super().__init__(request.reply, request.io_s, request.cpu_us, session)
+        self.held, self.reservations = held, session.reservations
+
+    def run(self, now: float) -> bytes:
+        reply = Request.run(self, now)
+        self.reservations.release(self.held)
+        return reply
+
+
 class TokenBucket:
     """The article's token bucket (docs/article.md): ``rate`` tokens per second, at most ``burst`` saved.
 
@@ -128,13 +191,16 @@ class Session:
     """The sans-I/O state of one framed connection."""
 
     __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
-                 "idle_since", "frame_started", "closing", "peer_closed", "leaky")   # ~200 B less per connection
+                 "idle_since", "frame_started", "closing", "peer_closed", "leaky",
+                 "reservations")   # slots: ~200 B less per connection
 
     def __init__(self, config: ServerConfig, stats: Stats, now: float) -> None:
         self.stats = stats
         self.bucket = None if config.rate_limit is None else TokenBucket(config.rate_limit, config.effective_burst, now)
         self.reject_over_rate = config.rate_limit_mode == "reject"
-        self.decoder = protocol.FrameDecoder(config.max_frame)
+        # --fault unbounded: an infinite budget, counted but never enforced
+        self.reservations = Reservations(stats, config.buffer_budget)
+        self.decoder = protocol.FrameDecoder(config.max_frame, self.reservations)
         self.idle_timeout = config.idle_timeout
         self.frame_timeout = config.frame_timeout
         self.idle_since = now
@@ -144,6 +210,13 @@ class Session:
         self.leaky = config.fault == "leak"
         if config.fault == "no-deadline":
             self.idle_timeout = self.frame_timeout = NO_DEADLINE
+
+    def close(self) -> None:
+        """The connection ended, for whatever reason: give back every budget byte it still holds
+        (a Held request that runs later gives back nothing more)."""
+        reservations = self.reservations
+        if reservations.held:
+            reservations.release(reservations.held)
 
     def eof(self) -> None:
         """The peer closed its side: answer what was asked, then close."""
@@ -222,6 +295,7 @@ class Session:
         if reply is not None:
             return [Reply(reply)]
         error = None
+        carried = self.decoder.reserved                 # the reservation of a frame this read may complete
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
@@ -237,8 +311,10 @@ class Session:
         else:
             requests, error = self._answer(frames, error, len(data))
         if error is not None:
-            self.stats.count("protocol_errors")
+            self.stats.count("buffer_rejections" if isinstance(error, OverBudget) else "protocol_errors")
             requests.append(Reply(self._close_with(str(error))))
+        if carried and frames:                          # frames[0] completed the reserved frame: its first reply
+            requests[0] = Held(requests[0], carried, self)
         return requests
 
     def _answer(self, frames, error, bytes_in):

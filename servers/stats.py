@@ -9,6 +9,11 @@ request there. Readers from other threads (the metrics endpoint) still take
 the lock, and see each counter whole. Connection counts (``try_open``,
 ``closed``, ``count``) always lock: they are per connection, not per request.
 The hot path updates the counters once per read, not once per frame.
+
+``buffered_bytes`` is a gauge, not a counter: the bytes of the buffer budget
+(``--max-buffered``) the sessions hold now. Sessions change it under the lock,
+in every backend (servers/session.py: once per frame that does not arrive
+whole in one read, never on the hot path).
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import threading
 ONE_WRITER = frozenset({"epoll", "asyncio", "uvloop", "gevent"})   # backends that count from one thread
 
 COUNTERS = ("connections_active", "connections_total", "connections_rejected", "requests_total",
-            "bytes_in", "bytes_out", "idle_timeouts", "frame_timeouts", "protocol_errors", "rate_limited")
+            "bytes_in", "bytes_out", "idle_timeouts", "frame_timeouts", "protocol_errors", "rate_limited",
+            "buffer_rejections", "buffered_bytes")
 
 
 class Stats:
@@ -27,6 +33,7 @@ class Stats:
         self.max_conns = max_conns
         self.lock = threading.Lock()
         self.aborted = 0      # connections cut at the drain deadline (reported on the final line)
+        self.facts: dict = {}  # what this process is (procs, python, ...): shown with the counters, never summed
         for name in COUNTERS:
             setattr(self, name, 0)
         if backend in ONE_WRITER:       # bound once: the per-read counting takes no lock
@@ -64,4 +71,4 @@ class Stats:
     def snapshot(self) -> dict:
         with self.lock:
             counters = {name: getattr(self, name) for name in COUNTERS}
-        return {"backend": self.backend, "pid": os.getpid(), **counters}
+        return {"backend": self.backend, "pid": os.getpid(), **self.facts, **counters}

@@ -345,6 +345,7 @@ class RequestLoop:
         if reset:
             reset_on_close(conn.sock)
         self.connections.discard(conn.sock)
+        conn.session.close()                        # its buffer budget back, whatever ended it
         release(conn.sock, conn.session, self.stats)
 
     def sweep(self, now: float) -> None:

@@ -177,6 +177,7 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
         pass                                   # reset by the peer, or aborted by the drain
     finally:
         peer.close()
+        session.close()                        # its buffer budget back, whatever ended it
         connections.discard(sock)
         release(sock, session, stats)
 

@@ -87,3 +87,10 @@ def test_metrics_port_zero_is_reported_and_slow_scrapers_harm_nobody(variant):
     """--metrics-port 0: "metrics on HOST:PORT" on stderr; a silent and a dribbling client on it do not
     delay a scrape (< 2 s) nor SIGTERM (exit 0 within 3 s)."""
     check("metrics_port", variant)
+
+
+def test_the_buffer_budget_bounds_memory_and_refuses_past_it(variant):
+    """--max-buffered 8 MiB, 40 connections each send most of one 1 MiB frame: RSS within the baseline
+    + 8 + 16 MiB, those past the budget get ERROR "server busy" (buffer_rejections counts them), honest
+    clients are served meanwhile, admitted frames are echoed once complete, and the budget is free after."""
+    check("buffer_budget", variant)

@@ -19,6 +19,7 @@ type config struct {
 	host, protocol, rateMode, fault, dispatch                  string
 	port, maxConns, maxFrame, metricsPort, gomaxprocs, workers int     // metricsPort -1: off; gomaxprocs 0: Go's choice
 	idle, frame, drain, rate, burst                            float64 // seconds; requests/s (0: off); tokens
+	maxBuffered                                                int64   // the buffer budget, bytes
 }
 
 // maxTimeout bounds every timeout option (servers/config.py MAX_TIMEOUT_S):
@@ -40,6 +41,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.Float64Var(&c.idle, "idle-timeout", 60, "seconds without a complete frame (raw: a byte)")
 	fs.Float64Var(&c.frame, "frame-timeout", 10, "seconds a started frame has to complete")
 	fs.IntVar(&c.maxFrame, "max-frame", 1048576, "largest frame length (op + payload)")
+	fs.Int64Var(&c.maxBuffered, "max-buffered", 256<<20, `budget of request bytes held, not yet answered; past it ERROR "server busy"`)
 	fs.Float64Var(&c.drain, "drain-timeout", 5, "graceful shutdown deadline, seconds")
 	fs.IntVar(&c.metricsPort, "metrics-port", -1, "serve Prometheus /metrics on this port (default: off)")
 	fs.Float64Var(&c.rate, "rate-limit", 0, "requests/s per connection, token bucket (default: off)")
@@ -105,6 +107,7 @@ func (c *config) validate(rest []string, given map[string]bool) error {
 		finite("frame-timeout", c.frame),
 		finite("drain-timeout", c.drain),
 		{1 <= c.maxFrame && c.maxFrame <= 0xFFFFFFFF, "--max-frame must be in 1..4294967295"},
+		{c.maxBuffered >= int64(c.maxFrame), "--max-buffered must be at least --max-frame (one maximal frame must fit)"},
 		{c.drain >= 0, "--drain-timeout must not be negative"},
 		{!given["metrics-port"] || 0 <= c.metricsPort && c.metricsPort <= 65535, "--metrics-port must be in 0..65535"},
 		{!given["rate-limit"] || c.rate > 0, "--rate-limit must be positive"},

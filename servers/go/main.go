@@ -13,6 +13,9 @@
 //   - signal.Notify + sync.WaitGroup for the graceful drain;
 //   - payload buffers borrowed from a sync.Pool for one frame, and only small
 //     ones given back: an idle connection holds no payload buffer at all;
+//   - a global budget of buffered request bytes (--max-buffered), reserved
+//     by compare-and-swap before a frame's payload is read, and the payload
+//     read in chunks as it arrives: no frame is allocated up front;
 //   - sync/atomic for the counters, and no allocation per request;
 //   - a per-connection token bucket (--rate-limit), touched only by its
 //     connection's goroutine, so it needs no lock;
@@ -65,6 +68,7 @@ var (
 type stats struct {
 	active, total, rejected, requests, bytesIn, bytesOut     atomic.Int64
 	idleTimeouts, frameTimeouts, protocolErrors, rateLimited atomic.Int64
+	bufferRejections, buffered                               atomic.Int64 // buffered: a gauge, the budget in use
 }
 
 // each visits the counters in the order STATS prints them, with their help text.
@@ -79,6 +83,8 @@ func (st *stats) each(f func(name, help string, v *atomic.Int64)) {
 	f("frame_timeouts", "Connections closed by the frame timeout.", &st.frameTimeouts)
 	f("protocol_errors", "Connections closed for breaking the protocol.", &st.protocolErrors)
 	f("rate_limited", "Requests refused by --rate-limit-mode reject.", &st.rateLimited)
+	f("buffer_rejections", "Connections refused a frame over --max-buffered (ERROR \"server busy\").", &st.bufferRejections)
+	f("buffered_bytes", "Request bytes held and not yet answered, reserved from --max-buffered.", &st.buffered)
 }
 
 // fields renders the counters as JSON members, spaced like Python's json.dumps.
@@ -101,11 +107,22 @@ type server struct {
 	abort    chan struct{} // closed at the drain deadline: wakes handlers that sleep
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{} // open connections, for the drain (and the leak's reference)
+	budget   int64                 // --max-buffered; MaxInt64 under --fault unbounded (counted, never enforced)
 }
 
 func newServer(cfg *config, ln net.Listener, logTo io.Writer) *server {
 	return &server{cfg: cfg, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, log: log.New(logTo, "conclab: ", 0),
-		quit: make(chan struct{}), abort: make(chan struct{}), conns: map[net.Conn]struct{}{}}
+		quit: make(chan struct{}), abort: make(chan struct{}), conns: map[net.Conn]struct{}{},
+		budget: budgetOf(cfg)}
+}
+
+// budgetOf is the buffer budget a server enforces: --max-buffered, or none
+// under --fault unbounded (FAULT unbounded: no cap on connections or buffered bytes).
+func budgetOf(cfg *config) int64 {
+	if cfg.fault == "unbounded" {
+		return math.MaxInt64
+	}
+	return cfg.maxBuffered
 }
 
 // stop is step 1 of the drain: stop accepting at once (the signal handler calls it).
@@ -356,6 +373,7 @@ type peer struct {
 	born                  time.Time    // time.Now() at the start: timeNow counts from it
 	readArmed, writeArmed lazyDeadline // what the connection's deadlines are set to now
 	head                  [5]byte      // reply header scratch, so replies allocate nothing
+	held                  int64        // budget bytes reserved for the frame being read or answered
 }
 
 func (s *server) newPeer(conn net.Conn) *peer {
@@ -559,6 +577,40 @@ func (e protocolError) Error() string { return string(e) }
 
 var errAborted = errors.New("aborted by the drain deadline")
 
+// errOverBudget refuses a frame that does not fit in the buffer budget. It is
+// answered as a protocol error is (the replies owed first, then ERROR, close)
+// but counted in buffer_rejections: the server is busy, the peer did no wrong.
+var errOverBudget = protocolError("server busy")
+
+// The buffer budget (--max-buffered, docs/protocol.md 3) bounds the request
+// bytes all connections hold and have not answered yet. A frame that is not
+// already whole in the connection's read buffer (readBufSize: per-connection
+// memory, answered before the next read) reserves its length when its 4
+// length bytes are in, before any of its payload is buffered: reserve takes it
+// by compare-and-swap, so the total never goes over, even for an instant. The
+// frame's bytes go back once its reply is queued, or when the connection
+// ends mid-frame, whatever the reason (serveFramed: unreserve).
+func (s *server) reserve(p *peer, n int64) bool {
+	for {
+		used := s.stats.buffered.Load()
+		if used > s.budget-n {
+			return false
+		}
+		if s.stats.buffered.CompareAndSwap(used, used+n) {
+			p.held = n
+			return true
+		}
+	}
+}
+
+// unreserve gives back what the connection's frame reserved (nothing twice).
+func (s *server) unreserve(p *peer) {
+	if p.held != 0 {
+		s.stats.buffered.Add(-p.held)
+		p.held = 0
+	}
+}
+
 // Payload buffers are borrowed from payloadPool for one frame and given back
 // once its reply is queued (bufio has copied it, or written it out). Only
 // buffers up to maxPooledPayload go back: one 1 MiB ECHO must not leave a
@@ -583,7 +635,8 @@ func recycle(buf *[]byte) bool {
 // buffer borrowed from payloadPool (the caller recycles it, error or not).
 // The length is checked as soon as its 4 bytes arrive, and the buffer
 // grows only as payload bytes arrive: a hostile length allocates nothing it
-// has not been sent.
+// has not been sent. A frame not already whole in the read buffer reserves
+// its length from the buffer budget first (p.held; the caller gives it back).
 func (s *server) readFrame(p *peer) (op byte, payload *[]byte, err error) {
 	p.frameStart, p.inFrame = time.Time{}, false
 	if _, err = p.r.Peek(1); err != nil { // between frames only the idle clock runs
@@ -598,6 +651,9 @@ func (s *server) readFrame(p *peer) (op byte, payload *[]byte, err error) {
 	if length == 0 || length > int64(s.cfg.maxFrame) {
 		return 0, nil, protocolError(fmt.Sprintf("frame length %d outside 1..%d", length, s.cfg.maxFrame))
 	}
+	if p.r.Buffered() < 4+int(length) && !s.reserve(p, length) {
+		return 0, nil, errOverBudget
+	}
 	p.r.Discard(4)
 	if op, err = p.r.ReadByte(); err != nil {
 		return 0, nil, err
@@ -608,14 +664,23 @@ func (s *server) readFrame(p *peer) (op byte, payload *[]byte, err error) {
 }
 
 // readPayload reads n bytes into buf, growing it (doubling, from 4 KiB, but
-// never past n) only when it is full and more bytes have arrived.
+// never past n) only when it is full and more bytes have arrived. Past
+// maxPooledPayload the rest arrives in chunks of that size, joined once all n
+// bytes are in: a frame in progress holds about what it was sent, and no
+// garbage of earlier doublings (up to a frame's size again, for the garbage
+// collector to find) while it waits for the rest. On an error the bytes read
+// so far are dropped: the connection ends.
 func readPayload(r io.Reader, buf []byte, n int) ([]byte, error) {
+	first := n
+	if first > maxPooledPayload {
+		first = maxPooledPayload
+	}
 	buf = buf[:0]
-	for len(buf) < n {
+	for len(buf) < first {
 		if len(buf) == cap(buf) {
 			size := 2 * cap(buf)
-			if size > n {
-				size = n
+			if size > first {
+				size = first
 			}
 			if size < minPayloadBuf {
 				size = minPayloadBuf
@@ -623,16 +688,52 @@ func readPayload(r io.Reader, buf []byte, n int) ([]byte, error) {
 			buf = append(make([]byte, 0, size), buf...)
 		}
 		end := cap(buf)
-		if end > n {
-			end = n
+		if end > first {
+			end = first
 		}
 		m, err := r.Read(buf[len(buf):end])
 		buf = buf[:len(buf)+m]
-		if err != nil && len(buf) < n {
+		if err != nil && len(buf) < first {
 			return buf, err
 		}
 	}
-	return buf, nil
+	if first == n {
+		return buf, nil
+	}
+	chunks, got := [][]byte{buf}, len(buf)
+	for got < n {
+		chunk, err := readChunk(r, min(n-got, maxPooledPayload))
+		if err != nil {
+			return buf, err
+		}
+		chunks, got = append(chunks, chunk), got+len(chunk)
+	}
+	whole := make([]byte, 0, n)
+	for _, chunk := range chunks {
+		whole = append(whole, chunk...)
+	}
+	return whole, nil
+}
+
+// readChunk reads exactly size bytes into a new buffer, or returns the error
+// that stopped it (as Read gives it: io.EOF, a deadline, a reset).
+func readChunk(r io.Reader, size int) ([]byte, error) {
+	chunk := make([]byte, 0, size)
+	for len(chunk) < size {
+		m, err := r.Read(chunk[len(chunk):size])
+		chunk = chunk[:len(chunk)+m]
+		if err != nil && len(chunk) < size {
+			return chunk, err
+		}
+	}
+	return chunk, nil
+}
+
+func min(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 // serveFramed answers frames in order until the client leaves or breaks a rule.
@@ -641,12 +742,14 @@ func (s *server) serveFramed(p *peer) error {
 	if s.cfg.rate > 0 {
 		bucket = &tokenBucket{rate: s.cfg.rate, burst: s.cfg.burst, tokens: s.cfg.burst, last: time.Now()}
 	}
+	defer s.unreserve(p) // a panic too gives the budget back
 	for {
 		op, payload, err := s.readFrame(p)
 		if err == nil {
 			err = s.answer(p, op, *payload, bucket)
 		}
 		recycle(payload) // before we wait for the next frame
+		s.unreserve(p)   // its reply is queued, or the connection ends: the frame's bytes go back
 		if err != nil {
 			return s.fail(p, err)
 		}
@@ -718,6 +821,9 @@ func (s *server) serveRaw(p *peer) error {
 func (s *server) fail(p *peer, err error) error {
 	var reason protocolError
 	switch {
+	case err == errOverBudget:
+		s.stats.bufferRejections.Add(1)
+		reason = errOverBudget
 	case errors.As(err, &reason):
 		s.stats.protocolErrors.Add(1)
 	case errors.Is(err, errPeerNotReading):

@@ -175,7 +175,10 @@ func TestOptionsAreRefusedWithConfigPyMessages(t *testing.T) {
 		{"--max-conns 0", "--max-conns must be at least 1"},
 		{"--max-frame 0", "--max-frame must be in 1..4294967295"},
 		{"--max-frame 4294967296", "--max-frame must be in 1..4294967295"},
-		{"--max-frame 4294967295", ""},
+		{"--max-frame 4294967295", "--max-buffered must be at least --max-frame (one maximal frame must fit)"},
+		{"--max-frame 4294967295 --max-buffered 4294967295", ""},
+		{"--max-frame 1000 --max-buffered 999", "--max-buffered must be at least --max-frame (one maximal frame must fit)"},
+		{"--max-frame 1000 --max-buffered 1000", ""},
 		{"--metrics-port -1", "--metrics-port must be in 0..65535"},
 		{"--metrics-port 65536", "--metrics-port must be in 0..65535"},
 		{"--metrics-port 0", ""},
@@ -217,7 +220,8 @@ func TestOptionDefaultsMatchConfigPy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.rate != 0 || c.metricsPort != -1 || c.gomaxprocs != 0 || c.burst != 1 || c.idle != 60 || c.frame != 10 || c.drain != 5 {
+	if c.rate != 0 || c.metricsPort != -1 || c.gomaxprocs != 0 || c.burst != 1 || c.idle != 60 || c.frame != 10 || c.drain != 5 ||
+		c.maxBuffered != 256<<20 {
 		t.Errorf("defaults: %+v", c)
 	}
 	if c, _ = parseFlags([]string{"--rate-limit", "20"}); c.burst != 20 {
@@ -945,5 +949,101 @@ func TestServerLinesAndGracefulStop(t *testing.T) {
 	}
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("exit: %v", err)
+	}
+}
+
+// ---------------------------------------------------------------- the buffer budget
+
+func TestReserveNeverExceedsTheBudget(t *testing.T) {
+	const budget, frame, workers, tries = 3000, 1000, 8, 20000
+	s, _ := newTestServer(t, false, "--max-buffered", fmt.Sprint(budget), "--max-frame", fmt.Sprint(frame))
+	var highest, refused atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := &peer{}
+			for i := 0; i < tries; i++ {
+				if !s.reserve(p, frame) {
+					refused.Add(1)
+					continue
+				}
+				for n := s.stats.buffered.Load(); n > highest.Load(); {
+					if highest.CompareAndSwap(highest.Load(), n) {
+						break
+					}
+				}
+				runtime.Gosched()
+				s.unreserve(p)
+				s.unreserve(p) // nothing twice
+			}
+		}()
+	}
+	wg.Wait()
+	if h := highest.Load(); h > budget || h < frame {
+		t.Errorf("buffered reached %d with --max-buffered %d", h, budget)
+	}
+	if b := s.stats.buffered.Load(); b != 0 || refused.Load() == 0 {
+		t.Errorf("buffered %d after all gave back; %d refused (8 workers on 3 frames: some must be)", b, refused.Load())
+	}
+}
+
+func TestBudgetRefusesPastItAndIsGivenBackOnEveryEnding(t *testing.T) {
+	s, _ := newTestServer(t, true, "--max-buffered", "2000", "--max-frame", "1000", "--frame-timeout", "0.3")
+	partial := encode(opEcho, bytes.Repeat([]byte("p"), 999))[:600]
+	holding := func() net.Conn {
+		c := dial(t, s)
+		before := s.stats.buffered.Load()
+		c.Write(partial)
+		waitUntil(t, "the frame is reserved", func() bool { return s.stats.buffered.Load() == before+1000 })
+		return c
+	}
+	a, b := holding(), holding()
+	c := dial(t, s)
+	c.Write(append(encode(opPing, []byte("1")), partial[:100]...))
+	if op, payload := recvFrame(t, c); op != opPong || string(payload) != "1" {
+		t.Fatalf("the frame before the refused one: %x %q", op, payload)
+	}
+	if op, payload := recvFrame(t, c); op != opError || string(payload) != "server busy" {
+		t.Fatalf("past the budget: %x %q", op, payload)
+	}
+	if s.stats.bufferRejections.Load() != 1 || s.stats.protocolErrors.Load() != 0 {
+		t.Errorf("buffer_rejections %d, protocol_errors %d", s.stats.bufferRejections.Load(), s.stats.protocolErrors.Load())
+	}
+	a.Write(encode(opEcho, bytes.Repeat([]byte("p"), 999))[600:]) // completed and answered: given back
+	if op, payload := recvFrame(t, a); op != opEcho || len(payload) != 999 {
+		t.Fatalf("the admitted frame: %x, %d bytes", op, len(payload))
+	}
+	waitUntil(t, "the answered frame's bytes are back", func() bool { return s.stats.buffered.Load() == 1000 })
+	b.(*net.TCPConn).SetLinger(0)
+	b.Close() // reset mid-frame
+	waitUntil(t, "the reset frame's bytes are back", func() bool { return s.stats.buffered.Load() == 0 })
+	d := holding() // the frame timeout ends it mid-frame
+	if op, payload := recvFrame(t, d); op != opError || string(payload) != "frame timeout" {
+		t.Fatalf("mid-frame timeout: %x %q", op, payload)
+	}
+	waitUntil(t, "the timed-out frame's bytes are back", func() bool { return s.stats.buffered.Load() == 0 })
+}
+
+// A frame in progress holds what it was sent: the payload arrives in chunks,
+// not in doubling buffers whose discarded halves add up to the frame again.
+func TestAPartialFrameAllocatesAboutWhatArrived(t *testing.T) {
+	const mib = 1 << 20
+	sent := make([]byte, mib-4096)
+	r, w := io.Pipe()
+	go func() {
+		w.Write(sent)
+		w.CloseWithError(io.ErrUnexpectedEOF) // the peer stops short of its 1 MiB
+	}()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := readPayload(r, nil, mib)
+	runtime.ReadMemStats(&after)
+	if err != io.ErrUnexpectedEOF {
+		t.Fatalf("err %v", err)
+	}
+	if grown := after.TotalAlloc - before.TotalAlloc; grown > mib+mib/8 {
+		t.Errorf("allocated %.2f MiB reading %.2f MiB of a frame", float64(grown)/mib, float64(len(sent))/mib)
 	}
 }

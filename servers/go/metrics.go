@@ -68,7 +68,7 @@ func stopMetrics(srv *http.Server) {
 func (s *server) metrics(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	s.stats.each(func(name, help string, v *atomic.Int64) {
-		if name == "connections_active" {
+		if name == "connections_active" || name == "buffered_bytes" {
 			metric(w, "conclab_"+name, "gauge", help, v.Load())
 		} else {
 			metric(w, "conclab_"+strings.TrimSuffix(name, "_total")+"_total", "counter", help, v.Load())
