@@ -398,7 +398,7 @@ def soak_finding(summary: pd.DataFrame | None) -> Finding:
     verdicts = summary.groupby("variant", sort=False).verdict.apply(lambda v: (v != "FAIL").all())
     failed = summary[summary.verdict == "FAIL"]
     unresolved = summary[summary.verdict == "unresolved"]
-    text = (f"{int(verdicts.sum())} of {len(verdicts)} variants failed no soak criterion"
+    text = (f"{int(verdicts.sum())} of {len(verdicts)} variants had no soak criterion FAIL"
             + (": failed " + "; ".join(f"{r.variant} {r.criterion}" for r in failed.itertuples()) if len(failed) else "")
             + (f". Unresolved (the run could not decide, see why): {len(unresolved)} criteria"
                if len(unresolved) else "")

@@ -5,12 +5,14 @@ failing fails with its one-line reason) and draw the report's reliability sectio
 fixture run directory (tests/fixtures/reliability: the files of a real ``conclab check --soak 20
 --overload-seconds 3 --scenarios max_frame,loopback,half_close --backends epoll,go``).
 
-The live tests soak and overload every variant at the CI sizes, set in one place each:
-``soak.CI_SECONDS`` (20 s: a warm-up quarter of 5 s, then 15 one-second samples for the slope;
-about 30 s per variant with the capacity run and the settling) and ``overload.CI_SECONDS`` (5 s per
-factor; about 40 s per variant with capacity, the normal p99 and two recovery windows).
-``CONCLAB_FULL=1`` runs the soak for ``soak.FULL_SECONDS`` and the overload for
-``overload.FULL_SECONDS``. Both carry the ``slow`` marker.
+The live tests are sized in one place, ``soak.SuiteSize`` (``soak.SUITE_CI``; ``CONCLAB_FULL=1``:
+``soak.SUITE_FULL``): CI soaks every variant 12 s at half its capacity (about 17 s per variant with
+the capacity run, the floor probe and the settling) and overloads three variants that degrade
+differently (threads, threadpool-request, asyncio: ``SuiteSize``'s docstring says why) at 2x and
+5x for 3 s each; full soaks 30 s and overloads every variant for 30 s per factor. They assert what
+a run measures exactly (no crash, no lost reply, no CLOSE_WAIT left, fds back to the baseline, no
+thread left beyond what the model keeps) and that no verdict FAILed; an unresolved one (too short
+a run, a busy machine) is printed, not hidden. Both carry the ``slow`` marker.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from conclab.analysis import report, tables
 from conclab.analysis.results import Run
 from conclab.reliability import cli as check_cli
 from conclab.reliability import overload, soak
+from conclab.servers import VARIANTS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reliability"
 SIZE = soak.SoakSize(seconds=20.0)          # warm-up: the first 5 s
@@ -40,7 +43,15 @@ TOTALS = {"lost": 0, "fds_baseline": 7, "fds_after": 7, "close_wait_after": 0}
 
 
 def failed(verdicts) -> dict:
-    return {v.criterion: v.reason for v in verdicts if not v.passed}
+    return {v.criterion: v.reason for v in verdicts if v.state == soak.FAIL}
+
+
+def states(verdicts) -> dict:
+    return {v.criterion: v.state for v in verdicts}
+
+
+def by_criterion(verdicts, criterion: str):
+    return next(v for v in verdicts if v.criterion == criterion)
 
 
 # -- arithmetic ------------------------------------------------------------------------------------
@@ -78,24 +89,73 @@ def test_percentile_of_counts():
 
 
 # -- the verdict -----------------------------------------------------------------------------------
-def test_a_steady_server_passes_every_criterion():
+def test_a_steady_short_run_fails_nothing_and_leaves_the_rss_slope_unresolved():
     verdicts = soak.judge(samples(), SIZE, TOTALS)
     assert failed(verdicts) == {}
-    assert {v.criterion for v in verdicts} == {"RSS slope", "fds", "threads", "CLOSE_WAIT", "lost replies", "p99"}
+    assert states(verdicts) == {"RSS slope": "unresolved", "fds": "pass", "threads": "pass", "CLOSE_WAIT": "pass",
+                                "lost replies": "pass", "p99": "pass"}
+    reason = by_criterion(verdicts, "RSS slope").reason
+    assert reason.startswith("a 20 s run resolves RSS slopes down to +-") and "the bound is 102 B/min" in reason
+
+
+def test_the_run_length_an_unresolved_slope_asks_for_resolves_it():
+    short = by_criterion(soak.judge(samples(), SIZE, TOTALS), "RSS slope")
+    needed = int(short.reason.split("about ")[1].split(" s")[0])
+    assert needed > 120
+    long_size = soak.SoakSize(float(needed))
+    flat = by_criterion(soak.judge(samples(n=needed), long_size, TOTALS), "RSS slope")
+    assert flat.state == "pass", flat.value
+    shorter = by_criterion(soak.judge(samples(n=needed // 2), soak.SoakSize(needed / 2), TOTALS), "RSS slope")
+    assert shorter.state == "unresolved"
+
+
+def test_a_flat_gauge_is_not_taken_for_an_exact_line():
+    _, low, high = soak.slope_interval(list(range(15)), [4096] * 15, noise_floor=1182.0)
+    assert low < 0 < high and high - low > 100
+    assert soak.slope_interval(list(range(15)), [4096] * 15) == (0.0, 0.0, 0.0)
+
+
+LONG = soak.SoakSize(180.0)                 # warm-up: the first minute
 
 
 def test_rss_growth_after_the_warm_up_fails_and_growth_in_it_does_not():
-    leaking = soak.judge(samples(rss_kib=lambda t: 30_000 + 4 * t), SIZE, TOTALS)      # 4 KiB a second
-    assert "RSS grows" in failed(leaking)["RSS slope"]
-    warming = soak.judge(samples(rss_kib=lambda t: 30_000 + 100 * min(t, 4)), SIZE, TOTALS)
-    assert "RSS slope" not in failed(warming)
+    leaking = soak.judge(samples(n=180, rss_kib=lambda t: 30_000 + 4 * t), LONG, TOTALS)      # a page a second
+    assert "RSS grows" in failed(leaking)["RSS slope"] and "in both halves" in failed(leaking)["RSS slope"]
+    warming = soak.judge(samples(n=180, rss_kib=lambda t: 30_000 + 100 * min(t, 50)), LONG, TOTALS)
+    assert states(warming)["RSS slope"] == "unresolved"    # flat after the minute, but 2 minutes resolve no 102 B/min
+
+
+def test_growth_in_the_servers_first_minute_is_unresolved_and_said():
+    short = by_criterion(soak.judge(samples(rss_kib=lambda t: 30_000 + 4 * t), SIZE, TOTALS), "RSS slope")
+    assert short.state == "unresolved"
+    assert short.reason.startswith("RSS grew +245760 B/min") and "inside the server's first minute" in short.reason
+
+
+def test_one_page_or_a_settling_level_is_unresolved_and_steady_steps_fail():
+    one_page = by_criterion(soak.judge(samples(n=180, rss_kib=lambda t: 30_000 + (4 if t >= 150 else 0)), LONG,
+                                       TOTALS), "RSS slope")
+    assert one_page.state == "unresolved", one_page.value
+    settling = by_criterion(soak.judge(samples(n=180, rss_kib=lambda t: 30_000 + 8 * min(t, 110)), LONG, TOTALS),
+                            "RSS slope")
+    assert settling.state == "unresolved" and "but not throughout" in settling.reason, settling.value
+    steps = by_criterion(soak.judge(samples(n=180, rss_kib=lambda t: 30_000 + 16 * (t // 10)), LONG, TOTALS),
+                         "RSS slope")
+    assert steps.state == "FAIL", steps.value          # 4 pages every 10 s, steadily: growth the run does show
 
 
 def test_rss_bound_scales_with_the_connections_held():
-    # 1 KiB per minute per 1,000 connections: 2,000 B/min grows past it with 100 connections, not with 10,000
-    growth = samples(rss_kib=lambda t: 30_000 + (t * 2_000 / 60) / 1024)
-    assert "RSS slope" in failed(soak.judge(growth, soak.SoakSize(20.0, conns=100), TOTALS))
-    assert "RSS slope" not in failed(soak.judge(growth, soak.SoakSize(20.0, conns=10_000), TOTALS))
+    # 1 KiB per minute per 1,000 connections: over 10 minutes, 2,000 B/min is demonstrably past the bound
+    # with 100 connections (102 B/min) and demonstrably under it with 10,000 (10,240 B/min)
+    growth = samples(n=600, rss_kib=lambda t: 30_000 + 4 * round(t * 2_000 / 60 / 4096))
+    assert states(soak.judge(growth, soak.SoakSize(600.0, conns=100), TOTALS))["RSS slope"] == "FAIL"
+    assert states(soak.judge(growth, soak.SoakSize(600.0, conns=10_000), TOTALS))["RSS slope"] == "pass"
+
+
+def test_a_run_passes_with_unresolved_verdicts_and_fails_with_a_failed_one():
+    result = soak.SoakResult("epoll", SIZE, verdicts=soak.judge(samples(), SIZE, TOTALS))
+    assert result.passed and result.unresolved and result.unresolved[0].startswith("RSS slope: a 20 s run")
+    result.verdicts = soak.judge(samples(), SIZE, {**TOTALS, "lost": 1})
+    assert not result.passed and result.failures == ["1 requests sent were never answered ()"]
 
 
 def test_fds_that_creep_or_are_not_given_back_fail():
@@ -123,11 +183,46 @@ def test_a_lost_reply_fails():
     assert failed(verdicts)["lost replies"] == "3 requests sent were never answered (3 unanswered)"
 
 
-def test_p99_is_judged_against_the_first_quarter():
+def test_p99_is_the_median_of_the_last_quarters_seconds_against_the_first_quarters():
     within = soak.judge(samples(p99=lambda t: 500 if t < 5 else 900), SIZE, TOTALS)
-    assert "p99" not in failed(within)
+    assert states(within)["p99"] == "pass"
     drifted = soak.judge(samples(p99=lambda t: 500 if t < 10 else 1_500), SIZE, TOTALS)
-    assert "3.0x the first 5 s' 500 us" in failed(drifted)["p99"]
+    assert "3.0x the first quarter's 500 us, every second over" in failed(drifted)["p99"]
+    mixed = by_criterion(soak.judge(samples(p99=lambda t: 500 if t < 10 or t == 17 else 1_500), SIZE, TOTALS), "p99")
+    assert mixed.state == "unresolved" and "1 of its 5 seconds are within it" in mixed.reason
+    short = by_criterion(soak.judge(samples(n=12, p99=lambda t: 500 if t < 6 else 1_500), soak.SoakSize(12.0),
+                                    TOTALS), "p99")
+    assert short.state == "unresolved" and "3 seconds cannot demonstrate a drift (need 5)" in short.reason
+    spikes = soak.judge(samples(p99=lambda t: 90_000 if t in (3, 16, 18) else 500), SIZE, TOTALS)
+    assert states(spikes)["p99"] == "pass"          # one bad second in a quarter moves a median nowhere
+
+
+def test_the_latency_floor_widens_the_p99_tolerance_when_it_is_larger():
+    drift = samples(p99=lambda t: 500 if t < 10 else 1_500)
+    assert states(soak.judge(drift, SIZE, {**TOTALS, "floor_p99_us": 400}))["p99"] == "FAIL"
+    assert states(soak.judge(drift, SIZE, {**TOTALS, "floor_p99_us": 1_200}))["p99"] == "pass"
+    assert soak.p99_tolerance(500, 1_200) == 1_700 and soak.p99_tolerance(500, 100) == 1_000
+
+
+def test_p99_on_a_busy_machine_is_unresolved_never_passed_or_failed():
+    busy = {**TOTALS, "others_cpu_pct": 35.0}
+    for p99 in (lambda t: 500, lambda t: 500 if t < 10 else 5_000):
+        verdict = by_criterion(soak.judge(samples(p99=p99), SIZE, busy), "p99")
+        assert verdict.state == "unresolved"
+        assert verdict.reason.startswith("machine busy: other processes used 35 % of a CPU")
+    assert states(soak.judge(samples(), SIZE, {**TOTALS, "others_cpu_pct": 4.0}))["p99"] == "pass"
+
+
+def test_seconds_where_the_load_generator_saturated_are_left_out():
+    size = soak.SoakSize(40.0)
+    rows = samples(n=40, p99=lambda t: 500 if t < 30 else 9_000)
+    for row in rows:
+        row["loadgen_saturated"] = row["t_s"] >= 30
+    verdict = by_criterion(soak.judge(rows, size, TOTALS), "p99")
+    assert verdict.state == "unresolved" and "0 in the last" in verdict.reason
+    for row in rows[33:]:
+        row["loadgen_saturated"] = False         # 30..32 stay saturated: 33..39 still judge, and 9 ms is a FAIL
+    assert by_criterion(soak.judge(rows, size, TOTALS), "p99").state == "FAIL"
 
 
 def test_the_warm_up_is_the_first_minute_from_two_minutes_on():
@@ -135,23 +230,58 @@ def test_the_warm_up_is_the_first_minute_from_two_minutes_on():
     assert soak.SoakSize(600.0).warmup == 60.0
 
 
-def test_overload_recovery_is_when_p99_stays_within_twice_normal():
+def test_overload_recovery_time_is_when_p99_stays_within_tolerance():
     assert overload.recovery_time([9_000, 5_000, 900, 1_100, 800], 1_000) == 3.0
     assert overload.recovery_time([900, 800], 1_000) == 0.0
     assert overload.recovery_time([900, 5_000, 800], 1_000) == 3.0
     assert overload.recovery_time([9_000, 9_000], 1_000) is None
+    assert overload.recovery_time([2_500, 900], 1_000, floor_us=2_000) == 0.0
+    assert overload.recovery_time([9_000, None, 900], 1_000) == 2.0         # a saturated second judges nothing
 
 
-def test_an_overload_row_fails_on_memory_and_on_slow_recovery_with_one_line_each():
-    row = overload.OverloadRow("epoll", 5, 10_000.0, rss_before_mib=20.0, rss_peak_mib=120.0, recovery_s=7.0,
-                               normal_p99_us=800)
-    overload.judge(row)
-    assert row.status == "FAIL"
-    assert row.failures == ["RSS peaked at 120.0 MiB, over 20.0 + 64 MiB",
-                            "p99 not back within 2x of normal (800 us) 5 s after the load dropped (took 7 s)"]
-    fine = overload.OverloadRow("epoll", 2, 10_000.0, rss_before_mib=20.0, rss_peak_mib=21.0, recovery_s=1.0)
-    overload.judge(fine)
-    assert fine.status == "pass"
+def test_overload_p99_is_the_median_of_enough_usable_seconds():
+    assert overload.robust_p99([800, 9_000, 700, None, 750]) == 775
+    assert overload.robust_p99([800, None, None, 700]) is None
+
+
+def row(**fields) -> overload.OverloadRow:
+    base = {"rss_before_mib": 20.0, "rss_peak_mib": 21.0, "normal_p99_us": 800.0, "floor_p99_us": 300,
+            "recovery_p99_us": 900.0, "recovery_best_p99_us": 700, "others_cpu_pct": 2.0}
+    r = overload.OverloadRow("epoll", 5, 10_000.0, **{**base, **fields})
+    overload.judge(r)
+    return r
+
+
+def test_an_overload_row_fails_on_memory_and_on_a_p99_not_back_with_one_line_each():
+    bad = row(rss_peak_mib=120.0, recovery_p99_us=7_000.0, recovery_best_p99_us=5_000)
+    assert bad.status == "FAIL"
+    assert bad.failures == ["RSS peaked at 120.0 MiB, over 20.0 + 64 MiB",
+                            ("p99 not back: median per-second p99 7000 us over the 5 s after the load dropped, "
+                             "over 1600 us (2x normal 800 us, or + the floor's 300 us), every second")]
+    mixed = row(recovery_p99_us=7_000.0, recovery_best_p99_us=900)
+    assert mixed.status == "unresolved" and mixed.unresolved[0].endswith("slow recovery not told from noise")
+    assert row().status == "pass"
+    assert row(recovery_p99_us=1_900.0, floor_p99_us=1_500).status == "pass"
+
+
+def test_an_overload_rows_recovery_is_unresolved_on_a_busy_machine_or_without_enough_seconds():
+    busy = row(recovery_p99_us=7_000.0, others_cpu_pct=60.0)
+    assert busy.status == "unresolved" and busy.failures == []
+    assert busy.unresolved[0].startswith("recovery: machine busy: other processes used 60 %")
+    assert row(recovery_p99_us=None).status == "unresolved"
+    assert row(rss_peak_mib=120.0, others_cpu_pct=60.0).status == "FAIL"          # memory is exact: still judged
+    assert row(alive=False).failures == ["the server died under 5x capacity"]
+
+
+def test_the_suite_sizes_live_in_one_place(monkeypatch):
+    monkeypatch.delenv("CONCLAB_FULL", raising=False)
+    assert soak.suite() is soak.SUITE_CI
+    assert soak.SoakSize.default().seconds == soak.SUITE_CI.soak_s == soak.CI_SECONDS
+    assert overload.CI_SECONDS == soak.SUITE_CI.overload_s
+    monkeypatch.setenv("CONCLAB_FULL", "1")
+    assert soak.suite() is soak.SUITE_FULL
+    assert soak.SoakSize.default().seconds == soak.SUITE_FULL.soak_s == soak.FULL_SECONDS
+    assert set(soak.SUITE_CI.overload_variants) < set(soak.SUITE_FULL.overload_variants) == set(VARIANTS)
 
 
 def test_check_refuses_a_soak_of_no_time():
@@ -187,24 +317,47 @@ def test_report_says_plainly_when_a_run_has_no_reliability_files(tmp_path):
 
 
 # -- live ------------------------------------------------------------------------------------------
+def show_unresolved(name: str, unresolved: list) -> None:
+    for reason in unresolved:
+        print(f"{name}: unresolved: {reason}")
+
+
 @pytest.mark.slow
 def test_soak_holds_steady(variant):
-    """70 % of capacity, 5 % of connections replaced a second, faults: RSS, fds, threads flat, no
-    CLOSE_WAIT, no reply lost, p99 within 2x of the first quarter's."""
+    """Steady load, 5 % of connections replaced a second, faults: alive, nothing lost, no CLOSE_WAIT left,
+    fds back to the baseline, threads back to it (or, for a model that keeps them, no more than under load),
+    and no criterion FAILed."""
     backend, options = variant
     server_cpus, loadgen_cpu = check_cli.placement()
     result = soak.soak(backend, options, soak.SoakSize.default(), server_cpus=server_cpus, loadgen_cpu=loadgen_cpu)
-    assert result.samples, result.failures
+    show_unresolved(result.variant, result.unresolved)
+    print(f"{result.variant}: floor p99 {result.floor_p99_us} us, other processes {result.others_cpu_pct} % of a CPU")
+    assert result.error is None and result.samples, result.failures
+    totals = result.totals
+    assert totals["lost"] == 0 and totals["sent"] > 0, totals["lost_detail"]
+    assert totals["close_wait_after"] == 0
+    assert totals["fds_after"] <= totals["fds_baseline"]
+    # threads: back to the baseline, or for a model that keeps what it started (pools, Go's runtime, gevent's
+    # resolver) no more than under load, give or take the flat criterion's tolerance
+    assert totals["threads_after"] <= max(totals["threads_baseline"], max(s["threads"] for s in result.samples)
+                                          + soak.FLAT_TOLERANCE)
     assert result.passed, f"{result.variant}: " + "; ".join(result.failures)
 
 
 @pytest.mark.slow
-def test_overload_is_survived_and_recovered_from(variant):
-    """2x and 5x capacity: alive, RSS within its bound, p99 back to normal within 5 s."""
-    backend, options = variant
+@pytest.mark.parametrize("name", soak.suite().overload_variants)
+def test_overload_is_survived_and_recovered_from(name):
+    """2x and 5x capacity: alive, RSS within its bound, p99 back (or unresolved, printed): no FAIL."""
+    lab = VARIANTS[name]
     server_cpus, loadgen_cpu = check_cli.placement()
-    seconds = overload.FULL_SECONDS if os.environ.get("CONCLAB_FULL") == "1" else overload.CI_SECONDS
-    rows = overload.overload(backend, options, seconds, server_cpus=server_cpus, loadgen_cpu=loadgen_cpu)
-    assert [row.factor for row in rows] == list(overload.FACTORS)
-    problems = [f"{row.factor}x: {failure}" for row in rows for failure in row.failures]
+    sizes = soak.suite()
+    rows = overload.overload(lab.backend, list(lab.options), sizes.overload_s, server_cpus=server_cpus,
+                             loadgen_cpu=loadgen_cpu, capacity_s=sizes.capacity_s, max_rate=sizes.max_rate)
+    assert [r.factor for r in rows] == list(overload.FACTORS)
+    for r in rows:
+        print(f"{name} {r.factor}x: {r.status}, normal p99 {r.normal_p99_us} us, after {r.recovery_p99_us} us, floor "
+              f"{r.floor_p99_us} us, other processes {r.others_cpu_pct} % of a CPU")
+        show_unresolved(f"{name} {r.factor}x", r.unresolved)
+    assert all(r.alive for r in rows)
+    problems = [f"{r.factor}x: {failure}" for r in rows for failure in r.failures]
     assert not problems, "; ".join(problems)

@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -64,6 +63,14 @@ from dataclasses import asdict, dataclass
 
 from conclab import servers
 from conclab.servers import processes
+from conclab.servers.cpustat import (  # noqa: F401 - the /proc/stat arithmetic, shared with reliability: re-exported
+    PROC_STAT,
+    Snapshot,
+    own_cpu_s,
+    parse_proc_stat,
+    snapshot,
+    usage,
+)
 from conclab.servers.launcher import ServerProcess, ServerStartError, log_stem
 
 from . import loadproc
@@ -87,9 +94,6 @@ TIMER_START_DELAY_S = 0.3         # the timer children start their loops this lo
 TIMER_WARMUP = 5                  # sleeps each child makes first and drops
 TIMER_SLACK_S = 15.0              # past its expected time, how long a timer child may take before it is killed
 SLACK_FILE = "/proc/self/timerslack_ns"
-PROC_STAT = "/proc/stat"
-# /proc/stat cpu line fields: user nice system idle iowait irq softirq steal guest guest_nice (guest is in user)
-USER, NICE, SYSTEM, IDLE, IOWAIT, IRQ, SOFTIRQ, STEAL = range(8)
 
 
 @dataclass(frozen=True)
@@ -193,82 +197,7 @@ def timer_slack_ns() -> int | None:
         return None
 
 
-# -- CPU use between start and end ---------------------------------------------------------------------
-
-@dataclass
-class Snapshot:
-    """What the end of the run is compared with: /proc/stat, the run's own CPU seconds, the time."""
-    t: float
-    stat: dict                    # "cpu" (the machine) and "0", "1", ... -> [jiffies per field]
-    own_cpu_s: float
-
-
-def parse_proc_stat(text: str) -> dict:
-    """/proc/stat's cpu lines: {"cpu": [...], "0": [...], ...}, the first 8 fields (user ... steal) in jiffies."""
-    out = {}
-    for line in text.splitlines():
-        if not line.startswith("cpu"):
-            continue
-        name, *fields = line.split()
-        values = [int(f) for f in fields[:8]] + [0] * max(0, 8 - len(fields))
-        out["cpu" if name == "cpu" else name[3:]] = values
-    return out
-
-
-def own_cpu_s() -> float:
-    """User + system CPU seconds of this process and of every child it has waited for (and theirs)."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
-def snapshot() -> Snapshot:
-    try:
-        with open(PROC_STAT, encoding="ascii") as file:
-            stat = parse_proc_stat(file.read())
-    except OSError:
-        stat = {}
-    return Snapshot(t=time.monotonic(), stat=stat, own_cpu_s=own_cpu_s())
-
-
-def usage(before: Snapshot, after: Snapshot, cpus, hz: int | None = None) -> dict:
-    """CPU use between two snapshots: busy % and steal % (per CPU of the run, the run's CPUs, the machine),
-    the run's own CPU and other processes' CPU on the run's CPUs (% of one CPU; see the module docstring)."""
-    hz = hz or os.sysconf("SC_CLK_TCK")
-    wall = max(after.t - before.t, 1e-9)
-
-    def delta(name):
-        if name not in before.stat or name not in after.stat:
-            return None
-        return [a - b for a, b in zip(after.stat[name], before.stat[name])]
-
-    def shares(d):
-        total = sum(d)
-        if total <= 0:
-            return {"busy_pct": None, "steal_pct": None}
-        return {"busy_pct": 100.0 * (total - d[IDLE] - d[IOWAIT]) / total, "steal_pct": 100.0 * d[STEAL] / total}
-
-    per_cpu, summed = {}, [0] * 8
-    for cpu in cpus:
-        d = delta(str(cpu))
-        if d is None:
-            continue
-        per_cpu[str(cpu)] = shares(d)
-        summed = [s + v for s, v in zip(summed, d)]
-    machine = delta("cpu")
-    out = {"wall_s": wall, "per_cpu": per_cpu, "machine": shares(machine) if machine else None}
-    own = max(0.0, after.own_cpu_s - before.own_cpu_s)
-    out["own_cpu_pct"] = 100.0 * own / wall
-    if per_cpu:
-        out.update(shares(summed))
-        process_s = (summed[USER] + summed[NICE] + summed[SYSTEM]) / hz
-        out["others_cpu_pct"] = 100.0 * max(0.0, process_s - own) / wall
-    else:
-        out.update(busy_pct=None, steal_pct=None, others_cpu_pct=None)
-    return out
-
+# -- CPU use between start and end: conclab.servers.cpustat (snapshot, usage), imported above ------------
 
 # -- the latency floor ---------------------------------------------------------------------------------
 
