@@ -60,8 +60,11 @@ def _unit_tests_start_no_process(request, monkeypatch):
 
 
 def pytest_generate_tests(metafunc):
+    """Every variant; a module that sets ``PYTHON_VARIANTS_ONLY = True`` gets the Python ones (options go refuses)."""
     if "variant" in metafunc.fixturenames:
-        metafunc.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS], indirect=True, scope="module")
+        python_only = getattr(metafunc.module, "PYTHON_VARIANTS_ONLY", False)
+        chosen = [v for v in VARIANTS if not python_only or LAB_VARIANTS[v[0]].is_python]
+        metafunc.parametrize("variant", chosen, ids=[v[0] for v in chosen], indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The Python backends' process options: --procs N (servers/prefork.py), --switch-interval, --python.
 
 Every test runs over the same Python variants as the conformance suite, over
-real loopback sockets; go is skipped (it refuses these options: tests/test_cli.py).
+real loopback sockets; go is left out (it refuses these options: tests/test_cli.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import psutil
 import pytest
-from conclab.servers import protocol, variant_of
+from conclab.servers import protocol
 from conclab.servers.launcher import free_port, wait_until
 from conclab.servers.protocol import ECHO, ERROR, PING, PONG, WORK
 
@@ -22,12 +22,12 @@ MAX_CONNECTIONS = 200          # connections a test may open to reach every work
 EXIT_S = 15.0                  # a drained server (or an orphaned worker) is gone well within this
 
 
+PYTHON_VARIANTS_ONLY = True    # conftest parametrizes `variant` over the Python variants only
+
+
 @pytest.fixture
-def start_python(variant, start):
-    """``start`` for the Python variants only."""
-    backend, options = variant
-    if not variant_of(backend, options).is_python:
-        pytest.skip(f"{backend}: --procs, --switch-interval and --python are for the Python backends")
+def start_python(start):
+    """``start`` (the variants here are the Python ones)."""
     return start
 
 

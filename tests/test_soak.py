@@ -6,10 +6,10 @@ fixture run directory (tests/fixtures/reliability: the files of a real ``conclab
 --overload-seconds 3 --scenarios max_frame,loopback,half_close --backends epoll,go``).
 
 The live tests are sized in one place, ``soak.SuiteSize`` (``soak.SUITE_CI``; ``CONCLAB_FULL=1``:
-``soak.SUITE_FULL``): CI soaks every variant 12 s at half its capacity (about 17 s per variant with
-the capacity run, the floor probe and the settling) and overloads three variants that degrade
-differently (threads, threadpool-request, asyncio: ``SuiteSize``'s docstring says why) at 2x and
-5x for 3 s each; full soaks 30 s and overloads every variant for 30 s per factor. They assert what
+``soak.SUITE_FULL``): CI soaks every variant 8 s at half its capacity (about 12 s per variant with
+the capacity run, the floor probe and the settling) and overloads two variants that degrade
+differently (threads, threadpool-request: ``SuiteSize``'s docstring says why) at 2x and
+5x for 2 s each; full soaks 30 s and overloads every variant for 30 s per factor. They assert what
 a run measures exactly (no crash, no lost reply, no CLOSE_WAIT left, fds back to the baseline, no
 thread left beyond what the model keeps) and that no verdict FAILed; an unresolved one (too short
 a run, a busy machine) is printed, not hidden. Both carry the ``slow`` marker.
