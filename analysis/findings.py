@@ -83,6 +83,13 @@ def _left_out(b: Builder, frame: pd.DataFrame) -> list:
     return list(dict.fromkeys(bad.variant))
 
 
+def _nothing_valid(everything: pd.DataFrame, what: str) -> Finding:
+    """The finding of a table without one valid point: each variant's invalid points, said."""
+    b = Builder()
+    _left_out(b, everything)
+    return b.finding(f"{what} has no valid point")
+
+
 def _names(variants) -> str:
     variants = list(variants)
     return ", ".join(variants[:-1]) + " and " + variants[-1] if len(variants) > 1 else "".join(variants)
@@ -423,8 +430,7 @@ def io_bound(io: pd.DataFrame) -> Finding:
     b = Builder()
     everything, io = io, derive.valid(io)
     if io.empty:
-        _left_out(b, everything)
-        return b.finding("io_bound has no valid point")
+        return _nothing_valid(everything, "io_bound")
     wait_ms = io.io_us.dropna().iloc[0] / 1000 if io.io_us.notna().any() else None
     pools = io[io.variant.str.startswith(derive.POOL_BACKEND)]
     title = "Waiting requests scale with concurrency"
@@ -456,9 +462,7 @@ def cpu_bound(cpu: pd.DataFrame) -> Finding:
         return nothing("cpu_bound was not measured in this run")
     everything, cpu = cpu, derive.valid(cpu)
     if cpu.empty:
-        b = Builder()
-        _left_out(b, everything)
-        return b.finding("cpu_bound has no valid point")
+        return _nothing_valid(everything, "cpu_bound")
     narrow = cpu.n_server_cpus.min()
     one = cpu[cpu.n_server_cpus == narrow]
     python, go = one[one.variant != "go"], one[one.variant == "go"]
@@ -882,8 +886,7 @@ def message_sizes(m: pd.DataFrame) -> Finding:
     b = Builder()
     everything, m = m, derive.valid(m)
     if m.empty:
-        _left_out(b, everything)
-        return b.finding("message_sizes has no valid point")
+        return _nothing_valid(everything, "message_sizes")
     small, large = m["size"].min(), m["size"].max()
     at_small, at_large = m[m["size"] == small], m[m["size"] == large]
     top_s = at_small.loc[at_small.throughput_rps.idxmax()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -112,3 +113,16 @@ def bench():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, request):
+    """``conclab run NAMES --profile tiny --backends BACKENDS`` of the test module (its constants) into a fresh
+    results directory, once per module: (exit code, run dir, seconds)."""
+    from conclab.experiments.harness import cli as harness_cli
+    module = request.module
+    results = tmp_path_factory.mktemp("results")
+    started = time.monotonic()
+    code = harness_cli.main([",".join(module.NAMES), "--profile", "tiny", "--backends", module.BACKENDS,
+                             "--results", str(results), "--run-id", module.RUN_ID])
+    return code, results / module.RUN_ID, time.monotonic() - started

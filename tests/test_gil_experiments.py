@@ -1,7 +1,6 @@
 """The GIL experiments (convoy, cores): their cases, the paired ratios and findings, a tiny real run."""
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -9,7 +8,6 @@ import pytest
 from conclab.analysis import findings, gil, report
 from conclab.analysis.results import load_run
 from conclab.experiments import convoy, cores, registry
-from conclab.experiments.harness import cli
 from conclab.experiments.harness.profiles import PROFILES, TINY
 from conclab.experiments.harness.sampler import Probe
 from conclab.experiments.harness.tables import COLUMNS
@@ -196,15 +194,6 @@ def test_probe_sums_the_parent_and_its_worker_processes():
 
 
 # -- a tiny real run ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    started = time.monotonic()
-    code = cli.main([",".join(NAMES), "--profile", "tiny", "--backends", BACKENDS, "--results", str(results),
-                     "--run-id", RUN_ID])
-    return code, results / RUN_ID, time.monotonic() - started
-
 
 @pytest.mark.live
 def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):

@@ -1,7 +1,6 @@
 """The trade-off experiments (pool_sizing, message_sizes, m_to_n): their rules, their findings, a tiny real run."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -11,7 +10,6 @@ from conclab import servers as variants
 from conclab.analysis import findings, report, tradeoffs
 from conclab.analysis.results import load_run
 from conclab.experiments import m_to_n, message_sizes, pool_sizing, registry
-from conclab.experiments.harness import cli
 from conclab.experiments.harness.profiles import TINY
 from conclab.experiments.harness.tables import COLUMNS
 from conclab.servers import processes
@@ -149,15 +147,6 @@ def test_m_to_n_finding_names_the_extremes():
 
 
 # -- a tiny real run ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    started = time.monotonic()
-    code = cli.main([",".join(NAMES), "--profile", "tiny", "--backends", BACKENDS, "--results", str(results),
-                     "--run-id", RUN_ID])
-    return code, results / RUN_ID, time.monotonic() - started
-
 
 def read(run_dir, table: str) -> pd.DataFrame:
     return pd.read_csv(run_dir / f"{table}.csv")
