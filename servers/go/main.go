@@ -486,13 +486,16 @@ func (p *peer) Write(b []byte) (int, error) {
 	if p.timed {
 		due = p.clock().Add(p.idle)
 	}
-	written, queued := 0, -1 // unsent bytes at the last passed deadline: asked only then, never per write
+	// Unsent bytes at the last passed deadline (asked only then, never per write) and bytes
+	// written since that reading.
+	written, queued, pushed := 0, -1, 0
 	for {
 		if p.timed && p.writeArmed.need(due) {
 			p.conn.SetWriteDeadline(due)
 		}
 		n, err := p.conn.Write(b[written:])
 		written += n
+		pushed += n
 		p.st.bytesOut.Add(int64(n))
 		if err == nil || !p.timed {
 			return written, err
@@ -500,12 +503,16 @@ func (p *peer) Write(b []byte) (int, error) {
 			continue
 		} else if errors.Is(err, os.ErrDeadlineExceeded) {
 			// The deadline counts from the last progress, not from the start of the write: a
-			// peer that reads slowly keeps its connection. The kernel wakes a blocked writer
-			// only once a good part of the send buffer has drained, so progress is also read
-			// from the kernel: fewer bytes waiting to be sent than at the last deadline (the
-			// first deadline of a write only takes that reading: one more period to compare).
-			if now := unsent(p.conn); n > 0 || (now >= 0 && (queued < 0 || now < queued)) {
-				queued, due, p.writeArmed = now, time.Now().Add(p.idle), lazyDeadline{}
+			// peer that reads slowly keeps its connection. Progress is bytes that left our send
+			// queue for the peer: fewer waiting than at the last deadline plus what we added
+			// since. Bytes written are not progress by themselves: the kernel wakes a blocked
+			// writer only once a good part of the send buffer is free, but the retry after a
+			// deadline takes whatever little room the buffer has (or has grown), peer or not.
+			// The first deadline of a write only takes the reading: one more period to compare.
+			// Where the kernel cannot be asked, a write that took bytes is progress.
+			now := unsent(p.conn)
+			if (now < 0 && n > 0) || (now >= 0 && (queued < 0 || now < queued+pushed)) {
+				queued, pushed, due, p.writeArmed = now, 0, time.Now().Add(p.idle), lazyDeadline{}
 				continue
 			}
 			err = errPeerNotReading
