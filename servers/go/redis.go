@@ -1,0 +1,376 @@
+// The shared token bucket in Redis, the Go side of servers/redis_bucket.py
+// (docs/ratelimit.md): the same Lua script, text for text, run with EVALSHA
+// and loaded again on NOSCRIPT; the same keys, verdicts, on-error rule, 50 ms
+// deadline per call and one reconnect attempt per 100 ms after a failure.
+//
+// A goroutine per connection waits for Redis by blocking, so the client is a
+// blocking one: a small free list of connections (a goroutine takes one, or
+// dials, and gives it back after its call), each call under SetDeadline. RESP2
+// is our own, in a few dozen lines of the standard library, like the Python
+// side: the server stays dependency-free.
+package main
+
+import (
+	"bufio"
+	"crypto/sha1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+const (
+	redisCallTimeout       = 50 * time.Millisecond  // one request's whole dealing with Redis
+	redisReconnectInterval = 100 * time.Millisecond // at most one connect per interval after a failure
+	redisKeyPrefix         = "conclab:bucket:"
+	redisIdleConns         = 16 // connections kept for reuse; more goroutines dial and close their own
+)
+
+// bucketScript is servers/redis_bucket.py's BUCKET_SCRIPT, byte for byte (a Python test compares them).
+const bucketScript = `local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local now = tonumber(ARGV[4])
+local driven = now ~= nil
+if not driven then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp', 'released')
+local tokens, stamp, released = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
+if tokens == nil then
+  tokens, stamp, released = burst, now, now
+end
+if now < stamp then
+  released = released - (stamp - now)
+  stamp = now
+end
+tokens = math.min(burst, tokens + (now - stamp) * rate)
+stamp = now
+local result
+if ARGV[3] == 'reject' then
+  if tokens >= 1 then
+    tokens = tokens - 1
+    result = 1
+  else
+    result = 0
+  end
+else
+  tokens = tokens - 1
+  local release = now
+  if tokens < 0 then
+    release = now - tokens / rate
+  end
+  local wait = math.max(0, release - math.max(now, released))
+  released = release
+  result = math.floor(wait * 1000000 + 0.5)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'stamp', string.format('%.17g', stamp), 'released', string.format('%.17g', released))
+if not driven then
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) / rate * 1000)))
+end
+return result
+`
+
+var bucketSHA = func() string { sum := sha1.Sum([]byte(bucketScript)); return hex.EncodeToString(sum[:]) }()
+
+// ---------------------------------------------------------------- RESP2
+
+// respError is an error reply (-ERR ...): a value read from the stream, not a broken stream.
+type respError string
+
+func (e respError) Error() string { return string(e) }
+
+// kind is the error's first word (NOSCRIPT, WRONGTYPE, ERR).
+func (e respError) kind() string { return strings.SplitN(string(e), " ", 2)[0] }
+
+var errRESP = errors.New("redis: not a RESP2 reply")
+
+// respCommand encodes a command as Redis reads it: an array of bulk strings.
+func respCommand(args ...string) []byte {
+	b := make([]byte, 0, 64)
+	b = append(b, '*')
+	b = strconv.AppendInt(b, int64(len(args)), 10)
+	b = append(b, '\r', '\n')
+	for _, a := range args {
+		b = append(b, '$')
+		b = strconv.AppendInt(b, int64(len(a)), 10)
+		b = append(b, '\r', '\n')
+		b = append(b, a...)
+		b = append(b, '\r', '\n')
+	}
+	return b
+}
+
+// readRESP reads one reply: string (simple string), respError, int64, []byte (bulk),
+// nil (nil bulk or array), []interface{} (array). A stream that is not RESP2 is an error.
+func readRESP(r *bufio.Reader) (interface{}, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	if len(line) < 3 || line[len(line)-2] != '\r' {
+		return nil, errRESP
+	}
+	kind, text := line[0], line[1:len(line)-2]
+	switch kind {
+	case '+':
+		return text, nil
+	case '-':
+		return respError(text), nil
+	case ':':
+		n, err := strconv.ParseInt(text, 10, 64)
+		if err != nil {
+			return nil, errRESP
+		}
+		return n, nil
+	case '$':
+		n, err := strconv.Atoi(text)
+		if err != nil {
+			return nil, errRESP
+		}
+		if n < 0 {
+			return nil, nil
+		}
+		data := make([]byte, n+2)
+		if _, err := io.ReadFull(r, data); err != nil {
+			return nil, err
+		}
+		if data[n] != '\r' || data[n+1] != '\n' {
+			return nil, errRESP
+		}
+		return data[:n], nil
+	case '*':
+		n, err := strconv.Atoi(text)
+		if err != nil {
+			return nil, errRESP
+		}
+		if n < 0 {
+			return nil, nil
+		}
+		items := make([]interface{}, n)
+		for i := range items {
+			if items[i], err = readRESP(r); err != nil {
+				return nil, err
+			}
+		}
+		return items, nil
+	}
+	return nil, errRESP
+}
+
+// ---------------------------------------------------------------- settings, keys, verdicts
+
+type redisAddress struct {
+	host string
+	port int
+	db   int
+}
+
+// parseRedisURL reads redis://HOST:PORT[/DB]; a one-line error otherwise.
+func parseRedisURL(raw string) (redisAddress, error) {
+	usage := "expected redis://HOST:PORT[/DB]"
+	fail := func(why string) (redisAddress, error) {
+		return redisAddress{}, fmt.Errorf("--rate-limit-store %q: %s", raw, why)
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "redis" || u.Opaque != "" {
+		return fail(usage)
+	}
+	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return fail("no user, password, query or fragment: " + usage)
+	}
+	if u.Hostname() == "" || u.Port() == "" {
+		return fail("a host and a port are needed: " + usage)
+	}
+	port, err := strconv.Atoi(u.Port())
+	if err != nil || port < 0 || port > 65535 {
+		return fail("the port is not a number from 0 to 65535")
+	}
+	if port == 0 {
+		return fail("port 0 is not a Redis port")
+	}
+	db := 0
+	if path := strings.Trim(u.Path, "/"); path != "" {
+		if db, err = strconv.Atoi(path); err != nil || db < 0 {
+			return fail("the database is a number (redis://HOST:PORT/0)")
+		}
+	}
+	return redisAddress{u.Hostname(), port, db}, nil
+}
+
+var connectionIDs atomic.Int64
+
+// newConnectionID is an id no other connection of any process or host has: host name, pid, a counter.
+func newConnectionID() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s:%d:%d", host, os.Getpid(), connectionIDs.Add(1))
+}
+
+// bucketKey is the bucket a request takes from: per connection, or per client (the peer's IP).
+func bucketKey(scope, peerIP, connectionID string) string {
+	if scope == "client" {
+		return redisKeyPrefix + peerIP
+	}
+	return redisKeyPrefix + connectionID
+}
+
+// verdict is what a request gets: admitted (after wait) or not; storeFailed: the on-error rule gave it.
+type verdict struct {
+	admitted    bool
+	wait        time.Duration
+	storeFailed bool
+}
+
+// verdictOf reads the script's reply: reject mode 1/0, delay mode the wait in microseconds.
+func verdictOf(reply int64, mode string) verdict {
+	if mode == "reject" {
+		return verdict{admitted: reply == 1}
+	}
+	if reply <= 0 {
+		return verdict{admitted: true}
+	}
+	return verdict{admitted: true, wait: time.Duration(reply) * time.Microsecond}
+}
+
+// onErrorVerdict: allow admits at once (fail open, the default), deny rejects.
+func onErrorVerdict(policy string) verdict {
+	return verdict{admitted: policy != "deny", storeFailed: true}
+}
+
+// ---------------------------------------------------------------- the client
+
+type redisConn struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// redisBucket takes tokens from buckets in one Redis; safe for any number of goroutines.
+type redisBucket struct {
+	addr      redisAddress
+	rate      string // as the script reads them: the shortest text of the float
+	burst     string
+	mode      string
+	onError   verdict
+	timeout   time.Duration
+	idle      chan *redisConn
+	notBefore atomic.Int64 // unix nanoseconds: no connect before (after a failure)
+	Failures  atomic.Int64 // calls answered by the on-error rule
+	Loads     atomic.Int64 // NOSCRIPT fallbacks
+}
+
+func newRedisBucket(rawURL string, rate, burst float64, mode, onError string) (*redisBucket, error) {
+	addr, err := parseRedisURL(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	return &redisBucket{
+		addr: addr, mode: mode, onError: onErrorVerdict(onError), timeout: redisCallTimeout,
+		rate:  strconv.FormatFloat(rate, 'g', -1, 64),
+		burst: strconv.FormatFloat(burst, 'g', -1, 64),
+		idle:  make(chan *redisConn, redisIdleConns),
+	}, nil
+}
+
+// take is one token from bucket key: the verdict, within the timeout.
+func (b *redisBucket) take(key string) verdict {
+	c := b.conn()
+	if c == nil {
+		return b.failed()
+	}
+	v, err := b.call(c, key)
+	if err != nil {
+		c.conn.Close()
+		b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+		return b.failed()
+	}
+	select {
+	case b.idle <- c:
+	default:
+		c.conn.Close()
+	}
+	return v
+}
+
+func (b *redisBucket) failed() verdict {
+	b.Failures.Add(1)
+	return b.onError
+}
+
+// conn is an idle connection, or a new one if the reconnect interval allows; nil if not.
+func (b *redisBucket) conn() *redisConn {
+	select {
+	case c := <-b.idle:
+		return c
+	default:
+	}
+	if time.Now().UnixNano() < b.notBefore.Load() {
+		return nil
+	}
+	conn, err := net.DialTimeout("tcp", net.JoinHostPort(b.addr.host, strconv.Itoa(b.addr.port)), b.timeout)
+	if err != nil {
+		b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+		return nil
+	}
+	c := &redisConn{conn: conn, r: bufio.NewReader(conn)}
+	if b.addr.db != 0 {
+		conn.SetDeadline(time.Now().Add(b.timeout))
+		if reply, err := c.roundtrip(respCommand("SELECT", strconv.Itoa(b.addr.db))); err != nil || reply != "OK" {
+			conn.Close()
+			b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+			return nil
+		}
+	}
+	return c
+}
+
+func (c *redisConn) roundtrip(cmd []byte) (interface{}, error) {
+	if _, err := c.conn.Write(cmd); err != nil {
+		return nil, err
+	}
+	return readRESP(c.r)
+}
+
+// call runs the script on c: EVALSHA, and on NOSCRIPT, SCRIPT LOAD then EVALSHA once more.
+func (b *redisBucket) call(c *redisConn, key string) (verdict, error) {
+	c.conn.SetDeadline(time.Now().Add(b.timeout))
+	evalsha := respCommand("EVALSHA", bucketSHA, "1", key, b.rate, b.burst, b.mode)
+	reply, err := c.roundtrip(evalsha)
+	if e, ok := reply.(respError); err == nil && ok && e.kind() == "NOSCRIPT" {
+		b.Loads.Add(1)
+		if reply, err = c.roundtrip(respCommand("SCRIPT", "LOAD", bucketScript)); err != nil {
+			return verdict{}, err
+		}
+		if sha, ok := reply.([]byte); !ok || string(sha) != bucketSHA {
+			return verdict{}, fmt.Errorf("redis: SCRIPT LOAD answered %v", reply)
+		}
+		reply, err = c.roundtrip(evalsha)
+	}
+	if err != nil {
+		return verdict{}, err
+	}
+	n, ok := reply.(int64)
+	if !ok {
+		return verdict{}, fmt.Errorf("redis: the bucket script answered %v", reply)
+	}
+	return verdictOf(n, b.mode), nil
+}
+
+// close closes the idle connections; calls in flight close theirs when they end.
+func (b *redisBucket) close() {
+	for {
+		select {
+		case c := <-b.idle:
+			c.conn.Close()
+		default:
+			return
+		}
+	}
+}
