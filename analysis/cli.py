@@ -16,7 +16,9 @@ from .results import DEFAULT_RESULTS, LATEST, RunNotFound, load_run
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-DESCRIPTION = ("Write RUN/report.html: a summary, warnings, the machine, the claims of the article "
+DESCRIPTION = ("Write RUN/report.html: first the trade-off table, one row per model, with a decision guide "
+               "computed from it (also written as RUN/tradeoff.csv), then a summary, warnings, the machine, the "
+               "claims of the article "
                "the lab answers (docs/article.md) vs the "
                "numbers, the performance targets, and per experiment its charts (RUN/charts/*.png and .svg), "
                "a finding computed from the data under each, and a table. Prints each page's path.")

@@ -1,7 +1,8 @@
 """``conclab report RUN``: results/<run-id>/report.html, one page with charts, tables and findings.
 
 The page, top to bottom: banners (a noisy, uncalibrated or smoke run says
-so), "How far to trust this run" (the run's calibration: analysis/trust.py),
+so), the trade-off table with its decision guide (analysis/tradeoff_table.py; also
+written as tradeoff.csv beside the page), "How far to trust this run" (the run's calibration: analysis/trust.py),
 a short summary (the charts' findings and the verdicts), warnings (saturated load generator, skipped backends, a noisy
 machine, an unfinished run), the machine, the claims of the article the lab
 answers (docs/article.md) against the numbers, the performance targets, then
@@ -21,7 +22,7 @@ import pandas as pd
 from conclab.experiments import registry
 from conclab.experiments.harness.tables import COLUMNS
 
-from . import charts, claims, derive, findings, gil, html, style, tables, tradeoffs, trust
+from . import charts, claims, derive, findings, gil, html, style, tables, tradeoff_table, tradeoffs, trust
 from .fmt import Finding, num
 from .results import Run
 
@@ -311,14 +312,16 @@ def _fact_value(fact, frame: pd.DataFrame) -> str:
     return fact.sign + num(getattr(values, fact.agg)())
 
 
-def render(run: Run, results: list, out_dir: str) -> str:
+def render(run: Run, results: list, out_dir: str, tradeoff=None) -> str:
+    """The page; ``tradeoff``: the run's tradeoff_table.Table (built here when not given)."""
     claim_rows, target_rows = claims.claims(run), claims.targets(run)
+    tradeoff = tradeoff or tradeoff_table.build(run)
     body = [trust.banners(run), "<h1>conclab: thread pools vs coroutines vs goroutines</h1>",
             f'<p class="small">Run {html.esc(run.id)} · computed from {html.esc(run.path)} · sections: '
             + " · ".join(f'<a href="#{e}">{e}</a>'
-                         for e in (trust.SECTION_ID, "warnings", "claims", "targets", *registry.names(),
-                                   RELIABILITY_ID))
-            + "</p>", trust.section(run),
+                         for e in (tradeoff_table.SECTION_ID, trust.SECTION_ID, "warnings", "claims", "targets",
+                                   *registry.names(), RELIABILITY_ID))
+            + "</p>", tradeoff_table.section(tradeoff), trust.section(run),
             "<h2>Summary</h2>", html.bullets(summary(run, results, claim_rows, target_rows), "summary"),
             '<h2 id="warnings">Warnings</h2>', html.bullets(warnings(run) or ["None."], "warnings"),
             "<h2>Machine</h2>", html.table(machine(run)),
@@ -408,16 +411,18 @@ def soak_finding(summary: pd.DataFrame | None) -> Finding:
 
 
 def write(run: Run, out_dir: str | None = None) -> tuple[str, list]:
-    """Write report.html and charts/ for one run (into the run's directory by default).
+    """Write report.html, tradeoff.csv and charts/ for one run (into the run's directory by default).
 
     Returns the page's path and the ChartResults (each chart's finding and files).
     """
     out_dir = out_dir or run.path
     os.makedirs(out_dir, exist_ok=True)
     results = draw_charts(run, out_dir)
+    tradeoff = tradeoff_table.build(run)
+    tradeoff_table.write_csv(tradeoff, out_dir)
     path = os.path.join(out_dir, REPORT_FILE)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(render(run, results, out_dir))
+        f.write(render(run, results, out_dir, tradeoff))
     for big in big_files(out_dir):
         print(f"conclab report: warning: {big} is over {SIZE_LIMIT_BYTES // 1_000_000} MB; keep raw dumps in "
               f"{RAW_DIR}/ (git-ignored)", file=sys.stderr)

@@ -32,21 +32,32 @@ import numpy as np
 import pandas as pd
 
 import common
-from conclab.analysis import derive, findings, tradeoffs
+from conclab.analysis import derive, findings, tradeoff_table, tradeoffs
 from conclab.analysis.fmt import num
 
 run = common.load()
 common.describe(run)
 
-MODEL = {"threads": "thread per connection", "threadpool": "thread pool, a worker per connection",
-         "threadpool-request": "thread pool, a worker per request", "asyncio": "coroutines (asyncio)",
-         "uvloop": "coroutines (asyncio on uvloop)", "gevent": "coroutines (greenlets)",
-         "epoll": "event loop with callbacks", "go": "goroutines (M:N)"}
+SWITCH_OF, HALF_LOAD = tradeoff_table.SWITCH_OF, tradeoff_table.HALF_LOAD
 THREAD_MODELS = ("threads", "threadpool", "threadpool-request")
-# The switch each model makes to go from one connection's work to another's (switch.csv bench, pinned: one CPU).
-SWITCH_OF = {"threads": "thread", "threadpool": "thread", "threadpool-request": "thread", "asyncio": "asyncio",
-             "uvloop": "uvloop", "gevent": "greenlet", "go": "goroutine"}     # epoll: a callback, no context
-HALF_LOAD = 0.5
+
+# %% [markdown]
+# ## The trade-off table
+#
+# The report's first table (`report.html`, and `tradeoff.csv` beside it): one row per model, each cell
+# read from this run's own tables by `conclab.analysis.tradeoff_table`. A cell says `invalid:` and why
+# where the harness marked the point invalid (its number is not used), and `not measured` where the run
+# lacks the experiment: the notes under the table name the `conclab run` that measures it. Under it, the
+# decision guide: sentences computed from the cells, ties said as ties. The sections after it show how
+# each column is made, one cost at a time.
+
+# %%
+trade_off = tradeoff_table.build(run)
+common.table(trade_off.frame())
+for line in trade_off.notes:
+    common.note(line)
+common.answer(*[sentence.text for sentence in trade_off.guide]) if trade_off.guide else \
+    common.missing("the columns the guide needs")
 
 
 def spread(row, column, scale=1.0) -> str:
@@ -291,9 +302,10 @@ else:
     common.missing("m_to_n (logical units against OS threads)")
 
 # %% [markdown]
-# ## The whole trade-off
+# ## Thread pools against coroutines
 #
-# One row per backend: the medians of the sections above (their spreads are in those sections).
+# The sentences below compare the groups by their medians: the thread models (`threads` and the two
+# pools) against the coroutine models (`asyncio`, `uvloop`, `gevent`), with the event loop and Go beside.
 
 # %%
 columns = {"memory KiB/conn": (memory, "total_kib" if "total_kib" in memory and memory.total_kib.notna().any()
@@ -306,21 +318,6 @@ columns = {"memory KiB/conn": (memory, "total_kib" if "total_kib" in memory and 
            "c10k held": (c10k, "held", 1.0),
            "c10k probe answers": (c10k, "requests", 1.0),
            "knee (× capacity)": (past, "knee_x", 1.0)}
-overview = pd.DataFrame({"variant": run.variants()})
-overview.insert(1, "model", overview.variant.map(MODEL).fillna(""))
-for label, (frame, column, scale) in columns.items():
-    values = frame.set_index("variant")[column] * scale if not frame.empty and column in frame else pd.Series(
-        dtype=float)
-    overview[label] = overview.variant.map(values)
-common.table(overview)
-
-# %% [markdown]
-# ### Reading it: thread pools against coroutines
-#
-# The sentences below compare the groups by their medians: the thread models (`threads` and the two
-# pools) against the coroutine models (`asyncio`, `uvloop`, `gevent`), with the event loop and Go beside.
-
-# %%
 COROUTINES = ("asyncio", "uvloop", "gevent")
 lines = []
 for label, (frame, column, scale), better in (

@@ -142,6 +142,15 @@ def test_page_has_summary_machine_claims_targets_and_every_finding(built):
         assert re.sub(r"\s+", " ", result.finding.text) in text
 
 
+def test_the_trade_off_table_comes_first_and_is_written_beside_the_page(built):
+    from conclab.analysis import tradeoff_table
+    run, path, _ = built
+    page = path.read_text(encoding="utf-8")
+    assert re.findall(r'<h2 id="([^"]+)"', page)[0] == tradeoff_table.SECTION_ID
+    written = pd.read_csv(path.parent / tradeoff_table.FILE)
+    assert list(written.variant) == tradeoff_table.build(run).variants
+
+
 def test_numbers_are_printed_for_people():
     assert [num(v) for v in (50.0, 12345.6, 0.5, 2.50, 0.0123, None)] == ["50", "12,346", "0.5", "2.5", "0.0123", "–"]
 
