@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -17,9 +19,11 @@ import (
 // `--burst 0` or `--gomaxprocs 0` while it accepts leaving them out.
 type config struct {
 	host, protocol, rateMode, fault, dispatch                  string
-	port, maxConns, maxFrame, metricsPort, gomaxprocs, workers int     // metricsPort -1: off; gomaxprocs 0: Go's choice
-	idle, frame, drain, rate, burst                            float64 // seconds; requests/s (0: off); tokens
-	maxBuffered                                                int64   // the buffer budget, bytes
+	rateStore, rateScope, rateOnError                          string        // memory or redis://...; connection or client; allow or deny
+	redis                                                      *redisAddress // the parsed redis:// store; nil: memory
+	port, maxConns, maxFrame, metricsPort, gomaxprocs, workers int           // metricsPort -1: off; gomaxprocs 0: Go's choice
+	idle, frame, drain, rate, burst                            float64       // seconds; requests/s (0: off); tokens
+	maxBuffered                                                int64         // the buffer budget, bytes
 }
 
 // maxTimeout bounds every timeout option (servers/config.py MAX_TIMEOUT_S):
@@ -47,6 +51,9 @@ func parseFlags(args []string) (*config, error) {
 	fs.Float64Var(&c.rate, "rate-limit", 0, "requests/s per connection, token bucket (default: off)")
 	fs.Float64Var(&c.burst, "burst", 0, "token bucket size (default: the rate, at least 1)")
 	fs.StringVar(&c.rateMode, "rate-limit-mode", "delay", "delay or reject")
+	fs.StringVar(&c.rateStore, "rate-limit-store", "memory", "where the token bucket lives: memory or redis://HOST:PORT[/DB]")
+	fs.StringVar(&c.rateScope, "rate-limit-scope", "connection", "what one bucket belongs to: connection, or client (the peer's IP)")
+	fs.StringVar(&c.rateOnError, "rate-limit-on-error", "allow", "a redis store unreachable or slow: allow (admit) or deny (ERROR \"rate limited\")")
 	fs.StringVar(&c.fault, "fault", "none", "none, leak, no-deadline, unbounded or hard-kill")
 	fs.IntVar(&c.gomaxprocs, "gomaxprocs", 0, "GOMAXPROCS (default: Go's choice)")
 	fs.IntVar(&c.workers, "workers", 0, "threadpool only: checked, then ignored")
@@ -98,6 +105,9 @@ func (c *config) validate(rest []string, given map[string]bool) error {
 		{strings.Contains(" none leak no-deadline unbounded hard-kill ", " "+c.fault+" "),
 			"--fault must be none, leak, no-deadline, unbounded or hard-kill"},
 		{c.dispatch == "connection" || c.dispatch == "request", "--dispatch must be connection or request"},
+		{c.rateStore == "memory" || strings.HasPrefix(c.rateStore, "redis://"), "--rate-limit-store must be memory or redis://HOST:PORT[/DB]"},
+		{c.rateScope == "connection" || c.rateScope == "client", "--rate-limit-scope must be connection or client"},
+		{c.rateOnError == "allow" || c.rateOnError == "deny", "--rate-limit-on-error must be allow or deny"},
 		// validate()
 		{0 <= c.port && c.port <= 65535, "--port must be in 0..65535"},
 		{c.maxConns >= 1, "--max-conns must be at least 1"},
@@ -114,13 +124,34 @@ func (c *config) validate(rest []string, given map[string]bool) error {
 		{!given["burst"] || c.burst >= 1, "--burst must be at least 1"},
 		{!given["workers"] || c.workers >= 1, "--workers must be at least 1"},
 		{!given["gomaxprocs"] || c.gomaxprocs >= 1, "--gomaxprocs must be at least 1"},
+		// the shared rate limit (docs/ratelimit.md): each control changes what --rate-limit does, so
+		// without it one is a mistake to report, not a setting to ignore
+		{c.rateStore == "memory" || given["rate-limit"], "--rate-limit-store needs --rate-limit"},
+		{c.rateScope == "connection" || given["rate-limit"], "--rate-limit-scope needs --rate-limit"},
+		{c.rateOnError == "allow" || c.rateStore != "memory", "--rate-limit-on-error needs --rate-limit-store redis://HOST:PORT (memory never fails)"},
 	}
 	for _, rule := range checks {
 		if !rule.ok {
 			return errors.New(rule.msg)
 		}
 	}
+	if c.rateStore != "memory" {
+		addr, err := parseRedisURL(c.rateStore)
+		if err != nil {
+			return err
+		}
+		c.redis = &addr
+	}
 	return nil
+}
+
+// storeLabel is the store as STATS and the final line show it: memory, or
+// redis://HOST:PORT (no database: where it is, not how it is used).
+func (c *config) storeLabel() string {
+	if c.redis == nil {
+		return "memory"
+	}
+	return "redis://" + net.JoinHostPort(c.redis.host, strconv.Itoa(c.redis.port))
 }
 
 type check struct {

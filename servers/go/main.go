@@ -17,8 +17,9 @@
 //     by compare-and-swap before a frame's payload is read, and the payload
 //     read in chunks as it arrives: no frame is allocated up front;
 //   - sync/atomic for the counters, and no allocation per request;
-//   - a per-connection token bucket (--rate-limit), touched only by its
-//     connection's goroutine, so it needs no lock;
+//   - a token bucket (--rate-limit) per connection, touched only by its
+//     connection's goroutine, so it needs no lock; or per client, in a map
+//     under a mutex; or in Redis, shared by every process (ratelimit.go);
 //   - an accept loop that backs off (5 ms doubling to 1 s) when the process
 //     is out of descriptors, as net/http's Server.Serve does;
 //   - Prometheus metrics (--metrics-port) from an http.Server with timeouts,
@@ -69,6 +70,8 @@ type stats struct {
 	active, total, rejected, requests, bytesIn, bytesOut     atomic.Int64
 	idleTimeouts, frameTimeouts, protocolErrors, rateLimited atomic.Int64
 	bufferRejections, buffered                               atomic.Int64 // buffered: a gauge, the budget in use
+	store                                                    storeCounters
+	facts                                                    string // the controls STATS and the final line show, as JSON members
 }
 
 // each visits the counters in the order STATS prints them, with their help text.
@@ -82,16 +85,24 @@ func (st *stats) each(f func(name, help string, v *atomic.Int64)) {
 	f("idle_timeouts", "Connections closed by the idle timeout (no request, or no reply read).", &st.idleTimeouts)
 	f("frame_timeouts", "Connections closed by the frame timeout.", &st.frameTimeouts)
 	f("protocol_errors", "Connections closed for breaking the protocol.", &st.protocolErrors)
-	f("rate_limited", "Requests refused by --rate-limit-mode reject.", &st.rateLimited)
+	f("rate_limited", "Requests refused with ERROR \"rate limited\": over the rate in reject mode, or the store failed under --rate-limit-on-error deny.", &st.rateLimited)
 	f("buffer_rejections", "Connections refused a frame over --max-buffered (ERROR \"server busy\").", &st.bufferRejections)
 	f("buffered_bytes", "Request bytes held and not yet answered, reserved from --max-buffered.", &st.buffered)
+	f("rate_store_calls", "Round trips to the --rate-limit-store (EVALSHA sent).", &st.store.calls)
+	f("rate_store_errors", "Requests given the --rate-limit-on-error verdict (store down, slow or skipped while reconnecting).", &st.store.errors)
 }
 
 // fields renders the counters as JSON members, spaced like Python's json.dumps.
 func (st *stats) fields() string {
 	b := fmt.Sprintf(`"backend": "go", "pid": %d`, os.Getpid())
 	st.each(func(name, _ string, v *atomic.Int64) { b += fmt.Sprintf(`, "%s": %d`, name, v.Load()) })
-	return b
+	return b + st.facts
+}
+
+// factsOf is the controls STATS shows (as Python's backends show theirs): the
+// rate limit's store, where it is (redis://HOST:PORT, no database), and scope.
+func factsOf(cfg *config) string {
+	return fmt.Sprintf(`, "rate_limit_store": %q, "rate_limit_scope": %q`, cfg.storeLabel(), cfg.rateScope)
 }
 
 type server struct {
@@ -108,12 +119,17 @@ type server struct {
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{} // open connections, for the drain (and the leak's reference)
 	budget   int64                 // --max-buffered; MaxInt64 under --fault unbounded (counted, never enforced)
+	store    *redisBucket          // --rate-limit-store redis://...; nil: memory
+	clients  *clientBuckets        // --rate-limit-scope client with the memory store
 }
 
 func newServer(cfg *config, ln net.Listener, logTo io.Writer) *server {
-	return &server{cfg: cfg, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, log: log.New(logTo, "conclab: ", 0),
+	s := &server{cfg: cfg, ln: ln, port: ln.Addr().(*net.TCPAddr).Port, log: log.New(logTo, "conclab: ", 0),
 		quit: make(chan struct{}), abort: make(chan struct{}), conns: map[net.Conn]struct{}{},
-		budget: budgetOf(cfg)}
+		budget: budgetOf(cfg), clients: newClientBuckets(cfg)}
+	s.store = newStore(cfg, &s.stats.store)
+	s.stats.facts = factsOf(cfg)
+	return s
 }
 
 // budgetOf is the buffer budget a server enforces: --max-buffered, or none
@@ -745,15 +761,12 @@ func min(a, b int) int {
 
 // serveFramed answers frames in order until the client leaves or breaks a rule.
 func (s *server) serveFramed(p *peer) error {
-	var bucket *tokenBucket
-	if s.cfg.rate > 0 {
-		bucket = &tokenBucket{rate: s.cfg.rate, burst: s.cfg.burst, tokens: s.cfg.burst, last: time.Now()}
-	}
+	limit := s.newLimiter(p.conn)
 	defer s.unreserve(p) // a panic too gives the budget back
 	for {
 		op, payload, err := s.readFrame(p)
 		if err == nil {
-			err = s.answer(p, op, *payload, bucket)
+			err = s.answer(p, op, *payload, limit)
 		}
 		recycle(payload) // before we wait for the next frame
 		s.unreserve(p)   // its reply is queued, or the connection ends: the frame's bytes go back
@@ -767,7 +780,7 @@ func (s *server) serveFramed(p *peer) error {
 }
 
 // answer checks one frame and queues its reply.
-func (s *server) answer(p *peer, op byte, payload []byte, bucket *tokenBucket) error {
+func (s *server) answer(p *peer, op byte, payload []byte, limit limiter) error {
 	reply := op
 	switch {
 	case op == opPing && len(payload) > maxPing:
@@ -779,13 +792,13 @@ func (s *server) answer(p *peer, op byte, payload []byte, bucket *tokenBucket) e
 	case op != opEcho && op != opWork && op != opStats:
 		return protocolError(fmt.Sprintf("unknown op 0x%02x", op))
 	}
-	if bucket != nil && op != opStats { // STATS is exempt: the lab must always see its counters
-		wait := bucket.take(time.Now(), s.cfg.rateMode == "delay")
-		if wait > 0 && s.cfg.rateMode == "reject" {
+	if limit != nil && op != opStats { // STATS is exempt: the lab must always see its counters
+		v := limit()
+		if !v.admitted { // reject mode over the rate, or a failed store under --rate-limit-on-error deny
 			s.stats.rateLimited.Add(1)
 			return p.reply(opError, rateLimited) // and the connection stays open
-		} else if wait > 0 {
-			if err := s.pause(p, wait); err != nil {
+		} else if v.wait > 0 {
+			if err := s.pause(p, v.wait); err != nil {
 				return err
 			}
 		}
@@ -883,28 +896,6 @@ func (s *server) pause(p *peer, d time.Duration) error {
 func burn(d time.Duration) {
 	for end := time.Now().Add(d); time.Now().Before(end); {
 	}
-}
-
-// tokenBucket allows `rate` requests/s on average, `burst` at once. It is per
-// connection, so only its own goroutine touches it: no lock.
-type tokenBucket struct {
-	rate, burst, tokens float64
-	last                time.Time
-}
-
-// take spends a token and returns how long until it was there (0: at once).
-// With borrow (delay mode) an absent token is taken on credit and the caller
-// waits; without (reject mode) nothing is spent when the bucket is empty.
-func (b *tokenBucket) take(now time.Time, borrow bool) time.Duration {
-	if elapsed := now.Sub(b.last).Seconds(); elapsed > 0 { // (0 * an infinite rate would be NaN)
-		b.tokens = math.Min(b.burst, b.tokens+elapsed*b.rate)
-	}
-	b.last = now
-	wait := seconds(math.Max(0, 1-b.tokens) / b.rate)
-	if wait == 0 || borrow {
-		b.tokens--
-	}
-	return wait
 }
 
 // drain is the graceful shutdown of docs/protocol.md 4, once stop has closed
@@ -1014,6 +1005,9 @@ func main() {
 		status = 1
 	}
 	aborted := s.drain()
+	if s.store != nil {
+		s.store.close()
+	}
 	if metrics != nil {
 		stopMetrics(metrics)
 	}

@@ -199,6 +199,17 @@ func TestOptionsAreRefusedWithConfigPyMessages(t *testing.T) {
 		{"--fault oops", "--fault must be none, leak, no-deadline, unbounded or hard-kill"},
 		{"--dispatch thread", "--dispatch must be connection or request"},
 		{"stray", "unexpected argument stray"},
+		// the shared rate limit (docs/ratelimit.md)
+		{"--rate-limit 5 --rate-limit-store redis://127.0.0.1:6379/2 --rate-limit-scope client --rate-limit-on-error deny", ""},
+		{"--rate-limit 5 --rate-limit-store memory --rate-limit-scope client", ""},
+		{"--rate-limit 5 --rate-limit-store redis://", `--rate-limit-store "redis://": a host and a port are needed: expected redis://HOST:PORT[/DB]`},
+		{"--rate-limit 5 --rate-limit-store redis://127.0.0.1", `--rate-limit-store "redis://127.0.0.1": a host and a port are needed: expected redis://HOST:PORT[/DB]`},
+		{"--rate-limit 5 --rate-limit-store disk", "--rate-limit-store must be memory or redis://HOST:PORT[/DB]"},
+		{"--rate-limit 5 --rate-limit-scope foo", "--rate-limit-scope must be connection or client"},
+		{"--rate-limit 5 --rate-limit-on-error maybe", "--rate-limit-on-error must be allow or deny"},
+		{"--rate-limit-store redis://127.0.0.1:6379", "--rate-limit-store needs --rate-limit"},
+		{"--rate-limit-scope client", "--rate-limit-scope needs --rate-limit"},
+		{"--rate-limit 5 --rate-limit-on-error deny", "--rate-limit-on-error needs --rate-limit-store redis://HOST:PORT (memory never fails)"},
 		// the first failing check in validate()'s order names the problem
 		{"--gomaxprocs 0 --port -1 --idle-timeout inf", "--port must be in 0..65535"},
 		{"--idle-timeout inf --frame-timeout 0", "--frame-timeout must be positive"},
@@ -221,7 +232,7 @@ func TestOptionDefaultsMatchConfigPy(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.rate != 0 || c.metricsPort != -1 || c.gomaxprocs != 0 || c.burst != 1 || c.idle != 60 || c.frame != 10 || c.drain != 5 ||
-		c.maxBuffered != 256<<20 {
+		c.maxBuffered != 256<<20 || c.rateStore != "memory" || c.rateScope != "connection" || c.rateOnError != "allow" || c.redis != nil {
 		t.Errorf("defaults: %+v", c)
 	}
 	if c, _ = parseFlags([]string{"--rate-limit", "20"}); c.burst != 20 {
@@ -251,7 +262,8 @@ func runMain(args ...string) *exec.Cmd {
 }
 
 func TestBadOptionIsOneLineOnStderrAndExitStatus2(t *testing.T) {
-	for _, args := range [][]string{{"--idle-timeout", "inf"}, {"--idle-timeout", "1e10"}, {"--gomaxprocs", "0"}, {"--burst", "0"}} {
+	for _, args := range [][]string{{"--idle-timeout", "inf"}, {"--idle-timeout", "1e10"}, {"--gomaxprocs", "0"}, {"--burst", "0"},
+		{"--rate-limit", "1", "--rate-limit-store", "redis://"}, {"--rate-limit-scope", "client"}} {
 		cmd := runMain(args...)
 		var stdout, stderr bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr

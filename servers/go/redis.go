@@ -4,10 +4,10 @@
 // deadline per call and one reconnect attempt per 100 ms after a failure.
 //
 // A goroutine per connection waits for Redis by blocking, so the client is a
-// blocking one: a small free list of connections (a goroutine takes one, or
-// dials, and gives it back after its call), each call under SetDeadline. RESP2
-// is our own, in a few dozen lines of the standard library, like the Python
-// side: the server stays dependency-free.
+// blocking one: a bounded pool of connections (a goroutine takes an idle one,
+// or dials, or parks until one is free, and gives it back after its call),
+// each call under one deadline. RESP2 is our own, in a few dozen lines of the
+// standard library, like the Python side: the server stays dependency-free.
 package main
 
 import (
@@ -30,7 +30,7 @@ const (
 	redisCallTimeout       = 50 * time.Millisecond  // one request's whole dealing with Redis
 	redisReconnectInterval = 100 * time.Millisecond // at most one connect per interval after a failure
 	redisKeyPrefix         = "conclab:bucket:"
-	redisIdleConns         = 16 // connections kept for reuse; more goroutines dial and close their own
+	redisMaxConns          = 64 // connections to Redis per server process (the pool's bound)
 )
 
 // bucketScript is servers/redis_bucket.py's BUCKET_SCRIPT, byte for byte (a Python test compares them).
@@ -206,12 +206,14 @@ func parseRedisURL(raw string) (redisAddress, error) {
 	return redisAddress{u.Hostname(), port, db}, nil
 }
 
-var connectionIDs atomic.Int64
+var (
+	connectionIDs atomic.Int64
+	hostName, _   = os.Hostname() // read once: a Go process does not fork
+)
 
 // newConnectionID is an id no other connection of any process or host has: host name, pid, a counter.
 func newConnectionID() string {
-	host, _ := os.Hostname()
-	return fmt.Sprintf("%s:%d:%d", host, os.Getpid(), connectionIDs.Add(1))
+	return fmt.Sprintf("%s:%d:%d", hostName, os.Getpid(), connectionIDs.Add(1))
 }
 
 // bucketKey is the bucket a request takes from: per connection, or per client (the peer's IP).
@@ -252,7 +254,21 @@ type redisConn struct {
 	r    *bufio.Reader
 }
 
+// storeCounters are the store's counters, shown in STATS, the final line and /metrics.
+type storeCounters struct {
+	calls  atomic.Int64 // rate_store_calls: EVALSHA round trips made (sent on a connection)
+	errors atomic.Int64 // rate_store_errors: calls given the on-error verdict (timeout, refused, broken, skipped)
+}
+
 // redisBucket takes tokens from buckets in one Redis; safe for any number of goroutines.
+//
+// Its connections are a bounded pool: slots holds one token per connection
+// open or being dialled (at most redisMaxConns), idle the open ones free for
+// a call. A goroutine takes an idle connection, or a slot and dials, or parks
+// until one of them is free: waiting counts in the call's deadline, as a
+// thread waiting for the Python client's lock does. Bounded, because a
+// connection opened and closed per call would leave a TIME_WAIT socket per
+// request behind, and a busy server would run out of ephemeral ports.
 type redisBucket struct {
 	addr      redisAddress
 	rate      string // as the script reads them: the shortest text of the float
@@ -261,74 +277,139 @@ type redisBucket struct {
 	onError   verdict
 	timeout   time.Duration
 	idle      chan *redisConn
-	notBefore atomic.Int64 // unix nanoseconds: no connect before (after a failure)
-	Failures  atomic.Int64 // calls answered by the on-error rule
+	slots     chan struct{}
+	notBefore atomic.Int64 // unix nanoseconds: after a failure, no connect before; 0: healthy
+	counts    *storeCounters
 	Loads     atomic.Int64 // NOSCRIPT fallbacks
 }
 
-func newRedisBucket(rawURL string, rate, burst float64, mode, onError string) (*redisBucket, error) {
+// newRedisBucket is a client of the Redis at rawURL; counts may be nil (it then keeps its own).
+func newRedisBucket(rawURL string, rate, burst float64, mode, onError string, counts *storeCounters) (*redisBucket, error) {
 	addr, err := parseRedisURL(rawURL)
 	if err != nil {
 		return nil, err
 	}
-	return &redisBucket{
-		addr: addr, mode: mode, onError: onErrorVerdict(onError), timeout: redisCallTimeout,
-		rate:  strconv.FormatFloat(rate, 'g', -1, 64),
-		burst: strconv.FormatFloat(burst, 'g', -1, 64),
-		idle:  make(chan *redisConn, redisIdleConns),
-	}, nil
+	return newRedisBucketAt(addr, rate, burst, mode, onError, counts), nil
 }
 
-// take is one token from bucket key: the verdict, within the timeout.
+// newRedisBucketAt is newRedisBucket for an address already parsed.
+func newRedisBucketAt(addr redisAddress, rate, burst float64, mode, onError string, counts *storeCounters) *redisBucket {
+	if counts == nil {
+		counts = &storeCounters{}
+	}
+	return &redisBucket{
+		addr: addr, mode: mode, onError: onErrorVerdict(onError), timeout: redisCallTimeout, counts: counts,
+		rate:  strconv.FormatFloat(rate, 'g', -1, 64),
+		burst: strconv.FormatFloat(burst, 'g', -1, 64),
+		idle:  make(chan *redisConn, redisMaxConns),
+		slots: make(chan struct{}, redisMaxConns),
+	}
+}
+
+// take is one token from bucket key: the verdict, within the timeout. The
+// goroutine blocks on the round trip; Go's runtime parks it on the netpoller
+// and runs the others meanwhile.
 func (b *redisBucket) take(key string) verdict {
-	c := b.conn()
+	deadline := time.Now().Add(b.timeout)
+	c := b.acquire(deadline)
 	if c == nil {
 		return b.failed()
 	}
-	v, err := b.call(c, key)
+	b.counts.calls.Add(1)
+	v, err := b.call(c, key, deadline)
 	if err != nil {
-		c.conn.Close()
-		b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+		b.discard(c)
+		b.broke()
 		return b.failed()
 	}
-	select {
-	case b.idle <- c:
-	default:
-		c.conn.Close()
+	if b.notBefore.Load() != 0 { // (a load, not a store, per call: no write to a shared line while healthy)
+		b.notBefore.Store(0)
 	}
+	b.idle <- c // never blocks: idle has room for every slot
 	return v
 }
 
 func (b *redisBucket) failed() verdict {
-	b.Failures.Add(1)
+	b.counts.errors.Add(1)
 	return b.onError
 }
 
-// conn is an idle connection, or a new one if the reconnect interval allows; nil if not.
-func (b *redisBucket) conn() *redisConn {
+// acquire is a connection for one call: an idle one, a new one, or one that
+// comes free before the deadline; nil if none (the on-error verdict).
+func (b *redisBucket) acquire(deadline time.Time) *redisConn {
 	select {
 	case c := <-b.idle:
 		return c
 	default:
 	}
-	if time.Now().UnixNano() < b.notBefore.Load() {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case c := <-b.idle:
+		return c
+	case b.slots <- struct{}{}:
+		return b.dial(deadline)
+	case <-timer.C:
 		return nil
 	}
-	conn, err := net.DialTimeout("tcp", net.JoinHostPort(b.addr.host, strconv.Itoa(b.addr.port)), b.timeout)
+}
+
+// dial opens a connection in the slot just taken, if the reconnect interval
+// allows; nil (the slot given back) if not, or if it fails.
+func (b *redisBucket) dial(deadline time.Time) *redisConn {
+	if !b.mayDial() {
+		<-b.slots
+		return nil
+	}
+	dialer := net.Dialer{Deadline: deadline}
+	conn, err := dialer.Dial("tcp", net.JoinHostPort(b.addr.host, strconv.Itoa(b.addr.port)))
 	if err != nil {
-		b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+		<-b.slots
+		b.broke()
 		return nil
 	}
 	c := &redisConn{conn: conn, r: bufio.NewReader(conn)}
 	if b.addr.db != 0 {
-		conn.SetDeadline(time.Now().Add(b.timeout))
+		conn.SetDeadline(deadline)
 		if reply, err := c.roundtrip(respCommand("SELECT", strconv.Itoa(b.addr.db))); err != nil || reply != "OK" {
-			conn.Close()
-			b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+			b.discard(c)
+			b.broke()
 			return nil
 		}
 	}
 	return c
+}
+
+// mayDial: while healthy any goroutine may connect; after a failure, one per
+// reconnect interval (the one that moves the gate on), the others get the
+// on-error verdict at once.
+func (b *redisBucket) mayDial() bool {
+	for {
+		notBefore, now := b.notBefore.Load(), time.Now().UnixNano()
+		if notBefore == 0 {
+			return true
+		}
+		if now < notBefore {
+			return false
+		}
+		if b.notBefore.CompareAndSwap(notBefore, now+int64(redisReconnectInterval)) {
+			return true
+		}
+	}
+}
+
+// broke closes the gate for one reconnect interval and drops the idle
+// connections: a Redis that failed one call (restarted, stalled) has most
+// likely failed the connections that wait for the next ones too.
+func (b *redisBucket) broke() {
+	b.notBefore.Store(time.Now().Add(redisReconnectInterval).UnixNano())
+	b.close()
+}
+
+// discard closes a connection and gives its slot back: a late reply must never be read as the next call's.
+func (b *redisBucket) discard(c *redisConn) {
+	c.conn.Close()
+	<-b.slots
 }
 
 func (c *redisConn) roundtrip(cmd []byte) (interface{}, error) {
@@ -339,8 +420,8 @@ func (c *redisConn) roundtrip(cmd []byte) (interface{}, error) {
 }
 
 // call runs the script on c: EVALSHA, and on NOSCRIPT, SCRIPT LOAD then EVALSHA once more.
-func (b *redisBucket) call(c *redisConn, key string) (verdict, error) {
-	c.conn.SetDeadline(time.Now().Add(b.timeout))
+func (b *redisBucket) call(c *redisConn, key string, deadline time.Time) (verdict, error) {
+	c.conn.SetDeadline(deadline)
 	evalsha := respCommand("EVALSHA", bucketSHA, "1", key, b.rate, b.burst, b.mode)
 	reply, err := c.roundtrip(evalsha)
 	if e, ok := reply.(respError); err == nil && ok && e.kind() == "NOSCRIPT" {
@@ -368,7 +449,7 @@ func (b *redisBucket) close() {
 	for {
 		select {
 		case c := <-b.idle:
-			c.conn.Close()
+			b.discard(c)
 		default:
 			return
 		}

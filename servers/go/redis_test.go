@@ -139,7 +139,7 @@ func TestKeysPerConnectionAndPerClient(t *testing.T) {
 }
 
 func TestNobodyListeningGivesTheOnErrorVerdictOnceConnectingPerInterval(t *testing.T) {
-	b, err := newRedisBucket("redis://127.0.0.1:1", 10, 1, "reject", "deny") // port 1: refused on loopback
+	b, err := newRedisBucket("redis://127.0.0.1:1", 10, 1, "reject", "deny", nil) // port 1: refused on loopback
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +148,7 @@ func TestNobodyListeningGivesTheOnErrorVerdictOnceConnectingPerInterval(t *testi
 			t.Fatalf("call %d: %+v", i, got)
 		}
 	}
-	if b.Failures.Load() != 3 || b.notBefore.Load() == 0 {
-		t.Fatalf("failures %d, reconnect gate %d", b.Failures.Load(), b.notBefore.Load())
+	if b.counts.errors.Load() != 3 || b.counts.calls.Load() != 0 || b.notBefore.Load() == 0 {
+		t.Fatalf("errors %d, calls %d, reconnect gate %d", b.counts.errors.Load(), b.counts.calls.Load(), b.notBefore.Load())
 	}
 }
