@@ -28,6 +28,20 @@ of their own. The kernel spreads connections by a hash of their addresses and
 ports, so a CPU connection may share a worker with ECHO connections or not:
 the spread over rounds shows it.
 
+The other fix, for the event loops only: ``--cpu-offload process``
+(servers/offload.py) has WORK's CPU part computed in a process pool, one
+worker per CPU the server may use, while the loop goes on serving ECHO. Its
+cases get two CPUs, like ``--procs 2``, so the pool has a CPU of its own
+(on one CPU the pool's worker and the loop would take turns on it). What they
+measure: how much of the convoy is the loop being blocked (which offloading
+removes) rather than the CPU being busy (which it does not: the work still
+runs, on another CPU, shared with the load generators when the machine has no
+more: ``shares_loadgen_cpu``); and, against the
+``procs=2`` cases, the cost of handing each request's computation to another
+process (a pickled call and its result over pipes) instead of running it in a
+second copy of the server. The loop never waits for the GIL of the computing
+process, so no switch interval applies.
+
 Two load generators run side by side (one ``conclab load`` run has one mode
 and one op, so it cannot mix an open and a closed loop): the CPU work is
 started first, in the background, with a time budget covering the ECHO run,
@@ -41,8 +55,8 @@ shares one with the load generators: ``server_cpus``, ``n_server_cpus`` and
 ``shares_loadgen_cpu`` say so in every row. A case needing more CPUs than the
 machine has is skipped (skipped.csv).
 
-The variant list is ``SETTINGS``, one line per case: a later server option
-(e.g. an event loop's ``--cpu-offload process``) is one more ``Setting`` with
+The variant list is ``SETTINGS``, one line per case: a server option (an
+event loop's ``--cpu-offload process``) is one more ``Setting`` with
 ``options``.
 """
 from __future__ import annotations
@@ -99,6 +113,8 @@ class Setting:
 
 
 PYTHON_MODELS = ("threads", "threadpool-request", "asyncio", "uvloop", "gevent", "epoll")
+EVENT_LOOPS = ("asyncio", "uvloop", "gevent", "epoll")
+CPU_OFFLOAD = ("--cpu-offload", "process")
 SETTINGS = (
     Setting("threads", switch_interval=0.0005),
     Setting("threads", switch_interval=0.005),
@@ -111,6 +127,7 @@ SETTINGS = (
     Setting("go", gomaxprocs=1),
     Setting("go", gomaxprocs=2),
     *(Setting(model, procs=2) for model in PYTHON_MODELS),       # the fix: two processes, two GILs
+    *(Setting(model, options=CPU_OFFLOAD, cpus=2) for model in EVENT_LOOPS),   # the loop's fix: a process pool
 )
 
 

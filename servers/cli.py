@@ -10,7 +10,8 @@ no pandas, no matplotlib, no load generator.
 ``PATH -m conclab.servers BACKEND`` with the same options but that one), then
 the go backend (its own program), ``--procs N`` over 1 (servers/prefork.py), and
 otherwise the one process this has always been, in ``serve_here``. The Python
-backends' own options are refused for go in one line.
+backends' own options are refused for go in one line, and ``--cpu-offload``
+for every backend but the event loops.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 
 from . import BACKENDS, load, metrics, unavailable_reason
 from .base import StartupError, final_counters, open_listener, process_facts, warn
-from .config import ServerConfig, add_arguments, from_namespace
+from .config import OFFLOAD_BACKENDS, ServerConfig, add_arguments, from_namespace
 from .stats import Stats
 
 EXIT_USAGE = 2
@@ -31,6 +32,7 @@ PROBE_TIMEOUT_S = 60           # --python: how long the interpreter may take to 
 GO_REFUSES = {"--procs": "--procs is for Python backends; go uses GOMAXPROCS (--gomaxprocs)",
               "--switch-interval": "--switch-interval is for Python backends (the GIL's); go has no GIL",
               "--python": "--python is for Python backends; go is compiled"}
+CPU_OFFLOAD_REFUSED = "--cpu-offload is for event-loop backends only (" + ", ".join(OFFLOAD_BACKENDS) + ")"
 
 
 def add_parsers(commands) -> None:
@@ -74,6 +76,8 @@ def cmd_serve(args) -> int:
         config = from_namespace(args)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    if config.cpu_offload != "none" and args.backend not in OFFLOAD_BACKENDS:
+        raise StartupError(CPU_OFFLOAD_REFUSED)
     if args.backend == "go" and config.python_only():
         raise StartupError(GO_REFUSES[config.python_only()[0]])
     if config.python is not None:
@@ -98,7 +102,7 @@ def cmd_serve(args) -> int:
 def serve_here(backend: str, config: ServerConfig) -> int:
     """One process serves: the listener, the metrics thread, the backend, the final line."""
     stats = Stats(backend, config.connection_cap)
-    stats.facts = process_facts(config)
+    stats.facts = {**process_facts(config), "cpu_offload": config.cpu_offload}
     listener = open_listener(config)
     exporter = None
     if config.metrics_port is not None:

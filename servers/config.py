@@ -17,6 +17,7 @@ from .protocol import DEFAULT_MAX_FRAME
 DEFAULT_MAX_BUFFERED = 256 << 20   # 256 MiB: fits a small machine (docs/protocol.md section 3)
 FAULTS = ("none", "leak", "no-deadline", "unbounded", "hard-kill")
 PYTHON_ONLY = ("procs", "switch_interval", "python")   # options of the Python backends (go has its own knobs)
+OFFLOAD_BACKENDS = ("asyncio", "uvloop", "gevent", "epoll")   # --cpu-offload: the event loops (servers/offload.py)
 MAX_PROCS = 1024               # --procs: worker processes (each a whole interpreter)
 MAX_TIMEOUT_S = 1_000_000      # ~11.6 days: every timer API of every backend (and Go's time.Duration) holds it
 
@@ -49,6 +50,9 @@ class ServerConfig:
                                                                           "seconds", "default": "CPython's 0.005", "metavar": "S"})
     python: str | None = field(default=None, metadata={"help": "Python backends: run the server under this interpreter",
                                                        "default": "the running one", "metavar": "PATH"})
+    cpu_offload: str = field(default="none", metadata={"help": "event-loop backends: process computes WORK's CPU part "
+                                                               "in a process pool, one worker per CPU",
+                                                       "choices": ("none", "process")})
 
     def __post_init__(self) -> None:
         self.validate()

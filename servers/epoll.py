@@ -48,15 +48,28 @@ is not idle; one that is done closes only once they are delivered, since a
 FIN queued behind bytes the peer never reads would leave the socket in
 FIN-WAIT-1, holding them, after the server let go of it.
 
+``--cpu-offload process`` (servers/offload.py): a request with cpu_us, its
+wait over, is submitted to the process pool instead of burnt here; the
+connection waits (``waiting`` is ``COMPUTING``: no reading, its later requests
+queue) while the loop serves the others. The future's done-callback runs in the
+pool's manager thread, so it only appends the connection to ``computed`` (a
+deque: thread-safe appends) and writes to an eventfd in the epoll set; the
+loop, woken, replies with ``request.computed`` and goes on with that
+connection's queue. The pool is started before ``listening on`` and shut down
+once the loop is done, before the eventfd closes (no callback can then write
+to a closed fd).
+
 A bug in a connection's step (any exception but OSError) costs that
 connection, not the server: ``guarded`` says so on stderr in one line, resets
 it and serves on. (An OSError is the peer: a reset, a broken pipe.)
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import itertools
+import os
 import select
 import signal
 import socket
@@ -65,6 +78,7 @@ import sys
 from select import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from time import monotonic
 
+from . import offload as cpu_offload
 from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, announce, ignore_signals, no_delay, release, stop_signals
 from .session import open_session, rejection
 from .tcpdiag import unsent
@@ -78,6 +92,7 @@ LAST_LOOK = 1.0                # ...then after as long as they have been stuck, 
 LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 NO_BYTES = b""                 # an idle connection's out and queue share these: an empty bytearray and an
 NO_REQUESTS = ()               # empty list would cost ~110 B per connection (an empty deque ~770 B)
+COMPUTING = ("computing",)     # a connection's ``waiting`` while the --cpu-offload pool computes (no timer entry)
 
 
 class Connection:
@@ -91,7 +106,8 @@ class Connection:
         self.out = NO_BYTES        # reply bytes the kernel has not taken yet (a bytearray once there are any)
         self.mask = EPOLLIN        # the events registered in epoll for this socket
         self.queue = NO_REQUESTS   # requests not yet answered, in order (a list once there are any)
-        self.waiting = None        # the timer entry of queue[0]'s wait (WORK's io_s, a rate-limit delay), if any
+        self.waiting = None        # the timer entry of queue[0]'s wait (WORK's io_s, a rate-limit delay), if any;
+        #                            COMPUTING while the --cpu-offload pool computes it
         self.timer = None          # the timer entry of the deadline check, if one is set
         self.closed = False
         self.expired = False       # the session counted its own timeout (idle or frame)
@@ -124,6 +140,12 @@ class Loop:
         self.epoll.register(self.wake_fd, EPOLLIN)
         # Bound once: every timer entry refers to one of these (a bound method made per entry is 64 B).
         self.on_deadline, self.on_work_done = self.check_deadline, self.work_done
+        self.offload = cpu_offload.start(config, stats)    # --cpu-offload process: the pool, else None
+        self.computed_fd = -1
+        if self.offload is not None:
+            self.computed: collections.deque = collections.deque()   # (connection, future), from the pool's thread
+            self.computed_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.epoll.register(self.computed_fd, EPOLLIN)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -137,8 +159,16 @@ class Loop:
         finally:
             ignore_signals()                   # a late second SIGTERM must not kill the exit with -15
             signal.set_wakeup_fd(previous_fd)
+            self.close_offload()
             for closable in (self.epoll, self.wake_r, self.wake_w):
                 closable.close()
+
+    def close_offload(self) -> None:
+        """--cpu-offload: stop the pool (its last callbacks run meanwhile), then close the eventfd they write to."""
+        if self.offload is not None:
+            self.offload.close()
+            os.close(self.computed_fd)
+            self.offload = None
 
     def turn(self) -> None:
         """One epoll_wait, then the I/O it reports, then the timers that are due.
@@ -165,10 +195,12 @@ class Loop:
             self.run_timers()
 
     def on_loop_event(self, fd: int) -> None:
-        """The listener or the signal socket is readable."""
+        """The listener, the signal socket or the --cpu-offload eventfd is readable."""
         if fd == self.wake_fd:
             with contextlib.suppress(BlockingIOError):
                 self.wake_r.recv(4096)         # the signal bytes; the flag is what matters
+        elif fd == self.computed_fd:
+            self.reply_computed()
         else:
             self.accept()
 
@@ -352,7 +384,7 @@ class Loop:
         reply = None if conn.queue else session.echo(data, now)   # whole ECHO frames are their own reply
         if reply is None:
             requests = session.feed(data, now)
-            if conn.queue or len(requests) != 1 or requests[0].io_s:
+            if conn.queue or len(requests) != 1 or requests[0].io_s or (self.offload and requests[0].cpu_us):
                 return self.enqueue(conn, requests)
             reply = requests[0].run(now)
         self.write(conn, reply)
@@ -377,15 +409,44 @@ class Loop:
             if request.io_s:
                 conn.waiting = self.call_at(monotonic() + request.io_s, self.on_work_done, conn)
             else:
-                queue.pop(0)
-                self.write(conn, request.run(monotonic()))
+                self.answer(conn, request)
         self.watch_deadline(conn)
         self.settle(conn)
 
+    def answer(self, conn: Connection, request) -> None:
+        """queue[0] waited what it had to: compute (request.run) and reply, or have the pool compute it."""
+        if request.cpu_us and self.offload is not None:
+            conn.waiting = COMPUTING
+            self.offload.submit(request.cpu_us).add_done_callback(lambda future: self.on_computed(conn, future))
+            return
+        conn.queue.pop(0)
+        self.write(conn, request.run(monotonic()))
+
     def work_done(self, conn: Connection) -> None:
-        """A WORK's wait is over: compute (request.run), reply, go on with what queued behind it."""
+        """A WORK's wait is over: answer it, go on with what queued behind it."""
         conn.waiting = None
-        self.write(conn, conn.queue.pop(0).run(monotonic()))
+        self.answer(conn, conn.queue[0])
+        self.pump(conn)
+
+    def on_computed(self, conn: Connection, future) -> None:
+        """The pool is done with conn's request (in the pool's manager thread): wake the loop, nothing more."""
+        self.computed.append((conn, future))
+        os.eventfd_write(self.computed_fd, 1)
+
+    def reply_computed(self) -> None:
+        """The eventfd: reply to each computed request (its connection still open), then serve its queue."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.computed_fd)
+        while self.computed:
+            conn, future = self.computed.popleft()
+            if not conn.closed:
+                self.guarded(self.computed_reply, conn, future)
+
+    def computed_reply(self, conn: Connection, future) -> None:
+        conn.waiting = None
+        request = conn.queue.pop(0)
+        self.offload.settle(future, request.cpu_us)
+        self.write(conn, request.computed(monotonic()))
         self.pump(conn)
 
     def write(self, conn: Connection, data: bytes) -> None:
@@ -461,7 +522,7 @@ class Loop:
         with contextlib.suppress(OSError):
             self.epoll.unregister(conn.fd)
         for entry in (conn.timer, conn.waiting):
-            if entry is not None:
+            if entry is not None and entry is not COMPUTING:
                 self.cancel(entry)             # the heap keeps no reference to it
         conn.session.close()                   # its buffer budget back, whatever ended it
         release(conn.sock, conn.session, self.stats)

@@ -44,11 +44,25 @@ that connection's greenlet only, and a greenlet is never switched out in the
 middle of its arithmetic (there is no I/O in it): no lock. A delayed request
 waits like a WORK, in ``gevent.sleep``, parking only its own greenlet.
 
+``--cpu-offload process`` (servers/offload.py): the greenlet hands WORK's CPU
+part to the process pool and parks until it is done, while the hub serves the
+others (``PoolWaits``). The future's done-callback runs in the pool's manager
+thread, where no gevent object may be touched; it queues the greenlet's
+``Waiter`` and wakes the hub through an async watcher (``loop.async_()``,
+libev's ev_async: the one watcher another thread may ``send`` to), whose
+callback, in the hub, switches to each waiting greenlet. Never
+``future.result()`` in a greenlet: that blocks the hub's thread, and every
+connection with it. ``threads.handle`` calls ``request.run``; the session's
+``compute`` (set by ``PoolWaits.deadlines``, the connection's first step) has
+``run`` wait this way instead of burning. The pool starts before
+``listening on``; after the drain it is shut down, then the watcher closed.
+
 Out of fds (EMFILE), gevent's StreamServer stops accepting and retries after
 10 ms, doubling up to 1 s (printing each error to stderr): no busy loop.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import socket
@@ -56,9 +70,11 @@ import time
 
 import gevent
 from gevent.event import Event
+from gevent.hub import Waiter
 from gevent.pool import Group
 from gevent.server import StreamServer
 
+from . import offload as cpu_offload
 from .base import (ConnectionSet, WriteStalled, abort, announce, output_stalled, stop_signals,
                    then_ignore_signals)
 from .threads import handle, reject
@@ -71,11 +87,14 @@ IDLE, READING, WRITING = 0, 1, 2          # what a HubDeadlines' greenlet is wai
 
 def serve(listener, config, stats) -> None:
     connections, greenlets, stop = ConnectionSet(), Group(), Event()
+    offload = cpu_offload.start(config, stats)
+    waits = None if offload is None else PoolWaits(offload)
+    deadlines = HubDeadlines if waits is None else waits.deadlines
 
     def admit(sock, _address):                 # runs in the connection's own greenlet
         if stats.try_open():
             connections.add(sock)
-            handle(sock, config, stats, connections, sleep=gevent.sleep, deadlines=HubDeadlines)   # threads.py's
+            handle(sock, config, stats, connections, sleep=gevent.sleep, deadlines=deadlines)   # threads.py's
         else:
             reject(sock, config)
 
@@ -90,6 +109,8 @@ def serve(listener, config, stats) -> None:
         stats.aborted = drain(connections, greenlets, config.drain_timeout)
     finally:
         greenlets.kill(timeout=KILL_GRACE)     # none outlives serve, even if it failed
+        if waits is not None:
+            waits.close()
         with then_ignore_signals():            # until here a second signal only re-set stop
             for watcher in watchers:
                 watcher.cancel()
@@ -185,6 +206,45 @@ class HubDeadlines:
             else:
                 self._arm(self.session.deadline)   # requests moved the deadline: wait for the new one
         # IDLE: busy (WORK): its next recv or send sets the timer again
+
+
+class PoolWaits:
+    """--cpu-offload: greenlets waiting for the process pool, woken by one async watcher of the hub."""
+
+    def __init__(self, offload) -> None:
+        self.offload = offload
+        self.hub = gevent.get_hub()
+        self.ready: collections.deque = collections.deque()   # Waiters whose computation is done (any thread appends)
+        self.watcher = self.hub.loop.async_()
+        self.watcher.start(self._wake)
+
+    def deadlines(self, sock, session) -> HubDeadlines:
+        """``handle``'s ``deadlines`` under --cpu-offload: the session computes through ``compute``."""
+        session.compute = self.compute
+        return HubDeadlines(sock, session)
+
+    def compute(self, cpu_us: int) -> float:
+        """In a connection's greenlet: the pool computes cpu_us while the hub serves the others; returns when it
+        ended (monotonic). offload.settle counts it, or computes it here if the pool failed."""
+        waiter = Waiter(self.hub)
+        future = self.offload.submit(cpu_us)
+        future.add_done_callback(lambda _: self._done(waiter))
+        waiter.get()
+        self.offload.settle(future, cpu_us)
+        return time.monotonic()
+
+    def _done(self, waiter) -> None:           # the pool's manager thread (or this one, for a failed submit)
+        self.ready.append(waiter)
+        self.watcher.send()
+
+    def _wake(self) -> None:                   # in the hub
+        while self.ready:
+            self.ready.popleft().switch(None)  # a greenlet killed meanwhile: the Waiter just keeps the value
+
+    def close(self) -> None:
+        """Shut the pool down (its last callbacks run meanwhile), then the watcher they send to."""
+        self.offload.close()
+        self.watcher.close()
 
 
 def drain(connections, greenlets, timeout: float) -> int:

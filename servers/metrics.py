@@ -58,6 +58,7 @@ COUNTER_HELP = {
     "protocol_errors": "connections closed for breaking the protocol",
     "rate_limited": "requests answered 'rate limited'",
     "buffer_rejections": "connections refused a frame with 'server busy' (over --max-buffered)",
+    "offloaded": "WORK requests whose CPU part ran in the --cpu-offload process pool",
 }
 GAUGE_HELP = {
     "connections_active": "connections open now",

@@ -267,6 +267,7 @@ def drain(workers: list[Worker], config: ServerConfig) -> None:
 def summed(backend: str, config: ServerConfig, workers: list[Worker]) -> dict:
     """The final line: the workers' counters summed, under the parent's pid."""
     total = {"event": "stopped", "backend": backend, "pid": os.getpid(), **process_facts(config),
+             "cpu_offload": config.cpu_offload,
              **dict.fromkeys(SUMMED, 0), "workers_failed": sum(worker.failed for worker in workers)}
     for worker in workers:
         for key in SUMMED:
@@ -319,7 +320,7 @@ def worker_main(backend: str, config: ServerConfig, listener, report, control, p
 
 def run_worker(backend: str, config: ServerConfig, listener, report, control) -> None:
     stats = Stats(backend, config.connection_cap)
-    stats.facts = process_facts(config)
+    stats.facts = {**process_facts(config), "cpu_offload": config.cpu_offload}
     announce_to(lambda: tell(report, b"ready\n"))
     if control is not None:
         threading.Thread(target=answer_scrapes, args=(control, stats), name="counters", daemon=True).start()

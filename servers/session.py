@@ -18,6 +18,12 @@ makes one send per read the common case. A backend may first offer a read to
 ``session.echo(data, now)``, the hot path: whole ECHO frames come back as the
 bytes to send, with no Request made; None means "feed it".
 
+With ``--cpu-offload process`` (servers/offload.py) an event loop has WORK's
+CPU part computed in a process pool, then replies with ``request.computed(now)``:
+the reply without the burn, the idle clock counting from ``now``. gevent, whose
+greenlets run the threads' loop above, sets the session's ``compute`` instead,
+and ``run`` has it compute there.
+
 The buffer budget (``--max-buffered``, docs/protocol.md section 3) is kept
 here too, once for every backend. A frame that lies whole in the read that
 brought it reserves nothing: the backend answers it before it reads again, so
@@ -77,11 +83,26 @@ class Request:
         A request that waited tells its session the reply is out, at ``now`` plus
         the cpu_us it computed, so the idle timeout counts from there (a burn
         descheduled past cpu_us ends later: the next deadline is that much early).
+        A session that computes elsewhere (its ``compute``, see Session) is asked
+        instead, and says when that ended.
         """
-        if self.cpu_us:
-            burn(self.cpu_us)
+        cpu_us = self.cpu_us
+        if cpu_us:
+            compute = None if self.session is None else self.session.compute
+            if compute is None:
+                burn(cpu_us)
+                now += cpu_us / 1e6
+            else:
+                now = compute(cpu_us)
+        elif self.session is None:                  # a Reply, the common case: nothing to compute or tell
+            return self.reply
+        return self.computed(now)
+
+    def computed(self, now: float) -> bytes:
+        """The reply, its CPU part already computed elsewhere (``--cpu-offload process``, servers/offload.py):
+        no burn here; ``now`` is when that computation ended, and the session counts its idle time from then."""
         if self.session is not None:
-            self.session.replied(now + self.cpu_us / 1e6)
+            self.session.replied(now)
         return self.reply
 
 
@@ -144,8 +165,8 @@ class Held(Request):
         super().__init__(request.reply, request.io_s, request.cpu_us, session)
         self.held, self.reservations = held, session.reservations
 
-    def run(self, now: float) -> bytes:
-        reply = Request.run(self, now)
+    def computed(self, now: float) -> bytes:          # run ends here too
+        reply = Request.computed(self, now)
         self.reservations.release(self.held)
         return reply
 
@@ -192,7 +213,7 @@ class Session:
 
     __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
                  "idle_since", "frame_started", "closing", "peer_closed", "leaky",
-                 "reservations")   # slots: ~200 B less per connection
+                 "reservations", "compute")   # slots: ~200 B less per connection
 
     def __init__(self, config: ServerConfig, stats: Stats, now: float) -> None:
         self.stats = stats
@@ -208,6 +229,8 @@ class Session:
         self.closing = False
         self.peer_closed = False
         self.leaky = config.fault == "leak"
+        self.compute = None   # None: WORK's CPU part burns in Request.run; else a callable (cpu_us) that has it
+        #                       computed elsewhere and returns when it ended (gevent's --cpu-offload, servers/green.py)
         if config.fault == "no-deadline":
             self.idle_timeout = self.frame_timeout = NO_DEADLINE
 

@@ -14,6 +14,9 @@ The hot path updates the counters once per read, not once per frame.
 (``--max-buffered``) the sessions hold now. Sessions change it under the lock,
 in every backend (servers/session.py: once per frame that does not arrive
 whole in one read, never on the hot path).
+
+``offloaded`` counts the WORK requests answered after their CPU part ran in
+the process pool of ``--cpu-offload process`` (servers/offload.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ ONE_WRITER = frozenset({"epoll", "asyncio", "uvloop", "gevent"})   # backends th
 
 COUNTERS = ("connections_active", "connections_total", "connections_rejected", "requests_total",
             "bytes_in", "bytes_out", "idle_timeouts", "frame_timeouts", "protocol_errors", "rate_limited",
-            "buffer_rejections", "buffered_bytes")
+            "buffer_rejections", "buffered_bytes", "offloaded")
 
 
 class Stats:

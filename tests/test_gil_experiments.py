@@ -19,6 +19,7 @@ from conclab import servers as variants
 NAMES = ("convoy", "cores")
 BACKENDS = "epoll,go"
 RUN_ID = "gil-tiny"
+OFFLOADED_EPOLL = "epoll cpus=2 --cpu-offload process"
 
 
 def fake_run(names, cpus=(0, 1), server_cpus=(0,), loadgen_cpus=(1,)):
@@ -41,6 +42,16 @@ def test_convoy_cases_are_the_models_switch_intervals_gomaxprocs_and_two_process
     assert len(set(labels)) == len(labels)
     offload = convoy.Setting("asyncio", options=("--cpu-offload", "process"))     # a later option: one line
     assert offload.server_options() == ("--cpu-offload", "process") and offload.n_cpus == 1
+
+
+@pytest.mark.unit
+def test_convoy_offload_cases_are_the_event_loops_on_two_cpus_after_the_rest():
+    offloaded = [s for s in convoy.SETTINGS if "--cpu-offload" in s.options]
+    assert [s.variant for s in offloaded] == ["asyncio", "uvloop", "gevent", "epoll"]
+    assert all(s.server_options() == ("--cpu-offload", "process") and s.n_cpus == 2 and s.procs == 1
+               for s in offloaded)
+    assert [s.label for s in offloaded][-1] == "epoll cpus=2 --cpu-offload process"
+    assert list(convoy.SETTINGS[-len(offloaded):]) == offloaded     # after each model's one-process case
     assert convoy.Setting("threads", switch_interval=0.05, procs=2).server_options() == (
         "--switch-interval", "0.05", "--procs", "2")
 
@@ -49,14 +60,18 @@ def test_convoy_cases_are_the_models_switch_intervals_gomaxprocs_and_two_process
 def test_convoy_cases_follow_the_selected_variants_and_skip_what_the_machine_cannot_run():
     run = fake_run(["epoll", "go"])
     cases = convoy.cases(run, convoy.SETTINGS)
-    assert [c.name for c in cases] == ["epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2"]
+    assert [c.name for c in cases] == ["epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2",
+                                       OFFLOADED_EPOLL]
     two = {c.name: c for c in cases}
     assert two["epoll procs=2"].cpus == (0, 1) and two["epoll"].cpus == (0,)
     assert two["epoll procs=2"].variant.options[-2:] == ("--procs", "2")
     assert two["epoll procs=2"].variant.name == "epoll"                  # the rows keep the variant's name
+    assert two[OFFLOADED_EPOLL].cpus == (0, 1) and two[OFFLOADED_EPOLL].variant.name == "epoll"
+    assert two[OFFLOADED_EPOLL].variant.options[-2:] == ("--cpu-offload", "process")
     one_cpu = fake_run(["epoll"], cpus=(0,), loadgen_cpus=(0,))
     assert [c.name for c in convoy.cases(one_cpu, convoy.SETTINGS)] == ["epoll"]
-    assert one_cpu.skipped == [("epoll procs=2", "needs 2 CPUs, the machine has 1")]
+    assert one_cpu.skipped == [("epoll procs=2", "needs 2 CPUs, the machine has 1"),
+                               (OFFLOADED_EPOLL, "needs 2 CPUs, the machine has 1")]
 
 
 @pytest.mark.unit
@@ -134,6 +149,19 @@ def test_convoy_ratio_is_paired_per_round_and_invalid_cases_are_left_out():
 
 
 @pytest.mark.unit
+def test_convoy_offload_rows_get_their_own_ratio_and_leave_the_one_process_case_alone():
+    c = convoy_frame([*convoy_rows("epoll", "epoll", 500, 10_000),
+                      *convoy_rows("epoll procs=2", "epoll", 500, 2_000, procs=2, n_server_cpus=2),
+                      *convoy_rows(OFFLOADED_EPOLL, "epoll", 500, 750, n_server_cpus=2)])
+    by_case = c.set_index("case")
+    assert by_case.loc[OFFLOADED_EPOLL, "ratio_p99"] == pytest.approx(1.5)
+    assert by_case.loc[OFFLOADED_EPOLL, "n_server_cpus"] == 2 and by_case.loc[OFFLOADED_EPOLL, "procs"] == 1
+    f = findings.convoy(c)
+    assert f.facts["lo_case"] == OFFLOADED_EPOLL and f.facts["w_case"] == "epoll"
+    assert f.facts["epoll.procs.one"] == pytest.approx(20.0)      # procs=2 is still set against plain epoll
+
+
+@pytest.mark.unit
 def test_convoy_finding_moves_with_the_data():
     c = convoy_frame([*convoy_rows("threads si=5ms", "threads", 1000, 1100, switch_interval=0.005),
                       *convoy_rows("threads procs=2", "threads", 1000, 30_000, procs=2)])
@@ -201,7 +229,7 @@ def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):
     assert code == 0
     c = pd.read_csv(run_dir / "convoy.csv")
     assert list(c.columns) == list(COLUMNS["convoy"])
-    assert set(c.case) == {"epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2"}
+    assert set(c.case) == {"epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2", OFFLOADED_EPOLL}
     for case, rows in c.groupby("case"):
         assert sorted(rows.cpu_conns) == [0, TINY.convoy_cpu_conns], case
     loaded, alone = c[c.cpu_conns > 0], c[c.cpu_conns == 0]
@@ -210,6 +238,8 @@ def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):
     assert (c[c.case == "go GOMAXPROCS=2"].gomaxprocs == 2).all() and (c[c.procs == 2].server_options
                                                                         == "--procs 2").all()
     assert c[c.procs == 2].server_conns_active.isna().all()                # STATS is one worker's there
+    offloaded = c[c.case == OFFLOADED_EPOLL]
+    assert (offloaded.server_options == "--cpu-offload process").all() and (offloaded.n_server_cpus == 2).all()
 
 
 @pytest.mark.live
