@@ -10,7 +10,7 @@ and docs/performance.md give the measurements).
 The hot path, per readable connection: ``recv``; if the bytes are exactly
 one expected reply (the common case: the reply to ECHO and WORK is
 byte-identical to the request, built by the lab's codec) take a timestamp,
-append the latency to a list and send the next request. Anything else -- a
+append the latency to an array and send the next request. Anything else -- a
 partial or coalesced read, an ERROR frame, EOF -- goes to the slow path,
 which decodes with the codec's ``FrameDecoder``. Latencies are folded into
 the HDR histogram once per tick (``histo.Recorder``).
@@ -38,19 +38,26 @@ The open loop's cost per request is kept close to the closed loop's, so that it
 keeps its schedule up to about the rate the closed loop reaches. What costs, on
 loopback, is less the request than the wake-ups: a sleeping thread woken (ours
 by a timer or a reply, the server's by our send) costs more CPU than a ``send``
-to a peer that is awake. So the loop wakes on a timer, not for each reply:
-each wake-up takes every reply that came (one ``epoll_wait(0)``, one read per
-connection, which holds all its replies), then sends every slot that is due
-(a connection's due requests in one ``send``), then sleeps until the next slot
-but at least ``OPEN_QUANTUM_NS``, with the thread's timer slack lowered to
-1 µs for the run; slots that fall due meanwhile go out together at the next
-wake-up, and the server too then wakes once per batch. Only while a due request
-waits for a reply (its connection's pipeline is full) does a reply wake the loop
-(``_sleep``). A reply that waited in its socket is timed by when it came, not
-when it was read: the kernel stamps each read (``SO_TIMESTAMPNS``, ``arrival``,
-converted at each wake-up by ``clock_offset``). Each send's lateness is the clock
-read just before that send (one reading per ``send``, not one per wake-up), so
-the batching shows in ``send_lateness_histogram``, never hidden.
+to a peer that is awake, and a sleep ends tens of µs after the time asked. So
+the loop wakes on a timer, not for each reply, and each wake-up does one pass:
+it takes every reply that came (one ``epoll_wait(0)``, one read per connection,
+which holds all its replies), sends every slot that is due (the schedule is
+arithmetic: a slot counter, slot k at first + k*step; a connection's due
+requests in one ``send``), then sleeps until the next slot but not sooner than
+``quantum`` after this wake-up began. The quantum starts at OPEN_QUANTUM_NS and
+follows the loop's own CPU share, tick by tick (``next_quantum``): at high rates
+the cycle grows, so each wake-up carries a larger batch and the wake-ups stay
+fewer than the requests. A sleep asks to end early by how late the recent
+sleeps ended and finishes on the clock (``_sleep``), with the thread's timer
+slack lowered to 1 µs for the run. Only while a due request waits for a reply
+(its connection's pipeline is full) does a reply wake the loop. A reply that
+waited in its socket is timed by when it came, not when it was read: the kernel
+stamps each read (``SO_TIMESTAMPNS``, ``arrival``, converted at each wake-up by
+``clock_offset``). Each send's lateness is the clock read just before that send
+(one reading per ``send``, not one per wake-up), so the batching shows in
+``send_lateness_histogram``, never hidden. Latencies are folded into the
+histograms every tick (``histo.Recorder.fold``, one numpy pass), so the loop has
+no pause of its own, and the garbage collector is off during the run.
 """
 from __future__ import annotations
 
@@ -73,9 +80,13 @@ from .params import LoadParams
 
 RECV_MIN, RECV_MAX = 4_096, 65_536   # one read's buffer: room for a pipeline of replies, never over 64 KiB (an mmap)
 TICK_S = 0.1              # publish progress and look at the clock this often
-FOLD_EVERY_TICKS = 5      # fold latencies into the HDR histogram every this many ticks (fewer record_value calls)
 OPEN_LATE_US = 1_000      # an open-loop send this far behind its schedule was not on time
-OPEN_QUANTUM_NS = 20_000  # the open loop never sleeps less: what falls due meanwhile goes out in one batch
+OPEN_QUANTUM_NS = 50_000        # the open loop's shortest cycle (wake-up to wake-up): what falls due meanwhile goes together
+OPEN_QUANTUM_MAX_NS = 400_000   # ... and its longest, whatever its CPU share: a send at most this late for it (< OPEN_LATE_US)
+OPEN_CPU_HIGH, OPEN_CPU_LOW = 0.85, 0.72   # own CPU share over a tick above which the cycle grows, below which it shrinks
+OPEN_EARLY_NS = 30_000          # first guess of how much later than asked a sleep ends (learnt as the run goes)
+OPEN_EARLY_MAX_NS = 40_000      # a sleep never asks to end earlier than this before its time (a preemption is no lesson)
+OPEN_SPIN_NS = 50_000           # a sleep that ended before the next slot finishes on the clock for at most this long
 OPEN_TIMER_SLACK_NS = 1_000   # the kernel's default slack (50 µs) would make every short sleep ~50 µs longer
 OPEN_DRAIN_S = 2.0        # after an open-loop run, how long in-flight requests may still answer
 EPOLLIN = select.EPOLLIN  # the epoll flags, NS and TICK_S are hold.py's too (imported from here)
@@ -154,6 +165,22 @@ def slots_between(first: float, step: float, start: int, stop: int, every: int =
     lo, hi = max(from_slot, first_slot_at(first, step, start)), first_slot_at(first, step, stop)
     lo += (from_slot - lo) % every                         # the first k of from_slot's residue
     return max(0, -(-(hi - lo) // every))
+
+
+def next_quantum(quantum: int, cpu_share: float) -> int:
+    """The open loop's shortest cycle for the next tick, from its CPU share (0..1) in the last one.
+
+    Each wake-up costs the loop about as much as a couple of requests, whether it sends one or fifty.
+    Short cycles send closest to the schedule; when the loop's own CPU share climbs above OPEN_CPU_HIGH (a
+    high rate), the cycle grows by half, so the wake-ups grow fewer while the requests grow more and the
+    share stays clear of the self-check's limit; it shrinks back when the share falls below OPEN_CPU_LOW.
+    Within OPEN_QUANTUM_NS .. OPEN_QUANTUM_MAX_NS. What that costs in punctuality is measured, send by send.
+    """
+    if cpu_share > OPEN_CPU_HIGH:
+        return min(quantum * 3 // 2, OPEN_QUANTUM_MAX_NS)
+    if cpu_share < OPEN_CPU_LOW:
+        return max(quantum * 7 // 8, OPEN_QUANTUM_NS)
+    return quantum
 
 
 class Conn:
@@ -266,6 +293,9 @@ class Worker:
         self.slot, self.slot_at = 0, NEVER   # the next slot of the schedule, and when it is due
         self.waiting: set[Conn] = set()      # connections with a request due but their pipeline full
         self.ep_list = [self.ep.fileno()]    # for select(): a sub-millisecond wait on the epoll fd
+        self.quantum = OPEN_QUANTUM_NS       # the shortest cycle now (``next_quantum``, once per tick)
+        self.early = OPEN_EARLY_NS           # how much later than asked a sleep ends, on average lately
+        self.cpu_mark = (0.0, 0)             # thread CPU time and wall clock at the last tick (``_adapt``)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self, start_ns: int | None = None) -> dict:
@@ -311,12 +341,13 @@ class Worker:
         self.cpu0, self.wall0 = time.thread_time(), now
 
     def _tick(self, now: int) -> bool:
-        """Once per TICK_S: publish progress, now and then fold latencies; True when the run is over."""
+        """Once per TICK_S: fold latencies, adapt the open loop's cycle, publish progress; True when the run is over."""
         self.ticks += 1
-        if self.ticks % FOLD_EVERY_TICKS == 0:
-            self.latency.fold()
-            self.uncorrected.fold()
-            self.lateness.fold()
+        self.latency.fold()
+        self.uncorrected.fold()
+        self.lateness.fold()
+        if self.open:
+            self._adapt(now)
         self._begin_measuring(now)
         self.progress(self.latency.count if self.warm else 0)
         if self.stopped() and now < self.stop_ns:
@@ -386,6 +417,7 @@ class Worker:
         The sleep is a timer, not a wait on the sockets (but see ``_sleep``): a reply does not wake the
         loop (a wake-up costs more than the request), it waits in its socket until the next wake-up, and
         its arrival time is the kernel's receive timestamp (``arrival``), not the time the loop got to it.
+        Two wake-ups are at least ``quantum`` apart (``next_quantum``).
         """
         self._schedule(start)
         stamp_replies(self.order)
@@ -393,10 +425,11 @@ class Worker:
         get, reply, recv_size, epollin = self.conns.get, self.reply, self.recv_size, EPOLLIN
         timespec, stamp_size, ns = _timespec, ANCILLARY_SIZE, NS
         lat, unc, warm, send_due = self.latency.values.append, self.uncorrected.values.append, self.warm_ns, self._send_due
-        next_tick = self._next_tick(now())
+        woke = now()
+        next_tick = self._next_tick(woke)
+        self.cpu_mark = (time.thread_time(), woke)
         while True:
             offset = clock_offset()                               # CLOCK_REALTIME (the kernel's stamps) - ours
-            t = now()
             for fd, ev in poll(0):
                 c = get(fd)
                 if c is None:
@@ -422,7 +455,7 @@ class Worker:
                         lat((came - scheduled) // 1000)
                         unc((came - actual) // 1000)
                     c.got += 1
-                    if c.next_at <= t:                                # its next request waited for this reply
+                    if c.next_at <= woke:                             # its next request waited for this reply
                         send_due(c, now())
                 else:
                     self._data(c, data, came)
@@ -433,28 +466,61 @@ class Worker:
                 if self._tick(t):
                     break
                 next_tick = self._next_tick(t)
-            sleep(min(self.slot_at, next_tick), t)
+            cycle_end = woke + self.quantum
+            woke = sleep(min(max(self.slot_at, cycle_end), next_tick), t, cycle_end)
         self.end_ns = self.stop_ns
         self._open_drain()
 
-    def _sleep(self, until: int, t: int) -> None:
-        """Until ``until`` (ns, ``t`` is now), but never less than OPEN_QUANTUM_NS: what falls due meanwhile
-        goes out together at the next wake-up, so the wake-ups (and the server's) stay fewer than the requests.
+    def _sleep(self, until: int, t: int, not_before: int = 0) -> int:
+        """Until ``until`` (ns, ``t`` is now); return the time it woke.
+
+        A sleep on this kind of machine ends tens of µs later than asked, however short, and costs about
+        as much CPU as a couple of requests: so it asks to end ``early`` before its time (``_nap``), and if
+        it woke before the next slot is due it finishes on the clock (at most OPEN_SPIN_NS). A wait
+        shorter than ``early`` is all on the clock.
 
         While a due request waits for a reply (its connection's pipeline is full: the server is behind,
-        or the loop is), the wait is a ``select`` on the epoll fd instead, so that reply wakes the loop
-        and the request goes out at once.
+        or the loop is), the rest of the wait after ``not_before`` (the end of the cycle) is a ``select``
+        on the epoll fd instead, so that reply wakes the loop and the request goes out at once -- but
+        not before the cycle ends: a loop that is behind still wakes once per cycle, not once per reply.
         """
-        wait = until - t
-        if wait <= 0:
-            return
+        now = time.perf_counter_ns
+        entered = now()
+        deadline = entered + until - t                      # on this clock (``t`` may be another's, in tests)
         if self.waiting:
             conns, stop = self.conns, self.stop_ns
             self.waiting = {c for c in self.waiting if c.next_at <= t and c.next_at < stop and c.fd in conns}
         if self.waiting:
-            select.select(self.ep_list, (), (), max(wait, OPEN_QUANTUM_NS) / NS)
-        else:
-            time.sleep(max(wait, OPEN_QUANTUM_NS) / NS)
+            cycle_end = min(entered + not_before - t, deadline)
+            woke = self._nap(cycle_end, entered) if cycle_end > entered else entered
+            if deadline > woke:
+                select.select(self.ep_list, (), (), (deadline - woke) / NS)
+            return now()
+        woke = self._nap(deadline, entered)
+        due = min(deadline, entered + self.slot_at - t)     # the next slot (or the tick): nothing to do before
+        if due - woke <= OPEN_SPIN_NS:
+            while woke < due:
+                woke = now()
+        return woke
+
+    def _nap(self, deadline: int, now: int) -> int:
+        """A timer sleep meant to end at ``deadline``: it asks to end ``early`` (how much later than asked the
+        recent sleeps ended, learnt here); none if that leaves nothing to ask. Returns when it woke."""
+        ask = deadline - now - self.early
+        if ask <= 0:
+            return now
+        time.sleep(ask / NS)
+        woke = time.perf_counter_ns()
+        self.early += (min(woke - now - ask, OPEN_EARLY_MAX_NS) - self.early) // 8
+        return woke
+
+    def _adapt(self, now: int) -> None:
+        """Once per tick: the next tick's shortest cycle, from this one's CPU share (``next_quantum``)."""
+        cpu, wall = time.thread_time(), now
+        cpu0, wall0 = self.cpu_mark
+        self.cpu_mark = (cpu, wall)
+        if wall > wall0:
+            self.quantum = next_quantum(self.quantum, (cpu - cpu0) * NS / (wall - wall0))
 
     def _schedule(self, start: int) -> None:
         """Request k of this process is due at first + k*step, on connection k mod n."""
@@ -469,17 +535,20 @@ class Worker:
     def _send_slots(self, t: int, clock=None) -> int:
         """Every slot that has come by ``t``: its connection sends what is due, as far as its pipeline allows.
 
-        One slot per request, so this is the open loop's hot path: locals only, and ``_send_due`` is
-        called only for a connection with a request due (one whose due requests already went out,
-        with a reply, costs a comparison). With a ``clock``, the time is read again after each send, so
-        each send's lateness is that of its own moment and slots that fall due meanwhile go out too.
-        Returns the last time read.
+        One slot per request, so this is the open loop's hot path: locals only. The common case -- the
+        slot's connection has room and this is its only request due -- is sent here; a connection with a
+        full pipeline waits (``waiting``); the rest (more than one due, bytes the kernel has not taken yet)
+        goes through ``_send_due``.
+        A connection whose due requests already went out costs a comparison. With a ``clock``, the time
+        is read again after each send, so each send's lateness is that of its own moment and slots that
+        fall due meanwhile go out too. Returns the last time read.
         """
         order, conns, send_due, waiting = self.order, self.conns, self._send_due, self.waiting
         if not order:                                            # this process opened no connection
             self.slot_at = NEVER
             return t
-        n, first, step, stop = len(order), self.first, self.step, self.stop_ns
+        n, first, step, stop, warm = len(order), self.first, self.step, self.stop_ns, self.warm_ns
+        depth, request, size, lateness = self.depth, self.request, len(self.request), self.lateness.values.append
         slot, slot_at = self.slot, self.slot_at
         while slot_at <= t:
             if slot_at >= stop:
@@ -488,12 +557,31 @@ class Worker:
             c = order[slot % n]
             slot += 1
             slot_at = int(first + slot * step)
-            if c.next_at <= t and c.fd in conns:
-                if send_due(c, t):
-                    if clock:
-                        t = clock()
-                elif c.next_at < stop:
-                    waiting.add(c)                               # due, but its pipeline is full
+            at = c.next_at
+            if at > t or at >= stop or c.fd not in conns:
+                continue
+            if len(c.sent) >= depth:
+                waiting.add(c)                                   # due, but its pipeline is full
+                continue
+            following = int(first + (c.next_slot + n) * step)  # from the slot, not the last time: no drift
+            if following > t and not c.out:
+                c.sent.append(at)                                # _send_due's loop, once, inline
+                c.actual.append(t)
+                if at >= warm:                                   # a request of the window (offered)
+                    lateness((t - at + 999) // 1000)
+                c.next_slot += n
+                c.next_at = following
+                try:
+                    done = c.send(request)
+                except OSError as exc:
+                    self._send_failed(c, request, exc)
+                    continue
+                if done != size:
+                    self._partial(c, request, done)
+            else:
+                send_due(c, t)                                   # more than one due, or bytes still queued
+            if clock:
+                t = clock()
         self.slot, self.slot_at = slot, slot_at
         return t
 

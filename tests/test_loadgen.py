@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -282,11 +281,35 @@ def test_a_batch_of_sends_records_each_ones_own_lateness():
         last = worker._send_slots(2_000_000, lambda: next(readings))
         assert last == 6_000_000 and worker.slot == 7          # slots 3..6 fell due meanwhile: each waits for a reply
         assert [len(far.recv(4096)) for _, far in pairs] == [len(worker.request)] * 3
-        assert worker.lateness.values == [2000, 2000, 2500]    # sent at 2, 3 and 4.5 ms
+        assert list(worker.lateness.values) == [2000, 2000, 2500]    # sent at 2, 3 and 4.5 ms
     finally:
         for near, far in pairs:
             near.close()
             far.close()
+
+
+def test_no_request_goes_out_after_the_schedule_ends():
+    """A connection that sent its last slot from a reply (ahead of the loop's slot counter) has its next
+    slot past the end: when the loop catches up after the end, that slot is not sent."""
+    near, far = socket.socketpair()
+    try:
+        near.setblocking(False)
+        worker = engine.Worker(LoadParams(mode="open", pipeline=1, duration=10.0), [near], rate=1000)
+        worker.stop_ns = 10_000_000                           # slots at 0, 1, ..., 9 ms
+        worker._schedule(0)
+        c = worker.order[0]
+        for _ in range(10):                                   # each reply lets the next due request out at once
+            worker._send_due(c, 9_500_000)
+            c.sent.clear()
+            c.actual.clear()
+        assert c.next_at == 10_000_000 and worker.slot == 0  # the loop's counter has not moved yet
+        worker._send_slots(10_500_000)
+        worker._send_slots(12_000_000)
+        assert worker._open_counts()["sent"] == worker._open_counts()["offered"] == 10
+        assert len(far.recv(4096)) == 10 * len(worker.request)
+    finally:
+        far.close()
+        near.close()
 
 
 def kernel_stamps_arrivals(near, far) -> bool:
@@ -326,7 +349,8 @@ def test_open_loop_times_a_reply_by_when_it_came_not_when_it_was_read():
 
 
 def test_a_reply_wakes_the_open_loop_only_when_a_due_request_waits_for_it():
-    """Asleep, the loop ignores replies (they keep their stamps) unless a due request waits on a full pipeline."""
+    """Asleep, the loop ignores replies (they keep their stamps) unless a due request waits on a full pipeline,
+    and even then not before the cycle ends."""
     near, far = socket.socketpair()
     try:
         near.setblocking(False)
@@ -342,11 +366,61 @@ def test_a_reply_wakes_the_open_loop_only_when_a_due_request_waits_for_it():
         worker._send_slots(1_000_000)                         # request 1 is due, request 0 still in flight
         assert worker.waiting == {c}
         started = time.perf_counter()
+        worker._sleep(10 * engine.NS, 1_000_000, 1_000_000 + engine.NS // 20)   # but not before the cycle's end
+        assert 0.05 <= time.perf_counter() - started < 5
+        started = time.perf_counter()
         worker._sleep(10 * engine.NS, 1_000_000)              # now the reply there ends the wait at once
         assert time.perf_counter() - started < 5
     finally:
         far.close()
         near.close()
+
+
+def test_the_open_loops_cycle_grows_with_its_cpu_share_and_comes_back_bounded():
+    """Above OPEN_CPU_HIGH the shortest cycle grows (fewer wake-ups for more requests), below OPEN_CPU_LOW it
+    shrinks, never outside OPEN_QUANTUM_NS .. OPEN_QUANTUM_MAX_NS."""
+    low, high, busy, idle = engine.OPEN_QUANTUM_NS, engine.OPEN_QUANTUM_MAX_NS, engine.OPEN_CPU_HIGH + 0.05, 0.1
+    assert engine.next_quantum(low, busy) > low and engine.next_quantum(low, idle) == low
+    quantum = low
+    for _ in range(50):
+        quantum = engine.next_quantum(quantum, busy)
+    assert quantum == high
+    steady = (engine.OPEN_CPU_HIGH + engine.OPEN_CPU_LOW) / 2
+    assert engine.next_quantum(3 * low, steady) == 3 * low
+    quantum = high
+    for _ in range(50):
+        quantum = engine.next_quantum(quantum, idle)
+    assert quantum == low
+
+
+def test_an_open_loop_sleep_ends_on_its_time_not_before():
+    """A sleep asks to end ``early`` (how late sleeps end, learnt) and finishes on the clock: it never returns
+    before its time when that is the next slot's, and it learns how late this machine's sleeps end."""
+    worker = engine.Worker(LoadParams(mode="open", duration=1.0), [], rate=100)
+    assert worker.slot_at == engine.NEVER                      # no slot before the time asked for
+    with engine.timer_slack(engine.OPEN_TIMER_SLACK_NS):
+        for wait in (5_000, 200_000, 1_000_000, 3_000_000):
+            t = time.perf_counter_ns()
+            woke = worker._sleep(t + wait, t)
+            assert woke >= t + wait and woke == pytest.approx(time.perf_counter_ns(), abs=50_000_000)
+    assert 0 <= worker.early <= engine.OPEN_EARLY_MAX_NS
+    worker.close()
+
+
+@pytest.mark.live
+def test_the_open_loop_sends_its_schedule_and_times_every_send(server):
+    """rate x duration requests are offered (+-1), each sent or counted unsent, every send's lateness recorded,
+    and an answered request's latency counts from its scheduled time (never below the uncorrected one)."""
+    rate, duration = 3_000, 1.0
+    result = run(server, mode="open", rate=rate, conns=10, duration=duration, warmup=0.2)
+    ol = result["open_loop"]
+    assert abs(ol["offered"] - rate * duration) <= 1
+    assert ol["sent"] + ol["unsent"] == ol["offered"] and ol["sent"] > 0
+    assert ol["send_lateness_us"]["count"] == ol["sent"]
+    assert result["requests"] == ol["sent"] - ol["unanswered"]
+    corrected, uncorrected = result["latency_us"], ol["uncorrected_latency_us"]
+    assert corrected["count"] == uncorrected["count"] == result["requests"]
+    assert all(corrected[k] >= uncorrected[k] for k in ("p50", "p99", "max"))
 
 
 def test_the_clock_offset_is_not_read_across_a_preemption():
@@ -461,21 +535,29 @@ def test_loadgen_imports_go_one_way():
         assert module not in seen, f"{module} imports itself back through {sorted(seen)}"
 
 
-def test_folding_spread_out_latencies_by_bucket_keeps_every_percentile():
-    """Many distinct values (a lagging generator) are grouped by HDR bucket before recording: same histogram."""
+@pytest.mark.parametrize("seed", range(3))
+def test_a_fold_records_every_value_where_hdrh_would(seed):
+    """The fold (all of a tick's values at once, numpy) puts each value in the bucket record_value would, spread
+    out or not (a lagging generator's latencies), and clamps what is out of range."""
     from hdrh.histogram import HdrHistogram
-    rng = random.Random(7)
-    values = [rng.randint(1, 5_000_000) for _ in range(20_000)] + [rng.randint(1, 2047) for _ in range(5_000)]
+    rng = random.Random(seed)
+    values = [rng.randint(1, 5_000_000) for _ in range(20_000)] + [rng.randint(0, 2047) for _ in range(5_000)]
+    values += [rng.randint(1, histo.HIGHEST_US) for _ in range(100)] + [histo.HIGHEST_US, 2 ** 40, -1]
+    rng.shuffle(values)
     recorder = histo.Recorder()
-    recorder.values.extend(values)
+    recorder.values.extend(values[:9_000])
+    assert recorder.fold() == 9_000 and len(recorder.values) == 0
+    recorder.values.extend(values[9_000:])
     recorder.fold()
     direct = HdrHistogram(histo.LOWEST_US, histo.HIGHEST_US, histo.SIGNIFICANT_FIGURES)
     for value in values:
-        direct.record_value(value)
-    assert len(histo.bucketed(Counter(values))) < len(set(values))                  # it did group
+        direct.record_value(min(max(value, 0), histo.HIGHEST_US))
+    assert list(recorder.histogram.counts) == list(direct.counts)
     assert recorder.histogram.get_total_count() == direct.get_total_count() == len(values)
-    for q in (1, 10, 50, 90, 99, 99.9, 100):
-        assert recorder.histogram.get_value_at_percentile(q) == direct.get_value_at_percentile(q)
+    assert recorder.histogram.get_min_value() == direct.get_min_value() == 0
+    assert recorder.histogram.get_max_value() == direct.get_max_value()
+    assert recorder.clamped == 1                                       # 2**40 µs (one hour is the top)
+    assert histo.decode(recorder.encode()).get_total_count() == len(values)
 
 
 def test_slots_between_counts_the_schedule_inside_a_window():
