@@ -60,6 +60,17 @@ Rate limiting: the token bucket is in each connection's Session, and every
 callback runs on the loop's one thread, one at a time, with no ``await`` inside
 the bucket's arithmetic: no lock. A delayed request waits like a WORK, in the
 connection's worker task (``asyncio.sleep``), with reading paused meanwhile.
+With a redis store (docs/ratelimit.md) that task first awaits
+``AsyncBucketClient.take``: one connection to Redis per process, every call
+pipelined on it, so a thousand waiting requests need no thousand connections.
+
+``--cpu-offload process`` (servers/offload.py): a request with cpu_us goes to
+the connection's worker task like a WORK wait, which submits the computation
+to the process pool and awaits it (``asyncio.wrap_future``, what
+``loop.run_in_executor`` does), then replies with ``request.computed``: the
+loop serves every other connection meanwhile, and this one reads nothing more
+until the reply is out, so its replies keep their order. The pool is started
+before ``listening on`` and shut down after the drain.
 
 Out of fds (EMFILE) the stdlib loop retries accept() after 1 s; ``Listener``
 fixes the busy loop CPython 3.11's accept batch makes of that (gh-151615).
@@ -77,15 +88,17 @@ import socket
 import struct
 import time
 
+from . import offload as cpu_offload
 from .base import (ABORT_GRACE, DRAIN_POLL_INTERVAL, FD_EXHAUSTED, LEAKED, LISTEN_BACKLOG, announce, stop_signals,
                    then_ignore_signals)
-from .session import open_session, rejection
+from .session import open_session, rejection, shared_limit
 from .tcpdiag import unsent
 
 FIRST_LOOK = 0.01              # replies in flight: look again this soon after they moved...
 LAST_LOOK = 1.0                # ...then after as long as they have been stuck, at most this long
 LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST and drops what is unsent
 READ_SIZE = 256 * 1024        # the most one read takes: the stdlib transport's own recv size (max_size)
+TCP_CLOSE = 7                  # include/net/tcp_states.h: tcp_info's first byte once a reset closed the socket
 
 
 def serve(listener, config, stats) -> None:
@@ -135,7 +148,16 @@ class Listener(socket.socket):
 
 async def _serve(listener, config, stats) -> None:
     loop = asyncio.get_running_loop()
-    hub = Hub(loop, config, stats)
+    hub = Hub(loop, config, stats, cpu_offload.start(config, stats))
+    hub.shared = shared_limit(config, stats, "AsyncBucketClient")   # a redis store: calls pipelined, awaited
+    try:
+        await _serve_until_drained(listener, config, stats, loop, hub)
+    finally:
+        if hub.offload is not None:
+            hub.offload.close()
+
+
+async def _serve_until_drained(listener, config, stats, loop, hub) -> None:
     # create_server calls listen() again: pass the backlog, or it drops to asyncio's 100
     server = await loop.create_server(lambda: Connection(hub), sock=listener, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
@@ -150,8 +172,10 @@ async def _serve(listener, config, stats) -> None:
 class Hub:
     """What the connections of one server share: the loop, settings, counters, the drain."""
 
-    def __init__(self, loop, config, stats) -> None:
+    def __init__(self, loop, config, stats, offload=None) -> None:
         self.loop, self.config, self.stats = loop, config, stats
+        self.offload = offload                # --cpu-offload process: the process pool, else None
+        self.shared = None                    # a shared rate limit: this process's side (session.shared_limit)
         self.connections: set[Connection] = set()
         self.draining = False
         self.read_buffer = memoryview(bytearray(READ_SIZE))   # lent to every read in turn (Connection.get_buffer)
@@ -259,7 +283,9 @@ class Connection(asyncio.BufferedProtocol):
             transport.write(rejection(hub.config))
             transport.close()
             return
-        self.session = open_session(hub.config, hub.stats, time.monotonic())
+        shared = hub.shared
+        self.session = open_session(hub.config, hub.stats, time.monotonic(),
+                                    (transport.get_extra_info("peername") or ("",))[0] if shared else "", shared)
         hub.connections.add(self)
         self._arm(self.session.deadline)
         if hub.draining:                      # accepted just as the listener closed
@@ -292,7 +318,7 @@ class Connection(asyncio.BufferedProtocol):
             self.queue.extend(requests)
             return
         for n, request in enumerate(requests):
-            if request.io_s:
+            if request.io_s or request.gated or (request.cpu_us and self.hub.offload is not None):
                 self._start_worker(requests[n:])
                 return
             self.transport.write(request.run(time.monotonic()))
@@ -345,18 +371,34 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _answer_queue(self) -> None:
         """One task per busy connection (none for the others): answer the queue in order."""
-        queue, transport = self.queue, self.transport
+        queue, transport, offload = self.queue, self.transport, self.hub.offload
         while queue:
             request = queue.pop(0)
+            if request.gated:                 # its token is in Redis: await the (pipelined) call
+                verdict = await self.hub.shared.store.take(request.key)
+                request = self.session.admit(request, verdict, time.monotonic())
             if request.io_s:
                 await asyncio.sleep(request.io_s)
-            transport.write(request.run(time.monotonic()))
+            if request.cpu_us and offload is not None:
+                await self._compute_elsewhere(offload, request.cpu_us)
+                transport.write(request.computed(time.monotonic()))
+            else:
+                transport.write(request.run(time.monotonic()))
         self.worker = None
         if self.session.closing:
             self._finish()
         else:
             self._flow()
             self._watch_deadline()
+
+    @staticmethod
+    async def _compute_elsewhere(offload, cpu_us: int) -> None:
+        """--cpu-offload: the pool computes cpu_us while the loop serves the others (offload.settle counts it,
+        or computes it here if the pool failed)."""
+        future = offload.submit(cpu_us)
+        with contextlib.suppress(Exception):    # a failed computation is settle's to handle
+            await asyncio.wrap_future(future)
+        offload.settle(future, cpu_us)
 
     def pause_writing(self) -> None:             # the transport's write buffer passed its high-water mark
         self.write_paused = True
@@ -384,8 +426,12 @@ class Connection(asyncio.BufferedProtocol):
             self._watch_replies()
 
     def _in_flight(self) -> int:
-        """Reply bytes not yet taken by the peer: the transport's buffer, and what the kernel cannot send yet."""
-        return self.transport.get_write_buffer_size() + unsent(self.transport.get_extra_info("socket").fileno())
+        """Reply bytes not yet taken by the peer: the transport's buffer, and what the kernel cannot send yet.
+        Nothing once a reset has closed the socket: its unsent count stays stale, and libuv may have told the reset
+        as an EOF (data and POLLHUP in one wakeup), so no read or write would ever fail to end the connection."""
+        sock = self.transport.get_extra_info("socket")
+        pending = self.transport.get_write_buffer_size() + unsent(sock.fileno())
+        return 0 if pending and reset_by_peer(sock) else pending
 
     def _arm(self, when: float) -> None:
         """Have ``_on_deadline`` run by ``when`` (monotonic): a timer due sooner stays, a later one is replaced."""
@@ -455,6 +501,14 @@ class Connection(asyncio.BufferedProtocol):
         session.replied(now)
         self._flow()
         self._arm(session.deadline)
+
+
+def reset_by_peer(sock) -> bool:
+    """Whether the kernel has closed this connection's socket (TCP state CLOSE, which a reset leaves)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+    except OSError:
+        return False
 
 
 def frame_expired(session, now: float) -> bool:

@@ -101,12 +101,13 @@ def announce(listener: socket.socket) -> None:
 
 
 def process_facts(config: ServerConfig) -> dict:
-    """What this server process is, for STATS and the final line: --procs, the interpreter, its GIL, and
-    the GIL's switch interval (``sys._is_gil_enabled`` exists from CPython 3.13 on; before, there is a GIL)."""
+    """What this server process is, for STATS and the final line: --procs, the interpreter, its GIL,
+    the rate limit's store and scope (as go shows them), and the GIL's switch interval (``sys._is_gil_enabled`` exists from CPython 3.13 on; before, there is a GIL)."""
     gil_enabled = getattr(sys, "_is_gil_enabled", None)
     return {"procs": config.procs, "python": platform.python_version(),
             "gil": True if gil_enabled is None else bool(gil_enabled()),
-            "switch_interval": round(sys.getswitchinterval(), 6)}      # CPython keeps it in whole microseconds
+            "switch_interval": round(sys.getswitchinterval(), 6),      # CPython keeps it in whole microseconds
+            "rate_limit_store": config.rate_store_label, "rate_limit_scope": config.rate_limit_scope}
 
 
 def final_counters(stats) -> dict:

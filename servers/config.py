@@ -39,6 +39,16 @@ class ServerConfig:
     burst: float | None = field(default=None, metadata={"help": "token bucket size for --rate-limit (default: the rate)"})
     rate_limit_mode: str = field(default="delay", metadata={"help": "delay (wait for a token) or reject (ERROR 'rate limited')",
                                                             "choices": ("delay", "reject")})
+    rate_limit_store: str = field(default="memory", metadata={"help": "where the token bucket lives: memory, or "
+                                                                      "redis://HOST:PORT[/DB], shared by every process "
+                                                                      "and host using it (docs/ratelimit.md)",
+                                                              "metavar": "STORE"})
+    rate_limit_scope: str = field(default="connection", metadata={"help": "what one bucket belongs to: a connection, or "
+                                                                          "a client (the peer's IP address)",
+                                                                  "choices": ("connection", "client")})
+    rate_limit_on_error: str = field(default="allow", metadata={"help": "a redis store unreachable or slow (50 ms): "
+                                                                        "allow (admit) or deny (ERROR 'rate limited')",
+                                                                "choices": ("allow", "deny")})
     fault: str = field(default="none", metadata={"help": "teaching switch that turns one safeguard off", "choices": FAULTS})
     workers: int | None = field(default=None, metadata={"help": "threadpool: worker threads (default: min(32, cpus + 4), like ThreadPoolExecutor)"})
     dispatch: str = field(default="connection", metadata={"help": "threadpool: a worker per connection, or per request",
@@ -76,12 +86,26 @@ class ServerConfig:
             (self.workers is None or self.workers >= 1, "--workers must be at least 1"),
             (self.gomaxprocs is None or self.gomaxprocs >= 1, "--gomaxprocs must be at least 1"),
             (1 <= self.procs <= MAX_PROCS, f"--procs must be in 1..{MAX_PROCS}"),
+            (self.rate_limit_store == "memory" or self.rate_limit_store.startswith("redis://"),
+             "--rate-limit-store must be memory or redis://HOST:PORT[/DB]"),
+            (self.rate_limit_scope in ("connection", "client"), "--rate-limit-scope must be connection or client"),
+            (self.rate_limit_on_error in ("allow", "deny"), "--rate-limit-on-error must be allow or deny"),
+            # the shared rate limit: each control changes what --rate-limit does, so without it one is a
+            # mistake to report, not a setting to ignore (the go backend's messages, servers/go/config.go)
+            (self.rate_limit_store == "memory" or self.rate_limit is not None, "--rate-limit-store needs --rate-limit"),
+            (self.rate_limit_scope == "connection" or self.rate_limit is not None,
+             "--rate-limit-scope needs --rate-limit"),
+            (self.rate_limit_on_error == "allow" or self.rate_limit_store != "memory",
+             "--rate-limit-on-error needs --rate-limit-store redis://HOST:PORT (memory never fails)"),
             (self.switch_interval is None or (self.switch_interval > 0 and _finite(self.switch_interval)),
              f"--switch-interval must be a positive number of seconds, at most {MAX_TIMEOUT_S}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.rate_limit_store != "memory":
+            from .redis_bucket import parse_url        # imported here: only a redis store needs the client
+            parse_url(self.rate_limit_store)           # ValueError in one line, as go's parseRedisURL
 
     @property
     def loopback(self) -> bool:
@@ -99,6 +123,22 @@ class ServerConfig:
     def buffer_budget(self) -> float:
         """--max-buffered, or no budget at all under --fault unbounded."""
         return float("inf") if self.fault == "unbounded" else self.max_buffered
+
+    @property
+    def rate_limit_shared(self) -> bool:
+        """A connection's requests draw on a bucket that is not its own: a redis store, or scope client."""
+        return self.rate_limit is not None and (self.rate_limit_store != "memory" or self.rate_limit_scope == "client")
+
+    @property
+    def rate_store_label(self) -> str:
+        """The store as STATS and the final line show it: memory, or redis://HOST:PORT (no database: where
+        it is, not how it is used), as the go backend shows it."""
+        if self.rate_limit_store == "memory":
+            return "memory"
+        from .redis_bucket import parse_url
+        address = parse_url(self.rate_limit_store)
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"redis://{host}:{address.port}"
 
     @property
     def effective_burst(self) -> float | None:

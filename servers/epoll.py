@@ -27,6 +27,11 @@ one thread and stalls every connection: what the lab measures.
 Rate limiting: the token bucket is in each connection's Session, and this one
 thread is the only code that ever runs: no lock. A delayed request is a timer on
 the heap, like WORK's wait, and the connection is not read until it fires.
+With a redis store (docs/ratelimit.md) the loop asks Redis itself, never
+blocking: one non-blocking connection to Redis in this same epoll set, calls
+pipelined on it (servers/epoll_redis.py); a connection whose next request
+waits for its verdict is ``ASKING`` (not read, like a WORK wait) until
+``on_verdict``, from the reply or from the call's 50 ms deadline on the heap.
 
 The timer heap holds entries, not connections: a cancelled entry (its
 connection closed, or its deadline superseded by a sooner one) keeps its place
@@ -80,7 +85,7 @@ from time import monotonic
 
 from . import offload as cpu_offload
 from .base import ACCEPT_BACKOFF, FD_EXHAUSTED, announce, ignore_signals, no_delay, release, stop_signals
-from .session import open_session, rejection
+from .session import open_session, peer_ip, rejection, shared_limit
 from .tcpdiag import unsent
 
 RECV_SIZE = 65536              # one recv per readiness event
@@ -93,6 +98,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 NO_BYTES = b""                 # an idle connection's out and queue share these: an empty bytearray and an
 NO_REQUESTS = ()               # empty list would cost ~110 B per connection (an empty deque ~770 B)
 COMPUTING = ("computing",)     # a connection's ``waiting`` while the --cpu-offload pool computes (no timer entry)
+ASKING = ("asking",)           # a connection's ``waiting`` while the redis store decides on queue[0] (no timer entry)
 
 
 class Connection:
@@ -141,6 +147,8 @@ class Loop:
         # Bound once: every timer entry refers to one of these (a bound method made per entry is 64 B).
         self.on_deadline, self.on_work_done = self.check_deadline, self.work_done
         self.offload = cpu_offload.start(config, stats)    # --cpu-offload process: the pool, else None
+        self.shared = shared_limit(config, stats, redis_store, loop=self)   # a shared rate limit, else None
+        self.store = None if self.shared is None else self.shared.store    # a redis store: in this epoll set
         self.computed_fd = -1
         if self.offload is not None:
             self.computed: collections.deque = collections.deque()   # (connection, future), from the pool's thread
@@ -160,6 +168,8 @@ class Loop:
             ignore_signals()                   # a late second SIGTERM must not kill the exit with -15
             signal.set_wakeup_fd(previous_fd)
             self.close_offload()
+            if self.store is not None:
+                self.store.close()
             for closable in (self.epoll, self.wake_r, self.wake_w):
                 closable.close()
 
@@ -180,7 +190,7 @@ class Loop:
         for fd, events in self.epoll.poll(self.poll_timeout(), MAX_EVENTS):
             conn = conns.get(fd)
             if conn is None:
-                self.on_loop_event(fd)
+                self.on_loop_event(fd, events)
                 continue
             try:
                 if events == EPOLLIN:
@@ -194,9 +204,11 @@ class Loop:
         if timers and timers[0][0] <= monotonic():
             self.run_timers()
 
-    def on_loop_event(self, fd: int) -> None:
-        """The listener, the signal socket or the --cpu-offload eventfd is readable."""
-        if fd == self.wake_fd:
+    def on_loop_event(self, fd: int, events: int) -> None:
+        """The listener, the signal socket, the --cpu-offload eventfd or the redis store's socket is ready."""
+        if self.store is not None and fd == self.store.fd:
+            self.store.on_event(events)
+        elif fd == self.wake_fd:
             with contextlib.suppress(BlockingIOError):
                 self.wake_r.recv(4096)         # the signal bytes; the flag is what matters
         elif fd == self.computed_fd:
@@ -352,7 +364,9 @@ class Loop:
                 sock.send(rejection(self.config))      # a few bytes: an empty send buffer takes them
             return
         no_delay(sock)
-        conn = Connection(sock, open_session(self.config, self.stats, monotonic()))
+        shared = self.shared
+        conn = Connection(sock, open_session(self.config, self.stats, monotonic(),
+                                             peer_ip(sock) if shared else "", shared))
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, EPOLLIN)
         self.watch_deadline(conn)
@@ -384,7 +398,8 @@ class Loop:
         reply = None if conn.queue else session.echo(data, now)   # whole ECHO frames are their own reply
         if reply is None:
             requests = session.feed(data, now)
-            if conn.queue or len(requests) != 1 or requests[0].io_s or (self.offload and requests[0].cpu_us):
+            if conn.queue or len(requests) != 1 or requests[0].io_s or requests[0].gated or \
+                    (self.offload and requests[0].cpu_us):
                 return self.enqueue(conn, requests)
             reply = requests[0].run(now)
         self.write(conn, reply)
@@ -406,6 +421,12 @@ class Loop:
         queue = conn.queue
         while queue and conn.waiting is None:
             request = queue[0]
+            if request.gated:                  # its token is in Redis: ask, and answer once the reply is in
+                verdict = self.store.ask(conn, request.key)
+                if verdict is None:
+                    conn.waiting = ASKING
+                    break
+                queue[0] = request = conn.session.admit(request, verdict, monotonic())
             if request.io_s:
                 conn.waiting = self.call_at(monotonic() + request.io_s, self.on_work_done, conn)
             else:
@@ -421,6 +442,16 @@ class Loop:
             return
         conn.queue.pop(0)
         self.write(conn, request.run(monotonic()))
+
+    def on_verdict(self, conn: Connection, verdict) -> None:
+        """The redis store decided on conn's queue[0] (from the store's reply, or its deadline)."""
+        if not conn.closed:
+            self.guarded(self.admitted, conn, verdict)
+
+    def admitted(self, conn: Connection, verdict) -> None:
+        conn.waiting = None
+        conn.queue[0] = conn.session.admit(conn.queue[0], verdict, monotonic())
+        self.pump(conn)
 
     def work_done(self, conn: Connection) -> None:
         """A WORK's wait is over: answer it, go on with what queued behind it."""
@@ -522,7 +553,7 @@ class Loop:
         with contextlib.suppress(OSError):
             self.epoll.unregister(conn.fd)
         for entry in (conn.timer, conn.waiting):
-            if entry is not None and entry is not COMPUTING:
+            if entry is not None and entry is not COMPUTING and entry is not ASKING:
                 self.cancel(entry)             # the heap keeps no reference to it
         conn.session.close()                   # its buffer budget back, whatever ended it
         release(conn.sock, conn.session, self.stats)
@@ -557,3 +588,11 @@ def has_input(sock) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK))
     except BlockingIOError:
         return False
+
+
+
+def redis_store(*args, **options):
+    """The redis store's client for this loop (servers/epoll_redis.py), imported only when one is used:
+    a server without it keeps the smaller footprint the lab measures."""
+    from .epoll_redis import RedisStore
+    return RedisStore(*args, **options)

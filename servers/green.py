@@ -42,7 +42,12 @@ greenlets never contend for it, and a real thread beside the hub still can.
 Rate limiting: the token bucket is in the Session of one connection, used by
 that connection's greenlet only, and a greenlet is never switched out in the
 middle of its arithmetic (there is no I/O in it): no lock. A delayed request
-waits like a WORK, in ``gevent.sleep``, parking only its own greenlet.
+waits like a WORK, in ``gevent.sleep``, parking only its own greenlet. A shared
+bucket (docs/ratelimit.md): scope client with the memory store is the
+process's map of client buckets (no lock either, for the same reason); with a
+redis store the greenlet calls threads.py's blocking ``BlockingBucketClient.take``,
+made with gevent's socket module and semaphores, so the round trip parks the
+greenlet on the hub and the others run.
 
 ``--cpu-offload process`` (servers/offload.py): the greenlet hands WORK's CPU
 part to the process pool and parks until it is done, while the hub serves the
@@ -69,6 +74,8 @@ import socket
 import time
 
 import gevent
+import gevent.lock
+import gevent.socket
 from gevent.event import Event
 from gevent.hub import Waiter
 from gevent.pool import Group
@@ -77,6 +84,7 @@ from gevent.server import StreamServer
 from . import offload as cpu_offload
 from .base import (ConnectionSet, WriteStalled, abort, announce, output_stalled, stop_signals,
                    then_ignore_signals)
+from .session import shared_limit
 from .threads import handle, reject
 
 KILL_GRACE = 1.0     # after the drain deadline, how long killed greenlets get to close their sockets
@@ -90,11 +98,14 @@ def serve(listener, config, stats) -> None:
     offload = cpu_offload.start(config, stats)
     waits = None if offload is None else PoolWaits(offload)
     deadlines = HubDeadlines if waits is None else waits.deadlines
+    shared = shared_limit(config, stats, "BlockingBucketClient", sockets=gevent.socket,
+                          semaphore=gevent.lock.BoundedSemaphore)   # a redis store: waits park on the hub
 
     def admit(sock, _address):                 # runs in the connection's own greenlet
         if stats.try_open():
             connections.add(sock)
-            handle(sock, config, stats, connections, sleep=gevent.sleep, deadlines=deadlines)   # threads.py's
+            handle(sock, config, stats, connections, sleep=gevent.sleep, shared=shared,
+                   deadlines=deadlines)   # threads.py's
         else:
             reject(sock, config)
 

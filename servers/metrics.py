@@ -59,6 +59,8 @@ COUNTER_HELP = {
     "rate_limited": "requests answered 'rate limited'",
     "buffer_rejections": "connections refused a frame with 'server busy' (over --max-buffered)",
     "offloaded": "WORK requests whose CPU part ran in the --cpu-offload process pool",
+    "rate_store_calls": "round trips to the --rate-limit-store (EVALSHA sent)",
+    "rate_store_errors": "requests given the --rate-limit-on-error verdict (store down, slow or skipped while reconnecting)",
 }
 GAUGE_HELP = {
     "connections_active": "connections open now",

@@ -2,20 +2,23 @@
 
 ``--rate-limit-store redis://HOST:PORT[/DB]`` (docs/protocol.md section 3,
 docs/ratelimit.md) moves ``session.TokenBucket`` out of the process: its state
-is one Redis HASH per bucket key (``tokens``, ``stamp``, ``released``) and every
+is one Redis HASH per bucket key (``tokens``, ``stamp``) and every
 request takes its token by running ONE Lua script, ``BUCKET_SCRIPT``, which
 reads, refills, takes and writes back in one step. Redis runs a script alone,
 so two servers taking the last token at the same instant cannot both get it:
 no lock, no WATCH/MULTI retry loop, one round trip per request.
 
 The script's arithmetic is ``TokenBucket``'s, line for line and in the same
-order (reject mode: ``available``; delay mode: ``delay_for``, debt and
-``released`` included), so a shared bucket admits what one in-memory bucket
-would. Floats are stored with ``%.17g``, which a double survives exactly (Redis
-would format a Lua number with 14 digits). The time is Redis's ``TIME``: one
+order (reject mode: ``available``; delay mode: ``take``, debt included), so a
+shared bucket admits what one in-memory bucket would. In delay mode it answers
+the wait counted from now: the bucket is shared, so the request before this one
+may be another connection's, and a connection's own delayed requests are
+sequenced by its session (``SharedSession.delayed``). Floats are stored with
+``%.17g``, which a double survives exactly (Redis would format a Lua number
+with 14 digits). The time is Redis's ``TIME``: one
 clock for every host, so hosts whose clocks disagree still share one bucket
 fairly. ``TIME`` is a wall clock: when it steps back past the bucket's last
-refill, the script moves the bucket's times back with it (no time passed, and
+refill, the script moves the refill time back with it (no time passed, and
 the refill goes on from the new clock), a case ``TokenBucket``, on a monotonic
 clock, never sees. A test may pass its own ``now`` (seconds) instead, to drive
 the script like ``TokenBucket``. A bucket left alone expires (PEXPIRE) when it
@@ -37,10 +40,10 @@ hand-written loop needs a non-blocking codec it can feed anyway. It is also a
 few hundred lines with no dependency. ``BucketCall`` is the part every client
 shares: the EVALSHA command for a key, the NOSCRIPT fallback (Redis forgets
 scripts when it restarts: SCRIPT LOAD, then EVALSHA once more) and the reply's
-``Verdict``. Two clients wrap it: ``BlockingBucketClient`` (a socket with a
-timeout, for threads and the pools) and ``AsyncBucketClient`` (an asyncio
+``Verdict``. Two clients wrap it: ``BlockingBucketClient`` (a small pool of
+sockets with a timeout, for threads and the pools) and ``AsyncBucketClient`` (an asyncio
 Protocol with pipelined calls, for asyncio and uvloop); gevent uses the
-blocking one given gevent's socket module and lock (``sockets``, ``lock``), and
+blocking one given gevent's socket module and semaphore (``sockets``, ``semaphore``), and
 the epoll loop drives the codec itself.
 
 Failures. Every call has a deadline, ``CALL_TIMEOUT_S`` (50 ms: a loopback or
@@ -48,7 +51,7 @@ LAN round trip is well under a millisecond, so 50 ms means Redis is stalled,
 not busy), covering connecting, the NOSCRIPT fallback and the reply. A call
 that fails or times out gets the on-error verdict (``--rate-limit-on-error``,
 default ``allow``: fail open, see ``DEFAULT_ON_ERROR``), is counted in
-``failures``; the blocking client drops its connection (a late reply would
+``failures``; the blocking client drops its connections (a late reply would
 desynchronise it), the pipelining asyncio one keeps it unless it broke.
 The next connect is tried at most once per ``RECONNECT_INTERVAL_S`` (100 ms);
 calls in between get the on-error verdict at once, counted too, so a dead
@@ -60,6 +63,7 @@ import asyncio
 import collections
 import hashlib
 import itertools
+import json
 import os
 import socket
 import threading
@@ -76,9 +80,10 @@ MODES = ("delay", "reject")
 KEY_PREFIX = "conclab:bucket:"
 DEFAULT_PORT = 6379
 RECV_SIZE = 65536
+POOL_SIZE = 16                  # the blocking client's connections per process (calls in flight at most)
 
 # KEYS[1]: the bucket; ARGV: rate (tokens/s), burst, mode ("reject" or "delay"), [now: seconds, a driven clock].
-# session.TokenBucket in Lua: _refill, then available (reject) or delay_for (delay), in the same order.
+# session.TokenBucket in Lua: _refill, then available (reject) or take (delay: the wait from now), in the same order.
 BUCKET_SCRIPT = """\
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -88,13 +93,12 @@ if not driven then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp', 'released')
-local tokens, stamp, released = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(state[1]), tonumber(state[2])
 if tokens == nil then
-  tokens, stamp, released = burst, now, now
+  tokens, stamp = burst, now
 end
 if now < stamp then
-  released = released - (stamp - now)
   stamp = now
 end
 tokens = math.min(burst, tokens + (now - stamp) * rate)
@@ -109,16 +113,13 @@ if ARGV[3] == 'reject' then
   end
 else
   tokens = tokens - 1
-  local release = now
+  local wait = 0
   if tokens < 0 then
-    release = now - tokens / rate
+    wait = -tokens / rate
   end
-  local wait = math.max(0, release - math.max(now, released))
-  released = release
   result = math.floor(wait * 1000000 + 0.5)
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
-           'stamp', string.format('%.17g', stamp), 'released', string.format('%.17g', released))
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', stamp))
 if not driven then
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) / rate * 1000)))
 end
@@ -280,25 +281,30 @@ class RedisAddress(NamedTuple):
     db: int = 0
 
 
+def _quoted(text: str) -> str:
+    """``text`` in double quotes, escaped as Go's %q does for the usual URLs: the go backend's words."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def parse_url(url: str) -> RedisAddress:
     """``redis://HOST:PORT[/DB]`` -> RedisAddress; ValueError with a one-line message otherwise."""
     usage = "expected redis://HOST:PORT[/DB]"
     parts = urlsplit(url)
     if parts.scheme != "redis":
-        raise ValueError(f"--rate-limit-store {url!r}: {usage}")
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: {usage}")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"--rate-limit-store {url!r}: no user, password, query or fragment: {usage}")
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: no user, password, query or fragment: {usage}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"--rate-limit-store {url!r}: the port is not a number from 0 to 65535") from None
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: the port is not a number from 0 to 65535") from None
     if not parts.hostname or port is None:
-        raise ValueError(f"--rate-limit-store {url!r}: a host and a port are needed: {usage}")
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: a host and a port are needed: {usage}")
     if port == 0:
-        raise ValueError(f"--rate-limit-store {url!r}: port 0 is not a Redis port")
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: port 0 is not a Redis port")
     path = parts.path.strip("/")
     if path and not path.isdigit():
-        raise ValueError(f"--rate-limit-store {url!r}: the database is a number (redis://HOST:PORT/0)")
+        raise ValueError(f"--rate-limit-store {_quoted(url)}: the database is a number (redis://HOST:PORT/0)")
     return RedisAddress(parts.hostname, port, int(path) if path else 0)
 
 
@@ -420,6 +426,7 @@ class _Base:
         self.gate = Gate(reconnect_interval)
         self.failures = 0            # calls answered by the on-error rule (failed, timed out, or while waiting to reconnect)
         self.script_loads = 0        # NOSCRIPT fallbacks (Redis lost its script cache: a restart, SCRIPT FLUSH)
+        self.calls = 0               # calls sent on a connection (EVALSHA round trips; the go side's count)
         self.connects = 0            # connection attempts (at most one per reconnect interval after a failure)
         self._count_lock = threading.Lock()
 
@@ -428,95 +435,123 @@ class _Base:
             self.failures += 1
         return self.fallback
 
+    def _called(self) -> None:
+        """A call goes out on a connection (rate_store_calls)."""
+        with self._count_lock:
+            self.calls += 1
+
 
 # ---------------------------------------------------------------- the blocking client
 
 class BlockingBucketClient(_Base):
-    """Takes tokens over one socket, blocking (threads, the pools; gevent with its sockets).
+    """Takes tokens over a small pool of sockets, blocking (threads, the pools; gevent with its sockets).
 
-    Thread-safe: a lock keeps one call on the socket at a time (a call is one
-    round trip); waiting for the lock counts in the call's deadline, so no
-    caller waits more than ``timeout`` in all. ``sockets`` (a module with
-    ``create_connection``) and ``lock`` (a factory of locks whose ``acquire``
-    takes a timeout) are the stdlib's unless given: gevent passes its own, so
-    a waiting greenlet parks on the hub instead of blocking it.
+    Thread-safe. A call takes an idle connection, or opens one, and gives it
+    back after its one round trip; at most ``pool_size`` calls are in flight
+    (a semaphore), so at most that many connections are open, and one slow call
+    holds up only itself, not every thread behind one lock (go's pool, smaller:
+    a Python process has fewer threads to serve). Waiting for a slot counts in
+    the call's deadline, so no caller waits more than ``timeout`` in all. A
+    failed call closes its connection and the idle ones (they most likely
+    failed with it) and shuts the reconnect gate. ``sockets`` (a module with
+    ``create_connection``) and ``semaphore`` (a factory of bounded semaphores
+    whose ``acquire`` takes a timeout) are the stdlib's unless given: gevent
+    passes its own, so a waiting greenlet parks on the hub instead of blocking it.
     """
 
     def __init__(self, url: str, rate: float, burst: float, mode: str = "delay", *,
-                 sockets=socket, lock=threading.Lock, **options) -> None:
+                 sockets=socket, semaphore=threading.BoundedSemaphore, pool_size: int = POOL_SIZE,
+                 **options) -> None:
         super().__init__(url, rate, burst, mode, **options)
         self._sockets = sockets
-        self._sock: socket.socket | None = None
-        self._reader = RespReader()
-        self._lock = lock()
+        self._slots = semaphore(pool_size)
+        self._idle: list[tuple[socket.socket, RespReader]] = []   # open connections free for a call
 
     def take(self, key: str, now: float | None = None) -> Verdict:
         """One token from bucket ``key`` (``now``: a driven clock, for tests): the verdict, within the timeout."""
         deadline = time.monotonic() + self.timeout
-        if not self._lock.acquire(timeout=self.timeout):
+        if not self._slots.acquire(timeout=self.timeout):
             return self._failed()
         try:
-            if self._sock is None and not self._connect(deadline):
-                return self._failed()
             try:
-                return self._take(key, now, deadline)
+                connection = self._idle.pop()
+            except IndexError:
+                connection = self._connect(deadline)
+                if connection is None:
+                    return self._failed()
+            self._called()
+            try:
+                answer = self._take(connection, key, now, deadline)
             except (OSError, StoreError, RespProtocolError):
+                connection[0].close()
                 self._drop()
                 self.gate.failed()
                 return self._failed()
+            self._idle.append(connection)
+            return answer
         finally:
-            self._lock.release()
+            self._slots.release()
 
-    def _take(self, key, now, deadline) -> Verdict:
+    def _take(self, connection, key, now, deadline) -> Verdict:
         request = self.call.request(key, now)
-        answer = self.call.answer(self._roundtrip(request, deadline))
+        answer = self.call.answer(_roundtrip(connection, request, deadline))
         if answer is None:                                  # NOSCRIPT: load it, then once more
             self.script_loads += 1
-            self.call.loaded(self._roundtrip(BucketCall.LOAD, deadline))
-            answer = self.call.answer(self._roundtrip(request, deadline))
+            self.call.loaded(_roundtrip(connection, BucketCall.LOAD, deadline))
+            answer = self.call.answer(_roundtrip(connection, request, deadline))
             if answer is None:
                 raise StoreError("redis: NOSCRIPT right after SCRIPT LOAD")
         return answer
 
-    def _connect(self, deadline: float) -> bool:
+    def _connect(self, deadline: float):
+        """A new connection (and SELECT), or None: the gate is shut, or it failed (then the gate shuts)."""
         if not self.gate.may_try():
-            return False
-        self.connects += 1
+            return None
+        with self._count_lock:
+            self.connects += 1
+        sock = None
         try:
             sock = self._sockets.create_connection(self.address[:2], timeout=max(deadline - time.monotonic(), 0.001))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock, self._reader = sock, RespReader()
-            if self.address.db and self._roundtrip(self.call.select(self.address.db), deadline) != "OK":
+            connection = (sock, RespReader())
+            if self.address.db and _roundtrip(connection, self.call.select(self.address.db), deadline) != "OK":
                 raise StoreError(f"redis: cannot SELECT {self.address.db}")
-            return True
+            return connection
         except (OSError, StoreError, RespProtocolError):
-            self._drop()
+            if sock is not None:
+                sock.close()
             self.gate.failed()
-            return False
-
-    def _roundtrip(self, data: bytes, deadline: float):
-        sock = self._sock
-        sock.sendall(data)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("redis: no reply within the timeout")
-            sock.settimeout(left)
-            chunk = sock.recv(RECV_SIZE)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            replies = self._reader.feed(chunk)
-            if replies:
-                return replies[0]                   # one request in flight: one reply
+            return None
 
     def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-        self._sock = None
+        """Close the idle connections."""
+        while True:
+            try:
+                sock, _ = self._idle.pop()
+            except IndexError:
+                return
+            sock.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._drop()
+
+
+def _roundtrip(connection, data: bytes, deadline: float):
+    """Send one command on a (socket, RespReader) and read its one reply, by ``deadline``."""
+    sock, reader = connection
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    sock.sendall(data)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("redis: no reply within the timeout")
+        sock.settimeout(left)
+        chunk = sock.recv(RECV_SIZE)
+        if not chunk:
+            raise ConnectionError("redis closed the connection")
+        replies = reader.feed(chunk)
+        if replies:
+            return replies[0]                   # one request in flight: one reply
 
 
 # ---------------------------------------------------------------- the asyncio client
@@ -601,6 +636,7 @@ class AsyncBucketClient(_Base):
 
     async def _take(self, key, now) -> Verdict:
         protocol = await self._connection()
+        self._called()
         request = self.call.request(key, now)
         answer = self.call.answer(await protocol.send(request))
         if answer is None:

@@ -44,13 +44,15 @@ computation itself (``burn``), which is a measured busy loop, not a decision.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 
 from . import protocol
 from .config import ServerConfig
 from .protocol import AFTER_WORK, AT_ONCE, COUNTERS, ECHO, ERROR, REQUESTS, OverBudget, ProtocolError, UnknownOp
-from .stats import Stats
+from .stats import ONE_WRITER, Stats
 
 HEADER = protocol.HEADER
 unpack_length = HEADER.unpack_from
@@ -70,9 +72,13 @@ def burn(cpu_us: int) -> None:
 
 
 class Request:
-    """One thing to answer: wait io_s (the model's way), then ``run(now)`` for the reply bytes."""
+    """One thing to answer: wait io_s (the model's way), then ``run(now)`` for the reply bytes.
+
+    ``gated`` (a class attribute): a ``Gated`` request, whose verdict the backend
+    asks the rate limit's store for first (see ``SharedSession.admit``)."""
 
     __slots__ = ("io_s", "cpu_us", "reply", "session")
+    gated = False
 
     def __init__(self, reply: bytes, io_s: float = 0.0, cpu_us: int = 0, session: "Session | None" = None):
         self.reply, self.io_s, self.cpu_us, self.session = reply, io_s, cpu_us, session
@@ -194,8 +200,24 @@ class TokenBucket:
             return True
         return False
 
+    def take(self, now: float) -> float:
+        """Take a token, in debt if need be; seconds from ``now`` until it is there (delay mode, a shared bucket).
+
+        The wait counts from now, not from the previous request: with a bucket shared
+        by several connections that request may be another connection's, whose wait is
+        none of this one's. The sequencing of one connection's delayed requests is the
+        Session's (``SharedSession.delayed``), as the redis store's script answers the same.
+        """
+        self._refill(now)
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
     def delay_for(self, now: float) -> float:
-        """Take a token, in debt if need be; seconds to wait after the previous request (delay mode)."""
+        """Take a token, in debt if need be; seconds to wait after the previous request (delay mode).
+
+        The connection's own bucket: ``take`` and the connection's sequencing in one
+        step (its requests run one after another, so a later one waits only what its
+        release is past the previous one's), the in-memory fast path."""
         self._refill(now)
         self.tokens -= 1
         release = now if self.tokens >= 0 else now - self.tokens / self.rate
@@ -208,16 +230,96 @@ class TokenBucket:
         self.stamp = now
 
 
+class ClientBuckets:
+    """``--rate-limit-scope client`` with the memory store: one TokenBucket per peer IP, for one process.
+
+    Every connection of a client draws on its bucket. Under a lock where threads
+    share the map (an event loop, or gevent's hub, never switches inside ``take``:
+    no lock there). A bucket full again answers as a new one would, so it is
+    dropped: at most once per SWEEP_INTERVAL_S the request that finds the sweep
+    due drops every full bucket (no thread of its own), as the go backend does.
+    """
+
+    SWEEP_INTERVAL_S = 1.0
+
+    def __init__(self, rate: float, burst: float, reject: bool, locked: bool, now: float) -> None:
+        self.rate, self.burst, self.reject = rate, burst, reject
+        self.buckets: dict[str, TokenBucket] = {}
+        self.lock = threading.Lock() if locked else contextlib.nullcontext()
+        self.swept = now
+
+    def take(self, ip: str, now: float) -> tuple[bool, float]:
+        """One request of client ``ip``: (admitted, seconds from ``now`` to wait)."""
+        with self.lock:
+            if now - self.swept >= self.SWEEP_INTERVAL_S:
+                self._sweep(now)
+            bucket = self.buckets.get(ip)
+            if bucket is None:
+                bucket = self.buckets[ip] = TokenBucket(self.rate, self.burst, now)
+            if self.reject:
+                return bucket.available(now), 0.0
+            return True, bucket.take(now)
+
+    def _sweep(self, now: float) -> None:
+        self.swept = now
+        for ip, bucket in list(self.buckets.items()):
+            if bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst:
+                del self.buckets[ip]
+
+
+class SharedLimit:
+    """One process's side of a rate limit whose bucket is not one connection's own (docs/ratelimit.md).
+
+    ``store``: the redis store's client, the backend's kind (its ``take(key)`` is
+    asked for each ``Gated`` request, the model's way); None with the memory
+    store, where scope client is ``clients``, decided in the session. The backend
+    makes one per process, after any fork (``shared_limit``), and hands it to
+    each session; the Stats shows the store's counters.
+    """
+
+    __slots__ = ("store", "clients", "scope")
+
+    def __init__(self, config: ServerConfig, stats: Stats, store=None) -> None:
+        self.store, self.scope = store, config.rate_limit_scope
+        self.clients = None if store is not None else ClientBuckets(
+            config.rate_limit, config.effective_burst, config.rate_limit_mode == "reject",
+            stats.backend not in ONE_WRITER, time.monotonic())
+        stats.rate_store = store
+
+
+def shared_limit(config: ServerConfig, stats: Stats, client_class=None, **options) -> SharedLimit | None:
+    """The process's SharedLimit (None if each connection has its own bucket, or no limit).
+
+    ``client_class`` makes the redis store's client: the name of one of
+    servers/redis_bucket.py's (``"BlockingBucketClient"``, ``"AsyncBucketClient"``:
+    imported only then) or the backend's own class, given (url, rate, burst,
+    mode, on_error_policy=..., **options).
+    """
+    if not config.rate_limit_shared:
+        return None
+    store = None
+    if config.rate_limit_store != "memory":
+        if isinstance(client_class, str):
+            from . import redis_bucket
+            client_class = getattr(redis_bucket, client_class)
+        store = client_class(config.rate_limit_store, config.rate_limit, config.effective_burst,
+                             config.rate_limit_mode, on_error_policy=config.rate_limit_on_error, **options)
+    return SharedLimit(config, stats, store)
+
+
 class Session:
     """The sans-I/O state of one framed connection."""
 
     __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
                  "idle_since", "frame_started", "closing", "peer_closed", "leaky",
                  "reservations", "compute")   # slots: ~200 B less per connection
+    shared = None           # SharedSession's: the process's SharedLimit
 
     def __init__(self, config: ServerConfig, stats: Stats, now: float) -> None:
         self.stats = stats
-        self.bucket = None if config.rate_limit is None else TokenBucket(config.rate_limit, config.effective_burst, now)
+        self.bucket = None          # the connection's own token bucket (a shared one: SharedSession)
+        if config.rate_limit is not None and not config.rate_limit_shared:
+            self.bucket = TokenBucket(config.rate_limit, config.effective_burst, now)
         self.reject_over_rate = config.rate_limit_mode == "reject"
         # --fault unbounded: an infinite budget, counted but never enforced
         self.reservations = Reservations(stats, config.buffer_budget)
@@ -331,13 +433,18 @@ class Session:
             self.frame_started = now
         if self.bucket is not None:
             requests, error = self._answer_limited(frames, error, len(data), now)
+        elif self.shared is not None:
+            requests, error = self._answer_shared(frames, error, len(data), now)
         else:
             requests, error = self._answer(frames, error, len(data))
         if error is not None:
             self.stats.count("buffer_rejections" if isinstance(error, OverBudget) else "protocol_errors")
             requests.append(Reply(self._close_with(str(error))))
         if carried and frames:                          # frames[0] completed the reserved frame: its first reply
-            requests[0] = Held(requests[0], carried, self)
+            if requests[0].gated:
+                requests[0].held = carried              # handed on when the store has answered (admit)
+            else:
+                requests[0] = Held(requests[0], carried, self)
         return requests
 
     def _answer(self, frames, error, bytes_in):
@@ -413,6 +520,115 @@ class Session:
         return requests, error
 
 
+class SharedSession(Session):
+    """A framed connection whose token bucket is not its own (docs/ratelimit.md): the process's bucket of
+    its client (memory store, scope client), or one in Redis (any scope), whose verdicts the backend asks for.
+
+    Its own class, so a connection without a shared limit carries none of this.
+    """
+
+    __slots__ = ("shared", "peer", "key", "released")
+
+    def __init__(self, config: ServerConfig, stats: Stats, now: float, peer: str, shared: SharedLimit | None) -> None:
+        if shared is None:
+            raise ValueError("a shared rate limit (a redis store, or scope client) needs the process's SharedLimit")
+        super().__init__(config, stats, now)
+        self.shared, self.peer, self.released = shared, peer, now   # released: its last delayed request's release
+        self.key = None
+        if shared.store is not None:
+            from .redis_bucket import bucket_key, new_connection_id   # only a redis store needs them
+            self.key = bucket_key(config.rate_limit_scope, peer, new_connection_id())
+
+    def echo(self, data: bytes, now: float) -> None:
+        """No hot path: every request takes a token first (``feed``)."""
+        return None
+
+    def _answer_shared(self, frames, error, bytes_in, now):
+        """Like _answer_limited, with a bucket that is not the connection's own: the process's bucket of
+        this client (decided here), or one in Redis: then each frame is a ``Gated`` request, the store's
+        verdict for it asked by the backend, its way, and turned into the answer by ``admit``."""
+        requests: list[Request] = []
+        clients = self.shared.clients
+        for frame in frames:
+            op, payload = frame
+            rule = REQUESTS.get(op)
+            if rule is not None and rule.answer == COUNTERS:        # the lab can always read its counters
+                answered, error = self._answer([frame], None, bytes_in)
+            elif clients is None:
+                try:                                                # a frame that breaks the protocol asks no one
+                    if rule is None:
+                        raise UnknownOp.of(op)
+                    if rule.check is not None:
+                        rule.check(payload)
+                except ProtocolError as exc:
+                    error = exc
+                    break
+                answered = [Gated(frame, bytes_in, self.key, self)]
+            else:
+                admitted, wait = clients.take(self.peer, now)
+                answered, error = self._settle(frame, bytes_in, admitted, wait, now)
+            bytes_in = 0
+            requests += answered
+            if error is not None:
+                break
+        if bytes_in:                        # a read that completed no frame: its bytes still came in
+            self.stats.record(0, bytes_in, 0)
+        return requests, error
+
+    def admit(self, gated: "Gated", verdict, now: float) -> Request:
+        """The store's ``verdict`` (servers/redis_bucket.py's Verdict) for a Gated request, asked at ``now``:
+        the request to answer it with (wait its io_s, then run it), or ERROR "rate limited"."""
+        [request], _ = self._settle(gated.frame, gated.bytes_in, verdict.admitted, verdict.wait_s, now)
+        return Held(request, gated.held, self) if gated.held else request
+
+    def _settle(self, frame, bytes_in, admitted, wait, now):
+        """One frame's answer once its bucket has spoken: refused, or answered after ``wait`` seconds from
+        ``now`` (plus what the connection's earlier delayed requests still wait: ``delayed``)."""
+        if not admitted:
+            self.stats.count("rate_limited")
+            reply = protocol.encode(ERROR, b"rate limited")
+            self.stats.record(0, bytes_in, len(reply))             # refused: not a request served
+            return [Reply(reply)], None
+        answered, error = self._answer([frame], None, bytes_in)
+        if not self.reject_over_rate:
+            wait = self.delayed(wait, now)
+            if answered and wait:
+                first = answered[0]
+                answered[0] = Request(first.reply, first.io_s + wait, first.cpu_us, self)
+        return answered, error
+
+    def delayed(self, wait: float, now: float) -> float:
+        """A delay-mode wait counted from ``now`` (a shared bucket's answer) as this connection waits it.
+
+        One connection's delayed requests run one after another, so a request waits only
+        what its release is past the release of the one before it (``TokenBucket.delay_for``
+        does this for a connection's own bucket)."""
+        release = now + wait
+        start = max(now, self.released)             # when the requests before it are through
+        self.released = max(self.released, release)
+        return max(0.0, release - start)
+
+
+
+class Gated(Request):
+    """A request whose token is in the redis store: the backend asks ``store.take(key)`` its model's way,
+    then ``session.admit(request, verdict, now)`` gives the request to answer in its place.
+
+    It is validated already (a frame breaking the protocol is never gated) and holds
+    what the answer needs: the frame, the bytes of the read it came in (counted when
+    it is answered) and any budget bytes its frame reserved (``held``)."""
+
+    __slots__ = ("frame", "bytes_in", "key", "held")
+    gated = True
+
+    def __init__(self, frame, bytes_in: int, key: str, session: "Session") -> None:
+        super().__init__(b"", 0.0, 0, session)
+        self.frame, self.bytes_in, self.key, self.held = frame, bytes_in, key, 0
+
+    def run(self, now: float) -> bytes:
+        raise RuntimeError("a Gated request is answered through session.admit, after the store's verdict")
+
+
 class RawSession(Session):
     """RFC 862 echo: every byte received goes back unchanged; no frames, no frame timeout."""
 
@@ -434,9 +650,23 @@ class RawSession(Session):
         return b""
 
 
-def open_session(config: ServerConfig, stats: Stats, now: float) -> Session:
-    """A new session for a connection accepted at ``now`` (monotonic seconds), in the configured protocol."""
-    return (RawSession if config.protocol == "raw" else Session)(config, stats, now)
+def open_session(config: ServerConfig, stats: Stats, now: float, peer: str = "",
+                 shared: SharedLimit | None = None) -> Session:
+    """A new session for a connection accepted at ``now`` (monotonic seconds), in the configured protocol;
+    ``peer`` (the client's IP address) and ``shared`` (the process's ``shared_limit``) serve a shared rate limit."""
+    if config.protocol == "raw":
+        return RawSession(config, stats, now)
+    if config.rate_limit_shared:
+        return SharedSession(config, stats, now, peer, shared)
+    return Session(config, stats, now)
+
+
+def peer_ip(sock) -> str:
+    """The client's IP address: what --rate-limit-scope client keys on ("" if the socket has no peer)."""
+    try:
+        return sock.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        return ""
 
 
 def rejection(config: ServerConfig) -> bytes:

@@ -15,6 +15,11 @@ The hot path updates the counters once per read, not once per frame.
 in every backend (servers/session.py: once per frame that does not arrive
 whole in one read, never on the hot path).
 
+``rate_store_calls`` and ``rate_store_errors`` are the redis rate-limit store's
+round trips and the requests given its on-error verdict (docs/ratelimit.md):
+its client counts them (``calls``, ``failures``) and ``snapshot`` reads them
+there, so a request pays no second count; with the memory store they stay 0.
+
 ``offloaded`` counts the WORK requests answered after their CPU part ran in
 the process pool of ``--cpu-offload process`` (servers/offload.py).
 """
@@ -27,7 +32,8 @@ ONE_WRITER = frozenset({"epoll", "asyncio", "uvloop", "gevent"})   # backends th
 
 COUNTERS = ("connections_active", "connections_total", "connections_rejected", "requests_total",
             "bytes_in", "bytes_out", "idle_timeouts", "frame_timeouts", "protocol_errors", "rate_limited",
-            "buffer_rejections", "buffered_bytes", "offloaded")
+            "buffer_rejections", "buffered_bytes", "offloaded", "rate_store_calls", "rate_store_errors")
+STORE_COUNTERS = (("rate_store_calls", "calls"), ("rate_store_errors", "failures"))   # read from the store's client
 
 
 class Stats:
@@ -37,6 +43,7 @@ class Stats:
         self.lock = threading.Lock()
         self.aborted = 0      # connections cut at the drain deadline (reported on the final line)
         self.facts: dict = {}  # what this process is (procs, python, ...): shown with the counters, never summed
+        self.rate_store = None  # the redis rate-limit store's client (servers/session.py: SharedLimit), if any
         for name in COUNTERS:
             setattr(self, name, 0)
         if backend in ONE_WRITER:       # bound once: the per-read counting takes no lock
@@ -74,4 +81,8 @@ class Stats:
     def snapshot(self) -> dict:
         with self.lock:
             counters = {name: getattr(self, name) for name in COUNTERS}
+        store = self.rate_store
+        if store is not None:
+            for name, count in STORE_COUNTERS:
+                counters[name] = getattr(store, count)
         return {"backend": self.backend, "pid": os.getpid(), **self.facts, **counters}

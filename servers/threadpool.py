@@ -22,7 +22,11 @@ connection dispatch one worker owns the connection, bucket included, for its
 whole life. With request dispatch the bucket is used only in ``Session.feed``,
 which only the selector loop calls; a worker just waits the delay it was
 handed (``Request.io_s``) like a WORK wait. One thread per bucket either way:
-no lock.
+no lock. A shared bucket (docs/ratelimit.md): scope client with the memory
+store is the process's map of client buckets, under a lock; with a redis store
+the worker that runs the request (``answer``; with connection dispatch, the
+connection's worker in ``threads.handle``) blocks on ``BlockingBucketClient.take``,
+the process's one client, then ``SharedSession.admit`` gives the answer.
 
 Writes, request dispatch: a worker never waits for a peer. The connection's
 unsent replies (``Connection.out``) belong to the loop, which writes them
@@ -64,7 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, SENDING_STATES, AbortableWait, ConnectionSet, StopSignals, announce,
                    drain, no_delay, output_stalled, release, stuck_for, warn)
 from .base import reset as reset_on_close
-from .session import Request, open_session
+from .session import Request, open_session, peer_ip, shared_limit
 from .threads import RECV_SIZE, accept_until_signalled, handle, reject
 
 SWEEP_INTERVAL = 0.1       # request mode: how often the loop checks deadlines and stalled output, s
@@ -77,25 +81,26 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 def serve(listener, config, stats) -> None:
     connections, wait = ConnectionSet(), AbortableWait()
     dispatch = serve_requests if config.dispatch == "request" else serve_connections
+    shared = shared_limit(config, stats, "BlockingBucketClient")   # a shared rate limit: this process's side
     with ThreadPoolExecutor(config.workers, thread_name_prefix=THREAD_NAME_PREFIX) as pool:
-        stats.aborted = dispatch(listener, config, stats, pool, connections, wait)
+        stats.aborted = dispatch(listener, config, stats, pool, connections, wait, shared)
         wait.abort()                       # leaving the block joins every worker
 
 
-def serve_connections(listener, config, stats, pool, connections, wait) -> int:
+def serve_connections(listener, config, stats, pool, connections, wait, shared) -> int:
     """A worker per connection: threads.py's accept loop with submit() for Thread().start()."""
     def start(sock):
-        future = submit(pool, handle, sock, config, stats, connections, wait)
+        future = submit(pool, handle, sock, config, stats, connections, wait, shared)
         if future is not None:
             future.add_done_callback(report)
     accept_until_signalled(listener, config, stats, connections, start)
     return drain(listener, config, connections, wait)
 
 
-def serve_requests(listener, config, stats, pool, connections, wait) -> int:
+def serve_requests(listener, config, stats, pool, connections, wait, shared) -> int:
     """A worker per request; the main thread runs the selector loop until signalled, then drains."""
     with StopSignals(config) as stop:
-        loop = RequestLoop(listener, config, stats, pool, connections, wait, stop)
+        loop = RequestLoop(listener, config, stats, pool, connections, wait, stop, shared)
         with loop.selector:
             announce(listener)
             while not stop.requested:
@@ -158,8 +163,8 @@ class Connection:
 class RequestLoop:
     """The selector loop: accept, read, feed the session, hand requests to the pool, write what is left."""
 
-    def __init__(self, listener, config, stats, pool, connections, wait, stop) -> None:
-        self.listener, self.config, self.stats = listener, config, stats
+    def __init__(self, listener, config, stats, pool, connections, wait, stop, shared=None) -> None:
+        self.listener, self.config, self.stats, self.shared = listener, config, stats, shared
         self.pool, self.connections, self.wait, self.stop = pool, connections, wait, stop
         self.selector = selectors.DefaultSelector()
         listener.setblocking(False)
@@ -218,7 +223,9 @@ class RequestLoop:
             return
         no_delay(sock)
         self.connections.add(sock)
-        conn = Connection(sock, open_session(self.config, self.stats, time.monotonic()))
+        shared = self.shared
+        conn = Connection(sock, open_session(self.config, self.stats, time.monotonic(),
+                                             peer_ip(sock) if shared else "", shared))
         self.conns.add(conn)
         self.selector.register(sock, READ, conn)
 
@@ -421,9 +428,12 @@ class RequestLoop:
                     request = queue.pop(0)
                 if pending:
                     self.notify(conn)               # output pending: the loop writes it
-                if request.io_s:
-                    wait(request.io_s)
-                reply = request.run(time.monotonic())
+                answered = request                  # (queued as it is: what send_locked gives back for it)
+                if request.gated:                   # its token is in Redis: the worker blocks on the round trip
+                    answered = conn.session.admit(request, self.shared.store.take(request.key), time.monotonic())
+                if answered.io_s:
+                    wait(answered.io_s)
+                reply = answered.run(time.monotonic())
         except ConnectionAbortedError:              # the drain deadline ended a wait: the loop closes everything
             with lock:
                 queue.clear()

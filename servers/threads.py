@@ -14,7 +14,11 @@ cancelled, and the drain deadline must be able to end a 10 s WORK.
 Rate limiting (``--rate-limit``): the token bucket is in the connection's
 ``Session``, and only that connection's thread ever calls into it, so it needs
 no lock: the state is per connection, and the connection is per thread. A
-delayed request waits like WORK, holding only its own thread.
+delayed request waits like WORK, holding only its own thread. A shared bucket
+(docs/ratelimit.md): scope client with the memory store is a map of client
+buckets per process under a lock; with a redis store the connection's thread
+makes the round trip itself, blocking on ``BlockingBucketClient.take`` (a small
+pool of connections per process, so one slow call holds up only its thread).
 
 Deadlines are the kernel's (``base.KernelDeadlines``: SO_RCVTIMEO and
 SO_SNDTIMEO), not Python's socket timeout, which would poll before every recv
@@ -49,7 +53,7 @@ import time
 
 from .base import (ACCEPT_BACKOFF, FD_EXHAUSTED, TIMED_OUT, AbortableWait, ConnectionSet, KernelDeadlines,
                    StopSignals, announce, deliver_or_reset, drain, no_delay, release, reset, shed)
-from .session import open_session, rejection
+from .session import open_session, peer_ip, rejection, shared_limit
 
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64              # accepts per wake-up of the accept loop, then the stop flag is looked at again
@@ -59,9 +63,10 @@ NO_THREAD = (RuntimeError, MemoryError)   # what Thread.start() raises when the 
 
 def serve(listener, config, stats) -> None:
     connections, wait = ConnectionSet(), AbortableWait()
+    shared = shared_limit(config, stats, "BlockingBucketClient")   # a shared rate limit: this process's side
 
     def start(sock):
-        threading.Thread(target=handle, args=(sock, config, stats, connections, wait), daemon=True).start()
+        threading.Thread(target=handle, args=(sock, config, stats, connections, wait, shared), daemon=True).start()
 
     accept_until_signalled(listener, config, stats, connections, start)
     stats.aborted = drain(listener, config, connections, wait)
@@ -131,11 +136,13 @@ def reject(sock, config) -> None:
         sock.send(rejection(config), socket.MSG_DONTWAIT)
 
 
-def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelDeadlines) -> None:
+def handle(sock, config, stats, connections, sleep=time.sleep, shared=None, deadlines=KernelDeadlines) -> None:
     """Serve one connection until it closes. ``sleep`` is the model's wait for WORK and rate-limit delays
-    (threads: an AbortableWait; gevent: gevent.sleep); ``deadlines`` wraps sock's recv and sendall so they
-    give up at the session's deadline (threads: the kernel's timers; gevent: a hub timer)."""
-    session = open_session(config, stats, time.monotonic())
+    (threads: an AbortableWait; gevent: gevent.sleep); ``shared``: the process's side of a shared rate
+    limit (session.shared_limit), whose redis store the thread asks itself, blocking; ``deadlines`` wraps
+    sock's recv and sendall so they give up at the session's deadline (threads: the kernel's timers;
+    gevent: a hub timer)."""
+    session = open_session(config, stats, time.monotonic(), peer_ip(sock) if shared else "", shared)
     peer = deadlines(sock, session)            # sock's recv and sendall, giving up at the session's deadline
     no_delay(sock)
     expired = False                            # the session counted its own timeout
@@ -162,6 +169,8 @@ def handle(sock, config, stats, connections, sleep=time.sleep, deadlines=KernelD
                 peer.sendall(reply)
             else:
                 for request in session.feed(data, now):
+                    if request.gated:          # its token is in Redis: a blocking round trip, in this thread
+                        request = session.admit(request, shared.store.take(request.key), monotonic())
                     if request.io_s:
                         sleep(request.io_s)
                     peer.sendall(request.run(monotonic()))

@@ -12,10 +12,12 @@ the same waits for Redis on gevent's hub, not blocking it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -199,6 +201,44 @@ def test_nobody_listening_gives_the_on_error_verdict_counted():
     assert (client.failures, client.connects) == (2, 1)
 
 
+def test_one_stalled_call_holds_up_only_itself():
+    """The blocking client's pool: while one thread's call hangs on a Redis connection that never answers,
+    another thread's call goes out on a second connection and gets its verdict. (A fake Redis in a thread:
+    its first connection swallows what it reads, the others answer every call with 1.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stalled, stop = threading.Event(), threading.Event()
+
+    def fake_redis():
+        first = True
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:                 # closed: the test is over
+                return
+            threading.Thread(target=serve_one, args=(conn, first), daemon=True).start()
+            first = False
+
+    def serve_one(conn, swallow):
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536):
+                if swallow:
+                    stalled.set()
+                else:
+                    conn.sendall(reply(1))
+
+    threading.Thread(target=fake_redis, daemon=True).start()
+    client = BlockingBucketClient(f"redis://127.0.0.1:{listener.getsockname()[1]}", 10, 1, "reject",
+                                  timeout=GENEROUS_S)
+    slow = threading.Thread(target=client.take, args=("slow",), daemon=True)
+    slow.start()
+    assert stalled.wait(GENEROUS_S)
+    assert client.take("fast") == Verdict(True)
+    assert slow.is_alive(), "the stalled call ended first: the test proves nothing"
+    stop.set()
+    listener.close()
+    assert (client.calls, client.connects) == (2, 2)
+
+
 # ---------------------------------------------------------------- live: the script is TokenBucket
 
 steps = st.lists(st.one_of(st.just(0.0), st.floats(0.0, 0.05), st.floats(0.0, 3.0)), min_size=1, max_size=25)
@@ -218,10 +258,10 @@ def test_the_lua_bucket_is_the_token_bucket(redis_server, rate, burst, mode, sta
         if mode == "reject":
             assert got == Verdict(bucket.available(now))
         else:
-            assert got == rb.verdict(math.floor(bucket.delay_for(now) * 1e6 + 0.5), "delay")
+            assert got == rb.verdict(math.floor(bucket.take(now) * 1e6 + 0.5), "delay")
         state = dict(zip(*[iter(redis_server.call("HGETALL", key))] * 2))
-        assert (float(state[b"tokens"]), float(state[b"stamp"]), float(state[b"released"])) == (
-            bucket.tokens, bucket.stamp, bucket.released)
+        assert set(state) == {b"tokens", b"stamp"}
+        assert (float(state[b"tokens"]), float(state[b"stamp"])) == (bucket.tokens, bucket.stamp)
     assert client.failures == 0
     client.close()
 
@@ -238,7 +278,7 @@ def test_a_clock_stepped_back_counts_as_no_time(redis_server):
     delaying = BlockingBucketClient(redis_server.url, 10.0, 2.0, "delay", timeout=GENEROUS_S)
     key = fresh_key("step-back-delay")
     assert [delaying.take(key, now=100.0).wait_s for _ in range(3)] == [0.0, 0.0, 0.1]
-    assert delaying.take(key, now=40.0).wait_s == 0.1              # queued behind the last, as without the step
+    assert delaying.take(key, now=40.0).wait_s == 0.2              # the debt is two tokens: 0.2 s from now
 
 
 # ---------------------------------------------------------------- live: concurrent callers
@@ -278,9 +318,12 @@ def test_concurrent_callers_take_exactly_one_buckets_tokens(redis_server):
 
     delayed = hammer(redis_server.url, fresh_key("atomic-delay"), rate, burst, "delay", now)
     one = TokenBucket(rate, burst, now)
-    expected = sorted(rb.verdict(math.floor(one.delay_for(now) * 1e6 + 0.5), "delay").wait_s for _ in range(total))
+    expected = sorted(rb.verdict(math.floor(one.take(now) * 1e6 + 0.5), "delay").wait_s for _ in range(total))
     assert sorted(v.wait_s for v in delayed) == expected
-    assert expected.count(0.0) == burst and set(expected[int(burst):]) == {1 / rate}
+    # from now: the burst at once, then each request one token's time after the one before it
+    assert expected.count(0.0) == burst
+    assert all(math.isclose(later - earlier, 1 / rate, abs_tol=2e-6)
+               for earlier, later in zip(expected[int(burst) - 1:], expected[int(burst):]))
 
 
 def redis_time(server) -> float:
@@ -429,9 +472,10 @@ def test_the_async_client_answers_within_the_timeout_when_redis_stalls(redis_ser
 def test_gevent_waits_for_redis_on_the_hub(redis_server):
     """Given gevent's sockets and lock, a stalled Redis parks the greenlet: the others run meanwhile."""
     client = BlockingBucketClient(redis_server.url, 10.0, 1.0, "reject", sockets=gevent.socket,
-                                  lock=gevent.lock.Semaphore)
+                                  semaphore=gevent.lock.BoundedSemaphore, timeout=GENEROUS_S)
     key = fresh_key("gevent")
-    assert client.take(key) == Verdict(True)
+    assert client.take(key) == Verdict(True)        # connected (gevent's resolver starts: not timed)
+    client.timeout = rb.CALL_TIMEOUT_S
     ticks = []
 
     def ticker():

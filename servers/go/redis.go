@@ -42,13 +42,12 @@ if not driven then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp', 'released')
-local tokens, stamp, released = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(state[1]), tonumber(state[2])
 if tokens == nil then
-  tokens, stamp, released = burst, now, now
+  tokens, stamp = burst, now
 end
 if now < stamp then
-  released = released - (stamp - now)
   stamp = now
 end
 tokens = math.min(burst, tokens + (now - stamp) * rate)
@@ -63,16 +62,13 @@ if ARGV[3] == 'reject' then
   end
 else
   tokens = tokens - 1
-  local release = now
+  local wait = 0
   if tokens < 0 then
-    release = now - tokens / rate
+    wait = -tokens / rate
   end
-  local wait = math.max(0, release - math.max(now, released))
-  released = release
   result = math.floor(wait * 1000000 + 0.5)
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
-           'stamp', string.format('%.17g', stamp), 'released', string.format('%.17g', released))
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', stamp))
 if not driven then
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) / rate * 1000)))
 end
