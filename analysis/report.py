@@ -22,7 +22,8 @@ import pandas as pd
 from conclab.experiments import registry
 from conclab.experiments.harness.tables import COLUMNS
 
-from . import charts, claims, derive, findings, gil, html, style, tables, tradeoff_table, tradeoffs, trust
+from . import (charts, claims, derive, findings, gil, html, redis_cost, style, tables, tradeoff_table, tradeoffs,
+               trust)
 from .fmt import Finding, num
 from .results import Run
 
@@ -121,7 +122,7 @@ MAKERS = {"memory_rss": _memory_rss, "memory_per_conn": _memory_per_conn, "memor
           "throughput": _throughput, "latency_spectrum": _spectrum, "latency_load": _latency_load,
           "switch": _switch, "pitfalls": _pitfalls,
           **{name: _plain(name, tradeoffs) for name in tradeoffs.TABLES},
-          "convoy": _plain("convoy", gil), "cores": _cores}
+          "convoy": _plain("convoy", gil), "cores": _cores, "redis_call": redis_cost.make}
 CHARTS = tuple(ChartSpec(name, e.name, MAKERS.get(name) or _plain(name)) for e in registry.EXPERIMENTS
                for name in e.charts)
 
@@ -265,7 +266,7 @@ def section(run: Run, experiment: str, results: list) -> str:
     if registry.get(experiment).pitfalls:
         parts.append("<h3>The article's risk table, measured</h3>" + html.table(pitfall_table(run)))
     for caption, frame in [*tables.experiment_tables(run, experiment), *tradeoffs.experiment_tables(run, experiment),
-                           *gil.experiment_tables(run, experiment)]:
+                           *gil.experiment_tables(run, experiment), *redis_cost.experiment_tables(run, experiment)]:
         if not frame.empty:
             parts.append(f"<h3>{html.esc(caption)}</h3>" + html.table(frame, swatch=style.color))
     return "\n".join(parts)

@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 TEXT_COLUMNS = ("run_id", "experiment", "backend", "variant", "op", "server_cpus", "cpus", "bench", "source",
                 "metric", "unit", "point", "reason", "note", "target", "detail", "invalid_reason", "residuals",
-                "ci_flag")
+                "ci_flag", "loadgen_engine")
 
 
 class RunNotFound(Exception):

@@ -16,7 +16,7 @@ Each server, pinned to CPU 0, is measured in turn:
 
 1. load: a closed loop, ``--conns`` connections, one 64-byte ECHO in flight
    each, ``--warmup`` then ``--duration`` seconds, by the compiled client
-   ``openloop_c/closedloop.c`` pinned to CPU 1 (built with cc on first use; the
+   ``loadgen/c/closedloop.c`` pinned to CPU 1 (built with cc on first use; the
    Python load generator needs about as much CPU per request as the fastest
    servers and would squeeze their ratios towards 1, so it is only the
    fallback, with a warning, when there is no C compiler): req/s, and the
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -63,7 +61,9 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from loadgen_ceiling import LOADGEN_CPU, SERVER_CPU, available, one_run  # noqa: E402
 
-from conclab.servers import unavailable_reason  # noqa: E402
+from conclab.loadgen import cengine  # noqa: E402
+from conclab.loadgen.params import LoadError  # noqa: E402
+from conclab.servers import buildcache, unavailable_reason  # noqa: E402
 from conclab.servers.launcher import ServerProcess, ServerStartError, wait_until  # noqa: E402
 
 MINIMAL = BENCHMARKS / "minimal"
@@ -124,12 +124,9 @@ def skip_reason(model: Model) -> str | None:
 
 def c_client() -> Path | None:
     """The compiled closed-loop client, or None (with a warning) when it cannot be built."""
-    spec = importlib.util.spec_from_file_location("openloop_compare", BENCHMARKS / "openloop_c" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
     try:
-        return compare.build(source=compare.CLOSED_LOOP_SOURCE)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return cengine.build("closed")
+    except (LoadError, OSError, subprocess.SubprocessError) as exc:
         print(f"warning: {exc}; falling back to the Python load generator, which caps the fastest servers "
               f"and squeezes their ratios towards 1", flush=True)
         return None
@@ -137,24 +134,17 @@ def c_client() -> Path | None:
 
 def build_go_echo() -> Path:
     """go_echo compiled (``go build``) into $XDG_CACHE_HOME/conclab/go_echo-<hash of its sources>/, once."""
-    digest = hashlib.sha256()
-    for path in sorted(GO_ECHO.glob("*.go")) + sorted(GO_ECHO.glob("go.mod")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    binary = Path(base) / "conclab" / f"go_echo-{digest.hexdigest()[:16]}" / "go_echo"
-    if os.access(binary, os.X_OK):
-        return binary
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_name(f".go_echo.{os.getpid()}.tmp")
+    sources = sorted(GO_ECHO.glob("*.go")) + sorted(GO_ECHO.glob("go.mod"))
+    return buildcache.build_once(buildcache.cache_dir("go_echo", sources), "go_echo", _compile_go_echo)
+
+
+def _compile_go_echo(partial: Path) -> None:
     env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off"}       # as servers/golang.py builds the backend
     done = subprocess.run([shutil.which("go") or "go", "build", "-trimpath", "-o", str(partial), "."], cwd=GO_ECHO,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
-        partial.unlink(missing_ok=True)
         first = next((line for line in done.stderr.splitlines() if line and not line.startswith("#")), "")
         raise SystemExit(f"building benchmarks/minimal/go_echo failed: {first}")
-    os.replace(partial, binary)                                       # atomic: nobody runs half a binary
-    return binary
 
 
 # -- one server, one round -----------------------------------------------------------------------------

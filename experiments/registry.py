@@ -144,6 +144,13 @@ EXPERIMENTS = (
         tables=(Table("cores", "case"),), charts=("cores",), findings=("cores",),
         in_all=False),
     Experiment(
+        "redis_call", "Closed loop, {size} B ECHO, each request making one Redis round trip (the shared rate limit "
+                      "at a rate that never limits, --rate-limit-store redis://) against the same limit in memory, "
+                      "paired per round; the thread pools at their default size and at Little's law's; the server's "
+                      "CPU and context switches per request, and Redis's own CPU.",
+        tables=(Table("redis_call", "store"),), charts=("redis_call",), findings=("redis_call",),
+        in_all=False),
+    Experiment(
         "pitfalls", "Each row of the article's risk table (docs/article.md), run twice per backend under the "
                     "same scripted clients: broken (--fault X: the safeguard off) and fixed, sampled over time.",
         tables=(Table("pitfalls", "t_s"), Table("pitfalls_summary", "pitfall")), charts=("pitfalls",),

@@ -84,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default: automatic 127.0.0.x when one address runs out of ephemeral ports)")
     gen = parser.add_argument_group("the load generator")
     gen.add_argument("--engine", default=d.engine, choices=ENGINES,
-                     help=f"native (epoll, ~80k req/s per core) or locust (distributable, ~10k req/s per core) "
-                          f"(default: {d.engine})")
+                     help=f"native (epoll, ~80k req/s per core), c (compiled closed and open loop: no Python "
+                          f"per request, only the kernel's share; built with cc on first use) or locust "
+                          f"(distributable, ~10k req/s per core) (default: {d.engine})")
     gen.add_argument("--procs", type=int, default=d.procs, metavar="P",
                      help=f"native: processes; histograms are merged exactly (default: {d.procs})")
     gen.add_argument("--cpus", default=d.cpus, metavar="LIST",
@@ -138,7 +139,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         params = params_from(args).validate()
         master = master_from(args)
         with graceful_interrupts():
-            result = run_load(params) if master is None else run_locust(params, master)
+            result = run_locust(params, master) if master else run_load(params)
     except LoadError as exc:
         print(f"conclab load: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

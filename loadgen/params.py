@@ -18,8 +18,9 @@ DEFAULT_TARGET = "127.0.0.1:7878"     # where `conclab serve BACKEND --port 7878
 MODES = ("closed", "open", "hold")
 OPS = ("echo", "ping", "work")
 PROTOCOLS = ("framed", "raw")
-ENGINES = ("native", "locust")
+ENGINES = ("native", "locust", "c")
 MAX_U32 = 0xFFFFFFFF
+C_ENGINE_MAX_FRAME_ARG = 32_768       # --engine c gets a PING or WORK frame on its command line, as hex
 
 
 class LoadError(Exception):
@@ -123,6 +124,8 @@ class LoadParams:
         yield self.run_time is None or self.run_time > 0, "--run-time must be positive"
         yield self.engine != "locust" or (self.mode == "closed" and self.protocol == "framed"), \
             "--engine locust runs a closed loop over the framed protocol only"
+        unsupported = c_engine_unsupported(self) if self.engine == "c" else None
+        yield unsupported is None, f"--engine c: {unsupported} is not supported"
 
     # -- request shape -------------------------------------------------------------------------
     def request_and_reply(self) -> tuple[bytes, bytes]:
@@ -137,6 +140,18 @@ class LoadParams:
             return frame, frame
         frame = protocol.encode(protocol.ECHO, data)
         return frame, frame
+
+
+def c_engine_unsupported(params: LoadParams) -> str | None:
+    """The first option (as typed) the compiled engine (loadgen/cengine.py) cannot do, or None."""
+    d = LoadParams()
+    limits = (("--mode hold", params.mode == "hold"), ("--protocol raw", params.protocol == "raw"),
+              ("--procs", params.procs != 1), ("--source-addrs", bool(params.source_addrs)),
+              ("--keepalive", params.keepalive is not None), ("--probe-conns", params.probe_conns != 0),
+              ("--connect-timeout", params.connect_timeout != d.connect_timeout),
+              (f"--size above {C_ENGINE_MAX_FRAME_ARG} with --op {params.op}",
+               params.op != "echo" and params.size > C_ENGINE_MAX_FRAME_ARG))
+    return next((option for option, asked in limits if asked), None)
 
 
 def payload_bytes(size: int) -> bytes:

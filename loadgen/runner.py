@@ -34,6 +34,9 @@ def run_load(params: LoadParams) -> dict:
     params.validate()
     if params.engine == "locust":
         return run_locust(params)
+    if params.engine == "c":
+        from .cengine import run_c      # (imported on use: it builds with cc)
+        return run_c(params)
     if params.mode == "hold":
         return run_hold(params)
     return run_traffic(params)

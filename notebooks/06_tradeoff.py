@@ -377,3 +377,52 @@ if ran is not None:
     top_conns = measured_tp.conns.max()
     common.note(f"At {num(top_conns)} connections, requests/s (median and spread over the rounds):")
     common.check(prediction, common.measured(measured_tp[measured_tp.conns == top_conns], "throughput_rps"), "req/s")
+
+# %% [markdown]
+# ## One Redis round trip per request
+#
+# The shared rate limit keeps its token bucket in Redis (docs/ratelimit.md): every request then waits for
+# one `EVALSHA` round trip before it is answered. How a model waits is where the models differ: `go`
+# parks the goroutine on the netpoller, `asyncio` awaits a future while the loop runs the others, a
+# thread blocks in `recv`. The `redis_call` experiment measures each model twice per round, paired: the
+# bucket in Redis and the same bucket in memory, at a rate that never limits, so the difference is the
+# round trip alone (`conclab run redis_call`; not part of `all`).
+
+# %%
+from conclab.analysis import redis_cost
+
+if run.has("redis_call"):
+    costs = redis_cost.redis_call(run)
+    common.finding(redis_cost.finding(costs))
+else:
+    common.missing("redis_call (a Redis round trip per request, against the memory store)")
+
+# %% [markdown]
+# **Question:** how many µs of server CPU per request will the round trip add for `go` and for `asyncio`
+# (with Redis minus without, paired per round)? And will throughput with Redis be closer to the memory
+# store's for one of them? Write your numbers into the next cell, for example `{"go": 20, "asyncio": 40}`,
+# or the order, most first: `["asyncio", "go"]`. Then run the two cells after it.
+
+# %%
+redis_prediction = None    # {"go": µs, "asyncio": µs}, or a list: the bigger cost first
+
+# %% [markdown]
+# This runs `conclab run redis_call --backends go,asyncio` in a subprocess at the exercises' profile
+# (quick unless `CONCLAB_NOTEBOOK_PROFILE` says otherwise; `--profile tiny` is the shortest), with a
+# `redis-server` of its own on a free loopback port, pinned to the load generator's CPU, which it
+# shares; the results go to a temporary directory. It is stopped at 60 s; at quick it took 20 s here
+# (2 cores, shared and busy at the time). A point where Redis answered later than the store's 50 ms
+# deadline is flagged and not judged: those verdicts were not Redis's.
+
+# %%
+redis_exercise = common.run_exercise("redis_call", "go,asyncio", repeat=1, run_id="redis-call")
+
+# %% tags=["answer"] jupyter={"source_hidden": true}
+redis_ran = common.result_of(redis_exercise, "redis_call")
+if redis_ran is not None:
+    measured_cost = redis_cost.redis_call(redis_ran)
+    common.note("Server CPU µs per request, with Redis minus without (paired per round):")
+    common.check(redis_prediction, common.measured(measured_cost.assign(n=measured_cost.delta_cpu_us_n),
+                                                   "delta_cpu_us", key="case"), "µs")
+    common.note("Throughput with Redis / without: " + ", ".join(
+        f"{r.case} {num(r.ratio_rps)}×" for r in measured_cost.itertuples() if pd.notna(r.ratio_rps)) + ".")

@@ -4,9 +4,8 @@ The server is its own program, ``servers/go/main.go`` (standard library only).
 On first use it is compiled with the local Go toolchain into a cache outside
 the source tree, ``$XDG_CACHE_HOME/conclab/go-<hash>/conclab-go`` (default
 ``~/.cache``), where ``<hash>`` is the SHA-256 of the Go sources: editing them
-rebuilds, an unchanged tree reuses the binary. Concurrent first uses take a
-file lock, so one builds and the others wait; the build writes a temporary
-file and renames it into place, so a killed build never leaves half a binary.
+rebuilds, an unchanged tree reuses the binary (``buildcache``: a file lock for
+concurrent first uses, a temporary file renamed into place).
 
 ``exec_server(config)`` then replaces this Python process with the binary
 (``os.execve``), passing ``config.argv()``: the Go program takes the same
@@ -16,14 +15,13 @@ returns the binary's path for benchmarks and tests that start it themselves.
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from . import buildcache
 from .base import StartupError
 from .config import ServerConfig
 
@@ -32,17 +30,17 @@ BINARY_NAME = "conclab-go"
 BUILD_TIMEOUT = 600        # seconds; a cold Go build cache takes ~10-30 s
 
 
+def source_files() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.go")) + sorted(SOURCE_DIR.glob("*.lua")) + [SOURCE_DIR / "go.mod"]
+
+
 def source_hash() -> str:
     """SHA-256 over the Go sources (names and contents), hex."""
-    digest = hashlib.sha256()
-    for path in sorted(SOURCE_DIR.glob("*.go")) + [SOURCE_DIR / "go.mod"]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    return buildcache.source_hash(source_files())
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conclab" / f"go-{source_hash()[:16]}"
+    return buildcache.cache_dir("go", source_files())
 
 
 def build() -> Path:
@@ -59,32 +57,22 @@ def build() -> Path:
     go = shutil.which("go")
     if go is None:
         raise StartupError("no Go toolchain on PATH: install one (Debian: apt-get install -y golang-go) and retry")
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)          # one builds, concurrent first uses wait for it
-        if os.access(binary, os.X_OK):
-            return binary
-        return _compile(go, directory, binary)
+    return buildcache.build_once(directory, BINARY_NAME, lambda partial: _compile(go, partial))
 
 
-def _compile(go: str, directory: Path, binary: Path) -> Path:
-    partial = directory / f".{BINARY_NAME}.{os.getpid()}.tmp"
+def _compile(go: str, partial: Path) -> None:
     env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off"}   # pure Go (no C compiler), no outer go.work
     try:
         done = subprocess.run([go, "build", "-trimpath", "-o", str(partial), "."], cwd=SOURCE_DIR, env=env,
-                              capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
-        partial.unlink(missing_ok=True)
         raise StartupError(f"building the go backend took over {BUILD_TIMEOUT} s") from None
     if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        log = directory / "build.log"
+        log = partial.with_name("build.log")
         log.write_text(done.stdout + done.stderr)
         first = next((line for line in done.stderr.splitlines() if line and not line.startswith("#")),
                      f"go build exited with status {done.returncode}")
         raise StartupError(f"building the go backend failed: {first} (full log: {log})")
-    os.replace(partial, binary)                   # atomic: no one ever runs half a binary
-    return binary
 
 
 def exec_server(config: ServerConfig) -> int:

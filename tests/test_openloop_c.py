@@ -1,4 +1,4 @@
-"""The independent C open-loop client (benchmarks/openloop_c/) and its comparison driver.
+"""The independent C open-loop client (loadgen/c/openloop.c) and its comparison driver (benchmarks/openloop_c/).
 
 The live tests build ``openloop.c`` with ``cc`` and run it for about a second
 at a low rate against a live epoll server; the unit tests check the driver's

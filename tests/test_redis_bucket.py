@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 import redis_server as redis_fixture
 from conclab.servers import redis_bucket as rb
 from conclab.servers.launcher import free_port, wait_until
+from conclab.servers import golang
 from conclab.servers.redis_bucket import (BUCKET_SCRIPT, BUCKET_SHA, AsyncBucketClient, BlockingBucketClient,
                                           BucketCall, Gate, RedisAddress, RespError, RespProtocolError,
                                           RespReader, StoreError, Verdict, command, parse_url, reply)
@@ -175,10 +176,13 @@ def test_a_call_refuses_a_bucket_that_cannot_work(rate, burst, mode):
 
 
 def test_the_go_server_runs_the_same_script():
-    """servers/go/redis.go keeps its own copy of the script (Go has no import from here): it must be this one."""
-    source = (Path(rb.__file__).with_name("go") / "redis.go").read_text()
-    go_script = source.split("const bucketScript = `", 1)[1].split("`", 1)[0]
-    assert go_script == BUCKET_SCRIPT
+    """One script for both: the go server embeds servers/go/bucket.lua, the file BUCKET_SCRIPT is read from,
+    and the go build's source hash covers it (editing the script rebuilds the server)."""
+    go_dir = Path(rb.__file__).with_name("go")
+    source = (go_dir / "redis.go").read_text()
+    assert "//go:embed bucket.lua\nvar bucketScript string" in source
+    assert (go_dir / "bucket.lua").read_text() == BUCKET_SCRIPT
+    assert go_dir / "bucket.lua" in golang.source_files()
 
 
 def test_the_gate_allows_one_try_per_interval():

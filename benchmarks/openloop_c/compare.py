@@ -10,7 +10,7 @@ What it does:
    (``--mode closed --conns 50 --duration 3``, pinned to CPU 1): ``throughput_rps``.
 3. At each ``--fractions`` of that capacity (default 25 % and 50 %) runs, for
    ``--rounds`` rounds, the Python open loop (``conclab load --mode open``) and
-   the C open loop (``openloop.c`` next to this file) one after the other,
+   the C open loop (``loadgen/c/openloop.c``) one after the other,
    alternating which goes first, both with the same rate, connections,
    warm-up and duration, both pinned to CPU 1 with ``taskset``.
 4. Prints a table: per rate and client the median p50 and p99 over the rounds
@@ -30,19 +30,17 @@ measure latency from the *scheduled* send time, so neither hides a stall
 framing, timer (a timerfd on the next slot) and exact percentiles from the
 sorted samples; the Python one uses its epoll loop and HDR histogram.
 
-The C client is compiled on first use with ``cc -O2`` into the user's
-cache directory (XDG_CACHE_HOME, else .cache in the home directory), as
-``conclab/openloop-<hash>/openloop``, ``<hash>`` being the SHA-256 of the
-source (a fresh temporary directory when that cannot be created);
-``build()`` returns its path. ``build(source=CLOSED_LOOP_SOURCE)`` builds its
-sibling, the closed-loop client ``closedloop.c`` that
-benchmarks/full_vs_minimal.py uses, the same way (``conclab/closedloop-<hash>/closedloop``).
+The C client is the open loop of the load generator's compiled engine
+(``conclab load --engine c``), run here directly with its own options and
+output; it is compiled on first use with ``cc -O2`` into the user's cache
+directory as ``conclab/openloop-<hash>/openloop`` (``conclab.loadgen.cengine.build``,
+the go backend's build cache); ``build()`` returns its path.
+``build(source=CLOSED_LOOP_SOURCE)`` builds its sibling, the closed loop
+``loadgen/c/closedloop.c`` that benchmarks/full_vs_minimal.py uses.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import json
 import os
 import resource
@@ -50,14 +48,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from conclab.loadgen import cengine
+from conclab.loadgen.params import LoadError
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-SOURCE = HERE / "openloop.c"
-CLOSED_LOOP_SOURCE = HERE / "closedloop.c"
+SOURCE = cengine.SOURCES["open"]
+CLOSED_LOOP_SOURCE = cengine.SOURCES["closed"]
 SERVER_CPU, CLIENT_CPU = 0, 1
 CLIENTS = ("python", "c")
 AGREEMENT = 1.25             # the aim: Python / C within this factor (either way) for p50 and p99
@@ -66,48 +66,15 @@ RUN_SLACK_S = 60.0           # a run may take this much longer than warm-up + du
 
 # -- building the C client ---------------------------------------------------------------------------
 
-def source_hash(source: Path = SOURCE) -> str:
-    return hashlib.sha256(source.read_bytes()).hexdigest()
-
-
-def cache_dir(source: Path = SOURCE) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conclab" / f"{source.stem}-{source_hash(source)[:16]}"
-
-
-def build(cc: str | None = None, source: Path = SOURCE) -> Path:
+def build(source: Path = SOURCE) -> Path:
     """The compiled C client ``source`` (a binary named after it), built now (``cc -O2``) unless built already.
 
-    The cache directory is used when it can be created, else a fresh temporary
-    directory. Concurrent builds take a file lock; the compiler writes a
-    temporary file that is renamed into place. Raises RuntimeError with the
-    compiler's first error line.
+    Raises RuntimeError with the compiler's first error line.
     """
-    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    directory = cache_dir(source)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        directory = Path(tempfile.mkdtemp(prefix=f"conclab-{source.stem}-"))
-    binary = directory / source.stem
-    if os.access(binary, os.X_OK):
-        return binary
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.access(binary, os.X_OK):
-            return binary
-        partial = directory / f".{source.stem}.{os.getpid()}.tmp"
-        done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(source)],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            first = next((line for line in done.stderr.splitlines() if "error" in line),
-                         done.stderr.strip()[:200] or f"{cc} exited with status {done.returncode}")
-            raise RuntimeError(f"building {source.name} failed: {first}")
-        os.replace(partial, binary)
-    return binary
+        return cengine.build(source=source)
+    except LoadError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 # -- running the clients -----------------------------------------------------------------------------

@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-cpus", metavar="LIST", help="CPUs the servers are pinned to (default: the first)")
     parser.add_argument("--loadgen-cpus", metavar="LIST",
                         help="CPUs the load generator (and this harness) use (default: all the others)")
+    parser.add_argument("--loadgen-engine", choices=loadproc.ENGINES, default=None,
+                        help="the load generator's engine: c (compiled, less CPU per request, so the "
+                             "fastest servers are less often capped by their client) or python; points c cannot run "
+                             "(hold, several load processes) use python, and the loadgen_engine column says which "
+                             "(default: c when a C compiler is available, else python)")
     parser.add_argument("--server-host", metavar="NAME",
                         help="run the servers on another host: a network namespace NAME made for the run (root), "
                              "joined to this one by a veth pair, so the load crosses a real network stack, not "
@@ -151,6 +156,16 @@ def preflight_loadgen() -> None:
         raise UsageError(f"load generator {' '.join(command)!r} cannot run: {last}")
 
 
+def choose_engine(asked: str | None) -> str:
+    """--loadgen-engine, or the default (c when a C compiler is available; else python, with one warning)."""
+    engine, why_not_c = loadproc.default_engine()
+    if asked == "c" and why_not_c:
+        raise UsageError(f"--loadgen-engine c: {why_not_c.split(':')[0]}")
+    if asked is None and why_not_c:
+        print(f"conclab run: warning: {why_not_c}", file=sys.stderr, flush=True)
+    return asked or engine
+
+
 def rounds(args, profile) -> int:
     """How many interleaved rounds: --repeat if given, else the profile's ``rounds``."""
     return args.repeat if args.repeat is not None else profile.rounds
@@ -196,6 +211,7 @@ def prepare(args) -> Run:
             raise UsageError(f"--server-host: {reason}")
     if any(registry.get(name).loadgen for name in experiments):
         preflight_loadgen()
+    loadgen_engine = choose_engine(getattr(args, "loadgen_engine", None))
     profile = PROFILES[args.profile]
     repeat = rounds(args, profile)
     run_id = args.run_id or new_run_id(args.results, experiments)
@@ -204,7 +220,8 @@ def prepare(args) -> Run:
     params = {"argv": sys.argv, "experiments": experiments, "backends": [v.name for v in variants],
               "backends_option": args.backends,
               "profile": profile.name, "repeat": repeat, "server_cpus": server_cpus,
-              "loadgen_cpus": loadgen_cpus, "results": args.results, "server_host": server_host}
+              "loadgen_cpus": loadgen_cpus, "results": args.results, "server_host": server_host,
+              "loadgen_engine": loadgen_engine}
     return Run(run_id=run_id, results_dir=args.results, experiments=experiments, variants=variants,
                profile=profile, repeat=repeat, server_cpus=server_cpus, loadgen_cpus=loadgen_cpus,
                params=params)

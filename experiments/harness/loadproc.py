@@ -14,6 +14,13 @@ generator that does not say it is measured around its whole run instead.
 ``CONCLAB_LOADGEN`` (a command line, shell-split) replaces ``python -m conclab.loadgen``:
 the tests point it at a stand-in; anyone can point it at another generator
 that honours the same options and JSON.
+
+The engine: ``conclab run --loadgen-engine c|python`` picks the generator's compiled
+engine (``--engine c``: no interpreter per request, so the fastest servers are
+less often capped by their client) or its Python one. ``engine_for`` says which a point
+actually uses: points the compiled engine cannot run (``--mode hold``, ``--procs``
+above 1) use the Python engine; ``flatten`` records the engine of each point in the
+``loadgen_engine`` column, read from the result's ``params.engine``.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -40,6 +48,8 @@ MIN_LATENCIES = 20          # a point must last at least this many mean latencie
 WINDOW_MARK = b"conclab load: window"        # the generator's stderr line: START END, CLOCK_MONOTONIC seconds
 WINDOW_RE = re.compile(rb"^conclab load: window ([0-9.]+) ([0-9.]+)\s*$", re.MULTILINE)
 WINDOW_READ_BYTES = 1 << 16   # the line comes before anything long (warnings come at the end)
+ENGINES = ("c", "python")     # conclab run --loadgen-engine; "python" is the generator's "native" engine
+C_MODES = ("closed", "open")  # what the compiled engine runs (one process, the framed protocol)
 PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
                "max_us": "max"}
 
@@ -54,12 +64,38 @@ def command() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "conclab.loadgen"]
 
 
+def default_engine() -> tuple[str, str | None]:
+    """(the engine ``conclab run`` uses unless told, why not the compiled one or None).
+
+    The compiled engine needs a C compiler (it is built on first use); a generator named by
+    $CONCLAB_LOADGEN is given only the contract's options.
+    """
+    if os.environ.get(LOADGEN_ENV):
+        return "python", None
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        return "python", "no C compiler (cc or gcc): the Python load generator drives every point"
+    return "c", None
+
+
+def engine_for(engine: str | None, mode: str, procs: int | None = None) -> str:
+    """The engine one point uses: ``engine`` ("c" or "python"; None: python), unless the compiled one cannot
+    run the point (hold, several processes), which then uses the Python engine."""
+    if engine == "c" and mode in C_MODES and (procs or 1) == 1:
+        return "c"
+    return "python"
+
+
 def argv(target: str, mode: str, conns: int, duration: float, *, size: int | None = None,
          rate: float | None = None, op: str | None = None, work: tuple | None = None,
          pipeline: int | None = None, warmup: float | None = None, connect_rate: float | None = None,
-         procs: int | None = None, cpus: list[int] | None = None) -> list[str]:
-    """The command line for one run; options left None are not passed (the generator's defaults)."""
+         procs: int | None = None, cpus: list[int] | None = None, engine: str | None = None) -> list[str]:
+    """The command line for one run; options left None are not passed (the generator's defaults).
+
+    ``engine``: "c" passes ``--engine c`` when the point can use it (``engine_for``); otherwise nothing.
+    """
     args = [*command(), "--target", target, "--mode", mode, "--conns", str(conns), "--duration", f"{duration:g}"]
+    if engine_for(engine, mode, procs) == "c":
+        args += ["--engine", "c"]
     optional = {"--size": size, "--rate": rate, "--op": op, "--pipeline": pipeline, "--warmup": warmup,
                 "--connect-rate": connect_rate, "--procs": procs}
     for flag, value in optional.items():
@@ -214,7 +250,8 @@ def flatten(result: dict) -> dict:
            "loadgen_cpu_percent": result.get("loadgen_cpu_percent"),
            "loadgen_saturated": result.get("loadgen_saturated"),
            "unanswered": result.get("unanswered"), "conns_served": connections.get("served"),
-           "max_unanswered_wait_us": result.get("max_unanswered_wait_us")}
+           "max_unanswered_wait_us": result.get("max_unanswered_wait_us"),
+           "loadgen_engine": "c" if (result.get("params") or {}).get("engine") == "c" else "python"}
     opened = result.get("open_loop")
     if isinstance(opened, dict):                   # open loop: what was offered, sent, late, never sent
         row.update({key: opened.get(key) for key in OPEN})

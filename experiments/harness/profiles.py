@@ -62,6 +62,7 @@ class Profile:
     convoy_cpu_conns: int = 2   # convoy: closed-loop connections sending CPU-only WORK beside them (K)
     convoy_cpu_us: int = 2000   # convoy: each of those requests' busy loop, holding the GIL
     cores_conns: int = 50       # cores: closed-loop connections, ECHO and CPU-only WORK (cpu_us each)
+    redis_rtt_calls: int = 1000  # redis_call: EVALSHA round trips timed per variant and round (their median)
 
     def memory_points(self) -> list[int]:
         """memory_conns with "limit" resolved to this process's file limit (minus a margin)."""
@@ -88,6 +89,7 @@ QUICK = Profile(
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
     pool_sizes=(2, 32, 512), pool_conns=200, message_sizes=(64, 16_384, 1_048_575), message_conns=10,
     mn_conns=10_000, convoy_conns=8, convoy_rate=400, convoy_cpu_conns=2, convoy_cpu_us=2000, cores_conns=50,
+    redis_rtt_calls=200,
 )
 
 FULL = Profile(
@@ -131,6 +133,9 @@ FULL = Profile(
 #                  6 Python models --procs 2) x 2 points (without, with CPU work) x 3 rounds x ~4 s ~  6..7 min
 #   cores          8 variants x 4 servers (1 or 2 CPUs x procs or GOMAXPROCS 1 or 2) x 2 loads
 #                  x 3 rounds x ~3.5 s, plus a server start per server                             ~ 12 min
+#   redis_call     8 variants x 2 stores (Redis, memory), the two pools x 2 sizes more (default, Little's law):
+#                  20 servers x 1 point x 3 rounds x ~4.1 s (3.5 s a point + a server start and stop), plus
+#                  1000 timed EVALSHAs (~0.1 s) per variant-round and one redis-server start          ~  4..5 min
 STANDARD = Profile(
     name="standard", point_s=3.0, warmup_s=0.2, sample_interval_s=0.5, settle_s=0.3, ramp_timeout_s=30.0,
     connect_rate=5000,
@@ -140,6 +145,7 @@ STANDARD = Profile(
     switch_rounds=5, switch_round_s=0.1, pool_workers=default_workers(), rounds=3,
     pitfall_s=2.0, pitfall_rate=200, pitfall_silent=100, pitfall_idle_s=0.5, pitfall_cap=200,
     pool_sizes=(2, 6, 32, 128, 512, 2048), pool_conns=1000, message_conns=50, mn_conns=10_000,
+    redis_rtt_calls=1000,
 )
 
 TINY = Profile(
@@ -150,7 +156,7 @@ TINY = Profile(
     switch_rounds=1, switch_round_s=0.01, pool_workers=default_workers(),
     pitfall_s=0.8, pitfall_rate=200, pitfall_silent=20, pitfall_idle_s=0.3, pitfall_cap=20,
     pool_sizes=(2, 16), pool_conns=8, message_sizes=(64, 65_536), message_conns=2, mn_conns=200,
-    convoy_conns=2, convoy_rate=100, convoy_cpu_conns=1, convoy_cpu_us=2000, cores_conns=4,
+    convoy_conns=2, convoy_rate=100, convoy_cpu_conns=1, convoy_cpu_us=2000, cores_conns=4, redis_rtt_calls=50,
 )
 
 PROFILES = {p.name: p for p in (QUICK, STANDARD, FULL, TINY)}

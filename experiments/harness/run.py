@@ -73,6 +73,7 @@ class Run:
         self.loadgen_cpus = loadgen_cpus
         self.all_cpus = sorted(os.sched_getaffinity(0) | set(server_cpus) | set(loadgen_cpus))
         self.params = params
+        self.loadgen_engine = params.get("loadgen_engine")   # "c" or "python" (loadproc.engine_for per point)
         self.server_host = None            # --server-host: a servers.netns.Host the servers run on (cli.execute)
         self.t0 = time.monotonic()
         self.tables: dict = {}
@@ -83,7 +84,8 @@ class Run:
                          "git": manifest.git_info(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "affinity": {"server_cpus": server_cpus, "loadgen_cpus": loadgen_cpus,
                                       "harness_cpus": loadgen_cpus, "available_cpus": self.all_cpus},
-                         "loadgen_command": loadproc.command(), "variants": [v.__dict__ for v in variants],
+                         "loadgen_command": loadproc.command(), "loadgen_engine": self.loadgen_engine,
+                         "variants": [v.__dict__ for v in variants],
                          "experiments": experiments, "skipped": [], "tables": {}}
         self.save_manifest()
 
@@ -219,7 +221,7 @@ class Run:
     # -- one load point ----------------------------------------------------------------------
 
     def load_options(self) -> dict:
-        return {"cpus": self.loadgen_cpus, "warmup": self.profile.warmup_s}
+        return {"cpus": self.loadgen_cpus, "warmup": self.profile.warmup_s, "engine": self.loadgen_engine}
 
     def measure(self, server, point: str, mode: str, conns: int, **options) -> dict:
         """Run the load generator once against ``server``; LOAD + SERVER columns of that point.

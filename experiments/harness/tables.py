@@ -21,10 +21,11 @@ import os
 KEY = ("run_id", "experiment", "backend", "variant", "repeat")
 
 # What the load generator reported for one point (adapter: harness.loadproc), and whether the point is valid:
-# every connection served, nothing left unanswered, the generator not saturated (loadproc.validity).
+# every connection served, nothing left unanswered, the generator not saturated (loadproc.validity);
+# loadgen_engine: "c" (compiled) or "python", the engine that drove the point (loadproc.engine_for).
 LOAD = ("duration_s", "requests", "errors", "throughput_rps", "p50_us", "p90_us", "p99_us", "p999_us",
         "p9999_us", "max_us", "loadgen_cpu_percent", "loadgen_saturated", "unanswered", "conns_served",
-        "max_unanswered_wait_us", "valid", "invalid_reason")
+        "max_unanswered_wait_us", "valid", "invalid_reason", "loadgen_engine")
 
 # What the server process did during that point: the connections it had accepted when measuring began (STATS),
 # deltas of /proc counters over the measured window (harness.run.server_deltas), peaks of gauges.
@@ -73,6 +74,10 @@ COLUMNS = {
                      "work_p99_us", "work_requests", *LOAD, *OPEN, *SERVER),
     "cores": KEY + ("case", "load", "procs", "gomaxprocs", "server_cpus", "n_server_cpus", "shares_loadgen_cpu",
                     "conns", "cpu_us", "server_procs", "rss_kib_per_proc", *LOAD, *SERVER),
+    "redis_call": KEY + ("store", "pool_size", "workers", "little_workers", "little_rate_rps", "little_service_us",
+                         "redis_rtt_us", "pool_note", "conns", "size", "rate_limit", "burst", "server_cpus",
+                         "redis_cpus", "redis_shares_loadgen_cpu", "rate_store_calls", "rate_store_errors",
+                         "store_flag", "redis_cpu_s", "redis_cpu_us_per_req", *LOAD, *SERVER),
     "pitfalls": ("run_id", "backend", "variant", "pitfall", "fixed", "t_s", "fds", "close_wait", "rss_kib",
                  "threads", "served", "starved", "replies_lost"),
     "pitfalls_summary": ("run_id", "backend", "variant", "pitfall", "fixed", "duration_s", "clients", "sent",

@@ -1,12 +1,15 @@
 /*
  * openloop: an independent open-loop client for the lab's framed protocol.
  *
- * It exists to check the Python load generator's open-loop percentiles
- * against a second implementation that shares none of its code (not the
- * codec, not the scheduler, not the histogram). compare.py builds and runs it.
+ * It is the open loop of `conclab load --engine c` (loadgen/cengine.py builds it
+ * and turns its output into the load generator's JSON), and it checks the
+ * Python load generator's open-loop percentiles as a second implementation
+ * that shares none of its code (not the codec, not the scheduler, not the
+ * histogram): benchmarks/openloop_c/compare.py runs both.
  *
  *   openloop --target HOST:PORT --rate R --conns C --duration S
  *            [--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U]
+ *            [--request HEX --reply HEX] [--announce]
  *
  * The schedule: request k is due at t0 + k/R on connection k mod C, for
  * warmup + duration seconds. A connection sends a request as soon as it is
@@ -19,7 +22,13 @@
  * in flight get --drain seconds to answer.
  *
  * Each request is one ECHO frame: u32 big-endian length (op + payload), op
- * 0x01, --size payload bytes; the reply must be the identical frame.
+ * 0x01, --size payload bytes; the reply must be the identical frame. --request
+ * and --reply (hex) give other fixed bytes instead (a WORK or PING frame).
+ * --announce prints `conclab load: window START END` (CLOCK_MONOTONIC s, the
+ * measured window) on stderr before the first slot.
+ *
+ * SIGINT or SIGTERM ends the schedule early (the measured window ends there, window_s says
+ * how long it was); the drain and the report follow.
  *
  * Timing: CLOCK_MONOTONIC; the loop sleeps in epoll_wait on a timerfd armed
  * at the next slot's absolute time (timer slack set to 1 ns). With
@@ -31,10 +40,18 @@
  *   count p50 p90 p99 p999 max mean        the measured replies
  *   sent answered late unsent unanswered   requests scheduled in the measured window:
  *                                          late = sent more than 1 ms after schedule,
- *                                          unsent = never sent, unanswered = sent, no reply
+ *                                          unsent = never sent, unanswered = still in flight after the drain
  *   send_lag_p50 send_lag_p99              actual send minus scheduled send of the measured replies
  *   errors                                 connections lost or replies that did not match
  *   uncorrected_p50 uncorrected_p99        the same replies measured from the actual send
+ *   histogram uncorrected_histogram lag_histogram   the same three distributions in whole
+ *                                          microseconds, [[us, count], ...] (every distinct value)
+ *   error_kinds connect_errors             lost / never opened connections by kind
+ *   opened served lost lost_in_flight      connections opened; those that got a measured reply;
+ *                                          those lost, and the requests in flight they took along
+ *   max_unanswered_wait_us                 the oldest request still unanswered after the drain
+ *   cpu_s                                  this process's CPU time over the measured window
+ * Connections that cannot be opened are counted (connect_errors); none at all: exit 2.
  * Exit status 0, or 2 on bad arguments or when connecting fails.
  */
 #define _GNU_SOURCE
@@ -48,6 +65,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -60,6 +79,43 @@
 #define OP_ECHO 0x01
 #define MAX_EVENTS 256
 #define RECV_CHUNK 65536
+#define HEADER 5
+#define OP_ERROR 0xFF
+
+/* Why a connection failed or a request was refused, named as loadgen/conn.py names them. */
+enum { E_CLOSED, E_RESET, E_TIMEOUT, E_REFUSED, E_SERVER, E_PROTOCOL, E_EMFILE, E_ADDR, E_UNREACH, E_OTHER,
+       E_BUSY, E_RATE, E_IDLE, E_FRAME, N_KINDS };
+static const char *KIND[N_KINDS] = {"closed", "reset", "timeout", "refused", "server_error", "protocol",
+                                    "emfile", "addr_unavailable", "unreachable", "other",
+                                    "server_busy", "rate_limited", "idle_timeout", "frame_timeout"};
+
+/* The kind of the ERROR frame at p (avail bytes received) by its reason text, and its length in *total;
+ * -1 while it is incomplete and can still arrive whole in `room` bytes. */
+static int server_kind(const unsigned char *p, size_t avail, size_t room, size_t *total) {
+    static const struct { const char *text; int kind; } reasons[] = {
+        {"server busy", E_BUSY}, {"rate limited", E_RATE}, {"idle timeout", E_IDLE}, {"frame timeout", E_FRAME}};
+    uint32_t len_be;
+    memcpy(&len_be, p, 4);
+    *total = 4 + (size_t)ntohl(len_be);
+    if (*total < 5 || avail < *total) return *total <= room && *total >= 5 ? -1 : E_SERVER;
+    size_t n = *total - 5;
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
+        if (strlen(reasons[i].text) == n && !strncasecmp((const char *)p + 5, reasons[i].text, n))
+            return reasons[i].kind;
+    return E_SERVER;
+}
+
+static int kind_of(int err) {
+    switch (err) {
+    case ECONNRESET: case EPIPE: case ECONNABORTED: return E_RESET;
+    case ETIMEDOUT: return E_TIMEOUT;
+    case ECONNREFUSED: return E_REFUSED;
+    case EMFILE: case ENFILE: return E_EMFILE;
+    case EADDRNOTAVAIL: case EADDRINUSE: return E_ADDR;
+    case ENETUNREACH: case EHOSTUNREACH: return E_UNREACH;
+    default: return E_OTHER;
+    }
+}
 
 typedef struct {                    /* a growable FIFO of int64 */
     int64_t *v;
@@ -97,18 +153,31 @@ typedef struct {
     unsigned char *out;             /* bytes the kernel did not take yet */
     size_t out_len, out_cap;
     int want_out;
+    long long got;                  /* replies to requests scheduled in the measured window */
 } conn;
 
 static struct {
     int64_t warm_at, end_at;
-    size_t frame_len;
-    unsigned char *frame;
+    size_t frame_len, reply_len;
+    unsigned char *frame, *reply;
+    long long kinds[N_KINDS], connect_kinds[N_KINDS];
+    int connect_errno;                  /* why the last connection failed */
     int pipeline;
     int ep;
-    long long sent, answered, late, errors;
+    long long sent, answered, late, errors, lost_in_flight;
     int64_t *samples, *uncorrected;
     size_t n_samples, cap_samples;
 } g;
+
+static volatile sig_atomic_t stop_asked;          /* SIGINT/SIGTERM: end the run early, still report */
+
+static void on_stop(int sig) { (void)sig; stop_asked = 1; }
+
+static void stop_on_signals(void) {
+    struct sigaction sa = {.sa_handler = on_stop};  /* no SA_RESTART: epoll_wait returns at once */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
 
 static int64_t mono(void) {
     struct timespec ts;
@@ -119,12 +188,20 @@ static int64_t mono(void) {
 static void die_usage(const char *msg) {
     fprintf(stderr, "openloop: %s\n"
             "usage: openloop --target HOST:PORT --rate R --conns C --duration S "
-            "[--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U]\n", msg);
+            "[--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U] [--request HEX --reply HEX] "
+            "[--announce]\n", msg);
     exit(2);
 }
 
-static void record(int64_t sched, int64_t actual, int64_t now) {
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void record(conn *c, int64_t sched, int64_t actual, int64_t now) {
     if (sched < g.warm_at) return;
+    c->got++;
     if (g.n_samples == g.cap_samples) {
         g.cap_samples = g.cap_samples ? g.cap_samples * 2 : 65536;
         g.samples = realloc(g.samples, g.cap_samples * sizeof *g.samples);
@@ -142,10 +219,12 @@ static void set_events(conn *c) {
     epoll_ctl(g.ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
-static void lose(conn *c) {
+static void lose(conn *c, int kind) {
     if (!c->alive) return;
     c->alive = 0;
     g.errors++;
+    g.kinds[kind]++;
+    g.lost_in_flight += (long long)c->flight.len;
     epoll_ctl(g.ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
 }
@@ -168,7 +247,7 @@ static void flush(conn *c) {
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
             if (errno == EINTR) continue;
-            lose(c);
+            lose(c, kind_of(errno));
             return;
         }
         memmove(c->out, c->out + n, c->out_len - (size_t)n);
@@ -206,21 +285,38 @@ static void readable(conn *c) {
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return;
             if (errno == EINTR) continue;
-            lose(c);
+            lose(c, kind_of(errno));
             return;
         }
-        if (n == 0) { lose(c); return; }
+        if (n == 0) { lose(c, E_CLOSED); return; }
         int64_t now = mono();
         c->in_len += (size_t)n;
         size_t off = 0;
-        while (c->in_len - off >= g.frame_len) {
-            if (memcmp(c->in + off, g.frame, g.frame_len) != 0 || c->flight.len == 0) {
-                lose(c);                            /* ERROR frame, wrong bytes, or a reply nobody asked for */
+        for (;;) {                                  /* every whole frame: a reply, or an ERROR */
+            size_t left = c->in_len - off, total;
+            if (left < HEADER) break;
+            const unsigned char *p = c->in + off;
+            if (memcmp(p, g.reply, HEADER) == 0) {
+                if (left < g.reply_len) break;
+                if (memcmp(p, g.reply, g.reply_len) != 0 || c->flight.len == 0) {
+                    lose(c, E_PROTOCOL);            /* wrong bytes, or a reply nobody asked for */
+                    return;
+                }
+                off += g.reply_len;
+                int64_t sched = fifo_pop(&c->flight), actual = fifo_pop(&c->actual);
+                record(c, sched, actual, now);
+            } else if (p[4] == OP_ERROR) {
+                int kind = server_kind(p, left, g.reply_len, &total);
+                if (kind < 0) break;                /* the rest of it is still to come */
+                if (kind != E_RATE || c->flight.len == 0) { lose(c, kind); return; }
+                g.kinds[E_RATE]++;                  /* refused, the connection stays (as the Python engine) */
+                off += total;
+                fifo_pop(&c->flight);
+                fifo_pop(&c->actual);
+            } else {
+                lose(c, E_PROTOCOL);
                 return;
             }
-            off += g.frame_len;
-            int64_t sched = fifo_pop(&c->flight), actual = fifo_pop(&c->actual);
-            record(sched, actual, now);
         }
         memmove(c->in, c->in + off, c->in_len - off);
         c->in_len -= off;
@@ -252,25 +348,15 @@ static double pct_us(const int64_t *sorted, size_t n, double p) {
     return sorted[rank - 1] / 1000.0;
 }
 
-static int connect_to(const char *host, const char *port) {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res, *ai;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "openloop: %s:%s: %s\n", host, port, gai_strerror(rc));
-        exit(2);
-    }
-    int fd = -1;
-    for (ai = res; ai; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-        if (fd < 0) continue;
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
+/* A connected non-blocking socket, or -1 with the failure counted by kind. */
+static int connect_to(const struct addrinfo *ai) {
+    int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+    if (fd < 0) { g.connect_errno = errno; g.connect_kinds[kind_of(errno)]++; return -1; }
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+        g.connect_errno = errno;
+        g.connect_kinds[kind_of(errno)]++;
         close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        fprintf(stderr, "openloop: connect %s:%s: %s\n", host, port, strerror(errno));
-        exit(2);
+        return -1;
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -278,37 +364,21 @@ static int connect_to(const char *host, const char *port) {
     return fd;
 }
 
-int main(int argc, char **argv) {
-    const char *target = NULL;
-    double rate = 0, duration = 0, warmup = 1.0, drain = 2.0;
-    long conns = 0, size = 64;
-    int pipeline = 1;
-    double spin_us = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            printf("usage: openloop --target HOST:PORT --rate R --conns C --duration S "
-                   "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] "
-                   "[--spin-us U (0)]\n");
-            return 0;
-        }
-        if (i + 1 >= argc) die_usage("missing value");
-        const char *v = argv[++i];
-        if (!strcmp(a, "--target")) target = v;
-        else if (!strcmp(a, "--rate")) rate = atof(v);
-        else if (!strcmp(a, "--conns")) conns = atol(v);
-        else if (!strcmp(a, "--duration")) duration = atof(v);
-        else if (!strcmp(a, "--warmup")) warmup = atof(v);
-        else if (!strcmp(a, "--size")) size = atol(v);
-        else if (!strcmp(a, "--pipeline")) pipeline = atoi(v);
-        else if (!strcmp(a, "--drain")) drain = atof(v);
-        else if (!strcmp(a, "--spin-us")) spin_us = atof(v);
-        else die_usage("unknown option");
+/* Hex text -> bytes (malloc'd), or exit 2. */
+static unsigned char *from_hex(const char *hex, size_t *len, const char *option) {
+    size_t n = strlen(hex);
+    if (n == 0 || n % 2) { fprintf(stderr, "openloop: %s: an even number of hex digits\n", option); exit(2); }
+    unsigned char *out = malloc(n / 2);
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned int byte;
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) { fprintf(stderr, "openloop: %s: not hex\n", option); exit(2); }
+        out[i] = (unsigned char)byte;
     }
-    if (!target || rate <= 0 || conns <= 0 || duration <= 0 || warmup < 0 || size < 0 || pipeline < 0
-        || drain < 0 || spin_us < 0)
-        die_usage("need --target, --rate > 0, --conns > 0, --duration > 0");
+    *len = n / 2;
+    return out;
+}
 
+static struct addrinfo *resolve(const char *target) {
     char host[256], port[16];
     const char *colon = strrchr(target, ':');
     if (!colon || (size_t)(colon - target) >= sizeof host || strlen(colon + 1) >= sizeof port)
@@ -321,25 +391,106 @@ int main(int argc, char **argv) {
         memmove(host, host + 1, n);
         if (n >= 2 && host[n - 2] == ']') host[n - 2] = 0;
     }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res;
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        fprintf(stderr, "openloop: %s:%s: %s\n", host, port, gai_strerror(rc));
+        exit(2);
+    }
+    return res;
+}
+
+/* ", \"name\": [[us, count], ...]" of sorted ns samples, every distinct whole microsecond. */
+static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
+    printf(", \"%s\": [", name);
+    for (size_t i = 0; i < n;) {
+        int64_t us = sorted[i] / 1000;
+        size_t j = i;
+        while (j < n && sorted[j] / 1000 == us) j++;
+        printf("%s[%lld, %zu]", i ? ", " : "", (long long)us, j - i);
+        i = j;
+    }
+    printf("]");
+}
+
+static void print_kinds(const char *name, const long long *kinds) {
+    printf(", \"%s\": {", name);
+    const char *sep = "";
+    for (int k = 0; k < N_KINDS; k++)
+        if (kinds[k]) { printf("%s\"%s\": %lld", sep, KIND[k], kinds[k]); sep = ", "; }
+    printf("}");
+}
+
+int main(int argc, char **argv) {
+    const char *target = NULL, *request_hex = NULL, *reply_hex = NULL;
+    double rate = 0, duration = 0, warmup = 1.0, drain = 2.0;
+    long conns = 0, size = 64;
+    int pipeline = 1, announce = 0;
+    double spin_us = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: openloop --target HOST:PORT --rate R --conns C --duration S "
+                   "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] "
+                   "[--spin-us U (0)] [--request HEX --reply HEX (ECHO of --size bytes)] [--announce]\n");
+            return 0;
+        }
+        if (!strcmp(a, "--announce")) { announce = 1; continue; }
+        if (i + 1 >= argc) die_usage("missing value");
+        const char *v = argv[++i];
+        if (!strcmp(a, "--target")) target = v;
+        else if (!strcmp(a, "--rate")) rate = atof(v);
+        else if (!strcmp(a, "--conns")) conns = atol(v);
+        else if (!strcmp(a, "--duration")) duration = atof(v);
+        else if (!strcmp(a, "--warmup")) warmup = atof(v);
+        else if (!strcmp(a, "--size")) size = atol(v);
+        else if (!strcmp(a, "--pipeline")) pipeline = atoi(v);
+        else if (!strcmp(a, "--drain")) drain = atof(v);
+        else if (!strcmp(a, "--spin-us")) spin_us = atof(v);
+        else if (!strcmp(a, "--request")) request_hex = v;
+        else if (!strcmp(a, "--reply")) reply_hex = v;
+        else die_usage("unknown option");
+    }
+    if (!target || rate <= 0 || conns <= 0 || duration <= 0 || warmup < 0 || size < 0 || pipeline < 0
+        || drain < 0 || spin_us < 0 || !request_hex != !reply_hex)
+        die_usage("need --target, --rate > 0, --conns > 0, --duration > 0, --request with --reply");
 
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);             /* wake on the schedule, not up to 50 us after */
 
-    g.frame_len = 5 + (size_t)size;
-    g.frame = malloc(g.frame_len);
-    uint32_t len_be = htonl((uint32_t)(1 + size));
-    memcpy(g.frame, &len_be, 4);
-    g.frame[4] = OP_ECHO;
-    for (long i = 0; i < size; i++) g.frame[5 + i] = (unsigned char)('a' + i % 26);
+    if (request_hex) {
+        g.frame = from_hex(request_hex, &g.frame_len, "--request");
+        g.reply = from_hex(reply_hex, &g.reply_len, "--reply");
+        if (g.reply_len < HEADER) die_usage("--reply must be a whole frame");
+    } else {
+        g.frame_len = g.reply_len = HEADER + (size_t)size;
+        g.frame = malloc(g.frame_len);
+        uint32_t len_be = htonl((uint32_t)(1 + size));
+        memcpy(g.frame, &len_be, 4);
+        g.frame[4] = OP_ECHO;
+        for (long i = 0; i < size; i++) g.frame[5 + i] = (unsigned char)('a' + i % 26);
+        g.reply = g.frame;
+    }
     g.pipeline = pipeline;
 
+    struct addrinfo *ai = resolve(target);
+    stop_on_signals();
     g.ep = epoll_create1(0);
     conn *cs = calloc((size_t)conns, sizeof *cs);
+    long opened = 0;
     for (long i = 0; i < conns; i++) {
-        cs[i].fd = connect_to(host, port);
-        cs[i].alive = 1;
-        cs[i].in = malloc(RECV_CHUNK + g.frame_len);
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &cs[i]};
-        epoll_ctl(g.ep, EPOLL_CTL_ADD, cs[i].fd, &ev);
+        int fd = connect_to(ai);
+        if (fd < 0) continue;
+        conn *c = &cs[opened++];
+        c->fd = fd;
+        c->alive = 1;
+        c->in = malloc(RECV_CHUNK + g.reply_len);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        epoll_ctl(g.ep, EPOLL_CTL_ADD, c->fd, &ev);
+    }
+    freeaddrinfo(ai);
+    if (opened == 0) {                                  /* nothing to measure: say why, as a usage error */
+        fprintf(stderr, "openloop: connect %s: %s\n", target, strerror(g.connect_errno));
+        return 2;
     }
     int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     struct epoll_event tev = {.events = EPOLLIN, .data.ptr = NULL};
@@ -349,15 +500,22 @@ int main(int argc, char **argv) {
     int64_t t0 = mono() + 10000000;                     /* start 10 ms from now */
     g.warm_at = t0 + (int64_t)(warmup * NS);
     g.end_at = g.warm_at + (int64_t)(duration * NS);
+    if (announce) {
+        fprintf(stderr, "conclab load: window %.6f %.6f\n", (double)g.warm_at / NS, (double)g.end_at / NS);
+        fflush(stderr);
+    }
     long long slot = 0;
     int64_t slot_at = t0, armed = -1, spin_ns = (int64_t)(spin_us * 1000);
+    double cpu_from = -1, cpu_s = 0;
     struct epoll_event evs[MAX_EVENTS];
 
     for (;;) {
         int64_t now = mono();
+        if (stop_asked && now < g.end_at) g.end_at = now > g.warm_at ? now : g.warm_at;   /* end early */
+        if (cpu_from < 0 && now >= g.warm_at) cpu_from = cpu_now();
         while (slot_at <= now && slot_at < g.end_at) {  /* every slot that has come */
-            conn *c = &cs[slot % conns];
-            if (c->alive) {                             /* a lost connection's requests stay unsent */
+            conn *c = opened ? &cs[slot % opened] : NULL;
+            if (c && c->alive) {                        /* a lost connection's requests stay unsent */
                 fifo_push(&c->due, slot_at);
                 send_due(c, now);
             }
@@ -386,18 +544,27 @@ int main(int argc, char **argv) {
             handle(&evs[i]);
         }
     }
+    if (cpu_from < 0) cpu_from = cpu_now();
+    cpu_s = cpu_now() - cpu_from;
 
     /* Drain: in-flight (and still queued) requests may answer for a while. */
     int64_t drain_end = mono() + (int64_t)(drain * NS);
     for (;;) {
         int pending = 0;
-        for (long i = 0; i < conns; i++)
+        for (long i = 0; i < opened; i++)
             if (cs[i].alive && (cs[i].flight.len || cs[i].due.len)) pending = 1;
         int64_t left = drain_end - mono();
         if (!pending || left <= 0) break;
         int n = epoll_wait(g.ep, evs, MAX_EVENTS, (int)(left / 1000000) + 1);
         for (int i = 0; i < n; i++)
             if (evs[i].data.ptr != NULL) handle(&evs[i]);
+    }
+    int64_t drained_at = mono(), oldest = drained_at;
+    long served = 0;
+    for (long i = 0; i < opened; i++) {
+        conn *c = &cs[i];
+        if (c->got) served++;
+        if (c->alive && c->flight.len && c->flight.v[c->flight.head] < oldest) oldest = c->flight.v[c->flight.head];
     }
 
     /* What the measured window scheduled and never got answered. */
@@ -407,7 +574,9 @@ int main(int argc, char **argv) {
         if (at >= g.end_at) break;
         if (at >= g.warm_at) scheduled++;
     }
-    long long unanswered = g.sent - g.answered;
+    long long unanswered = 0;                           /* still in flight after the drain */
+    for (long i = 0; i < opened; i++)
+        if (cs[i].alive) unanswered += (long long)cs[i].flight.len;
     long long unsent = scheduled - g.sent;
 
     int64_t *lag = malloc((g.n_samples + 1) * sizeof *lag);  /* actual send - scheduled send */
@@ -427,13 +596,22 @@ int main(int argc, char **argv) {
            "\"mean\": %.1f, \"uncorrected_p50\": %.1f, \"uncorrected_p99\": %.1f, "
            "\"send_lag_p50\": %.1f, \"send_lag_p99\": %.1f, \"spin_us\": %g, "
            "\"scheduled\": %lld, \"sent\": %lld, \"answered\": %lld, \"late\": %lld, \"unsent\": %lld, "
-           "\"unanswered\": %lld, \"errors\": %lld, \"throughput_rps\": %.1f, \"loadavg\": [%.2f, %.2f, %.2f]}\n",
+           "\"unanswered\": %lld, \"errors\": %lld, \"throughput_rps\": %.1f, \"loadavg\": [%.2f, %.2f, %.2f], "
+           "\"window_s\": %.6f, \"opened\": %ld, \"served\": %ld, \"lost\": %lld, \"lost_in_flight\": %lld, "
+           "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f",
            target, rate, conns, size, pipeline, warmup, duration,
            n, pct_us(g.samples, n, 50), pct_us(g.samples, n, 90), pct_us(g.samples, n, 99),
            pct_us(g.samples, n, 99.9), n ? g.samples[n - 1] / 1000.0 : 0.0, n ? sum / n / 1000.0 : 0.0,
            pct_us(g.uncorrected, n, 50), pct_us(g.uncorrected, n, 99),
            pct_us(lag, n, 50), pct_us(lag, n, 99), spin_us,
            scheduled, g.sent, g.answered, g.late, unsent, unanswered, g.errors,
-           duration > 0 ? g.answered / duration : 0.0, loadavg[0], loadavg[1], loadavg[2]);
+           duration > 0 ? g.answered / duration : 0.0, loadavg[0], loadavg[1], loadavg[2],
+           (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s);
+    print_kinds("error_kinds", g.kinds);
+    print_kinds("connect_errors", g.connect_kinds);
+    print_us_counts("histogram", g.samples, n);
+    print_us_counts("uncorrected_histogram", g.uncorrected, n);
+    print_us_counts("lag_histogram", lag, n);
+    printf("}\n");
     return 0;
 }
