@@ -69,7 +69,7 @@ class EdgeSizes:
     big_clients: int           # big_frame_memory: clients that each sent 1 MiB, then idle
 
 
-EDGE_CI = EdgeSizes(fair_seconds=2.5, burst_repeats=10, burst_conns=300, exhaust_conns=300, churn_cycles=8_000,
+EDGE_CI = EdgeSizes(fair_seconds=1.5, burst_repeats=10, burst_conns=300, exhaust_conns=300, churn_cycles=8_000,
                     churn_threads=4, steady_mib=8, steady_slow_s=8.0, big_clients=64)
 EDGE_FULL = EdgeSizes(fair_seconds=5.0, burst_repeats=20, burst_conns=300, exhaust_conns=300, churn_cycles=20_000,
                       churn_threads=4, steady_mib=12, steady_slow_s=15.0, big_clients=64)
@@ -806,6 +806,7 @@ def big_frame_memory(backend, options, scale: Scale) -> Outcome:
 
 # -- 12. the buffer budget -------------------------------------------------------------------------
 BUDGET = 8 << 20               # --max-buffered: room for 8 maximal frames (--max-frame is the default 1 MiB)
+BUDGET_LOOK = 0.5              # how long the held connections are watched for an answer they must not get
 BUDGET_MAX_FRAME = 1 << 20
 BUDGET_HOSTILE = 40            # connections that each send most of one maximal frame, then stop
 BUDGET_MISSING = 4096          # ... this many bytes short of its end
@@ -843,12 +844,14 @@ def buffer_budget(backend, options, scale: Scale) -> Outcome:
         wait_until(lambda: counted() >= BUDGET_HOSTILE - admissible, 10.0, 0.05)
         rss = settled_rss(server)
         slow = honest_round_trips(server)
-        endings = [client.ending(0.5) for client in hostile]
+        look_until = time.monotonic() + BUDGET_LOOK       # one wait for all: the refused are closed by now
+        endings = [client.ending(max(look_until - time.monotonic(), 0.01)) for client in hostile]
         refused = [i for i, client in enumerate(hostile) if reason(client.frames) == 'ERROR "server busy"']
         held = [i for i, ending in enumerate(endings) if ending == "open" and not hostile[i].frames]
         lost = 0
         for i in held:                      # admitted: finish the frame, get it back whole
             try:
+                hostile[i].sock.settimeout(10.0)
                 hostile[i].send(frame[cut:])
                 lost += hostile[i].recv_frame() != (ECHO, payload)
             except OSError:

@@ -11,6 +11,7 @@ how busy the machine is has a generous bound (the contract's, where it has one).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -55,7 +56,7 @@ class Scale:
 
 CI = Scale("ci", resets=300, churn=2_000, churn_threads=4, slow_silent=25, slow_dribblers=25, clog_mib=48,
            emfile_limit=64, emfile_clients=100, hostile_rounds=3, claimers=48, shutdown_conns=100,
-           shutdown_load_s=1.0, rate_seconds=3.0)
+           shutdown_load_s=1.0, rate_seconds=2.0)
 FULL = Scale("full", resets=2_000, churn=20_000, churn_threads=4, slow_silent=200, slow_dribblers=200, clog_mib=64,
              emfile_limit=64, emfile_clients=200, hostile_rounds=20, claimers=64, shutdown_conns=100,
              shutdown_load_s=3.0, rate_seconds=5.0)
@@ -138,15 +139,46 @@ def echo_ok(server: ServerProcess, payload: bytes = b"bystander", timeout: float
 
 # -- 1. resets mid-frame ---------------------------------------------------------------------------
 RESET_BATCH = 25
+HALF_FRAME = encode(ECHO, b"r" * 1000)[:600]                      # the server holds 600 bytes of 1005
+BIG_ECHO = encode(ECHO, bytes(256 * 1024))
+
+
+def reset_while_stopped(server: ServerProcess) -> None:
+    """A reset the server finds together with the last data: a reply the client never reads waits unsent in the
+    server's kernel, then half a frame and the RST arrive while the server is stopped (SIGSTOP), so it wakes to
+    both at once. (What a busy server sees now and then; libuv then tells the reset as an EOF.)"""
+    client = Client(server.address, receive_buffer=4096)
+    try:
+        client.send(BIG_ECHO)
+        client.sock.recv(1, socket.MSG_PEEK)          # the reply has begun: the server's kernel holds the rest
+        pids = [server.pid, *server.worker_pids()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: all(stopped(pid) for pid in pids), 5.0, 0.01)
+            client.send(HALF_FRAME)
+        finally:
+            client.reset()
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        client.close()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP took effect), or gone."""
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    return True
 
 
 def reset_mid_frame(backend, options, scale: Scale) -> Outcome:
-    """Clients that reset (SO_LINGER 0) mid-frame, mid-reply or right after a request; a bystander is served."""
+    """Clients that reset (SO_LINGER 0) mid-frame, mid-reply or right after a request, and one whose reset
+    comes with its last data while the server is stopped; a bystander is served."""
     out = Outcome("reset", variant_of(backend, options).name)
-    half = encode(ECHO, b"r" * 1000)[:600]
-    kinds = [half,                                               # mid-frame: the server holds 600 bytes of 1005
-             encode(ECHO, b"x" * 100) + half,                    # one request answered, then mid-frame
-             encode(ECHO, bytes(256 * 1024)) * 2]                # the server is writing 512 KiB back when the RST comes
+    kinds = [HALF_FRAME,                                         # mid-frame
+             encode(ECHO, b"x" * 100) + HALF_FRAME,              # one request answered, then mid-frame
+             BIG_ECHO * 2]                                       # the server is writing 512 KiB back when the RST comes
     with ServerProcess(backend, options) as server, server.connect() as bystander:
         bystander.request(PING)
         time.sleep(0.1)
@@ -172,6 +204,10 @@ def reset_mid_frame(backend, options, scale: Scale) -> Outcome:
             except OSError:
                 bad += 1
                 break
+        try:
+            reset_while_stopped(server)
+        except OSError:
+            bad += 1
         alive(server, out)
         out.check(bad == 0, f"{bad} bystander requests or connects failed")
         out.check(done >= scale.resets, f"only {done} of {scale.resets} resets done in time")
@@ -796,7 +832,7 @@ STOP_GRACE = 20.0
 
 
 # -- registry --------------------------------------------------------------------------------------
-from . import edges  # noqa: E402  (here: edges.py builds on the helpers above; this module is imported first)
+from . import edges, redis_outage  # noqa: E402  (here: both build on the helpers above; this module is imported first)
 
 SCENARIOS = {
     "reset": reset_mid_frame,
@@ -812,6 +848,7 @@ SCENARIOS = {
     "max_frame": max_frame,
     "loopback": loopback_default,
     **edges.EDGES,          # the edge scenarios (reliability/edges.py, built on the helpers above)
+    **redis_outage.SCENARIOS,   # the shared rate limit's Redis killed and restarted (reliability/redis_outage.py)
 }
 
 # (scenario, variant) -> (why the model cannot pass it, the failures that show it). Only failures that

@@ -98,7 +98,6 @@ from itertools import pairwise
 import psutil
 from conclab.loadgen import LoadParams, engine, run_load
 from conclab.loadgen import conn as connmod
-from conclab.loadgen.histo import bucketed
 from conclab.loadgen.params import LoadError
 from conclab.loadgen.report import SATURATION_PERCENT
 from conclab.servers import VARIANTS, cpustat, tcpdiag, variant_of
@@ -157,7 +156,7 @@ class SuiteSize:
     overload_variants: tuple
 
 
-SUITE_CI = SuiteSize(soak_s=8.0, load_fraction=0.5, max_rate=5_000.0, capacity_s=1.0, overload_s=2.0,
+SUITE_CI = SuiteSize(soak_s=5.0, load_fraction=0.5, max_rate=5_000.0, capacity_s=1.0, overload_s=2.0,
                      overload_variants=("threads", "threadpool-request"))
 SUITE_FULL = SuiteSize(soak_s=30.0, load_fraction=LOAD_FRACTION, max_rate=MAX_RATE, capacity_s=CAPACITY_S,
                        overload_s=30.0, overload_variants=tuple(VARIANTS))
@@ -537,6 +536,25 @@ class SlicedRecorder(engine.Recorder):
         counts = bucketed(Counter(self.pending))
         self.pending = []
         return counts
+
+
+EXACT_BELOW = 2048             # with 3 significant figures HDR keeps every value below this apart (its sub-buckets)
+SPREAD = 256                   # more distinct latencies than this in one slice: group them by HDR bucket
+
+
+def bucketed(counts: Counter) -> Counter:
+    """``counts`` with values of EXACT_BELOW and up grouped by the HDR bucket they fall in (its lowest value),
+    when there are many distinct ones: a second's slice then costs one entry per bucket, not per latency (a
+    lagging generator's latencies spread out, nearly every one distinct), at the histogram's own resolution."""
+    if len(counts) <= SPREAD:
+        return counts
+    grouped = Counter()
+    for value, count in counts.items():
+        if value >= EXACT_BELOW:
+            shift = value.bit_length() - EXACT_BELOW.bit_length() + 1
+            value = value >> shift << shift
+        grouped[value] += count
+    return grouped
 
 
 class SteadyLoad:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-LIVE_FIXTURES = {"variant", "start", "shared_server"}
+LIVE_FIXTURES = {"variant", "start", "shared_server", "throughput_rounds"}
 # Module fixtures that run the harness or draw a whole report in-process: seconds each, so their
 # tests are ``slow`` (no process, but not the seconds-long unit loop either).
 HEAVY_FIXTURES = {"tiny_run", "tiny", "built", "degraded", "invalid_pool"}
@@ -126,3 +126,14 @@ def tiny(tmp_path_factory, request):
     code = harness_cli.main([",".join(module.NAMES), "--profile", "tiny", "--backends", module.BACKENDS,
                              "--results", str(results), "--run-id", module.RUN_ID])
     return code, results / module.RUN_ID, time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def throughput_rounds(tmp_path_factory):
+    """``conclab run throughput --profile tiny --repeat 2 --backends threads,asyncio``, once for the session (its
+    rounds and its calibration are checked in different modules): (exit code, run dir)."""
+    from conclab.experiments.harness import cli as harness_cli
+    results = tmp_path_factory.mktemp("rounds")
+    code = harness_cli.main(["throughput", "--profile", "tiny", "--repeat", "2", "--backends", "threads,asyncio",
+                             "--results", str(results), "--run-id", "rounds"])
+    return code, results / "rounds"

@@ -246,16 +246,15 @@ def noisy_cal() -> dict:
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """The fixture's page as committed (no calibration), and its whole report (charts too) with a noisy one.
+    """The fixture's page as committed (no calibration), and with a noisy calibration.
 
-    The first page is rendered without its charts (the trust section does not use them); the second is
-    written as ``conclab report`` writes it.
+    Both are rendered without their charts: the banners and the trust section do not use them (no chart
+    reads the calibration), and the whole report, charts and all, is written in tests/test_report.py.
     """
     tmp = tmp_path_factory.mktemp("trust")
     plain = load_run(str(copy_run(tmp, "plain")))
     noisy = load_run(str(copy_run(tmp, "noisy", noisy_cal())))
-    return {"plain": report.render(plain, [], plain.path),
-            "noisy": Path(report.build(noisy)).read_text(encoding="utf-8")}
+    return {"plain": report.render(plain, [], plain.path), "noisy": report.render(noisy, [], noisy.path)}
 
 
 def text_of(page: str) -> str:
@@ -263,16 +262,17 @@ def text_of(page: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", raw)))
 
 
-def first_section(page: str) -> str:
-    """The HTML from the first <h2> to the second."""
-    starts = [m.start() for m in re.finditer(r"<h2[ >]", page)]
-    return page[starts[0]:starts[1]]
+def trust_section(page: str) -> str:
+    """The HTML of "How far to trust this run", from its <h2> to the next; it comes before the Summary."""
+    start = page.index(f'<h2 id="{trust.SECTION_ID}">')
+    assert start < page.index("<h2>Summary</h2>"), "the trust section is not ahead of the findings"
+    return page[start:page.index("<h2", start + 1)]
 
 
 @pytest.mark.slow
 def test_a_run_without_calibration_says_so_first(pages):
     page = pages["plain"]
-    section = first_section(page)
+    section = trust_section(page)
     assert section.startswith(f'<h2 id="{trust.SECTION_ID}">{trust.TITLE}</h2>')
     assert "This run has no calibration" in text_of(section)
     assert page.index('class="banner banner-uncalibrated"') < page.index("<h1>")
@@ -292,7 +292,7 @@ def test_a_noisy_run_has_a_banner_and_a_section_with_its_figures_and_reasons(pag
     page = pages["noisy"]
     assert page.index('class="banner banner-noisy"') < page.index("<h1>")
     assert "banner-uncalibrated" not in page
-    section = text_of(first_section(page))
+    section = text_of(trust_section(page))
     assert "Verdict: noisy. 2 measures past their limits" in section
     assert "timer p99 overshoot 2,564 µs on CPU 0 at start (limit 200 µs)" in section
     assert "other processes used 84.7 % of a CPU" in section
@@ -360,17 +360,15 @@ def test_timer_children_measure_every_cpu_asked_for():
 
 @pytest.mark.live
 @pytest.mark.slow
-def test_a_tiny_run_is_calibrated_at_start_and_end(tmp_path):
-    from conclab.experiments.harness import cli
-    code = cli.main(["throughput", "--profile", "tiny", "--backends", "epoll", "--results", str(tmp_path),
-                     "--run-id", "cal"])
+def test_a_tiny_run_is_calibrated_at_start_and_end(throughput_rounds):
+    code, run_dir = throughput_rounds
     assert code == 0
-    manifest = json.loads((tmp_path / "cal" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     cal = manifest["calibration"]
     assert cal["verdict"] in ("quiet", "noisy") and (cal["verdict"] == "noisy") == bool(cal["reasons"])
     for phase in ("start", "end"):
         assert set(cal[phase]["timer"]) == {str(c) for c in cal["cpus"]}
         assert cal[phase]["floor"]["backend"] in calibrate.FLOOR_BACKENDS and cal[phase]["floor"]["requests"] > 0
     assert cal["run"]["own_cpu_pct"] > 0 and cal["floor"]["latency_p99_us"] > 0
-    rows = pd.read_csv(tmp_path / "cal" / "calibration.csv", dtype={"cpu": str})
-    assert set(rows.phase) == {"start", "end", "run"} and (rows.run_id == "cal").all()
+    rows = pd.read_csv(run_dir / "calibration.csv", dtype={"cpu": str})
+    assert set(rows.phase) == {"start", "end", "run"} and (rows.run_id == run_dir.name).all()

@@ -581,15 +581,14 @@ def test_the_standard_profile_is_the_reference_and_the_default_repeat_is_its_rou
 
 
 @pytest.mark.live
-def test_rounds_interleave_in_a_real_run(tmp_path):
-    code = cli.main(["throughput", "--profile", "tiny", "--repeat", "2", "--backends", "threads,asyncio",
-                     "--results", str(tmp_path), "--run-id", "rounds"])
+def test_rounds_interleave_in_a_real_run(throughput_rounds):
+    code, run_dir = throughput_rounds
     assert code == 0
-    rows = read(tmp_path / "rounds", "throughput")
+    rows = read(run_dir, "throughput")
     assert list(zip(rows.variant, rows.repeat)) == [("threads", 1), ("asyncio", 1), ("threads", 2), ("asyncio", 2)]
     assert (rows.server_conns_active == rows.conns).all() and (rows.valid == 1).all()
     assert (rows.server_cpu_percent > 0).all()
-    summ = read(tmp_path / "rounds", "summary")
+    summ = read(run_dir, "summary")
     tput = summ[summ.metric == "throughput_rps"]
     assert (tput.n == 2).all() and (tput.ci_flag == "min-max").all()
     assert ((tput.ci_lo == tput["min"]) & (tput.ci_hi == tput["max"])).all()

@@ -6,7 +6,7 @@ fixture run directory (tests/fixtures/reliability: the files of a real ``conclab
 --overload-seconds 3 --scenarios max_frame,loopback,half_close --backends epoll,go``).
 
 The live tests are sized in one place, ``soak.SuiteSize`` (``soak.SUITE_CI``; ``CONCLAB_FULL=1``:
-``soak.SUITE_FULL``): CI soaks every variant 8 s at half its capacity (about 12 s per variant with
+``soak.SUITE_FULL``): CI soaks every variant 5 s at half its capacity (about 9 s per variant with
 the capacity run, the floor probe and the settling) and overloads two variants that degrade
 differently (threads, threadpool-request: ``SuiteSize``'s docstring says why) at 2x and
 5x for 2 s each; full soaks 30 s and overloads every variant for 30 s per factor. They assert what
