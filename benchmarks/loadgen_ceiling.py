@@ -3,6 +3,7 @@
     python benchmarks/loadgen_ceiling.py                  # go server, 3 x 10 s, the reference setup
     python benchmarks/loadgen_ceiling.py --quick          # 3 x 3 s
     python benchmarks/loadgen_ceiling.py --python-backends --duration 3
+    python benchmarks/loadgen_ceiling.py --quick --engine c   # the compiled engine (conclab load --engine c)
 
 The ceiling run: the fastest server there is (the ``go`` backend, else
 ``epoll``, else ``threads``) pinned to CPU 0; one load-generator process
@@ -65,7 +66,8 @@ def start_server(backend: str, cmd: list | None = None) -> ServerProcess:
 
 def one_run(server: ServerProcess, args) -> dict:
     params = LoadParams(target=server.target, mode="closed", conns=args.conns, size=64, op="echo",
-                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
+                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU),
+                        engine=args.engine)
     cpu0, wall0 = server.cpu_seconds(), time.monotonic()
     result = run_load(params)
     server_share = 100.0 * (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
@@ -84,7 +86,8 @@ def one_run(server: ServerProcess, args) -> dict:
 def open_run(server: ServerProcess, args, rate: float) -> dict:
     """One open-loop run at ``rate`` req/s: kept its schedule or not, its send lateness, its CPU per request."""
     params = LoadParams(target=server.target, mode="open", rate=rate, conns=args.conns, size=64, op="echo",
-                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU))
+                        duration=args.duration, warmup=args.warmup, pipeline=args.pipeline, cpus=str(LOADGEN_CPU),
+                        engine=args.engine)
     cpu0 = server.cpu_seconds()
     result = run_load(params)
     server_s = server.cpu_seconds() - cpu0
@@ -171,14 +174,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s runs")
     parser.add_argument("--no-open", action="store_true", help="skip the open-loop runs after the ceiling")
     parser.add_argument("--python-backends", action="store_true", help="also drive every Python backend once")
-    parser.add_argument("--out", default=str(REPO / "results" / "loadgen_ceiling.json"), help="JSON results file")
+    parser.add_argument("--engine", choices=("native", "c"), default="native",
+                        help="the load generator's engine: native (Python, the default) or c (compiled)")
+    parser.add_argument("--out", help="JSON results file (default: results/loadgen_ceiling.json, "
+                                      "results/loadgen_ceiling_c.json with --engine c)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 3.0
+    args.out = args.out or str(REPO / "results" / ("loadgen_ceiling_c.json" if args.engine == "c" else "loadgen_ceiling.json"))
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two CPUs (server on CPU 0, load generator on CPU 1)")
     backend = args.backend or next(b for b in CEILING_BACKENDS if available(b))
-    print(f"ceiling: {backend} server on CPU {SERVER_CPU}, one load generator process on CPU {LOADGEN_CPU}, "
+    print(f"ceiling: {backend} server on CPU {SERVER_CPU}, one load generator process ({args.engine} engine) on CPU {LOADGEN_CPU}, "
           f"closed loop, {args.conns} conns, pipeline {args.pipeline}, 64-byte ECHO, {args.repeats} x {args.duration:g} s")
     ceiling = series(backend, args, args.repeats)
     show(ceiling)

@@ -167,7 +167,9 @@ def test_closed_loop_counts_exactly_what_the_server_answered(backend):
     assert all(key in result for key in loadproc.REQUIRED_KEYS)
     row = loadproc.flatten(result)
     assert set(row) <= set(COLUMNS["throughput"]) and row["loadgen_engine"] == "c"
-    assert row["valid"] is True and 0 < row["loadgen_cpu_percent"] < 100
+    # valid unless the engine judged itself saturated (every other reason is ruled out above): whether it is
+    # depends on the machine, so the test checks the judgement is carried, not its outcome
+    assert 0 < row["loadgen_cpu_percent"] <= 100 and row["valid"] is not bool(result["loadgen_saturated"])
     assert row["p50_us"] <= row["p99_us"] <= row["max_us"]
 
 
