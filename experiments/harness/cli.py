@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPUs the load generator (and this harness) use (default: all the others)")
     parser.add_argument("--loadgen-engine", choices=loadproc.ENGINES, default=None,
                         help="the load generator's engine: c (compiled, less CPU per request, so the "
-                             "fastest servers are less often capped by their client) or python; points c cannot run "
-                             "(hold, several load processes) use python, and the loadgen_engine column says which "
+                             "fastest servers are less often capped by their client; closed loops) or python; open "
+                             "loops and points c cannot run (hold, several load processes) use python, and the loadgen_engine column says which "
                              "(default: c when a C compiler is available, else python)")
     parser.add_argument("--server-host", metavar="NAME",
                         help="run the servers on another host: a network namespace NAME made for the run (root), "

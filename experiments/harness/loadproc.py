@@ -18,7 +18,8 @@ that honours the same options and JSON.
 The engine: ``conclab run --loadgen-engine c|python`` picks the generator's compiled
 engine (``--engine c``: no interpreter per request, so the fastest servers are
 less often capped by their client) or its Python one. ``engine_for`` says which a point
-actually uses: points the compiled engine cannot run (``--mode hold``, ``--procs``
+actually uses: closed-loop points; open-loop points (the compiled open loop costs more per
+request than the Python one, see C_MODES) and points it cannot run (``--mode hold``, ``--procs``
 above 1) use the Python engine; ``flatten`` records the engine of each point in the
 ``loadgen_engine`` column, read from the result's ``params.engine``.
 """
@@ -49,7 +50,10 @@ WINDOW_MARK = b"conclab load: window"        # the generator's stderr line: STAR
 WINDOW_RE = re.compile(rb"^conclab load: window ([0-9.]+) ([0-9.]+)\s*$", re.MULTILINE)
 WINDOW_READ_BYTES = 1 << 16   # the line comes before anything long (warnings come at the end)
 ENGINES = ("c", "python")     # conclab run --loadgen-engine; "python" is the generator's "native" engine
-C_MODES = ("closed", "open")  # what the compiled engine runs (one process, the framed protocol)
+C_MODES = ("closed",)         # the points the compiled engine runs (one process, the framed protocol): closed loops.
+# Open loops stay Python: its loop wakes on a timer once per batch of due slots and reads the replies' kernel
+# stamps, while the compiled one wakes for every slot and every reply, so at half the go server's capacity it
+# costs more CPU per request (18.7 against 14.7 µs, docs/performance.md). `conclab load --engine c` still runs both.
 PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
                "max_us": "max"}
 
@@ -78,8 +82,8 @@ def default_engine() -> tuple[str, str | None]:
 
 
 def engine_for(engine: str | None, mode: str, procs: int | None = None) -> str:
-    """The engine one point uses: ``engine`` ("c" or "python"; None: python), unless the compiled one cannot
-    run the point (hold, several processes), which then uses the Python engine."""
+    """The engine one point uses: ``engine`` ("c" or "python"; None: python) for a closed loop of one process;
+    every other point (open loop, hold, several processes) uses the Python engine (see C_MODES)."""
     if engine == "c" and mode in C_MODES and (procs or 1) == 1:
         return "c"
     return "python"
