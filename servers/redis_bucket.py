@@ -81,7 +81,8 @@ MODES = ("delay", "reject")
 KEY_PREFIX = "conclab:bucket:"
 DEFAULT_PORT = 6379
 RECV_SIZE = 65536
-POOL_SIZE = 16                  # the blocking client's connections per process (calls in flight at most)
+POOL_SIZE = 64                  # the blocking client's connections per process (calls in flight at most): go's
+                                # redisMaxConns too, so the models differ in how they wait, not in how many may
 
 # KEYS[1]: the bucket; ARGV: rate (tokens/s), burst, mode ("reject" or "delay"), [now: seconds, a driven clock].
 # session.TokenBucket in Lua: _refill, then available (reject) or take (delay: the wait from now), in the same order.

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import socket
+import re
 import threading
 import time
 from pathlib import Path
@@ -495,3 +496,11 @@ def test_gevent_waits_for_redis_on_the_hub(redis_server):
         redis_server.process.send_signal(signal.SIGCONT)
     assert got == Verdict(True, 0.0, True)
     assert len(ticks) > 2, "the hub was blocked while the call waited for Redis"
+
+
+def test_the_blocking_client_and_the_go_server_bound_their_redis_connections_alike():
+    """One bound for every model that blocks on Redis (threads, pools, gevent, go): a smaller pool in one of them
+    would queue its calls behind each other and the redis_call comparison would measure the pool, not the model."""
+    source = (Path(rb.__file__).with_name("go") / "redis.go").read_text()
+    bound = re.search(r"redisMaxConns\s*=\s*(\d+)", source)
+    assert bound is not None and int(bound.group(1)) == rb.POOL_SIZE
