@@ -336,6 +336,15 @@ def test_missing_load_generator_is_one_line_error(tmp_path, monkeypatch, capsys)
 
 # -- command line and errors ------------------------------------------------------------------------
 
+def test_all_stands_for_its_experiments_beside_named_ones():
+    in_all = registry.names(in_all=True)
+    assert cli.parse_experiments("all") == in_all
+    with_convoy = cli.parse_experiments("convoy,all")
+    assert set(with_convoy) == {*in_all, "convoy"} and with_convoy == registry.plan(with_convoy)
+    with pytest.raises(cli.UsageError, match="unknown experiment 'nonsense'"):
+        cli.parse_experiments("all,nonsense")
+
+
 def test_add_parser_plugs_run_into_conclab():
     import argparse
     parser = argparse.ArgumentParser(prog="conclab")

@@ -108,10 +108,14 @@ def experiments_help() -> str:
 # -- argument checks ------------------------------------------------------------------------------
 
 def parse_experiments(spec: str) -> list[str]:
-    """The experiments named (or ``all``), in run order (registry.plan: what one needs runs before it)."""
+    """The experiments named, in run order (registry.plan: what one needs runs before it).
+
+    ``all`` stands for the experiments in all, alone or beside others (``all,convoy``)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
         return registry.names(in_all=True)
+    if "all" in names:
+        names = [*registry.names(in_all=True), *(n for n in names if n != "all")]
     known = registry.names()
     unknown = [n for n in names if n not in known]
     if unknown or not names:
