@@ -66,6 +66,7 @@ import itertools
 import json
 import os
 import socket
+import _socket
 import threading
 import time
 from pathlib import Path
@@ -416,9 +417,14 @@ class BlockingBucketClient(_Base):
     the call's deadline, so no caller waits more than ``timeout`` in all. A
     failed call closes its connection and the idle ones (they most likely
     failed with it) and shuts the reconnect gate. ``sockets`` (a module with
-    ``create_connection``) and ``semaphore`` (a factory of bounded semaphores
+    ``socket``) and ``semaphore`` (a factory of bounded semaphores
     whose ``acquire`` takes a timeout) are the stdlib's unless given: gevent
     passes its own, so a waiting greenlet parks on the hub instead of blocking it.
+    The address is resolved once, here, by the C socket module (``_socket``,
+    which gevent does not patch), and a connection connects to the numbers:
+    ``create_connection`` would look the name up on every connect, and gevent
+    does a lookup in a pool of OS threads (its default resolver), which then
+    stay in the process. Resolution that fails here is tried again at connect.
     """
 
     def __init__(self, url: str, rate: float, burst: float, mode: str = "delay", *,
@@ -428,6 +434,7 @@ class BlockingBucketClient(_Base):
         self._sockets = sockets
         self._slots = semaphore(pool_size)
         self._idle: list[tuple[socket.socket, RespReader]] = []   # open connections free for a call
+        self._resolved = self._resolve()
 
     def take(self, key: str, now: float | None = None) -> Verdict:
         """One token from bucket ``key`` (``now``: a driven clock, for tests): the verdict, within the timeout."""
@@ -473,7 +480,12 @@ class BlockingBucketClient(_Base):
             self.connects += 1
         sock = None
         try:
-            sock = self._sockets.create_connection(self.address[:2], timeout=max(deadline - time.monotonic(), 0.001))
+            family, sockaddr = self._resolved or self._resolve() or (None, None)
+            if family is None:
+                raise OSError(f"redis: cannot resolve {self.address.host}")
+            sock = self._sockets.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = (sock, RespReader())
             if self.address.db and _roundtrip(connection, self.call.select(self.address.db), deadline) != "OK":
@@ -484,6 +496,15 @@ class BlockingBucketClient(_Base):
                 sock.close()
             self.gate.failed()
             return None
+
+    def _resolve(self) -> tuple | None:
+        """(family, socket address) of the store, looked up without gevent's resolver; None if it fails."""
+        try:
+            family, _, _, _, sockaddr = _socket.getaddrinfo(self.address.host, self.address.port, 0,
+                                                            socket.SOCK_STREAM)[0]
+        except OSError:
+            return None
+        return family, sockaddr
 
     def _drop(self) -> None:
         """Close the idle connections."""

@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 
 import redis_server as redis_fixture
 from conclab.servers import redis_bucket as rb
-from conclab.servers.launcher import free_port, wait_until
+from conclab.servers import protocol
+from conclab.servers.launcher import ServerProcess, free_port, wait_until
 from conclab.servers import golang
 from conclab.servers.redis_bucket import (BUCKET_SCRIPT, BUCKET_SHA, AsyncBucketClient, BlockingBucketClient,
                                           BucketCall, Gate, RedisAddress, RespError, RespProtocolError,
@@ -504,3 +505,17 @@ def test_the_blocking_client_and_the_go_server_bound_their_redis_connections_ali
     source = (Path(rb.__file__).with_name("go") / "redis.go").read_text()
     bound = re.search(r"redisMaxConns\s*=\s*(\d+)", source)
     assert bound is not None and int(bound.group(1)) == rb.POOL_SIZE
+
+
+@pytest.mark.live
+def test_a_gevent_server_calls_redis_from_its_one_os_thread(redis_server):
+    """The store's address is resolved once without gevent's resolver, whose lookups run in a pool of OS
+    threads that then stay: the gevent backend keeps the one thread it has without Redis."""
+    if redis_server.process is None:
+        redis_server.start()
+    with ServerProcess("gevent", ["--rate-limit", "1000", "--rate-limit-store", redis_server.url]) as server:
+        with server.connect() as client:
+            for _ in range(3):
+                assert client.request(protocol.ECHO, b"x")[0] == protocol.ECHO
+        assert server.stats()["rate_store_calls"] == 3
+        assert server.process.num_threads() == 1
