@@ -21,7 +21,11 @@ histogram and merging are the Python engine's.
 The self-check: the program reads its own CPU time (CLOCK_PROCESS_CPUTIME_ID,
 all of the process: it has one thread) at the start and the end of the
 measured window and reports it; ``report.cpu_check`` judges it by the Python
-engine's threshold. ``c_engine.cpu_s_total`` adds the whole run's CPU time
+engine's threshold. The open loop polls instead of sleeping in the last
+50 µs before a slot (so at high rates it never sleeps, openloop.c says why);
+it reports the CPU of the polls that found nothing to do apart (``wait_s``),
+and the check judges the CPU the requests took: ``cpu_s - wait_s``. Both are
+in ``c_engine``. ``c_engine.cpu_s_total`` adds the whole run's CPU time
 from ``wait4``'s rusage (connecting, warm-up and drain included).
 
 What it does not do (``params.c_engine_unsupported`` names the option, exit 2):
@@ -175,7 +179,7 @@ def assemble(params: LoadParams, out: dict, watch: MachineWatch, binary: Path, r
     errors = {**out["error_kinds"]}
     for kind, count in out["connect_errors"].items():
         errors[kind] = errors.get(kind, 0) + count
-    part = {"cpu_s": out["cpu_s"], "cpu_wall_s": window}
+    part = {"cpu_s": out["cpu_s"] - out.get("wait_s", 0.0), "cpu_wall_s": window}     # waiting is not load
     result = {
         "params": params.as_dict(),
         "started_at": watch.started_at,
@@ -224,7 +228,8 @@ def open_block(params: LoadParams, out: dict) -> dict:
 def engine_block(out: dict, binary: Path, rusage) -> dict:
     """What only the compiled engine reports: its program, whole-run counts and CPU."""
     block = {"program": out["client"], "binary": str(binary), "cpu_measured": CPU_SOURCE,
-             "replies_total": out.get("total_requests", out.get("answered")), "sent_total": out.get("sent_total")}
+             "replies_total": out.get("total_requests", out.get("answered")), "sent_total": out.get("sent_total"),
+             "cpu_s": out["cpu_s"], "wait_s": out.get("wait_s", 0.0)}
     if rusage is not None:
         block["cpu_s_total"] = round(rusage.ru_utime + rusage.ru_stime, 4)
     return block

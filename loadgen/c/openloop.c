@@ -30,10 +30,17 @@
  * SIGINT or SIGTERM ends the schedule early (the measured window ends there, window_s says
  * how long it was); the drain and the report follow.
  *
- * Timing: CLOCK_MONOTONIC; the loop sleeps in epoll_wait on a timerfd armed
- * at the next slot's absolute time (timer slack set to 1 ns). With
- * --spin-us U it wakes U microseconds early and polls (epoll_wait with a zero
- * timeout) until the slot: no wake-up latency, at the cost of a busy core.
+ * Timing: CLOCK_MONOTONIC. Until U microseconds (--spin-us, default 50)
+ * before the next slot the loop sleeps in epoll_pwait2 (a nanosecond timeout,
+ * timer slack 1 ns; a reply ends the sleep early); from there it polls
+ * (epoll_wait with a zero timeout) until the slot is due. Why: on a virtual
+ * machine a wake-up from a sleep costs about as much CPU as a request and ends
+ * tens of microseconds late, so at high rates (slots closer than U) the loop
+ * never sleeps: it sends on time and reads every reply as it comes, for the
+ * CPU of the socket calls only. Polling burns the core while it waits, so the
+ * time of polls that found nothing to do is reported apart (wait_s) and is
+ * not load: cpu_s - wait_s is the CPU the requests took, what the self-check
+ * judges. --spin-us 0: sleep until each slot (no polling; the old behaviour).
  *
  * Output: one JSON object on stdout. Latencies in microseconds, exact
  * percentiles (nearest rank over the sorted samples of the measured window):
@@ -51,6 +58,7 @@
  *                                          those lost, and the requests in flight they took along
  *   max_unanswered_wait_us                 the oldest request still unanswered after the drain
  *   cpu_s                                  this process's CPU time over the measured window
+ *   wait_s                                 of it, the polls that found nothing to do (idle, not load)
  * Connections that cannot be opened are counted (connect_errors); none at all: exit 2.
  * Exit status 0, or 2 on bad arguments or when connecting fails.
  */
@@ -70,7 +78,6 @@
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -332,6 +339,19 @@ static void handle(struct epoll_event *ev) {
     if (ev->events & (EPOLLIN | EPOLLERR | EPOLLHUP)) readable(c);
 }
 
+/* Wait for replies: sleep up to `sleep_ns` (a reply ends it early), or only poll when it is <= 0. */
+static int poll_or_sleep(struct epoll_event *evs, int64_t sleep_ns) {
+    static int no_pwait2;                               /* a kernel before 5.11: millisecond sleeps only */
+    if (sleep_ns <= 0) return epoll_wait(g.ep, evs, MAX_EVENTS, 0);
+    if (!no_pwait2) {
+        struct timespec ts = {.tv_sec = sleep_ns / NS, .tv_nsec = sleep_ns % NS};
+        int n = epoll_pwait2(g.ep, evs, MAX_EVENTS, &ts, NULL);
+        if (n >= 0 || errno != ENOSYS) return n < 0 ? 0 : n;
+        no_pwait2 = 1;
+    }
+    return epoll_wait(g.ep, evs, MAX_EVENTS, (int)(sleep_ns / 1000000));
+}
+
 static int cmp64(const void *a, const void *b) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return (x > y) - (x < y);
@@ -426,13 +446,13 @@ int main(int argc, char **argv) {
     double rate = 0, duration = 0, warmup = 1.0, drain = 2.0;
     long conns = 0, size = 64;
     int pipeline = 1, announce = 0;
-    double spin_us = 0;
+    double spin_us = 50;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: openloop --target HOST:PORT --rate R --conns C --duration S "
                    "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] "
-                   "[--spin-us U (0)] [--request HEX --reply HEX (ECHO of --size bytes)] [--announce]\n");
+                   "[--spin-us U (50)] [--request HEX --reply HEX (ECHO of --size bytes)] [--announce]\n");
             return 0;
         }
         if (!strcmp(a, "--announce")) { announce = 1; continue; }
@@ -492,10 +512,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "openloop: connect %s: %s\n", target, strerror(g.connect_errno));
         return 2;
     }
-    int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
-    struct epoll_event tev = {.events = EPOLLIN, .data.ptr = NULL};
-    epoll_ctl(g.ep, EPOLL_CTL_ADD, tfd, &tev);
-
     double step = (double)NS / rate;                    /* ns between two requests, all connections together */
     int64_t t0 = mono() + 10000000;                     /* start 10 ms from now */
     g.warm_at = t0 + (int64_t)(warmup * NS);
@@ -505,14 +521,15 @@ int main(int argc, char **argv) {
         fflush(stderr);
     }
     long long slot = 0;
-    int64_t slot_at = t0, armed = -1, spin_ns = (int64_t)(spin_us * 1000);
+    int64_t slot_at = t0, spin_ns = (int64_t)(spin_us * 1000), wait_ns = 0;
     double cpu_from = -1, cpu_s = 0;
     struct epoll_event evs[MAX_EVENTS];
 
+    int64_t now = mono();
     for (;;) {
-        int64_t now = mono();
         if (stop_asked && now < g.end_at) g.end_at = now > g.warm_at ? now : g.warm_at;   /* end early */
         if (cpu_from < 0 && now >= g.warm_at) cpu_from = cpu_now();
+        int worked = 0;
         while (slot_at <= now && slot_at < g.end_at) {  /* every slot that has come */
             conn *c = opened ? &cs[slot % opened] : NULL;
             if (c && c->alive) {                        /* a lost connection's requests stay unsent */
@@ -521,31 +538,20 @@ int main(int argc, char **argv) {
             }
             slot++;
             slot_at = t0 + (int64_t)((double)slot * step);
+            worked = 1;
         }
         if (slot_at >= g.end_at) break;
-        int timeout = -1;                               /* sleep until the timer (or a reply) */
-        if (spin_ns && slot_at - mono() <= spin_ns) {
-            timeout = 0;                                /* close to the slot: poll without sleeping */
-        } else if (slot_at - spin_ns != armed) {
-            int64_t at = slot_at - spin_ns;
-            struct itimerspec its = {.it_value = {.tv_sec = at / NS, .tv_nsec = at % NS}};
-            timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
-            armed = at;
-        }
-        int n = epoll_wait(g.ep, evs, MAX_EVENTS, timeout);
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == NULL) {
-                uint64_t expirations;
-                ssize_t r = read(tfd, &expirations, sizeof expirations);
-                (void)r;
-                armed = -1;
-                continue;
-            }
-            handle(&evs[i]);
-        }
+        int64_t wake_at = slot_at - spin_ns, before = worked ? mono() : now;
+        int n = poll_or_sleep(evs, wake_at - before);
+        int64_t after = mono();
+        if (n == 0 && !worked && wake_at <= before && cpu_from >= 0)
+            wait_ns += after - now;                     /* a whole pass that found nothing to do: waiting */
+        for (int i = 0; i < n; i++) handle(&evs[i]);
+        now = n > 0 ? mono() : after;
     }
     if (cpu_from < 0) cpu_from = cpu_now();
     cpu_s = cpu_now() - cpu_from;
+    double wait_s = (double)wait_ns / NS;
 
     /* Drain: in-flight (and still queued) requests may answer for a while. */
     int64_t drain_end = mono() + (int64_t)(drain * NS);
@@ -556,8 +562,7 @@ int main(int argc, char **argv) {
         int64_t left = drain_end - mono();
         if (!pending || left <= 0) break;
         int n = epoll_wait(g.ep, evs, MAX_EVENTS, (int)(left / 1000000) + 1);
-        for (int i = 0; i < n; i++)
-            if (evs[i].data.ptr != NULL) handle(&evs[i]);
+        for (int i = 0; i < n; i++) handle(&evs[i]);
     }
     int64_t drained_at = mono(), oldest = drained_at;
     long served = 0;
@@ -598,7 +603,7 @@ int main(int argc, char **argv) {
            "\"scheduled\": %lld, \"sent\": %lld, \"answered\": %lld, \"late\": %lld, \"unsent\": %lld, "
            "\"unanswered\": %lld, \"errors\": %lld, \"throughput_rps\": %.1f, \"loadavg\": [%.2f, %.2f, %.2f], "
            "\"window_s\": %.6f, \"opened\": %ld, \"served\": %ld, \"lost\": %lld, \"lost_in_flight\": %lld, "
-           "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f",
+           "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f, \"wait_s\": %.6f",
            target, rate, conns, size, pipeline, warmup, duration,
            n, pct_us(g.samples, n, 50), pct_us(g.samples, n, 90), pct_us(g.samples, n, 99),
            pct_us(g.samples, n, 99.9), n ? g.samples[n - 1] / 1000.0 : 0.0, n ? sum / n / 1000.0 : 0.0,
@@ -606,7 +611,7 @@ int main(int argc, char **argv) {
            pct_us(lag, n, 50), pct_us(lag, n, 99), spin_us,
            scheduled, g.sent, g.answered, g.late, unsent, unanswered, g.errors,
            duration > 0 ? g.answered / duration : 0.0, loadavg[0], loadavg[1], loadavg[2],
-           (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s);
+           (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s, wait_s);
     print_kinds("error_kinds", g.kinds);
     print_kinds("connect_errors", g.connect_kinds);
     print_us_counts("histogram", g.samples, n);
