@@ -10,9 +10,10 @@ Microbenchmarks (ns per switch), each in its own process:
     goroutine channel ping-pong (GOMAXPROCS=1 pinned, and unpinned)
         experiments/go/switchbench/main.go
 
-The C and Go programs are compiled on first use into a cache keyed by their
-sources' hash (``cached_build``). Rows of microbenchmarks have backend ``micro``
-and variant = the benchmark and its placement (``thread-pinned``,
+The C and Go programs are compiled on first use into the lab's build cache,
+keyed by their sources' hash (``servers/buildcache.py``, as the compiled load
+generator and the go backend are built). Rows of microbenchmarks have backend
+``micro`` and variant = the benchmark and its placement (``thread-pinned``,
 ``futex-cross-cpu``); ``pinned`` is 1 when everything ran on one CPU. Besides the
 ns per switch, every row carries what it cost the kernel: ``ctx_per_req`` is OS
 context switches per switch (both parties together) and ``cpu_us_per_req`` CPU
@@ -25,8 +26,6 @@ throughput in its registry ``needs``; ``source`` says which) or measured here.
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from conclab.servers import processes
+from conclab.servers import buildcache, processes
 
 from . import registry
 from .harness.run import describe, key
@@ -44,7 +43,6 @@ from .harness.run import describe, key
 NAME = "switch"
 MICRO = "micro"
 BENCH_TIMEOUT_S = 120.0
-BUILD_TIMEOUT_S = 600.0
 SWITCHES_PER_ROUND_TRIP = 2
 GO_SOURCE = Path(__file__).with_name("go") / "switchbench"
 GO_BINARY = "conclab-switchbench"
@@ -144,7 +142,7 @@ def built_command(run, build, dash: str):
     """A compiled benchmark's command with the profile's rounds, or the one-line reason it cannot be built."""
     try:
         binary = build()
-    except RuntimeError as exc:
+    except RuntimeError as exc:           # buildcache.BuildError included
         return str(exc)
     return [str(binary), f"{dash}rounds", str(run.profile.switch_rounds),
             f"{dash}round-s", f"{run.profile.switch_round_s:g}"]
@@ -216,43 +214,6 @@ def parse_json(out: str, err: str, returncode: int) -> dict:
         raise RuntimeError(f"unreadable benchmark output: {exc}") from None
 
 
-def cached_build(name: str, sources: list, binary_name: str, what: str, command, cwd=None, env=None) -> Path:
-    """A program built once per source version: ``$XDG_CACHE_HOME/conclab/<name>-<hash>/<binary_name>``
-    (default ~/.cache), <hash> the SHA-256 of the sources' names and contents (like servers/golang.py).
-
-    ``command(output)`` is the compiler's argv writing the program to ``output``. Concurrent first uses take
-    a file lock (one builds, the others wait); the build writes a temporary file renamed into place, so a
-    killed build never leaves half a binary. RuntimeError in one line (the first compiler error) on failure.
-    """
-    digest = hashlib.sha256()
-    for path in sources:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    directory = Path(base) / "conclab" / f"{name}-{digest.hexdigest()[:16]}"
-    binary = directory / binary_name
-    if os.access(binary, os.X_OK):
-        return binary
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.access(binary, os.X_OK):
-            return binary
-        partial = directory / f".{binary_name}.{os.getpid()}.tmp"
-        try:
-            done = subprocess.run(command(partial), cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=BUILD_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"building {what} took over {BUILD_TIMEOUT_S:g} s") from None
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("#")]
-            first = next((line for line in lines if "error" in line), lines[0] if lines else "")
-            raise RuntimeError(f"building {what} failed: {first.strip() or done.returncode}")
-        os.replace(partial, binary)
-    return binary
-
-
 def build_go() -> Path:
     """The Go ping-pong program, built once per source version into the cache."""
     go = shutil.which("go")
@@ -260,27 +221,19 @@ def build_go() -> Path:
         raise RuntimeError("no Go toolchain on PATH: install one (Debian: apt-get install -y golang-go) and retry")
     env = {**os.environ, "CGO_ENABLED": "0", "GOWORK": "off", "GOFLAGS": "-mod=mod", "GOPROXY": "off",
            "GOTOOLCHAIN": "local"}
-    return cached_build("switchbench", sorted(GO_SOURCE.glob("*.go")) + [GO_SOURCE / "go.mod"], GO_BINARY,
-                        "the Go switch benchmark", lambda out: [go, "build", "-trimpath", "-o", str(out), "."],
-                        cwd=GO_SOURCE, env=env)
-
-
-def c_compiler() -> str | None:
-    """$CC if it names a program on PATH, else cc, else gcc; None when there is none."""
-    for candidate in (os.environ.get("CC"), "cc", "gcc"):
-        found = candidate and shutil.which(candidate)
-        if found:
-            return found
-    return None
+    sources = sorted(GO_SOURCE.glob("*.go")) + [GO_SOURCE / "go.mod"]
+    return buildcache.build_once(
+        buildcache.cache_dir("switchbench", sources), GO_BINARY,
+        lambda out: buildcache.run_compiler([go, "build", "-trimpath", "-o", str(out), "."], "the Go switch benchmark",
+                                            cwd=GO_SOURCE, env=env))
 
 
 def build_c() -> Path:
     """The C kernel thread-switch baseline, built once per source version into the cache."""
-    cc = c_compiler()
+    cc = buildcache.c_compiler()
     if cc is None:
         raise RuntimeError(NO_C_COMPILER)
-    return cached_build("threadswitch", [C_SOURCE], C_BINARY, "the C thread-switch benchmark",
-                        lambda out: [cc, *C_FLAGS, "-o", str(out), str(C_SOURCE)])
+    return buildcache.build_c(cc, C_SOURCE, C_FLAGS, C_BINARY, "the C thread-switch benchmark")
 
 
 def per_request(run) -> None:

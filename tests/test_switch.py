@@ -23,6 +23,7 @@ from conclab.analysis import charts, claims, derive, findings, style
 from conclab.experiments import switch
 from conclab.experiments.harness.run import Run
 from conclab.experiments.harness.tables import COLUMNS
+from conclab.servers import buildcache
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUND_TRIPS = 10_000
@@ -154,7 +155,7 @@ def test_one_cpu_skips_the_cross_cpu_rows_with_a_reason(monkeypatch):
 
 
 def test_no_c_compiler_is_a_one_line_skip(monkeypatch):
-    monkeypatch.setattr(switch, "c_compiler", lambda: None)
+    monkeypatch.setattr(buildcache, "c_compiler", lambda: None)
     assert switch.c_command(FakeRun([0], [0, 1])) == switch.NO_C_COMPILER
     assert "\n" not in switch.NO_C_COMPILER and "C compiler" in switch.NO_C_COMPILER
 
@@ -166,10 +167,10 @@ def test_the_c_source_ships_in_the_wheel():
     assert switch.C_SOURCE.resolve() in {p.resolve() for p in shipped}
 
 
-# -- the build cache --------------------------------------------------------------------------------
+# -- the build cache (servers/buildcache.py) --------------------------------------------------------
 
 class FakeCompiler:
-    """subprocess.run for cached_build: writes the program (or fails with a compiler's messages)."""
+    """subprocess.run for buildcache.run_compiler: writes the program at ``-o`` (or fails with the messages)."""
 
     def __init__(self, stderr=None):
         self.calls, self.stderr = [], stderr
@@ -178,37 +179,51 @@ class FakeCompiler:
         self.calls.append(argv)
         if self.stderr:
             return subprocess.CompletedProcess(argv, 1, "", self.stderr)
-        Path(argv[-1]).write_text("#!/bin/sh\n")
-        Path(argv[-1]).chmod(0o755)
+        out = Path(argv[argv.index("-o") + 1])
+        out.write_text("#!/bin/sh\n")
+        out.chmod(0o755)
         return subprocess.CompletedProcess(argv, 0, "", "")
 
 
-def test_cached_build_builds_once_per_source_version(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    """A stand-in threadswitch.c, built with a fake ``cc`` into a cache under tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    compiler = FakeCompiler()
-    monkeypatch.setattr(switch.subprocess, "run", compiler)
-    source = tmp_path / "x.c"
+    monkeypatch.setattr(buildcache, "c_compiler", lambda: "cc")
+    source = tmp_path / "threadswitch.c"
     source.write_text("int main(void) { return 0; }\n")
-    first = switch.cached_build("x", [source], "prog", "x", lambda out: ["cc", str(out)])
-    again = switch.cached_build("x", [source], "prog", "x", lambda out: ["cc", str(out)])
+    monkeypatch.setattr(switch, "C_SOURCE", source)
+    return source
+
+
+def test_the_c_benchmark_is_built_once_per_source_version(fake_source, tmp_path, monkeypatch):
+    compiler = FakeCompiler()
+    monkeypatch.setattr(buildcache.subprocess, "run", compiler)
+    first, again = switch.build_c(), switch.build_c()
     assert first == again and len(compiler.calls) == 1 and os.access(first, os.X_OK)
-    assert first.parent.parent == tmp_path / "cache" / "conclab" and first.parent.name.startswith("x-")
-    source.write_text("int main(void) { return 1; }\n")
-    edited = switch.cached_build("x", [source], "prog", "x", lambda out: ["cc", str(out)])
+    assert first.parent.parent == tmp_path / "cache" / "conclab" and first.parent.name.startswith("threadswitch-")
+    assert first.name == switch.C_BINARY and compiler.calls[0][:4] == ["cc", *switch.C_FLAGS]
+    fake_source.write_text("int main(void) { return 1; }\n")
+    edited = switch.build_c()
     assert edited != first and len(compiler.calls) == 2
-    assert not list(edited.parent.glob(".prog.*.tmp"))
+    assert not list(edited.parent.glob(f".{switch.C_BINARY}.*.tmp"))
 
 
-def test_cached_build_failure_is_the_first_error_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(switch.subprocess, "run", FakeCompiler(
+def test_a_failed_build_skips_with_the_first_error_line(fake_source, tmp_path, monkeypatch):
+    monkeypatch.setattr(buildcache.subprocess, "run", FakeCompiler(
         "x.c: In function 'main':\nx.c:1:20: error: expected ';' before '}' token\n    1 | int main\n"))
-    source = tmp_path / "x.c"
-    source.write_text("broken")
-    with pytest.raises(RuntimeError) as failed:
-        switch.cached_build("x", [source], "prog", "the x program", lambda out: ["cc", str(out)])
-    assert str(failed.value) == "building the x program failed: x.c:1:20: error: expected ';' before '}' token"
-    assert not list(tmp_path.rglob("prog*")) and not list(tmp_path.rglob(".prog.*"))
+    assert switch.c_command(FakeRun([0], [0, 1])) == \
+        "building the C thread-switch benchmark failed: x.c:1:20: error: expected ';' before '}' token"
+    assert not list((tmp_path / "cache").rglob(f"*{switch.C_BINARY}*"))
+
+
+def test_a_failed_go_build_is_its_first_line_past_the_package_heading(tmp_path, monkeypatch):
+    monkeypatch.setattr(buildcache.subprocess, "run", FakeCompiler(
+        "# conclab/switchbench\n./main.go:7:2: undefined: runtme\n./main.go:8:2: undefined: sycall\n"))
+    with pytest.raises(buildcache.BuildError) as failed:
+        buildcache.build_once(tmp_path / "x-1", "prog", lambda out: buildcache.run_compiler(
+            ["go", "build", "-o", str(out), "."], "the Go switch benchmark"))
+    assert str(failed.value) == "building the Go switch benchmark failed: ./main.go:7:2: undefined: runtme"
 
 
 # -- labels, the derived table, the finding and the chart -------------------------------------------
@@ -435,15 +450,14 @@ def test_c_benchmark_rejects_a_cpu_it_may_not_use(threadswitch):
 
 @pytest.mark.live
 def test_a_real_compile_error_is_one_line(tmp_path, monkeypatch):
-    cc = switch.c_compiler()
+    cc = buildcache.c_compiler()
     if cc is None:
         pytest.skip(switch.NO_C_COMPILER)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     source = tmp_path / "broken.c"
     source.write_text("int main(void) { return 0 }\n")
-    with pytest.raises(RuntimeError) as failed:
-        switch.cached_build("broken", [source], "broken", "the broken program",
-                            lambda out: [cc, "-o", str(out), str(source)])
+    with pytest.raises(buildcache.BuildError) as failed:
+        buildcache.build_c(cc, source, what="the broken program")
     message = str(failed.value)
     assert message.startswith("building the broken program failed: ") and "error" in message and "\n" not in message
 

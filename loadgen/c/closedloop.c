@@ -7,6 +7,8 @@
  * on loopback the send's TCP path is most of it). loadgen/cengine.py
  * builds it (cc -O2, on first use) and turns its output into the load
  * generator's JSON result; benchmarks/full_vs_minimal.py runs it directly.
+ * What it shares with openloop.c (framing, failure kinds, clocks, connecting,
+ * the JSON of counts by kind) is in wire.h.
  *
  *   closedloop --target HOST:PORT --conns C --duration S [--warmup S] [--size B] [--pipeline D]
  *              [--request HEX --reply HEX] [--connect-rate R] [--drain S] [--announce]
@@ -46,54 +48,12 @@
  * Exit status 0; 2 on bad arguments or when no connection can be opened.
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <signal.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
+#define PROGRAM "closedloop"
+#include "wire.h"
 
-#define NS 1000000000LL
-#define OP_ECHO 0x01
-#define OP_ERROR 0xFF
-#define MAX_EVENTS 256
-#define HEADER 5                        /* u32 length + op */
 #define SUB_BITS 11                     /* HDR, 3 significant figures, lowest 1: 2048 sub-buckets */
 #define HIGHEST_US 3600000000LL         /* one hour; slower is clamped (loadgen/histo.py) */
 #define N_INDEX ((34 << (SUB_BITS - 1)))
-
-/* Why a connection failed or a request was refused, named as loadgen/conn.py names them. */
-enum { E_CLOSED, E_RESET, E_TIMEOUT, E_REFUSED, E_SERVER, E_PROTOCOL, E_EMFILE, E_ADDR, E_UNREACH, E_OTHER,
-       E_BUSY, E_RATE, E_IDLE, E_FRAME, N_KINDS };
-static const char *KIND[N_KINDS] = {"closed", "reset", "timeout", "refused", "server_error", "protocol",
-                                    "emfile", "addr_unavailable", "unreachable", "other",
-                                    "server_busy", "rate_limited", "idle_timeout", "frame_timeout"};
-
-/* The kind of the ERROR frame at p (avail bytes received) by its reason text, and its length in *total;
- * -1 while it is incomplete and can still arrive whole in `room` bytes. */
-static int server_kind(const unsigned char *p, size_t avail, size_t room, size_t *total) {
-    static const struct { const char *text; int kind; } reasons[] = {
-        {"server busy", E_BUSY}, {"rate limited", E_RATE}, {"idle timeout", E_IDLE}, {"frame timeout", E_FRAME}};
-    uint32_t len_be;
-    memcpy(&len_be, p, 4);
-    *total = 4 + (size_t)ntohl(len_be);
-    if (*total < 5 || avail < *total) return *total <= room && *total >= 5 ? -1 : E_SERVER;
-    size_t n = *total - 5;
-    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
-        if (strlen(reasons[i].text) == n && !strncasecmp((const char *)p + 5, reasons[i].text, n))
-            return reasons[i].kind;
-    return E_SERVER;
-}
 
 typedef struct {
     int fd;
@@ -118,45 +78,11 @@ static struct {
     uint64_t counts[N_INDEX];
 } g;
 
-static volatile sig_atomic_t stop_asked;          /* SIGINT/SIGTERM: end the run early, still report */
-
-static void on_stop(int sig) { (void)sig; stop_asked = 1; }
-
-static void stop_on_signals(void) {
-    struct sigaction sa = {.sa_handler = on_stop};  /* no SA_RESTART: epoll_wait returns at once */
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-}
-
-static int64_t mono(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * NS + ts.tv_nsec;
-}
-
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void die_usage(const char *msg) {
     fprintf(stderr, "closedloop: %s\n"
             "usage: closedloop --target HOST:PORT --conns C --duration S [--warmup S] [--size B] [--pipeline D] "
             "[--request HEX --reply HEX] [--connect-rate R] [--drain S] [--announce]\n", msg);
     exit(2);
-}
-
-static int kind_of(int err) {
-    switch (err) {
-    case ECONNRESET: case EPIPE: case ECONNABORTED: return E_RESET;
-    case ETIMEDOUT: return E_TIMEOUT;
-    case ECONNREFUSED: return E_REFUSED;
-    case EMFILE: case ENFILE: return E_EMFILE;
-    case EADDRNOTAVAIL: case EADDRINUSE: return E_ADDR;
-    case ENETUNREACH: case EHOSTUNREACH: return E_UNREACH;
-    default: return E_OTHER;
-    }
 }
 
 /* HDR's counts index of v (us): bucket = bit length beyond SUB_BITS, sub-bucket = v >> bucket. */
@@ -254,58 +180,6 @@ static void readable(conn *c) {
     if (ended && now < g.end_at) send_requests(c, ended, now);
 }
 
-/* A connected non-blocking socket, or -1 with the failure counted by kind. */
-static int connect_to(const struct addrinfo *ai) {
-    int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-    if (fd < 0) { g.connect_errno = errno; g.connect_kinds[kind_of(errno)]++; return -1; }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-        g.connect_errno = errno;
-        g.connect_kinds[kind_of(errno)]++;
-        close(fd);
-        return -1;
-    }
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    return fd;
-}
-
-static struct addrinfo *resolve(const char *target) {
-    char host[256], port[16];
-    const char *colon = strrchr(target, ':');
-    if (!colon || (size_t)(colon - target) >= sizeof host || strlen(colon + 1) >= sizeof port)
-        die_usage("--target must be HOST:PORT");
-    memcpy(host, target, (size_t)(colon - target));
-    host[colon - target] = 0;
-    strcpy(port, colon + 1);
-    if (host[0] == '[') {                               /* [v6]:port */
-        size_t n = strlen(host);
-        memmove(host, host + 1, n);
-        if (n >= 2 && host[n - 2] == ']') host[n - 2] = 0;
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "closedloop: %s:%s: %s\n", host, port, gai_strerror(rc));
-        exit(2);
-    }
-    return res;
-}
-
-/* Hex text -> bytes (malloc'd), or exit 2. */
-static unsigned char *from_hex(const char *hex, size_t *len, const char *option) {
-    size_t n = strlen(hex);
-    if (n == 0 || n % 2) { fprintf(stderr, "closedloop: %s: an even number of hex digits\n", option); exit(2); }
-    unsigned char *out = malloc(n / 2);
-    for (size_t i = 0; i < n / 2; i++) {
-        unsigned int byte;
-        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) { fprintf(stderr, "closedloop: %s: not hex\n", option); exit(2); }
-        out[i] = (unsigned char)byte;
-    }
-    *len = n / 2;
-    return out;
-}
-
 static unsigned char *repeated(const unsigned char *bytes, size_t len, int times) {
     unsigned char *out = malloc((size_t)times * len);
     for (int k = 0; k < times; k++) memcpy(out + (size_t)k * len, bytes, len);
@@ -328,14 +202,6 @@ static void run_until(int64_t until, conn *cs, long conns, int drain) {
             if (c->alive && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) readable(c);
         }
     }
-}
-
-static void print_kinds(const char *name, const long long *kinds) {
-    printf("\"%s\": {", name);
-    const char *sep = "";
-    for (int k = 0; k < N_KINDS; k++)
-        if (kinds[k]) { printf("%s\"%s\": %lld", sep, KIND[k], kinds[k]); sep = ", "; }
-    printf("}");
 }
 
 int main(int argc, char **argv) {
@@ -371,19 +237,7 @@ int main(int argc, char **argv) {
         die_usage("need --target, --conns > 0, --duration > 0, --pipeline >= 1, --request with --reply");
 
     unsigned char *req, *rep;
-    if (request_hex) {
-        req = from_hex(request_hex, &g.req_len, "--request");
-        rep = from_hex(reply_hex, &g.rep_len, "--reply");
-        if (g.rep_len < HEADER) die_usage("--reply must be a whole frame");
-    } else {
-        g.req_len = g.rep_len = HEADER + (size_t)size;
-        req = malloc(g.req_len);
-        uint32_t len_be = htonl((uint32_t)(1 + size));
-        memcpy(req, &len_be, 4);
-        req[4] = OP_ECHO;
-        for (long i = 0; i < size; i++) req[HEADER + i] = (unsigned char)('a' + i % 26);
-        rep = req;
-    }
+    request_and_reply(request_hex, reply_hex, size, &req, &g.req_len, &rep, &g.rep_len);
     g.pipeline = pipeline;
     g.reqs = repeated(req, g.req_len, pipeline);
     g.reps = repeated(rep, g.rep_len, pipeline);
@@ -403,7 +257,7 @@ int main(int argc, char **argv) {
             }
             next_connect += (int64_t)(NS / connect_rate);
         }
-        int fd = connect_to(ai);
+        int fd = connect_to(ai, g.connect_kinds, &g.connect_errno);
         if (fd < 0) continue;
         conn *c = &cs[opened++];
         c->fd = fd;
@@ -421,10 +275,7 @@ int main(int argc, char **argv) {
     int64_t start = mono();
     g.warm_at = start + (int64_t)(warmup * NS);
     g.end_at = g.warm_at + (int64_t)(duration * NS);
-    if (announce) {
-        fprintf(stderr, "conclab load: window %.6f %.6f\n", (double)g.warm_at / NS, (double)g.end_at / NS);
-        fflush(stderr);
-    }
+    if (announce) announce_window(g.warm_at, g.end_at);
     for (long i = 0; i < opened; i++) send_requests(&cs[i], (size_t)pipeline, start);
     run_until(g.warm_at, cs, opened, 0);
     double cpu_from = cpu_now();
@@ -454,11 +305,10 @@ int main(int argc, char **argv) {
     for (int k = 0; k < N_KINDS; k++) errors += g.kinds[k];
     printf("{\"client\": \"closedloop.c\", \"target\": \"%s\", \"conns\": %ld, \"size\": %ld, \"pipeline\": %d, "
            "\"warmup_s\": %g, \"duration_s\": %g, \"window_s\": %.6f, \"requests\": %lld, \"total_requests\": %lld, "
-           "\"sent_total\": %lld, \"throughput_rps\": %.1f, \"errors\": %lld, ",
+           "\"sent_total\": %lld, \"throughput_rps\": %.1f, \"errors\": %lld",
            target, conns, size, pipeline, warmup, duration, window, g.requests, g.total, g.sent,
            window > 0 ? g.requests / window : 0.0, errors);
     print_kinds("error_kinds", g.kinds);
-    printf(", ");
     print_kinds("connect_errors", g.connect_kinds);
     printf(", \"opened\": %ld, \"served\": %ld, \"lost\": %ld, \"lost_in_flight\": %lld, \"unanswered\": %lld, "
            "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f, \"clamped\": %lld, \"histogram\": [",
