@@ -8,8 +8,9 @@ loop, standard C and Linux only) spend only the kernel's share of a request
 (the socket calls and the loopback TCP path), none of the interpreter's.
 
 How: ``build(loop)`` compiles the source with ``cc -O2`` on first use into the
-build cache of ``servers.buildcache`` (keyed by the source's hash, a file lock,
-an atomic rename: as the go backend is built). ``run_c(params)`` checks the
+build cache of ``servers.buildcache`` (``buildcache.build_c``: keyed by the hash
+of the source and the header the two loops share, ``loadgen/c/wire.h``; a file
+lock, an atomic rename: as the go backend is built). ``run_c(params)`` checks the
 target with the Python engine's preflight, runs the program (pinned to
 ``--cpus``; with ``announce`` it prints the window line itself, on the
 inherited stderr), and ``assemble`` turns its one JSON line into the same
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -56,20 +56,10 @@ from .report import MachineWatch, cpu_check
 
 SOURCE_DIR = Path(__file__).with_name("c")
 SOURCES = {"closed": SOURCE_DIR / "closedloop.c", "open": SOURCE_DIR / "openloop.c"}
-BUILD_TIMEOUT_S = 120
 RUN_SLACK_S = 30.0           # past connect + warm-up + duration + drain, a run is hung
 CLOSED_DRAIN_S = 1.0         # after the closed loop's window, how long its requests in flight may answer
 WAIT_POLL_S = 0.02          # how often the wrapper looks whether the program has ended
 CPU_SOURCE = "CLOCK_PROCESS_CPUTIME_ID over the measured window"
-
-
-def compiler() -> str | None:
-    """The C compiler to build with: $CC, else cc or gcc on PATH, else None."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def available() -> bool:
-    return compiler() is not None
 
 
 def build(loop: str = "closed", source: Path | None = None) -> Path:
@@ -78,20 +68,13 @@ def build(loop: str = "closed", source: Path | None = None) -> Path:
     Raises LoadError (one line: the compiler's first error) when there is no compiler or the build fails.
     """
     source = source or SOURCES[loop]
-    cc = compiler()
+    cc = buildcache.c_compiler()
     if cc is None:
         raise LoadError("--engine c needs a C compiler (cc or gcc) on PATH: install one, or use --engine native")
-    directory = buildcache.cache_dir(source.stem, [source])
-    return buildcache.build_once(directory, source.stem, lambda partial: _compile(cc, source, partial))
-
-
-def _compile(cc: str, source: Path, partial: Path) -> None:
-    done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(source)],
-                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-    if done.returncode != 0:
-        first = next((line for line in done.stderr.splitlines() if "error" in line),
-                     done.stderr.strip()[:200] or f"{cc} exited with status {done.returncode}")
-        raise LoadError(f"building {source.name} failed: {first}")
+    try:
+        return buildcache.build_c(cc, source)
+    except buildcache.BuildError as exc:
+        raise LoadError(str(exc)) from None
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -220,6 +203,10 @@ def open_block(params: LoadParams, out: dict) -> dict:
         "not_on_schedule": out["late"] + out["unsent"],
         "achieved_send_rps": round(out["sent"] / out["window_s"], 1) if out["window_s"] else 0.0,
         "send_lateness_us": histo.summary(lateness),
+        # the compiled loop's own punctuality: the sends not held by a full connection (a reply to wait for)
+        "held": out["held"],
+        "own_late": out["own_late"],
+        "own_send_lateness_us": histo.summary(histogram_of(out["own_lag_histogram"])[0]),
         "uncorrected_latency_us": histo.summary(uncorrected),
         "uncorrected_histogram": histo.encode(uncorrected),
     }

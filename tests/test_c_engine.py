@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ from conclab.experiments.harness import loadproc
 from conclab.experiments.harness.tables import COLUMNS
 from conclab.loadgen import cengine, histo
 from conclab.loadgen import cli as load_cli
-from conclab.loadgen.params import LoadParams
+from conclab.loadgen.params import LoadError, LoadParams
 from conclab.servers import VARIANTS, buildcache
 from conclab.servers.launcher import ServerProcess, wait_until
 
@@ -108,9 +110,61 @@ def test_the_cache_key_follows_the_source(tmp_path):
     assert buildcache.cache_dir("loop", [source]) != before
 
 
+def fake_cc(calls: list):
+    """subprocess.run for buildcache.run_compiler: records the argv and writes a program at ``-o``."""
+    def run(argv, **kwargs):
+        calls.append(argv)
+        out = Path(argv[argv.index("-o") + 1])
+        out.write_text("#!/bin/sh\n")
+        out.chmod(0o755)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    return run
+
+
+def test_editing_the_shared_header_rebuilds_the_loop(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(buildcache, "c_compiler", lambda: "cc")
+    monkeypatch.setattr(buildcache.subprocess, "run", fake_cc(calls))
+    (tmp_path / "wire.h").write_text("#define KINDS 14\n")
+    source = tmp_path / "loop.c"
+    source.write_text('#include <stdio.h>\n#include "wire.h"\nint main(void) { return KINDS; }\n')
+    first, again = cengine.build(source=source), cengine.build(source=source)
+    assert first == again and len(calls) == 1 and first.name == "loop"
+    (tmp_path / "wire.h").write_text("#define KINDS 15\n")
+    edited = cengine.build(source=source)
+    assert edited != first and edited.parent.name.startswith("loop-") and len(calls) == 2
+    assert calls[0][:3] == ["cc", "-O2", "-Wall"] and calls[0][-1] == str(source)
+
+
+def test_both_loops_are_keyed_by_their_source_and_the_header_they_share():
+    header = cengine.SOURCE_DIR / "wire.h"
+    for source in cengine.SOURCES.values():
+        assert buildcache.c_inputs(source) == [source, header]
+
+
+def test_a_failed_build_is_one_line_naming_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(buildcache, "c_compiler", lambda: "cc")
+    monkeypatch.setattr(buildcache.subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(
+        argv, 1, "", "In file included from loop.c:2:\nwire.h:3:1: error: unknown type name 'x'\n"))
+    source = tmp_path / "loop.c"
+    source.write_text("x\n")
+    with pytest.raises(LoadError) as failed:
+        cengine.build(source=source)
+    assert str(failed.value) == "building loop.c failed: wire.h:3:1: error: unknown type name 'x'"
+
+
+def test_the_shared_header_ships_in_the_wheel():
+    root = cengine.SOURCE_DIR.parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p.resolve() for pattern in patterns["conclab.loadgen"] for p in (root / "loadgen").glob(pattern)}
+    assert {path.resolve() for source in cengine.SOURCES.values() for path in buildcache.c_inputs(source)} <= shipped
+
+
 def test_points_the_c_engine_cannot_run_use_python():
     assert loadproc.engine_for("c", "closed") == "c"
-    assert loadproc.engine_for("c", "open") == "python"          # the Python open loop costs less per request
+    assert loadproc.engine_for("c", "open") == "c"
     assert loadproc.engine_for("c", "hold") == loadproc.engine_for("c", "closed", procs=2) == "python"
     assert loadproc.engine_for("python", "closed") == loadproc.engine_for(None, "closed") == "python"
     assert "--engine" not in loadproc.argv("127.0.0.1:9", "hold", 10, 1.0, engine="c")
@@ -128,6 +182,25 @@ def test_without_a_compiler_the_harness_warns_once_and_uses_python(monkeypatch, 
     with pytest.raises(harness_cli.UsageError, match="--loadgen-engine c: no C compiler"):
         harness_cli.choose_engine("c")
     assert harness_cli.choose_engine("python") == "python"
+
+
+# -- live: the build ------------------------------------------------------------------------------------
+
+@pytest.mark.live
+def test_both_loops_build_into_a_fresh_cache_without_a_warning(tmp_path, monkeypatch):
+    cc = buildcache.c_compiler()
+    assert cc, "the compiled engine's tests need a C compiler (cc or gcc)"
+    cache = tmp_path / "cache"                                      # not there yet: the build creates it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    for loop, source in cengine.SOURCES.items():
+        binary = cengine.build(loop)
+        assert binary.parent.parent == cache / "conclab" and binary.name == source.stem
+        shown = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                               check=False)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {source.stem} --target HOST:PORT")
+        warned = subprocess.run([cc, *buildcache.C_FLAGS, "-c", "-o", os.devnull, str(source)],
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+        assert (warned.returncode, warned.stderr) == (0, "")
 
 
 # -- live: against real servers --------------------------------------------------------------------------
@@ -213,6 +286,15 @@ def test_open_loop_keeps_its_schedule_and_shows_a_stall_in_latency():
     assert slow >= 0.5 * (stall_s - 0.05) * rate
     assert result["latency_us"]["max"] >= 0.8 * stall_s * 1e6
     assert o["uncorrected_latency_us"]["p90"] < result["latency_us"]["p90"]
+    # Those requests waited for their connection's reply (one in flight each): held, the server's lateness;
+    # the others are the loop's own sends, each counted once.
+    assert o["held"] >= 0.5 * (stall_s - 0.05) * rate
+    assert o["held"] + o["own_send_lateness_us"]["count"] == o["sent"]
+    # Between slots it polls; what found nothing is waiting, not load: the self-check leaves it out.
+    engine = result["c_engine"]
+    assert 0 < engine["wait_s"] <= engine["cpu_s"]
+    assert result["loadgen_cpu_percent"] == pytest.approx(
+        100 * (engine["cpu_s"] - engine["wait_s"]) / result["duration_s"], abs=0.1)
 
 
 def count_at_or_below(histogram, value_us: int) -> int:

@@ -27,7 +27,7 @@ Both clients keep the same schedule (request k due at start + k/R on
 connection k mod C, at most ``--pipeline`` in flight per connection) and
 measure latency from the *scheduled* send time, so neither hides a stall
 (no coordinated omission). They share no code: the C client has its own
-framing, timer (a timerfd on the next slot) and exact percentiles from the
+framing, timing (it sleeps until shortly before each slot, then polls) and exact percentiles from the
 sorted samples; the Python one uses its epoll loop and HDR histogram.
 
 The C client is the open loop of the load generator's compiled engine
@@ -125,7 +125,7 @@ def run_python(target: str, rate: float, args, cpu: int | None) -> dict:
 def run_c(binary: Path, target: str, rate: float, args, cpu: int | None) -> dict:
     argv = [str(binary), "--target", target, "--rate", f"{rate:.0f}", "--conns", str(args.conns),
             "--duration", str(args.duration), "--warmup", str(args.warmup), "--pipeline", str(args.pipeline),
-            "--size", "64", "--spin-us", str(args.c_spin_us)]
+            "--size", "64", *(["--spin-us", str(args.c_spin_us)] if args.c_spin_us is not None else [])]
     r = _run_json(pinned(argv, cpu), args.warmup + args.duration + RUN_SLACK_S)
     keys = ("count", "p50", "p90", "p99", "p999", "max", "uncorrected_p50", "uncorrected_p99", "send_lag_p50",
             "send_lag_p99", "sent", "answered", "late", "unsent", "unanswered", "errors")
@@ -288,9 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="discarded seconds before each run")
     parser.add_argument("--conns", type=int, default=50, help="connections, both clients")
     parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection, both clients")
-    parser.add_argument("--c-spin-us", type=float, default=0.0,
-                        help="C client: wake this many µs before each slot and poll (0: sleep on a timer, as the "
-                             "Python client does)")
+    parser.add_argument("--c-spin-us", type=float, default=None,
+                        help="C client: poll instead of sleeping this many µs before each slot (default: the "
+                             "program's, 50; 0: sleep until each slot, as the Python client does)")
     parser.add_argument("--capacity", type=float, help="skip the closed-loop measurement and use this req/s")
     parser.add_argument("--quiet-below", type=float, default=25.0,
                         help="a second table keeps only the rounds in which other work used at most this share "

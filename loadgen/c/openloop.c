@@ -6,6 +6,8 @@
  * Python load generator's open-loop percentiles as a second implementation
  * that shares none of its code (not the codec, not the scheduler, not the
  * histogram): benchmarks/openloop_c/compare.py runs both.
+ * What it shares with closedloop.c (framing, failure kinds, clocks,
+ * connecting, the JSON of counts by kind) is in wire.h.
  *
  *   openloop --target HOST:PORT --rate R --conns C --duration S
  *            [--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U]
@@ -49,9 +51,13 @@
  *                                          late = sent more than 1 ms after schedule,
  *                                          unsent = never sent, unanswered = still in flight after the drain
  *   send_lag_p50 send_lag_p99              actual send minus scheduled send of the measured replies
+ *   held                                   sends of the window that waited for a reply to free a place on
+ *                                          their connection (--pipeline full: the server was behind)
+ *   own_late own_lag_p50 own_lag_p99        the other sends of the window, the loop's own punctuality:
+ *                                          how many were over 1 ms late, and their lateness
  *   errors                                 connections lost or replies that did not match
  *   uncorrected_p50 uncorrected_p99        the same replies measured from the actual send
- *   histogram uncorrected_histogram lag_histogram   the same three distributions in whole
+ *   histogram uncorrected_histogram lag_histogram own_lag_histogram   the same four distributions in whole
  *                                          microseconds, [[us, count], ...] (every distinct value)
  *   error_kinds connect_errors             lost / never opened connections by kind
  *   opened served lost lost_in_flight      connections opened; those that got a measured reply;
@@ -63,66 +69,13 @@
  * Exit status 0, or 2 on bad arguments or when connecting fails.
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <signal.h>
-#include <sys/epoll.h>
+#define PROGRAM "openloop"
+#include "wire.h"
+
 #include <sys/prctl.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
-#define NS 1000000000LL
 #define LATE_NS 1000000LL          /* sent this far behind schedule: late (as the Python generator) */
-#define OP_ECHO 0x01
-#define MAX_EVENTS 256
 #define RECV_CHUNK 65536
-#define HEADER 5
-#define OP_ERROR 0xFF
-
-/* Why a connection failed or a request was refused, named as loadgen/conn.py names them. */
-enum { E_CLOSED, E_RESET, E_TIMEOUT, E_REFUSED, E_SERVER, E_PROTOCOL, E_EMFILE, E_ADDR, E_UNREACH, E_OTHER,
-       E_BUSY, E_RATE, E_IDLE, E_FRAME, N_KINDS };
-static const char *KIND[N_KINDS] = {"closed", "reset", "timeout", "refused", "server_error", "protocol",
-                                    "emfile", "addr_unavailable", "unreachable", "other",
-                                    "server_busy", "rate_limited", "idle_timeout", "frame_timeout"};
-
-/* The kind of the ERROR frame at p (avail bytes received) by its reason text, and its length in *total;
- * -1 while it is incomplete and can still arrive whole in `room` bytes. */
-static int server_kind(const unsigned char *p, size_t avail, size_t room, size_t *total) {
-    static const struct { const char *text; int kind; } reasons[] = {
-        {"server busy", E_BUSY}, {"rate limited", E_RATE}, {"idle timeout", E_IDLE}, {"frame timeout", E_FRAME}};
-    uint32_t len_be;
-    memcpy(&len_be, p, 4);
-    *total = 4 + (size_t)ntohl(len_be);
-    if (*total < 5 || avail < *total) return *total <= room && *total >= 5 ? -1 : E_SERVER;
-    size_t n = *total - 5;
-    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
-        if (strlen(reasons[i].text) == n && !strncasecmp((const char *)p + 5, reasons[i].text, n))
-            return reasons[i].kind;
-    return E_SERVER;
-}
-
-static int kind_of(int err) {
-    switch (err) {
-    case ECONNRESET: case EPIPE: case ECONNABORTED: return E_RESET;
-    case ETIMEDOUT: return E_TIMEOUT;
-    case ECONNREFUSED: return E_REFUSED;
-    case EMFILE: case ENFILE: return E_EMFILE;
-    case EADDRNOTAVAIL: case EADDRINUSE: return E_ADDR;
-    case ENETUNREACH: case EHOSTUNREACH: return E_UNREACH;
-    default: return E_OTHER;
-    }
-}
 
 typedef struct {                    /* a growable FIFO of int64 */
     int64_t *v;
@@ -172,25 +125,12 @@ static struct {
     int pipeline;
     int ep;
     long long sent, answered, late, errors, lost_in_flight;
+    long long held, own_late;           /* sends that waited for a reply (a full connection); the others' late */
     int64_t *samples, *uncorrected;
     size_t n_samples, cap_samples;
+    int64_t *own_lag;                   /* actual - scheduled send of every send not held: the loop's own */
+    size_t n_own, cap_own;
 } g;
-
-static volatile sig_atomic_t stop_asked;          /* SIGINT/SIGTERM: end the run early, still report */
-
-static void on_stop(int sig) { (void)sig; stop_asked = 1; }
-
-static void stop_on_signals(void) {
-    struct sigaction sa = {.sa_handler = on_stop};  /* no SA_RESTART: epoll_wait returns at once */
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-}
-
-static int64_t mono(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * NS + ts.tv_nsec;
-}
 
 static void die_usage(const char *msg) {
     fprintf(stderr, "openloop: %s\n"
@@ -198,12 +138,6 @@ static void die_usage(const char *msg) {
             "[--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U] [--request HEX --reply HEX] "
             "[--announce]\n", msg);
     exit(2);
-}
-
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 static void record(conn *c, int64_t sched, int64_t actual, int64_t now) {
@@ -267,17 +201,35 @@ static void flush(conn *c) {
     }
 }
 
-/* Send every due request of c that the pipeline allows, in one send. */
-static void send_due(conn *c, int64_t now) {
+static int has_room(const conn *c) {
+    return g.pipeline == 0 || c->flight.len < (size_t)g.pipeline;
+}
+
+/* The lateness of a send the loop made at its slot's pass, not held by a full connection. */
+static void own_send(int64_t lag) {
+    if (g.n_own == g.cap_own) {
+        g.cap_own = g.cap_own ? g.cap_own * 2 : 65536;
+        g.own_lag = realloc(g.own_lag, g.cap_own * sizeof *g.own_lag);
+        if (!g.own_lag) { perror("realloc"); exit(3); }
+    }
+    g.own_lag[g.n_own++] = lag;
+    if (lag > LATE_NS) g.own_late++;
+}
+
+/* Send every due request of c that the pipeline allows, in one send. `held`: they waited for a reply
+ * to free a place (the server was behind), not for the loop. */
+static void send_due(conn *c, int64_t now, int held) {
     if (!c->alive) return;
     int k = 0;
-    while (c->due.len && (g.pipeline == 0 || c->flight.len < (size_t)g.pipeline)) {
+    while (c->due.len && has_room(c)) {
         int64_t sched = fifo_pop(&c->due);
         fifo_push(&c->flight, sched);
         fifo_push(&c->actual, now);
         if (sched >= g.warm_at) {
             g.sent++;
             if (now - sched > LATE_NS) g.late++;
+            if (held) g.held++;
+            else own_send(now - sched);
         }
         out_append(c, g.frame, g.frame_len);
         k++;
@@ -327,7 +279,7 @@ static void readable(conn *c) {
         }
         memmove(c->in, c->in + off, c->in_len - off);
         c->in_len -= off;
-        send_due(c, now);
+        send_due(c, now, 1);
         if ((size_t)n < RECV_CHUNK) return;         /* drained the socket */
     }
 }
@@ -368,58 +320,6 @@ static double pct_us(const int64_t *sorted, size_t n, double p) {
     return sorted[rank - 1] / 1000.0;
 }
 
-/* A connected non-blocking socket, or -1 with the failure counted by kind. */
-static int connect_to(const struct addrinfo *ai) {
-    int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-    if (fd < 0) { g.connect_errno = errno; g.connect_kinds[kind_of(errno)]++; return -1; }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
-        g.connect_errno = errno;
-        g.connect_kinds[kind_of(errno)]++;
-        close(fd);
-        return -1;
-    }
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    return fd;
-}
-
-/* Hex text -> bytes (malloc'd), or exit 2. */
-static unsigned char *from_hex(const char *hex, size_t *len, const char *option) {
-    size_t n = strlen(hex);
-    if (n == 0 || n % 2) { fprintf(stderr, "openloop: %s: an even number of hex digits\n", option); exit(2); }
-    unsigned char *out = malloc(n / 2);
-    for (size_t i = 0; i < n / 2; i++) {
-        unsigned int byte;
-        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) { fprintf(stderr, "openloop: %s: not hex\n", option); exit(2); }
-        out[i] = (unsigned char)byte;
-    }
-    *len = n / 2;
-    return out;
-}
-
-static struct addrinfo *resolve(const char *target) {
-    char host[256], port[16];
-    const char *colon = strrchr(target, ':');
-    if (!colon || (size_t)(colon - target) >= sizeof host || strlen(colon + 1) >= sizeof port)
-        die_usage("--target must be HOST:PORT");
-    memcpy(host, target, (size_t)(colon - target));
-    host[colon - target] = 0;
-    strcpy(port, colon + 1);
-    if (host[0] == '[') {                               /* [v6]:port */
-        size_t n = strlen(host);
-        memmove(host, host + 1, n);
-        if (n >= 2 && host[n - 2] == ']') host[n - 2] = 0;
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        fprintf(stderr, "openloop: %s:%s: %s\n", host, port, gai_strerror(rc));
-        exit(2);
-    }
-    return res;
-}
-
 /* ", \"name\": [[us, count], ...]" of sorted ns samples, every distinct whole microsecond. */
 static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
     printf(", \"%s\": [", name);
@@ -431,14 +331,6 @@ static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
         i = j;
     }
     printf("]");
-}
-
-static void print_kinds(const char *name, const long long *kinds) {
-    printf(", \"%s\": {", name);
-    const char *sep = "";
-    for (int k = 0; k < N_KINDS; k++)
-        if (kinds[k]) { printf("%s\"%s\": %lld", sep, KIND[k], kinds[k]); sep = ", "; }
-    printf("}");
 }
 
 int main(int argc, char **argv) {
@@ -477,19 +369,7 @@ int main(int argc, char **argv) {
 
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);             /* wake on the schedule, not up to 50 us after */
 
-    if (request_hex) {
-        g.frame = from_hex(request_hex, &g.frame_len, "--request");
-        g.reply = from_hex(reply_hex, &g.reply_len, "--reply");
-        if (g.reply_len < HEADER) die_usage("--reply must be a whole frame");
-    } else {
-        g.frame_len = g.reply_len = HEADER + (size_t)size;
-        g.frame = malloc(g.frame_len);
-        uint32_t len_be = htonl((uint32_t)(1 + size));
-        memcpy(g.frame, &len_be, 4);
-        g.frame[4] = OP_ECHO;
-        for (long i = 0; i < size; i++) g.frame[5 + i] = (unsigned char)('a' + i % 26);
-        g.reply = g.frame;
-    }
+    request_and_reply(request_hex, reply_hex, size, &g.frame, &g.frame_len, &g.reply, &g.reply_len);
     g.pipeline = pipeline;
 
     struct addrinfo *ai = resolve(target);
@@ -498,7 +378,7 @@ int main(int argc, char **argv) {
     conn *cs = calloc((size_t)conns, sizeof *cs);
     long opened = 0;
     for (long i = 0; i < conns; i++) {
-        int fd = connect_to(ai);
+        int fd = connect_to(ai, g.connect_kinds, &g.connect_errno);
         if (fd < 0) continue;
         conn *c = &cs[opened++];
         c->fd = fd;
@@ -516,10 +396,7 @@ int main(int argc, char **argv) {
     int64_t t0 = mono() + 10000000;                     /* start 10 ms from now */
     g.warm_at = t0 + (int64_t)(warmup * NS);
     g.end_at = g.warm_at + (int64_t)(duration * NS);
-    if (announce) {
-        fprintf(stderr, "conclab load: window %.6f %.6f\n", (double)g.warm_at / NS, (double)g.end_at / NS);
-        fflush(stderr);
-    }
+    if (announce) announce_window(g.warm_at, g.end_at);
     long long slot = 0;
     int64_t slot_at = t0, spin_ns = (int64_t)(spin_us * 1000), wait_ns = 0;
     double cpu_from = -1, cpu_s = 0;
@@ -533,8 +410,9 @@ int main(int argc, char **argv) {
         while (slot_at <= now && slot_at < g.end_at) {  /* every slot that has come */
             conn *c = opened ? &cs[slot % opened] : NULL;
             if (c && c->alive) {                        /* a lost connection's requests stay unsent */
+                int held = c->due.len > 0 || !has_room(c);  /* readable() drains due whenever room opens */
                 fifo_push(&c->due, slot_at);
-                send_due(c, now);
+                send_due(c, now, held);
             }
             slot++;
             slot_at = t0 + (int64_t)((double)slot * step);
@@ -544,8 +422,8 @@ int main(int argc, char **argv) {
         int64_t wake_at = slot_at - spin_ns, before = worked ? mono() : now;
         int n = poll_or_sleep(evs, wake_at - before);
         int64_t after = mono();
-        if (n == 0 && !worked && wake_at <= before && cpu_from >= 0)
-            wait_ns += after - now;                     /* a whole pass that found nothing to do: waiting */
+        if (n == 0 && wake_at <= before && cpu_from >= 0)  /* a poll that found nothing: waiting (and the */
+            wait_ns += after - (worked ? before : now);     /* whole pass, when it had no slot either) */
         for (int i = 0; i < n; i++) handle(&evs[i]);
         now = n > 0 ? mono() : after;
     }
@@ -589,6 +467,7 @@ int main(int argc, char **argv) {
     qsort(lag, g.n_samples, sizeof *lag, cmp64);
     qsort(g.samples, g.n_samples, sizeof *g.samples, cmp64);
     qsort(g.uncorrected, g.n_samples, sizeof *g.uncorrected, cmp64);
+    qsort(g.own_lag, g.n_own, sizeof *g.own_lag, cmp64);
     size_t n = g.n_samples;
     double sum = 0;
     for (size_t i = 0; i < n; i++) sum += (double)g.samples[i];
@@ -603,7 +482,8 @@ int main(int argc, char **argv) {
            "\"scheduled\": %lld, \"sent\": %lld, \"answered\": %lld, \"late\": %lld, \"unsent\": %lld, "
            "\"unanswered\": %lld, \"errors\": %lld, \"throughput_rps\": %.1f, \"loadavg\": [%.2f, %.2f, %.2f], "
            "\"window_s\": %.6f, \"opened\": %ld, \"served\": %ld, \"lost\": %lld, \"lost_in_flight\": %lld, "
-           "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f, \"wait_s\": %.6f",
+           "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f, \"wait_s\": %.6f, "
+           "\"held\": %lld, \"own_late\": %lld, \"own_lag_p50\": %.1f, \"own_lag_p99\": %.1f",
            target, rate, conns, size, pipeline, warmup, duration,
            n, pct_us(g.samples, n, 50), pct_us(g.samples, n, 90), pct_us(g.samples, n, 99),
            pct_us(g.samples, n, 99.9), n ? g.samples[n - 1] / 1000.0 : 0.0, n ? sum / n / 1000.0 : 0.0,
@@ -611,12 +491,14 @@ int main(int argc, char **argv) {
            pct_us(lag, n, 50), pct_us(lag, n, 99), spin_us,
            scheduled, g.sent, g.answered, g.late, unsent, unanswered, g.errors,
            duration > 0 ? g.answered / duration : 0.0, loadavg[0], loadavg[1], loadavg[2],
-           (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s, wait_s);
+           (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s, wait_s,
+           g.held, g.own_late, pct_us(g.own_lag, g.n_own, 50), pct_us(g.own_lag, g.n_own, 99));
     print_kinds("error_kinds", g.kinds);
     print_kinds("connect_errors", g.connect_kinds);
     print_us_counts("histogram", g.samples, n);
     print_us_counts("uncorrected_histogram", g.uncorrected, n);
     print_us_counts("lag_histogram", lag, n);
+    print_us_counts("own_lag_histogram", g.own_lag, g.n_own);
     printf("}\n");
     return 0;
 }
