@@ -72,7 +72,6 @@ CONN_MARGIN = 50
 CPU_LOAD_SLACK_S = 3.0          # the CPU work's planned duration past the ECHO run's (it is stopped at its end)
 START_TIMEOUT_S = 10.0          # longest wait for the CPU work's generator to announce its window
 POLL_S = 0.01
-ACCEPTED_ONLY = "server had accepted only"   # harness.run.accepted_check's reason (STATS of one worker, see below)
 
 
 @dataclass(frozen=True)
@@ -205,7 +204,6 @@ def measure_case(run, case: Case, repeat: int) -> None:
                        gomaxprocs=len(case.cpus) if case.backend == "go" else None, cpu_conns=cpu_conns,
                        cpu_us=p.convoy_cpu_us, conns=p.convoy_conns, rate=p.convoy_rate,
                        **cpu_columns(run, case.cpus))
-            several_processes(row, case.setting.procs)
             run.write(NAME, row)
             run.progress(f"[{NAME}] {case.name} cpu_conns={cpu_conns} r{repeat}: {describe(row)}, "
                          f"work {row.get('work_rps') or 0:.0f} rps ({time.monotonic() - started:.1f} s)")
@@ -251,15 +249,3 @@ def work_columns(result: dict | None) -> dict:
         return {"work_rps": None, "work_p99_us": None, "work_requests": None}
     return {"work_rps": result.get("throughput_rps"), "work_p99_us": (result.get("latency_us") or {}).get("p99"),
             "work_requests": result.get("requests")}
-
-
-def several_processes(row: dict, procs: int) -> None:
-    """With ``--procs N`` > 1, STATS is answered by one worker (docs/protocol.md, "Several processes"): its
-    connection and request counts are that worker's, not the server's. The harness's accepted-connections
-    check and ``server_requests`` then do not apply: the point is judged by the generator's own checks
-    (every connection served, nothing unanswered), and the two columns are left empty."""
-    if procs <= 1:
-        return
-    reasons = [r for r in (row.get("invalid_reason") or "").split("; ") if r and not r.startswith(ACCEPTED_ONLY)]
-    row.update(server_conns_active=None, server_requests=None, valid=not reasons,
-               invalid_reason="; ".join(reasons) or None)

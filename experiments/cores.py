@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 
-from .convoy import Setting, cases, cpu_columns, several_processes
+from .convoy import Setting, cases, cpu_columns
 from .harness.run import describe, key
 
 NAME = "cores"
@@ -71,7 +71,6 @@ def measure_case(run, case, repeat: int) -> None:
                        gomaxprocs=len(case.cpus) if case.backend == "go" else None, conns=p.cores_conns,
                        cpu_us=p.cpu_us if load == "cpu" else 0, server_procs=procs,
                        rss_kib_per_proc=rss / procs if rss else None, **cpu_columns(run, case.cpus))
-            several_processes(row, case.setting.procs)
             run.write(NAME, row)
             run.progress(f"[{NAME}] {case.name} {load} r{repeat}: {describe(row)}, "
                          f"RSS {(rss or 0) / 1024:.1f} MiB over {procs} process(es) "

@@ -553,10 +553,41 @@ def test_a_point_too_short_for_its_latency_or_not_fully_accepted_is_invalid():
     assert unknown["valid"] is True and unknown["server_conns_active"] is None
 
 
+def test_an_open_loop_behind_its_schedule_is_invalid_judged_on_its_own_lateness_where_it_says():
+    base = {"requests": 9_000, "errors": {}, "duration_s": 3.0, "throughput_rps": 3_000.0, "loadgen_saturated": False,
+            "latency_us": {"p50": 1, "p90": 2, "p99": 3, "p999": 4, "p9999": 5, "max": 6, "mean": 100},
+            "connections": {"requested": 30, "opened": 30, "served": 30}, "unanswered": 0}
+    on_time = {"offered": 9_000, "sent": 9_000, "late": 90, "unsent": 0}          # 1 %: kept up
+    assert loadproc.flatten({**base, "open_loop": on_time})["valid"] is True
+    python = loadproc.flatten({**base, "open_loop": {**on_time, "late": 91}})      # cannot tell whose lateness
+    assert python["valid"] is False and python["invalid_reason"].startswith(loadproc.BEHIND)
+    assert "cannot tell" in python["invalid_reason"]
+    # The compiled engine: 3,000 sends waited for a reply (the server was behind), 10 of its own were late.
+    held = {**on_time, "late": 3_010, "held": 3_000, "own_late": 10}
+    row = loadproc.flatten({**base, "open_loop": held})
+    assert row["valid"] is True and (row["held"], row["own_late"]) == (3_000, 10)
+    own = loadproc.flatten({**base, "open_loop": {**held, "own_late": 50, "unsent": 41}})
+    assert own["valid"] is False and "its own)" in own["invalid_reason"]
+    assert loadproc.behind_schedule(0, 0, 0) is None and loadproc.behind_schedule(None, 5, 0) is None
+
+
+def test_the_analysis_judges_an_older_run_behind_its_schedule_too():
+    from conclab.analysis import derive
+    rows = pd.DataFrame({"valid": [1, 1, 1, 0], "invalid_reason": [None, None, None, "served 6 of 50 connections"],
+                         "offered": [1000, 1000, 1000, 1000], "late": [5, 500, 500, 500], "unsent": [0, 0, 0, 0],
+                         "own_late": [None, None, 3, None]})
+    ok, why = derive.validity(rows)
+    assert ok.tolist() == [True, False, True, False]
+    assert why[1].startswith(loadproc.BEHIND) and why[3].startswith("served 6 of 50 connections; " + loadproc.BEHIND)
+    assert derive.validity(pd.DataFrame({"valid": [1]}))[0].tolist() == [True]        # not an open loop: not judged
+
+
 def test_the_connections_check_counts_only_the_generators_connections():
     from conclab.experiments.harness.run import ConnectionsCheck
 
     class Server:
+        metrics_port = None                       # one process: read over STATS
+
         def __init__(self, answers):
             self.answers = list(answers)
 
@@ -572,6 +603,45 @@ def test_the_connections_check_counts_only_the_generators_connections():
     assert ConnectionsCheck(ramping, 50, window_start=far, total_before=10).begin().result() == 50
     silent = Server([None])
     assert ConnectionsCheck(silent, 50, window_start=time.monotonic() - 1).begin().result() is None
+
+
+def test_a_server_of_several_processes_is_read_through_its_parents_summed_metrics():
+    import urllib.error
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from conclab.experiments.harness.run import ConnectionsCheck, CounterReader
+    from conclab.servers.metrics import StatsCollector
+    from conclab.servers.prefork import WorkerView
+
+    def worker(active, total, requests):
+        counters = {"connections_active": active, "connections_total": total, "requests_total": requests,
+                    "open_fds": active + 5}
+        return SimpleNamespace(counters=lambda: counters)
+    registry = CollectorRegistry()                # the parent's /metrics page, summing two workers' answers
+    registry.register(StatsCollector(WorkerView("epoll", [worker(20, 25, 700), worker(30, 35, 500)]), port=1))
+    page = generate_latest(registry).decode()
+
+    class Server:
+        metrics_port = 9                          # started with --metrics-port (several processes)
+
+        def metrics(self, timeout):
+            return page
+
+        def try_stats(self, timeout):
+            raise AssertionError("STATS reaches one worker of several")
+    counters = CounterReader(Server()).read(1.0)
+    assert (counters["connections_active"], counters["connections_total"], counters["requests_total"]) == (50, 60, 1200)
+    # a scrape is no connection of the served port's: all 50 are the generator's, and all 50 arrived since 10
+    far = time.monotonic() + 60
+    assert ConnectionsCheck(Server(), 50, window_start=far, total_before=10).begin().result() == 50
+    assert ConnectionsCheck(Server(), 50, window_start=time.monotonic() - 1, total_before=15).begin().result() == 45
+
+    class Unreachable(Server):
+        def metrics(self, timeout):
+            raise urllib.error.URLError("timed out")
+    assert CounterReader(Unreachable()).read(1.0) is None
+    assert ConnectionsCheck(Unreachable(), 50, window_start=time.monotonic() - 1).begin().result() is None
 
 
 def test_the_standard_profile_is_the_reference_and_the_default_repeat_is_its_rounds():

@@ -1,6 +1,7 @@
 """The GIL experiments (convoy, cores): their cases, the paired ratios and findings, a tiny real run."""
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -9,10 +10,12 @@ from conclab.analysis import findings, gil, report
 from conclab.analysis.results import load_run
 from conclab.experiments import convoy, cores, registry
 from conclab.experiments.harness.profiles import PROFILES, TINY
+from conclab.experiments.harness.run import ConnectionsCheck, CounterReader, with_metrics_port
 from conclab.experiments.harness.sampler import Probe
 from conclab.experiments.harness.tables import COLUMNS
 from conclab.servers import processes
-from conclab.servers.launcher import ServerProcess, wait_until
+from conclab.servers.launcher import STATS_TIMEOUT_S, ServerProcess, wait_until
+from conclab.servers.protocol import ECHO
 
 from conclab import servers as variants
 
@@ -85,19 +88,13 @@ def test_cores_cases_cross_cpus_with_processes_and_tie_go_to_its_cpus():
 
 
 @pytest.mark.unit
-def test_with_several_processes_only_the_one_worker_stats_check_is_dropped():
-    accepted = "server had accepted only 3 of 8 connections"
-    row = {"valid": False, "invalid_reason": f"{accepted}; 2 requests unanswered", "server_conns_active": 3,
-           "server_requests": 10}
-    convoy.several_processes(row, 2)
-    assert row == {"valid": False, "invalid_reason": "2 requests unanswered", "server_conns_active": None,
-                   "server_requests": None}
-    row = {"valid": False, "invalid_reason": accepted, "server_conns_active": 3}
-    convoy.several_processes(row, 2)
-    assert row["valid"] and row["invalid_reason"] is None
-    single = {"valid": False, "invalid_reason": accepted, "server_conns_active": 3}
-    convoy.several_processes(single, 1)
-    assert not single["valid"] and single["server_conns_active"] == 3
+def test_a_server_of_several_processes_gets_a_metrics_port_to_be_read_through():
+    served = with_metrics_port(["--switch-interval", "0.005", "--procs", "2"])
+    assert served[:4] == ["--switch-interval", "0.005", "--procs", "2"] and served[4] == "--metrics-port"
+    assert 0 < int(served[5]) < 65536 and len(served) == 6
+    assert with_metrics_port(["--procs=3"])[1] == "--metrics-port"
+    for options in ([], ["--procs", "1"], ["--gomaxprocs", "2"], ["--procs", "2", "--metrics-port", "9100"]):
+        assert with_metrics_port(options) == options
 
 
 @pytest.mark.unit
@@ -221,6 +218,28 @@ def test_probe_sums_the_parent_and_its_worker_processes():
     assert processes.live_count() == 0
 
 
+@pytest.mark.live
+def test_the_harness_counts_the_connections_and_requests_of_every_worker():
+    conns = 20                        # all on one worker (what one worker's STATS could see): p = 2 ** -19
+    server = ServerProcess("epoll", with_metrics_port(["--procs", "2"]))
+    clients = []
+    try:
+        before = CounterReader(server).read(STATS_TIMEOUT_S)
+        clients = [server.connect() for _ in range(conns)]
+        for client in clients:
+            assert client.request(ECHO, b"c") == (ECHO, b"c")            # accepted and served by its worker
+        check = ConnectionsCheck(server, conns, time.monotonic() + 30, before["connections_total"]).begin()
+        assert check.result() == conns
+        after = CounterReader(server).read(STATS_TIMEOUT_S)
+        assert after["requests_total"] - before["requests_total"] == conns
+        assert server.stats()["connections_active"] - 1 < conns         # STATS: the one worker it landed on
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    assert processes.live_count() == 0
+
+
 # -- a tiny real run ------------------------------------------------------------------------------
 
 @pytest.mark.live
@@ -237,7 +256,8 @@ def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):
     assert (c.shares_loadgen_cpu == (c.n_server_cpus == 2)).all()
     assert (c[c.case == "go GOMAXPROCS=2"].gomaxprocs == 2).all() and (c[c.procs == 2].server_options
                                                                         == "--procs 2").all()
-    assert c[c.procs == 2].server_conns_active.isna().all()                # STATS is one worker's there
+    assert (c.server_conns_active == c.conns).all()                  # --procs 2 too: every worker's, summed
+    assert (c.server_requests >= c.requests).all()                   # every request the generator counted
     offloaded = c[c.case == OFFLOADED_EPOLL]
     assert (offloaded.server_options == "--cpu-offload process").all() and (offloaded.n_server_cpus == 2).all()
 
@@ -249,6 +269,7 @@ def test_tiny_cores_counts_every_process_of_the_server(tiny):
     assert list(k.columns) == list(COLUMNS["cores"])
     assert set(k.load) == set(cores.LOADS) and k.groupby("case").size().eq(len(cores.LOADS)).all()
     assert (k[k.procs == 2].server_procs == 3).all() and (k[k.procs == 1].server_procs == 1).all()
+    assert (k.server_conns_active == k.conns).all() and (k.server_requests >= k.requests).all()
     epoll = k[k.variant == "epoll"].groupby("procs").server_rss_kib.median()
     assert epoll[2] > 2 * epoll[1]                 # three processes' RSS, not the parent's alone
     assert (k.rss_kib_per_proc * k.server_procs - k.server_rss_kib).abs().max() < 1

@@ -18,10 +18,9 @@ that honours the same options and JSON.
 The engine: ``conclab run --loadgen-engine c|python`` picks the generator's compiled
 engine (``--engine c``: no interpreter per request, so the fastest servers are
 less often capped by their client) or its Python one. ``engine_for`` says which a point
-actually uses: closed-loop points; open-loop points (the compiled open loop costs more per
-request than the Python one, see C_MODES) and points it cannot run (``--mode hold``, ``--procs``
-above 1) use the Python engine; ``flatten`` records the engine of each point in the
-``loadgen_engine`` column, read from the result's ``params.engine``.
+actually uses: closed- and open-loop points of one load process (C_MODES); points it cannot
+run (``--mode hold``, ``--procs`` above 1) use the Python engine; ``flatten`` records the
+engine of each point in the ``loadgen_engine`` column, read from the result's ``params.engine``.
 """
 from __future__ import annotations
 
@@ -29,13 +28,12 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
 import time
 
-from conclab.servers import processes
+from conclab.servers import buildcache, processes
 from .tables import OPEN
 
 LOADGEN_ENV = "CONCLAB_LOADGEN"
@@ -45,15 +43,16 @@ POLL_S = 0.05
 REQUIRED_KEYS = ("throughput_rps", "requests", "errors", "duration_s", "latency_us")
 SATURATED = "load generator saturated"      # an invalid point's reason (analysis reads old rows the same way)
 TOO_SHORT = "too short for its latency"     # an invalid point's reason: it lasted under MIN_LATENCIES x its mean
+BEHIND = "load generator behind its schedule"  # an invalid point's reason: more than BEHIND_MAX of an open loop late
+BEHIND_MAX = 0.01           # of the offered requests, sent over 1 ms late or never sent: the open loop fell behind
 MIN_LATENCIES = 20          # a point must last at least this many mean latencies to describe a steady state
 WINDOW_MARK = b"conclab load: window"        # the generator's stderr line: START END, CLOCK_MONOTONIC seconds
 WINDOW_RE = re.compile(rb"^conclab load: window ([0-9.]+) ([0-9.]+)\s*$", re.MULTILINE)
 WINDOW_READ_BYTES = 1 << 16   # the line comes before anything long (warnings come at the end)
 ENGINES = ("c", "python")     # conclab run --loadgen-engine; "python" is the generator's "native" engine
-C_MODES = ("closed",)         # the points the compiled engine runs (one process, the framed protocol): closed loops.
-# Open loops stay Python: its loop wakes on a timer once per batch of due slots and reads the replies' kernel
-# stamps, while the compiled one wakes for every slot and every reply, so at half the go server's capacity it
-# costs more CPU per request (18.7 against 14.7 µs, docs/performance.md). `conclab load --engine c` still runs both.
+C_MODES = ("closed", "open")  # the points the compiled engine runs (one process, the framed protocol). Its open loop
+# polls between slots instead of sleeping on a timer, so it sends on time where the Python one falls behind
+# (docs/performance.md, "The load generator's own cost").
 PERCENTILES = {"p50_us": "p50", "p90_us": "p90", "p99_us": "p99", "p999_us": "p999", "p9999_us": "p9999",
                "max_us": "max"}
 
@@ -76,14 +75,14 @@ def default_engine() -> tuple[str, str | None]:
     """
     if os.environ.get(LOADGEN_ENV):
         return "python", None
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    if buildcache.c_compiler() is None:
         return "python", "no C compiler (cc or gcc): the Python load generator drives every point"
     return "c", None
 
 
 def engine_for(engine: str | None, mode: str, procs: int | None = None) -> str:
     """The engine one point uses: ``engine`` ("c" or "python"; None: python) for a closed loop of one process;
-    every other point (open loop, hold, several processes) uses the Python engine (see C_MODES)."""
+    every other point (hold, several processes) uses the Python engine (see C_MODES)."""
     if engine == "c" and mode in C_MODES and (procs or 1) == 1:
         return "c"
     return "python"
@@ -270,8 +269,9 @@ def validity(result: dict) -> list[str]:
     """Why one point cannot stand for the server (empty: it can).
 
     Connections that never got a reply (``connections.served`` below the connections asked for),
-    requests never answered, a saturated generator: in each case the latency and throughput describe
-    only what was answered; a window shorter than MIN_LATENCIES mean latencies (``too_short``) holds
+    requests never answered, a saturated generator, an open loop behind its schedule
+    (``behind_schedule``): in each case the latency and throughput describe only what was answered
+    (or carry the generator's delays); a window shorter than MIN_LATENCIES mean latencies (``too_short``) holds
     too few round trips to be a steady state. The analysis leaves such a point out of headlines,
     rankings and knees. A generator that does not report a field is not judged on it. (The harness adds
     one more reason it checks itself: the server had not accepted every connection, harness.run.)
@@ -287,10 +287,32 @@ def validity(result: dict) -> list[str]:
         reasons.append(f"{unanswered} requests unanswered")
     if result.get("loadgen_saturated"):
         reasons.append(SATURATED)
+    opened = result.get("open_loop")
+    if isinstance(opened, dict):
+        behind = behind_schedule(*(opened.get(key) for key in ("offered", "late", "unsent", "own_late")))
+        if behind:
+            reasons.append(behind)
     short = too_short(result)
     if short:
         reasons.append(short)
     return reasons
+
+
+def behind_schedule(offered, late, unsent, own_late=None) -> str | None:
+    """"load generator behind its schedule (...)" when more than BEHIND_MAX of an open loop's offered requests
+    were sent over 1 ms late or never sent: its latencies then carry the generator's own delays. The compiled
+    engine counts apart the sends that waited for their connection's reply (the server was behind, which the
+    latency from the schedule rightly shows) and is judged on the others (``own_late``); the Python engine
+    cannot tell the two apart and is judged on every late send. None when it kept up or does not say."""
+    numbers = [offered, late, unsent]
+    if any(not isinstance(n, (int, float)) or n != n for n in numbers) or offered <= 0:
+        return None
+    own = isinstance(own_late, (int, float)) and own_late == own_late
+    behind = (own_late if own else late) + unsent
+    if behind <= BEHIND_MAX * offered:
+        return None
+    whose = "its own" if own else "its own or waiting for replies: this engine cannot tell"
+    return (f"{BEHIND} ({100 * behind / offered:.2g} % of the requests over 1 ms late or never sent, {whose})")
 
 
 def too_short(result: dict) -> str | None:

@@ -27,13 +27,22 @@ around its whole run, and its CPU percentage is CPU per request x the window's
 throughput (``server_deltas``).
 
 Validity gates the harness adds to the generator's (harness.loadproc.validity):
-during the warm-up it asks the server (STATS ``connections_active``) whether it
-has accepted every connection; if it reports only K of N the point is invalid,
+during the warm-up it asks the server (``connections_active``) whether it has
+accepted every connection; if it reports only K of N the point is invalid,
 "server had accepted only K of N connections" (``ConnectionsCheck``).
+
+The server's own counters (connections_active, connections_total,
+requests_total) are read in one place, ``CounterReader``: over STATS, or, for a
+server of several processes (``--procs N``), from the /metrics endpoint of its
+parent. STATS reaches the one worker its connection lands on and answers with
+that worker's counters alone; the parent sums every worker's. So the harness
+starts every such server with ``--metrics-port`` on a free port
+(``with_metrics_port``), and its rows are checked and counted like any other.
 """
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import sys
 import threading
@@ -42,17 +51,19 @@ import traceback
 from dataclasses import dataclass
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import loadproc, manifest
 from .sampler import Probe, Sampler
-from conclab.servers.launcher import ServerProcess, ServerStartError, log_stem
+from conclab.servers.launcher import STATS_TIMEOUT_S, ServerProcess, ServerStartError, free_port, log_stem
+from conclab.servers.metrics import PREFIX as METRIC_PREFIX
 from .tables import COLUMNS, TableWriter
 
 RAW_DIR = "raw"
 STATS_RETRIES = 2
 WINDOW_POLL_S = 0.005          # how often the harness looks for the generator's window line
 SLEEP_CHUNK_S = 0.1            # waiting for a window instant, how often it checks the generator still runs
-STATS_CHECK_TIMEOUT_S = 1.0    # the connections check: a STATS unanswered this long is "not known"
+STATS_CHECK_TIMEOUT_S = 1.0    # the connections check: counters unanswered this long are "not known"
 STATS_CHECK_GAP_S = 0.02       # ...and asks again this often until the window starts
 SERVER_STOP_GRACE_S = 10.0     # a server's drain after SIGTERM, then SIGKILL
 HELD_STOP_GRACE_S = 1.0        # the same after holding thousands of idle connections (memory, c10k)
@@ -179,7 +190,7 @@ class Run:
             options += ["--max-conns", str(max_conns)]
         if idle_timeout is not None:
             options += ["--idle-timeout", f"{idle_timeout:g}"]
-        return options
+        return with_metrics_port(options)
 
     @contextlib.contextmanager
     def serve(self, experiment: str, variant, repeat: int, *, cpus=None, track_ctx: bool = True,
@@ -234,13 +245,13 @@ class Run:
         sampler = server.sampler
         sampler.point = point
         sampler.reset_peaks()
-        stats_before = self._server_stats(server)
-        requests_before = stats_before.get("requests_total")
+        counters_before = self._server_counters(server)
+        requests_before = counters_before.get("requests_total")
         before = sampler.probe.counters()
         handle = loadproc.start_loadgen(server.target, mode, conns, self.profile.point_s, **self.load_options(),
                                         **options)
         try:
-            window = watch_window(handle, server, sampler.probe, conns, stats_before.get("connections_total"))
+            window = watch_window(handle, server, sampler.probe, conns, counters_before.get("connections_total"))
             result = handle.wait()
         finally:
             handle.close()
@@ -257,16 +268,70 @@ class Run:
             raise RuntimeError(f"server exited during the point: {server.last_words()}")
         return row
 
-    def _server_stats(self, server) -> dict:
-        """STATS (with its integer requests_total), or {} if the server does not answer."""
+    def _server_counters(self, server) -> dict:
+        """The server's counters (``CounterReader``) with an integer requests_total, or {} if it does not answer."""
+        reader = CounterReader(server)
         for _ in range(STATS_RETRIES):
-            stats = server.try_stats()
-            if stats and isinstance(stats.get("requests_total"), int):
-                return stats
+            counters = reader.read(STATS_TIMEOUT_S)
+            if counters and isinstance(counters.get("requests_total"), int):
+                return counters
         return {}
 
     def _server_requests(self, server) -> int | None:
-        return self._server_stats(server).get("requests_total")
+        return self._server_counters(server).get("requests_total")
+
+
+def with_metrics_port(options: list) -> list:
+    """``options``, plus ``--metrics-port`` on a free port when they ask for several processes (``--procs N``,
+    N > 1): the harness reads such a server's counters from its parent's /metrics (``CounterReader``)."""
+    if procs_of(options) > 1 and not any(str(o).startswith("--metrics-port") for o in options):
+        return [*options, "--metrics-port", str(free_port())]
+    return list(options)
+
+
+def procs_of(options) -> int:
+    """The ``--procs`` of a server's command-line options (the last one given, as argparse takes it); 1 without."""
+    procs = 1
+    for i, option in enumerate(map(str, options)):
+        if option == "--procs" and i + 1 < len(options):
+            procs = int(options[i + 1])
+        elif option.startswith("--procs="):
+            procs = int(option.split("=", 1)[1])
+    return procs
+
+
+class CounterReader:
+    """How the harness reads a server's own counters: the one place that decides between STATS and /metrics.
+
+    A server with a metrics endpoint (``with_metrics_port`` gives one to every server of several processes) is
+    scraped: its parent sums every worker's counters there, where STATS reaches the one worker its connection
+    lands on and answers with that worker's alone. Any other server answers STATS. ``read`` gives the counters
+    under STATS's names either way. A STATS connection lands on the served port, so the server counts it in its
+    own connections_active and connections_total (``opens`` = 1 per reading, answered or not: it may have been
+    accepted before the answer timed out); a scrape reaches the parent's HTTP endpoint and counts in neither
+    (``opens`` = 0).
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.scrapes = bool(server.metrics_port)
+        self.opens = 0 if self.scrapes else 1
+
+    def read(self, timeout: float) -> dict | None:
+        """The counters, or None if the server does not answer within ``timeout`` (or answers nonsense)."""
+        if not self.scrapes:
+            return self.server.try_stats(timeout=timeout)
+        try:
+            return scraped(self.server.metrics(timeout))
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
+
+def scraped(text: str) -> dict:
+    """A /metrics page's counters and gauges under their STATS names (conclab_requests_total: requests_total)."""
+    return {sample.name.removeprefix(METRIC_PREFIX): int(sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name.startswith(METRIC_PREFIX)}
 
 
 @dataclass
@@ -315,10 +380,11 @@ def _sleep_until(instant: float, handle) -> None:
 class ConnectionsCheck:
     """During the warm-up: how many of the generator's connections the server has accepted.
 
-    Asks STATS until the server reports all ``conns`` or the window starts; ``result`` is the most it
-    reported (None if it never answered: a connection-dispatch pool with every worker busy cannot, and is
-    then judged by the generator's ``connections.served`` alone). One answer counts the connections open
-    now less the STATS connection itself (``connections_active`` - 1), and, when ``total_before`` (the
+    Reads the server's counters (``CounterReader``: STATS, or a server of several processes' /metrics)
+    until it reports all ``conns`` or the window starts; ``result`` is the most it reported (None if it
+    never answered: a connection-dispatch pool with every worker busy cannot answer STATS, and is then
+    judged by the generator's ``connections.served`` alone). One answer counts the connections open now
+    less the reading's own (``connections_active`` - 1 over STATS), and, when ``total_before`` (the
     server's connections_total before the run) is known, no more than it accepted since, less the
     check's own connections: a closed STATS connection the server has not reaped yet is not counted as
     one of the generator's. Without a warm-up the one answer comes just after the window starts.
@@ -327,7 +393,7 @@ class ConnectionsCheck:
     def __init__(self, server, conns: int, window_start: float, total_before: int | None = None) -> None:
         self.server, self.conns, self.window_start, self.total_before = server, conns, window_start, total_before
         self.best: int | None = None
-        self.asked = 0
+        self.opened = 0                # connections the check's readings opened on the server
         self._thread = threading.Thread(target=self._run, name="connections-check", daemon=True)
 
     def begin(self) -> "ConnectionsCheck":
@@ -335,15 +401,16 @@ class ConnectionsCheck:
         return self
 
     def _run(self) -> None:
+        reader = CounterReader(self.server)
         while True:
-            self.asked += 1
-            stats = self.server.try_stats(timeout=STATS_CHECK_TIMEOUT_S)
-            active = stats.get("connections_active") if stats else None
+            self.opened += reader.opens
+            counters = reader.read(STATS_CHECK_TIMEOUT_S)
+            active = counters.get("connections_active") if counters else None
             if isinstance(active, int):
-                accepted = active - 1                                  # its own STATS connection counts too
-                total = stats.get("connections_total")
+                accepted = active - reader.opens                       # a STATS connection counts itself
+                total = counters.get("connections_total")
                 if isinstance(total, int) and isinstance(self.total_before, int):
-                    accepted = min(accepted, total - self.total_before - self.asked)
+                    accepted = min(accepted, total - self.total_before - self.opened)
                 self.best = max(self.best or 0, accepted)
             if (self.best is not None and self.best >= self.conns) or time.monotonic() >= self.window_start:
                 return

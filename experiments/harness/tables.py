@@ -46,8 +46,10 @@ KERNEL = ("kernel_sock_kib", "kernel_stack_kib", "kernel_slab_kib", "kernel_srec
 
 # The open loop's accounting of one point (the generator's ``open_loop``): requests scheduled inside the measured
 # window (offered), of them sent, sent more than OPEN_LATE_US behind schedule (late) and never sent (unsent);
-# ``requests`` is what of the offered was answered (served <= offered).
-OPEN = ("offered", "sent", "late", "unsent")
+# ``requests`` is what of the offered was answered (served <= offered). The compiled engine also says which sends
+# waited for a reply because their connection was full (held: the server was behind) and how many of the others were
+# late (own_late: the generator's own lateness); the Python engine cannot tell them apart (both left empty).
+OPEN = ("offered", "sent", "late", "unsent", "held", "own_late")
 
 COLUMNS = {
     "memory": KEY + ("n_target", "n_conns", *GAUGES, "connect_errors", "server_cpus", *KERNEL),
