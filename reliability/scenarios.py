@@ -743,7 +743,8 @@ def rate_delay(backend, options, scale: Scale) -> Outcome:
 
 # -- 10. rate limit, reject mode -------------------------------------------------------------------
 def rate_reject(backend, options, scale: Scale) -> Outcome:
-    """--rate-limit-mode reject: the excess gets ERROR "rate limited" and the connection stays open."""
+    """--rate-limit-mode reject: the excess gets ERROR "rate limited" and the connection stays open; a frame
+    that breaks the protocol gets its ERROR and the close, over the rate or not."""
     out = Outcome("rate_reject", variant_of(backend, options).name)
     burst, sent = 5, 20
     with ServerProcess(backend, [*options, "--rate-limit", "2", "--burst", str(burst),
@@ -760,9 +761,15 @@ def rate_reject(backend, options, scale: Scale) -> Outcome:
         out.check(again == (PONG, b"again"), f"after the refusals the connection answered {again}")
         counted = client.stats()["rate_limited"]
         out.check(counted == len(refused), f"rate_limited counted {counted}, {len(refused)} refused")
+        # Over the rate still, a frame that breaks the protocol: checked before any bucket is asked.
+        client.send(encode(WORK, b"1234567"))
+        broken = client.recv_frame()
+        out.check(broken[0] == ERROR and b"WORK" in broken[1],
+                  f"a short WORK over the rate got {broken!r}, not the protocol's ERROR")
+        out.check(client.ending(5.0) in ("eof", "reset"), "the connection stayed open after the protocol ERROR")
     out.metrics = {"sent": sent, "served": len(pongs), "refused": len(refused)}
     out.figure = (f"{sent} pipelined at --rate-limit 2 --burst {burst}: {len(pongs)} served, {len(refused)} "
-                  f"'rate limited'; still open, served 0.7 s later")
+                  f"'rate limited'; still open, served 0.7 s later; a short WORK then: ERROR, closed")
     return out
 
 

@@ -308,7 +308,15 @@ def shared_limit(config: ServerConfig, stats: Stats, client_class=None, **option
 
 
 class Session:
-    """The sans-I/O state of one framed connection."""
+    """The sans-I/O state of one framed connection.
+
+    With ``--rate-limit`` its frames are answered one at a time (``_answer_limited``),
+    each first taking a token; the one loop serves every bucket, and what differs
+    is only how a frame gets its verdict (``_decide``): here from the connection's
+    own TokenBucket, at once; in a SharedSession from a bucket that is not its own.
+    ``_settle`` turns a verdict into the answer (refused, or answered after a
+    wait that ``delayed`` sequences behind the connection's earlier delayed ones).
+    """
 
     __slots__ = ("stats", "bucket", "reject_over_rate", "decoder", "idle_timeout", "frame_timeout",
                  "idle_since", "frame_started", "closing", "peer_closed", "leaky",
@@ -431,12 +439,10 @@ class Session:
             self.frame_started = None
         elif frames or self.frame_started is None:
             self.frame_started = now
-        if self.bucket is not None:
-            requests, error = self._answer_limited(frames, error, len(data), now)
-        elif self.shared is not None:
-            requests, error = self._answer_shared(frames, error, len(data), now)
-        else:
+        if self.bucket is None and self.shared is None:
             requests, error = self._answer(frames, error, len(data))
+        else:
+            requests, error = self._answer_limited(frames, error, len(data), now)
         if error is not None:
             self.stats.count("buffer_rejections" if isinstance(error, OverBudget) else "protocol_errors")
             requests.append(Reply(self._close_with(str(error))))
@@ -490,41 +496,71 @@ class Session:
         return requests, error
 
     def _answer_limited(self, frames, error, bytes_in, now):
-        """Like _answer, one frame at a time, each first taking a token from the bucket."""
+        """Like _answer, one frame at a time, each first taking a token: its verdict is ``_decide``'s.
+
+        STATS takes none (the lab can always read its counters). The read's bytes are
+        counted with the first frame's answer. A frame that breaks the protocol asks no
+        bucket (as in go: it is checked first) and ends the loop with its error;
+        otherwise the decoder's, if any, follows the frames.
+        """
         requests: list[Request] = []
         for frame in frames:
             rule = REQUESTS.get(frame[0])
             if rule is not None and rule.answer == COUNTERS:
-                delay = 0.0                 # the lab can always read its counters
-            elif self.reject_over_rate:
-                if not self.bucket.available(now):
-                    self.stats.count("rate_limited")
-                    reply = protocol.encode(ERROR, b"rate limited")
-                    self.stats.record(0, bytes_in, len(reply))     # refused: not a request served
-                    requests.append(Reply(reply))
-                    bytes_in = 0
-                    continue
-                delay = 0.0
+                answered, broken = self._answer([frame], None, bytes_in)
             else:
-                delay = self.bucket.delay_for(now)
-            answered, error = self._answer([frame], None, bytes_in)
+                try:
+                    protocol.check_request(*frame)
+                except ProtocolError as exc:
+                    answered, broken = [], exc
+                    self.stats.record(0, bytes_in, 0)
+                else:
+                    answered, broken = self._decide(frame, bytes_in, now)
             bytes_in = 0
-            if answered and delay:
-                first = answered[0]
-                answered[0] = Request(first.reply, first.io_s + delay, first.cpu_us, self)
             requests += answered
-            if error is not None:
+            if broken is not None:
+                error = broken
                 break
         if bytes_in:                        # a read that completed no frame: its bytes still came in
             self.stats.record(0, bytes_in, 0)
         return requests, error
+
+    def _decide(self, frame, bytes_in, now):
+        """One rate-limited frame's (answered, error), its verdict from the connection's own bucket, at once:
+        reject mode, a token or a refusal; delay mode, a token (in debt if need be) and the wait for it,
+        which ``delay_for`` counts past the connection's previous delayed request already."""
+        if self.reject_over_rate:
+            return self._settle(frame, bytes_in, self.bucket.available(now), 0.0, now)
+        return self._settle(frame, bytes_in, True, self.bucket.delay_for(now), now)
+
+    def _settle(self, frame, bytes_in, admitted, wait, now):
+        """One frame's answer once its bucket has spoken: refused, or answered after ``wait`` seconds from
+        ``now`` (plus what the connection's earlier delayed requests still wait: ``delayed``)."""
+        if not admitted:
+            self.stats.count("rate_limited")
+            reply = protocol.encode(ERROR, b"rate limited")
+            self.stats.record(0, bytes_in, len(reply))             # refused: not a request served
+            return [Reply(reply)], None
+        answered, error = self._answer([frame], None, bytes_in)
+        if not self.reject_over_rate:
+            wait = self.delayed(wait, now)
+            if answered and wait:
+                first = answered[0]
+                answered[0] = Request(first.reply, first.io_s + wait, first.cpu_us, self)
+        return answered, error
+
+    def delayed(self, wait: float, now: float) -> float:
+        """A delay-mode wait as this connection waits it: the own bucket's ``delay_for`` sequenced it already."""
+        return wait
 
 
 class SharedSession(Session):
     """A framed connection whose token bucket is not its own (docs/ratelimit.md): the process's bucket of
     its client (memory store, scope client), or one in Redis (any scope), whose verdicts the backend asks for.
 
-    Its own class, so a connection without a shared limit carries none of this.
+    Session's loop with its own ``_decide``, and ``delayed`` sequencing the connection's
+    waits, which a shared bucket counts from now. Its own class, so a connection
+    without a shared limit carries none of this.
     """
 
     __slots__ = ("shared", "peer", "key", "released")
@@ -543,59 +579,22 @@ class SharedSession(Session):
         """No hot path: every request takes a token first (``feed``)."""
         return None
 
-    def _answer_shared(self, frames, error, bytes_in, now):
-        """Like _answer_limited, with a bucket that is not the connection's own: the process's bucket of
-        this client (decided here), or one in Redis: then each frame is a ``Gated`` request, the store's
-        verdict for it asked by the backend, its way, and turned into the answer by ``admit``."""
-        requests: list[Request] = []
+    def _decide(self, frame, bytes_in, now):
+        """One rate-limited frame's (answered, error), from a bucket that is not the connection's own: the
+        process's bucket of this client decides at once; with a redis store the frame becomes a ``Gated``
+        request, the store's verdict for it asked by the backend, its way, and turned into the answer by
+        ``admit``."""
         clients = self.shared.clients
-        for frame in frames:
-            op, payload = frame
-            rule = REQUESTS.get(op)
-            if rule is not None and rule.answer == COUNTERS:        # the lab can always read its counters
-                answered, error = self._answer([frame], None, bytes_in)
-            elif clients is None:
-                try:                                                # a frame that breaks the protocol asks no one
-                    if rule is None:
-                        raise UnknownOp.of(op)
-                    if rule.check is not None:
-                        rule.check(payload)
-                except ProtocolError as exc:
-                    error = exc
-                    break
-                answered = [Gated(frame, bytes_in, self.key, self)]
-            else:
-                admitted, wait = clients.take(self.peer, now)
-                answered, error = self._settle(frame, bytes_in, admitted, wait, now)
-            bytes_in = 0
-            requests += answered
-            if error is not None:
-                break
-        if bytes_in:                        # a read that completed no frame: its bytes still came in
-            self.stats.record(0, bytes_in, 0)
-        return requests, error
+        if clients is not None:
+            admitted, wait = clients.take(self.peer, now)
+            return self._settle(frame, bytes_in, admitted, wait, now)
+        return [Gated(frame, bytes_in, self.key, self)], None
 
     def admit(self, gated: "Gated", verdict, now: float) -> Request:
         """The store's ``verdict`` (servers/redis_bucket.py's Verdict) for a Gated request, asked at ``now``:
         the request to answer it with (wait its io_s, then run it), or ERROR "rate limited"."""
         [request], _ = self._settle(gated.frame, gated.bytes_in, verdict.admitted, verdict.wait_s, now)
         return Held(request, gated.held, self) if gated.held else request
-
-    def _settle(self, frame, bytes_in, admitted, wait, now):
-        """One frame's answer once its bucket has spoken: refused, or answered after ``wait`` seconds from
-        ``now`` (plus what the connection's earlier delayed requests still wait: ``delayed``)."""
-        if not admitted:
-            self.stats.count("rate_limited")
-            reply = protocol.encode(ERROR, b"rate limited")
-            self.stats.record(0, bytes_in, len(reply))             # refused: not a request served
-            return [Reply(reply)], None
-        answered, error = self._answer([frame], None, bytes_in)
-        if not self.reject_over_rate:
-            wait = self.delayed(wait, now)
-            if answered and wait:
-                first = answered[0]
-                answered[0] = Request(first.reply, first.io_s + wait, first.cpu_us, self)
-        return answered, error
 
     def delayed(self, wait: float, now: float) -> float:
         """A delay-mode wait counted from ``now`` (a shared bucket's answer) as this connection waits it.

@@ -42,6 +42,27 @@ def frames(*ops_payloads) -> bytes:
     return b"".join(protocol.encode(op, payload) for op, payload in ops_payloads)
 
 
+def limited_session(bucket, stats, rate=10.0, burst=2.0, mode="delay", now=0.0):
+    """A rate-limited session whose ``bucket`` is its own, the process's for its client, or in a redis store."""
+    if bucket == "own":
+        return open_session(ServerConfig(rate_limit=rate, burst=burst, rate_limit_mode=mode), stats, now)
+    if bucket == "client":
+        config = ServerConfig(rate_limit=rate, burst=burst, rate_limit_mode=mode, rate_limit_scope="client")
+        return open_session(config, stats, now, "10.0.0.1", shared_limit(config, stats))
+    config = ServerConfig(rate_limit=rate, burst=burst, rate_limit_mode=mode, rate_limit_store=REDIS)
+    return open_session(config, stats, now, "10.0.0.1", SharedLimit(config, stats, store=FakeStore()))
+
+
+def answered(session, request, store_bucket, now):
+    """The request the backend sends: a Gated one admitted by the verdict of ``store_bucket`` (the redis
+    store's bucket, played here by a TokenBucket) at ``now``, as the store's script would give it."""
+    if not request.gated:
+        return request
+    if session.reject_over_rate:
+        return session.admit(request, Verdict(store_bucket.available(now)), now)
+    return session.admit(request, Verdict(True, store_bucket.take(now)), now)
+
+
 def test_with_a_redis_store_each_frame_is_gated_on_its_bucket_key_and_stats_is_not():
     stats = Stats("threads", 10)
     session = redis_session(stats)
@@ -134,6 +155,71 @@ def test_waits_from_now_sequenced_by_the_session_are_the_own_buckets_delays(rate
     for gap in gaps:
         now += gap
         assert math.isclose(session.delayed(shared.take(now), now), own.delay_for(now), abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("bucket", ["own", "client", "redis"])
+def test_a_decoder_error_after_answered_frames_still_closes_the_connection(bucket):
+    """docs/protocol.md section 1, with any bucket: the frames before a bad length are answered (STATS too),
+    then ERROR and close; the loop answering frame by frame must not lose the decoder's error."""
+    stats = Stats("threads", 10)
+    session = limited_session(bucket, stats)
+    requests = session.feed(frames((protocol.ECHO, b"a"), (protocol.STATS, b"")) + b"\0\0\0\0", 0.0)
+    replies = [answered(session, request, TokenBucket(10.0, 2.0, 0.0), 0.0).run(0.0) for request in requests]
+    assert len(replies) == 3 and replies[0] == protocol.encode(protocol.ECHO, b"a")
+    assert replies[2] == protocol.encode(protocol.ERROR, f"frame length 0 outside 1..{session.decoder.max_frame}".encode())
+    assert session.closing and stats.protocol_errors == 1
+
+
+SOME_FRAME = st.one_of(
+    st.tuples(st.sampled_from([protocol.ECHO, protocol.PING, protocol.STATS, 0x7E]), st.binary(max_size=80)),
+    st.tuples(st.just(protocol.WORK), st.integers(0, 50_000).map(lambda io_us: protocol.encode_work(io_us, 0)[5:])))
+
+
+STATS_REPLY = protocol.REQUESTS[protocol.STATS].reply
+
+
+def stats_blanked(reply: bytes) -> list:
+    """The frames of a reply, a STATS answer's counters left out (a gated request counts when it is admitted)."""
+    return [(op, None if op == STATS_REPLY else payload) for op, payload in protocol.FrameDecoder().feed(reply)]
+
+
+def stats_bytes(reply: bytes) -> int:
+    """How many bytes of a reply answer STATS."""
+    return sum(len(payload) + 5 for op, payload in protocol.FrameDecoder().feed(reply) if op == STATS_REPLY)
+
+
+@given(bucket=st.sampled_from(["client", "redis"]), mode=st.sampled_from(["delay", "reject"]),
+       rate=st.floats(0.5, 2000.0), burst=st.floats(1.0, 8.0), stream=st.lists(SOME_FRAME, max_size=14),
+       bad_length=st.booleans(), cuts=st.lists(st.integers(0, 2_000), max_size=8),
+       gaps=st.lists(st.floats(0.0, 1.0), min_size=9, max_size=9))
+@settings(max_examples=200, deadline=None)
+def test_a_shared_bucket_answers_one_connection_as_its_own_bucket_would(bucket, mode, rate, burst, stream,
+                                                                        bad_length, cuts, gaps):
+    """Any reads (split anywhere, breaking the protocol or not), one connection: a bucket not its own gives
+    the replies, waits and counters its own bucket gives; the two classes share one loop and settle step.
+    A frame that breaks the protocol asks no bucket in any of them (ERROR naming the problem, closed)."""
+    data = frames(*stream) + (b"\0\0\0\0" if bad_length else b"")
+    points = sorted({cut % (len(data) + 1) for cut in cuts} | {0, len(data)})
+    reads = [data[start:end] for start, end in zip(points, points[1:])]
+    outcomes = []
+    for kind in ("own", bucket):
+        stats, now, got = Stats("threads", 10), 0.0, []
+        session, store_bucket = limited_session(kind, stats, rate, burst, mode), TokenBucket(rate, burst, 0.0)
+        for read, gap in zip(reads, gaps):
+            now += gap
+            for request in session.feed(read, now):
+                request = answered(session, request, store_bucket, now)
+                got.append((request.io_s, request.run(now)))
+            if session.closing:
+                break
+        session.close()
+        stats_out = sum(stats_bytes(reply) for _, reply in got)
+        outcomes.append((got, session.closing, stats.requests_total, stats.bytes_in, stats.bytes_out - stats_out,
+                         stats.rate_limited, stats.protocol_errors, stats.buffered_bytes))
+    (own, *own_counters), (other, *other_counters) = outcomes
+    assert other_counters == own_counters
+    assert [stats_blanked(reply) for _, reply in other] == [stats_blanked(reply) for _, reply in own]
+    assert all(math.isclose(mine, theirs, abs_tol=1e-9) for (mine, _), (theirs, _) in zip(other, own))
 
 
 def test_the_controls_are_refused_in_go_words():
