@@ -8,8 +8,8 @@ many processes serve it. For every variant, two server processes share one
 real redis-server (``--procs 2``; go, which has no --procs, runs as two
 servers), each with ``--rate-limit R --rate-limit-mode reject
 --rate-limit-scope client --rate-limit-store redis://...``. ``--threads``
-client threads (half on each process; with --procs 2 the STATS pid of every
-connection is read, and a run where one process got none is refused) send
+client threads (half on each process, as the STATS pid of each connection
+says: one that lands on a process with its half already is opened again) send
 ECHOs back to back for ``--duration`` seconds, far above R. Every request is
 answered: ECHO (admitted) or ERROR "rate limited".
 
@@ -47,6 +47,7 @@ from conclab.servers.redis_process import RedisProcess, find_binary  # noqa: E40
 SERVER_CPU, CLIENT_CPU = 0, 1
 TARGET_WITHIN = 0.02                 # |measured / R - 1|
 STORES = ("redis", "memory")
+BALANCE_TRIES = 40                   # connections opened at most to place one on the process that needs it
 
 
 def server_options(store_url: str, rate: int, burst: int) -> list[str]:
@@ -63,13 +64,23 @@ def start_two(variant, options: list[str]) -> list[ServerProcess]:
 
 
 def open_clients(servers: list[ServerProcess], count: int) -> list[Client]:
-    """``count`` connections, alternating over the servers; every process must get some."""
-    clients = [Client((servers[i % len(servers)].host, servers[i % len(servers)].port)) for i in range(count)]
-    processes = {(i % len(servers), client.stats()["pid"]) for i, client in enumerate(clients)}
-    if len(processes) < 2:
-        for client in clients:
+    """``count`` connections, half on each process: with one --procs server, a connection that lands on a
+    process which has its half already is closed and opened again (the kernel picks the process)."""
+    clients, per_process = [], {}
+    for i in range(count):
+        server = servers[i % len(servers)]
+        for _ in range(BALANCE_TRIES):
+            client = Client((server.host, server.port))
+            process = (i % len(servers), client.stats()["pid"])
+            if per_process.get(process, 0) < count // 2:
+                break
             client.close()
-        raise RuntimeError(f"all {count} connections reached one process: the kernel did not balance them")
+        else:
+            for client in clients:
+                client.close()
+            raise RuntimeError(f"{BALANCE_TRIES} connections in a row reached a process that had its half")
+        per_process[process] = per_process.get(process, 0) + 1
+        clients.append(client)
     return clients
 
 
