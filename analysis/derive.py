@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from conclab.experiments.harness import loadproc, stats, summary
+from conclab.experiments.harness import schedule, stats, summary
 
 from .style import order
 
@@ -65,18 +65,18 @@ def validity(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     fallback = pd.Series(SATURATED, index).where(saturated, "invalid")
     why = given.fillna(fallback).where(~ok)
     behind = behind_schedule(frame)                 # judged again: a run from before the harness judged it
-    late_too = behind.notna() & ~why.fillna("").astype(str).str.contains(loadproc.BEHIND, regex=False)
+    late_too = behind.notna() & ~why.fillna("").astype(str).str.contains(schedule.BEHIND, regex=False)
     why = why.where(~late_too, (why.fillna("") + "; ").where(why.notna(), "") + behind)
     return ok & behind.isna(), why
 
 
 def behind_schedule(frame: pd.DataFrame) -> pd.Series:
-    """Per row of an open loop (a table with ``offered``, ``late``, ``unsent``): harness.loadproc.behind_schedule's
+    """Per row of an open loop (a table with ``offered``, ``late``, ``unsent``): harness.schedule.behind_schedule's
     reason, or None (rows of other tables: None)."""
     if not {"offered", "late", "unsent"} <= set(frame.columns):
         return pd.Series(None, frame.index, dtype=object)
     numbers = frame.reindex(columns=["offered", "late", "unsent", "own_late"]).apply(pd.to_numeric, errors="coerce")
-    return pd.Series([loadproc.behind_schedule(*row) for row in numbers.itertuples(index=False)], frame.index,
+    return pd.Series([schedule.behind_schedule(*row) for row in numbers.itertuples(index=False)], frame.index,
                      dtype=object)
 
 

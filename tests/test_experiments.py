@@ -19,7 +19,7 @@ import pytest
 
 from conclab import servers as variants
 from conclab.experiments import memory, registry, switch
-from conclab.experiments.harness import cli, loadproc, summary
+from conclab.experiments.harness import cli, loadproc, schedule, summary
 from conclab.experiments.harness.run import describe
 from conclab.servers import processes
 from conclab.experiments.harness.fit import least_squares
@@ -560,7 +560,7 @@ def test_an_open_loop_behind_its_schedule_is_invalid_judged_on_its_own_lateness_
     on_time = {"offered": 9_000, "sent": 9_000, "late": 90, "unsent": 0}          # 1 %: kept up
     assert loadproc.flatten({**base, "open_loop": on_time})["valid"] is True
     python = loadproc.flatten({**base, "open_loop": {**on_time, "late": 91}})      # cannot tell whose lateness
-    assert python["valid"] is False and python["invalid_reason"].startswith(loadproc.BEHIND)
+    assert python["valid"] is False and python["invalid_reason"].startswith(schedule.BEHIND)
     assert "cannot tell" in python["invalid_reason"]
     # The compiled engine: 3,000 sends waited for a reply (the server was behind), 10 of its own were late.
     held = {**on_time, "late": 3_010, "held": 3_000, "own_late": 10}
@@ -568,7 +568,7 @@ def test_an_open_loop_behind_its_schedule_is_invalid_judged_on_its_own_lateness_
     assert row["valid"] is True and (row["held"], row["own_late"]) == (3_000, 10)
     own = loadproc.flatten({**base, "open_loop": {**held, "own_late": 50, "unsent": 41}})
     assert own["valid"] is False and "its own)" in own["invalid_reason"]
-    assert loadproc.behind_schedule(0, 0, 0) is None and loadproc.behind_schedule(None, 5, 0) is None
+    assert schedule.behind_schedule(0, 0, 0) is None and schedule.behind_schedule(None, 5, 0) is None
 
 
 def test_the_analysis_judges_an_older_run_behind_its_schedule_too():
@@ -578,7 +578,7 @@ def test_the_analysis_judges_an_older_run_behind_its_schedule_too():
                          "own_late": [None, None, 3, None]})
     ok, why = derive.validity(rows)
     assert ok.tolist() == [True, False, True, False]
-    assert why[1].startswith(loadproc.BEHIND) and why[3].startswith("served 6 of 50 connections; " + loadproc.BEHIND)
+    assert why[1].startswith(schedule.BEHIND) and why[3].startswith("served 6 of 50 connections; " + schedule.BEHIND)
     assert derive.validity(pd.DataFrame({"valid": [1]}))[0].tolist() == [True]        # not an open loop: not judged
 
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 from conclab.servers import buildcache, processes
+from .schedule import BEHIND, behind_schedule
 from .tables import OPEN
 
 LOADGEN_ENV = "CONCLAB_LOADGEN"
@@ -43,8 +44,6 @@ POLL_S = 0.05
 REQUIRED_KEYS = ("throughput_rps", "requests", "errors", "duration_s", "latency_us")
 SATURATED = "load generator saturated"      # an invalid point's reason (analysis reads old rows the same way)
 TOO_SHORT = "too short for its latency"     # an invalid point's reason: it lasted under MIN_LATENCIES x its mean
-BEHIND = "load generator behind its schedule"  # an invalid point's reason: more than BEHIND_MAX of an open loop late
-BEHIND_MAX = 0.01           # of the offered requests, sent over 1 ms late or never sent: the open loop fell behind
 MIN_LATENCIES = 20          # a point must last at least this many mean latencies to describe a steady state
 WINDOW_MARK = b"conclab load: window"        # the generator's stderr line: START END, CLOCK_MONOTONIC seconds
 WINDOW_RE = re.compile(rb"^conclab load: window ([0-9.]+) ([0-9.]+)\s*$", re.MULTILINE)
@@ -296,23 +295,6 @@ def validity(result: dict) -> list[str]:
     if short:
         reasons.append(short)
     return reasons
-
-
-def behind_schedule(offered, late, unsent, own_late=None) -> str | None:
-    """"load generator behind its schedule (...)" when more than BEHIND_MAX of an open loop's offered requests
-    were sent over 1 ms late or never sent: its latencies then carry the generator's own delays. The compiled
-    engine counts apart the sends that waited for their connection's reply (the server was behind, which the
-    latency from the schedule rightly shows) and is judged on the others (``own_late``); the Python engine
-    cannot tell the two apart and is judged on every late send. None when it kept up or does not say."""
-    numbers = [offered, late, unsent]
-    if any(not isinstance(n, (int, float)) or n != n for n in numbers) or offered <= 0:
-        return None
-    own = isinstance(own_late, (int, float)) and own_late == own_late
-    behind = (own_late if own else late) + unsent
-    if behind <= BEHIND_MAX * offered:
-        return None
-    whose = "its own" if own else "its own or waiting for replies: this engine cannot tell"
-    return (f"{BEHIND} ({100 * behind / offered:.2g} % of the requests over 1 ms late or never sent, {whose})")
 
 
 def too_short(result: dict) -> str | None:

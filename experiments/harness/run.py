@@ -56,7 +56,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import loadproc, manifest
 from .sampler import Probe, Sampler
 from conclab.servers.launcher import STATS_TIMEOUT_S, ServerProcess, ServerStartError, free_port, log_stem
-from conclab.servers.metrics import PREFIX as METRIC_PREFIX
 from .tables import COLUMNS, TableWriter
 
 RAW_DIR = "raw"
@@ -329,6 +328,7 @@ class CounterReader:
 
 def scraped(text: str) -> dict:
     """A /metrics page's counters and gauges under their STATS names (conclab_requests_total: requests_total)."""
+    from conclab.servers.metrics import PREFIX as METRIC_PREFIX   # here: the analysis imports this module, no server
     return {sample.name.removeprefix(METRIC_PREFIX): int(sample.value)
             for family in text_string_to_metric_families(text) for sample in family.samples
             if sample.name.startswith(METRIC_PREFIX)}
