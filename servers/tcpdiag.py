@@ -9,6 +9,11 @@ and returns only the matches. When netlink is not available the caller falls
 back to something slower. The servers' metrics and the harness's sampler both
 count this way.
 
+``close_wait_sockets``: which sockets on a port are in CLOSE_WAIT, each named
+by the kernel's socket cookie (unique while the socket lives), so a reader
+sampling twice can tell a socket that stays there from two that passed
+through.
+
 ``unsent``: the bytes a socket's send queue holds that TCP has not sent yet
 (SIOCOUTQNSD), because the peer's receive window has no room for them. A
 graceful close queues its FIN behind them; a peer that never reads them
@@ -37,6 +42,8 @@ RECV_BUFFER = 1 << 20
 TIMEOUT_S = 2.0
 
 NLMSG = struct.Struct("=IHHII")                # len, type, flags, seq, pid
+COOKIE_AT = 4 + 2 + 2 + 16 + 16 + 4            # inet_diag_msg: family, state, timer, retrans; sockid up to its cookie
+COOKIE = struct.Struct("=Q")
 REQ = struct.Struct("=BBBBI48s")               # family, protocol, ext, pad, states, sockid (zeros)
 RTATTR = struct.Struct("=HH")
 BC_OP = struct.Struct("=BBH")                  # code, yes, no
@@ -61,12 +68,23 @@ def count(port: int, states=STATE_NAMES) -> dict:
     """{tcp_established, tcp_close_wait, tcp_time_wait} for local ``port`` (or only ``states``, a few of
     the TCP_* numbers above); OSError if netlink fails."""
     counts = dict.fromkeys((STATE_NAMES[state] for state in states), 0)
+    _dump(port, states, counts)
+    return counts
+
+
+def close_wait_sockets(port: int) -> frozenset:
+    """The cookies of the sockets of local ``port`` in CLOSE_WAIT; OSError if netlink fails."""
+    cookies: set = set()
+    _dump(port, (TCP_CLOSE_WAIT,), dict.fromkeys((STATE_NAMES[TCP_CLOSE_WAIT],), 0), cookies)
+    return frozenset(cookies)
+
+
+def _dump(port: int, states, counts: dict, cookies: set | None = None) -> None:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(TIMEOUT_S)
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
             sock.send(request(family, port, seq, states))
-            _read_dump(sock, counts)
-    return counts
+            _read_dump(sock, counts, cookies)
 
 
 def unsent(fd: int) -> int:
@@ -77,7 +95,7 @@ def unsent(fd: int) -> int:
         return 0
 
 
-def _read_dump(sock, counts: dict) -> None:
+def _read_dump(sock, counts: dict, cookies: set | None = None) -> None:
     while True:
         data = sock.recv(RECV_BUFFER)
         offset = 0
@@ -95,6 +113,8 @@ def _read_dump(sock, counts: dict) -> None:
                 name = STATE_NAMES.get(state)
                 if name in counts:
                     counts[name] += 1
+                    if cookies is not None:
+                        cookies.add(COOKIE.unpack_from(data, offset + NLMSG.size + COOKIE_AT)[0])
             if length < NLMSG.size:
                 raise OSError("malformed netlink message")
             offset += (length + 3) & ~3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from conclab.analysis import report, tables
 from conclab.analysis.results import Run
 from conclab.reliability import cli as check_cli
 from conclab.reliability import overload, soak
-from conclab.servers import VARIANTS
+from conclab.servers import VARIANTS, tcpdiag
+from conclab.servers.launcher import wait_until
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reliability"
 SIZE = soak.SoakSize(seconds=20.0)          # warm-up: the first 5 s
@@ -176,6 +178,37 @@ def test_close_wait_fails_when_it_stays_and_not_for_one_transient_sample():
     assert "consecutive samples" in failed(stuck)["CLOSE_WAIT"]
     left = soak.judge(samples(), SIZE, {**TOTALS, "close_wait_after": 1})
     assert "left after the load" in failed(left)["CLOSE_WAIT"]
+
+
+def test_close_wait_in_consecutive_samples_fails_only_for_the_same_socket_where_they_are_named():
+    def named(ids_at):
+        rows = samples(close_wait=lambda t: len(ids_at(t)))
+        return [{**row, "close_wait_ids": frozenset(ids_at(int(row["t_s"])))} for row in rows]
+    passing = soak.judge(named(lambda t: {100 + t} if 10 <= t <= 12 else set()), SIZE, TOTALS)
+    assert "CLOSE_WAIT" not in failed(passing)                 # three sockets, each caught once on its way
+    staying = soak.judge(named(lambda t: {7, 100 + t} if 10 <= t <= 12 else set()), SIZE, TOTALS)
+    assert "consecutive samples" in failed(staying)["CLOSE_WAIT"]   # socket 7 stayed
+
+
+@pytest.mark.live
+def test_close_wait_sockets_are_named_and_a_staying_one_keeps_its_name():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        accepted = [listener.accept()[0] for _ in clients]
+        assert tcpdiag.close_wait_sockets(port) == frozenset()
+        clients[0].close()
+        assert wait_until(lambda: len(tcpdiag.close_wait_sockets(port)) == 1, 5.0)
+        first = tcpdiag.close_wait_sockets(port)
+        clients[1].close()
+        assert wait_until(lambda: len(tcpdiag.close_wait_sockets(port)) == 2, 5.0)
+        assert first < tcpdiag.close_wait_sockets(port)           # the first kept its name
+        accepted[0].close()
+        assert wait_until(lambda: len(tcpdiag.close_wait_sockets(port)) == 1, 5.0)
+        assert not first & tcpdiag.close_wait_sockets(port)
+        accepted[1].close()
 
 
 def test_a_lost_reply_fails():
