@@ -603,7 +603,7 @@ def _past(table: Table):
     items = _usable(table, "past")
     if not items:
         return None
-    low, _ = _extreme_groups(items)
+    low = sorted(_extreme_groups(items)[0], key=lambda vc: vc[1].value)
     kept = [v for v in table.variants if table.cells[v]["past"].text.startswith("no knee")]
     text = (f"Past capacity, latency bent earliest (the knee, × the model's capacity) for "
             f"{_names(f'{v} {num(c.value)}×' for v, c in low)}" + (" (a tie within noise)" if len(low) > 1 else ""))

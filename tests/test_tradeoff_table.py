@@ -256,3 +256,12 @@ def test_the_report_shows_the_table_first(run):
 def table_text(text: str) -> str:
     import html
     return html.escape(text)
+
+
+def test_the_past_capacity_sentence_lists_the_earliest_knee_first():
+    """Tied knees are listed by their value, whatever the table's order of the models."""
+    knees = {"gevent": (0.9, 0.5, 0.9), "threads": (0.3, 0.3, 0.5), "go": (0.5, 0.5, 0.9), "epoll": (0.95, 0.95, 0.95)}
+    cells = {v: {"past": tradeoff_table.Cell(f"knee at {value}×", value, lo, hi)} for v, (value, lo, hi) in knees.items()}
+    table = tradeoff_table.Table(list(knees), cells, {}, [], [])
+    text = tradeoff_table._past(table).text
+    assert "for threads 0.3×, go 0.5× and gevent 0.9× (a tie within noise)" in text and "epoll" not in text.split("(of")[0]
