@@ -8,9 +8,9 @@ Per backend variant, on one server:
 1. **Capacity**: the soak's short closed loop (``soak.capacity``: 3 s after 0.5 s of warm-up; the
    CI suite's ``capacity_s``: 1 s).
 2. **Normal p99**: the open loop (``soak.SteadyLoad``, no faults, no turnover) at the soak's rate
-   (70 % of capacity, capped at ``max_rate``: the soak's 20,000 req/s, the CI suite's 5,000) for
+   (70 % of capacity, capped at ``max_rate``: the soak's 100,000 req/s, the CI suite's 5,000) for
    ``BASELINE_S``; the median of those seconds' p99s (``robust_p99``).
-3. For each factor in ``FACTORS`` (2, 5): the load generator's open loop (``run_load``, ``CONNS``
+3. For each factor in ``FACTORS`` (2, 5): the load generator's compiled open loop (``run_load``, ``CONNS``
    connections, pipeline ``PIPELINE``) offers factor x capacity for ``seconds`` (``CI_SECONDS`` in the
    test suite, ``FULL_SECONDS`` with ``conclab check --overload``), while ``PeakRss`` reads the
    server's RSS every ``SAMPLE_S``. The row: offered and sent rate (sent: of the window's requests,
@@ -125,7 +125,7 @@ def normal_p99(target: str, rate: float, seconds: float, cpu: int | None) -> lis
     size = soakmod.SoakSize(seconds=seconds, replace_fraction=0.0, fault_rate=0.0)
     load = soakmod.SteadyLoad(target, rate, seconds, size, cpu).start()
     load.join(seconds + 30)
-    return [None if piece["loadgen_cpu_percent"] >= soakmod.SATURATED_CPU else soakmod.percentile(piece["latencies"], 99.0)
+    return [None if soakmod.loadgen_flagged(piece) else soakmod.percentile(piece["latencies"], 99.0)
             for piece in load.slices]
 
 
@@ -187,7 +187,8 @@ def overload_once(server: ServerProcess, row: OverloadRow, seconds: float, cpus:
     counted, began = server.stats()["requests_total"], time.monotonic()
     with PeakRss(server) as peak:
         result = run_load(LoadParams(target=server.target, mode="open", rate=row.offered_rps, conns=CONNS,
-                                     pipeline=PIPELINE, duration=seconds, op="echo", size=64, cpus=cpus))
+                                     pipeline=PIPELINE, duration=seconds, op="echo", size=64, cpus=cpus,
+                                     engine="c"))
     row.rss_peak_mib = round(peak.bytes / (1 << 20), 1)
     elapsed = time.monotonic() - began
     open_loop = result.get("open_loop", {})

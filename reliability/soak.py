@@ -6,25 +6,28 @@
 
 One run, per backend variant:
 
-1. **Capacity**: a closed loop (the load generator's ``run_load``, ``CAPACITY_CONNS`` connections,
-   64 B ECHO) for ``SoakSize.capacity_s`` seconds (``CAPACITY_S``: 3 s after 0.5 s of warm-up, long
-   enough for a stable rate on loopback, short next to the soak; the CI suite's: 1 s). Its rate is
-   the variant's *capacity* here; if the generator saturated while measuring it, the capacity is
-   the generator's ceiling and the result says so (``capacity_loadgen_saturated``).
-2. **Steady load**: the load generator's open-loop engine (``loadgen.engine.Worker``: latency from
-   the *scheduled* send, no coordinated omission) at ``SoakSize.load_fraction`` (``LOAD_FRACTION``,
-   70 %; the CI suite's: 50 %) of that capacity, capped at ``SoakSize.max_rate`` (``MAX_RATE``; the
-   CI suite's: 5,000 req/s, a load whose per-second p99 is the server's more than the generator's), over
-   ``conns`` connections, in a thread of this process pinned to the load generator's CPU. Once a
-   second, between two turns of its loop (so nothing races it), ``REPLACE_FRACTION`` (5 %) of its
-   connections are replaced: closed and reconnected, each one only while it has no request in
-   flight, so turnover loses nothing; the new connection takes over the old one's place in the
-   schedule. The same hook cuts the latencies into one-second slices (p99 per second) and reads
-   the generator's own CPU time for that second: a second where it used >= 90 % of its CPU is
-   flagged ``loadgen_saturated`` (the load generator's own self-check, per second: the generator,
-   not the server, may have been behind). Late sends are counted too, but not taken for the
-   generator's fault: with a pipeline of ``PIPELINE`` a connection whose replies are slow cannot
-   send on time, so lateness is mostly the server's.
+1. **Capacity**: a closed loop (the load generator's ``run_load`` on its compiled engine,
+   ``CAPACITY_CONNS`` connections, 64 B ECHO) for ``SoakSize.capacity_s`` seconds (``CAPACITY_S``: 3 s
+   after 0.5 s of warm-up, long enough for a stable rate on loopback, short next to the soak; the CI
+   suite's: 1 s). Its rate is the variant's *capacity* here; if the generator saturated while
+   measuring it, the capacity is the generator's ceiling and the result says so
+   (``capacity_loadgen_saturated``).
+2. **Steady load**: the compiled open loop (``loadgen/c/openloop.c``: latency from the *scheduled*
+   send, no coordinated omission) at ``SoakSize.load_fraction`` (``LOAD_FRACTION``, 70 %; the CI
+   suite's: 50 %) of that capacity, capped at ``SoakSize.max_rate`` (``MAX_RATE``; the CI suite's:
+   5,000 req/s), over ``conns`` connections, a process of its own pinned to the load generator's
+   CPU (``SteadyLoad``). Compiled because the rate is a share of each variant's capacity, and
+   against the fastest servers a Python generator saturates first. Once a second (``--slice-s``)
+   it prints a slice: what it sent, the replies that came in that second with their latencies, and
+   its CPU; and (``--replace``) ``REPLACE_FRACTION`` (5 %) of its connections are replaced, between
+   two turns of its loop: closed and reconnected, each one only while it has nothing in flight, so
+   turnover loses nothing; the new connection takes over the old one's place in the schedule. A
+   second is flagged ``loadgen_saturated`` when the generator used >= 90 % of its CPU in it (its
+   self-check; polls that found nothing to do are waiting, not load) or when more than
+   ``BEHIND_MAX`` of its sends were its own late ones (over 1 ms behind schedule with room on their
+   connection): the generator, not the server, may have been behind. Sends that waited for a reply
+   (a full pipeline of ``PIPELINE``: the server was slow) are the server's lateness, not the
+   generator's, and their latency counts from the schedule.
 3. **Faults**, ``FAULT_RATE`` a second in turn (``reliability.scenarios``' clients): a reset mid-frame,
    a clogged reader (pushes ECHOs without reading until the kernel stops taking them or
    ``CLOG_BYTES`` went, then resets),
@@ -87,10 +90,14 @@ with ``for_seconds``) and ``SuiteSize`` for the test suite (tests/test_soak.py):
 """
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
+import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -98,11 +105,11 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 import psutil
-from conclab.loadgen import LoadParams, engine, run_load
-from conclab.loadgen import conn as connmod
+from conclab.loadgen import LoadParams, cengine, run_load
+from conclab.loadgen.engine import OPEN_DRAIN_S
 from conclab.loadgen.params import LoadError
-from conclab.loadgen.report import SATURATION_PERCENT
-from conclab.servers import VARIANTS, cpustat, tcpdiag, variant_of
+from conclab.loadgen.report import SATURATION_PERCENT, MachineWatch
+from conclab.servers import VARIANTS, cpustat, processes, tcpdiag, variant_of
 from conclab.servers.launcher import ServerProcess, ServerStartError, wait_until
 from conclab.servers.protocol import ECHO, ERROR, ProtocolError, encode
 
@@ -110,7 +117,8 @@ from .scenarios import push
 
 CAPACITY_S, CAPACITY_WARMUP_S, CAPACITY_CONNS = 3.0, 0.5, 50
 LOAD_FRACTION = 0.70
-MAX_RATE = 20_000.0            # the steady rate's cap: what one generator thread, sharing this process, keeps on schedule
+MAX_RATE = 100_000.0           # the steady rate's cap: about what the compiled open loop keeps on schedule on one CPU
+                               # here (benchmarks/loadgen_ceiling.py); past it the seconds are flagged, not trusted
 REPLACE_FRACTION = 0.05
 SOAK_CONNS = 100
 PIPELINE = 4                   # per connection in flight at most: room for a slow reply without going off schedule
@@ -130,7 +138,10 @@ MIN_DRIFT_SECONDS = 5          # usable seconds of the last quarter, every one o
 FLOOR_RATE, FLOOR_CONNS, FLOOR_S = 1_000.0, 10, 1.5    # the latency floor's probe: an idle server's ECHO
 BUSY_OTHERS_PCT = 10.0         # other processes' CPU (% of one CPU) over which the machine is busy: the experiments' limit
 SATURATED_CPU = SATURATION_PERCENT   # the load generator's own self-check, applied to each second
+BEHIND_MAX = 0.01              # a second whose own late sends (over 1 ms) pass this share of its sends: the generator
+                               # was behind (the experiments' schedule rule, per second)
 SETTLE_S = 10.0
+RESULT_SLACK_S = 120.0         # past the schedule and its drain: the open loop sorts every latency of the run for its result
 T_975 = 1.959964               # the normal quantile; Student's t adds a correction for few samples
 PASS, FAIL, UNRESOLVED = "pass", "FAIL", "unresolved"
 
@@ -489,7 +500,7 @@ def capacity(server: ServerProcess, cpus: str | None = None, seconds: float = CA
     """(requests/s of a short closed loop, whether the generator saturated measuring it)."""
     warmup = CAPACITY_WARMUP_S * seconds / CAPACITY_S
     result = run_load(LoadParams(target=server.target, mode="closed", conns=CAPACITY_CONNS, duration=seconds,
-                                 warmup=warmup, op="echo", size=64, cpus=cpus))
+                                 warmup=warmup, op="echo", size=64, cpus=cpus, engine="c"))
     return result["throughput_rps"], bool(result.get("loadgen_saturated"))
 
 
@@ -498,9 +509,10 @@ def latency_floor(target: str, cpu: int | None) -> int | None:
     """p99 (µs) of a short low-rate ECHO probe (FLOOR_RATE over FLOOR_CONNS for FLOOR_S): what doing nothing costs."""
     size = SoakSize(seconds=FLOOR_S, conns=FLOOR_CONNS, replace_fraction=0.0, fault_rate=0.0)
     load = SteadyLoad(target, FLOOR_RATE, FLOOR_S, size, cpu).start()
-    load.join(FLOOR_S + engine.OPEN_DRAIN_S + 10)
-    histogram = load.worker.latency.histogram
-    return int(histogram.get_value_at_percentile(99.0)) if histogram.get_total_count() else None
+    load.join(FLOOR_S + OPEN_DRAIN_S + 10)
+    if load.result is None or not load.result["requests"]:
+        return None
+    return int(load.result["latency_us"]["p99"])
 
 
 def server_cpu_s(server: ServerProcess) -> float:
@@ -524,26 +536,6 @@ def others_cpu_pct(since: cpustat.Snapshot, server: ServerProcess) -> float | No
 
 
 # -- the steady open loop, sliced per second -------------------------------------------------------
-class SlicedRecorder(engine.Recorder):
-    """The engine's latency recorder, also keeping every latency folded since the last ``slice()``."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list = []
-
-    def fold(self) -> int:
-        self.pending.extend(self.values)
-        return super().fold()
-
-    def slice(self) -> Counter:
-        self.fold()
-        counts = bucketed(Counter(self.pending))
-        self.pending = []
-        return counts
-
-
 EXACT_BELOW = 2048             # with 3 significant figures HDR keeps every value below this apart (its sub-buckets)
 SPREAD = 256                   # more distinct latencies than this in one slice: group them by HDR bucket
 
@@ -551,7 +543,7 @@ SPREAD = 256                   # more distinct latencies than this in one slice:
 def bucketed(counts: Counter) -> Counter:
     """``counts`` with values of EXACT_BELOW and up grouped by the HDR bucket they fall in (its lowest value),
     when there are many distinct ones: a second's slice then costs one entry per bucket, not per latency (a
-    lagging generator's latencies spread out, nearly every one distinct), at the histogram's own resolution."""
+    lagging server's latencies spread out, nearly every one distinct), at the histogram's own resolution."""
     if len(counts) <= SPREAD:
         return counts
     grouped = Counter()
@@ -563,95 +555,77 @@ def bucketed(counts: Counter) -> Counter:
     return grouped
 
 
+def slice_of(line: dict) -> dict:
+    """One of openloop.c's per-second lines as a slice: its replies' latencies, what it sent, the generator's
+    CPU share (its polls that found nothing to do are waiting, not load) and whether it fell behind."""
+    busy = line["cpu_s"] - line["wait_s"]
+    cpu = round(100 * busy / max(line["wall_s"], 1e-3), 1)
+    behind = line["own_late"] > BEHIND_MAX * line["sent"]
+    return {"latencies": bucketed(Counter({us: n for us, n in line["histogram"]})), "sent": line["sent"],
+            "late": line["late"], "own_late": line["own_late"], "loadgen_cpu_percent": cpu,
+            "loadgen_behind": behind}
+
+
 class SteadyLoad:
-    """The open-loop Worker in a thread; every second: a latency slice, a CPU share, connections replaced."""
+    """The compiled open loop (``loadgen/c/openloop.c``, ``--slice-s``) as a process of its own pinned to the
+    load generator's CPU; a thread here reads its line a second (a slice: what it sent, the replies that came,
+    their latency from the scheduled send, its CPU) and its result at the end. ``--replace`` does the
+    turnover inside the loop, between two of its turns: ``replace_per_s`` idle connections a second are
+    closed and reconnected, each new one in the old one's place in the schedule, so turnover loses nothing.
+    Why compiled: the soak's rate is a share of each variant's capacity, and against the fastest servers
+    a Python generator saturates first (docs/loadgen.md, "The compiled engine")."""
 
     def __init__(self, target: str, rate: float, seconds: float, size: SoakSize, cpu: int | None) -> None:
         self.params = LoadParams(target=target, mode="open", rate=rate, conns=size.conns, pipeline=PIPELINE,
-                                 duration=seconds, op="echo", size=64)
-        self.family, self.address = connmod.resolve(target)
+                                 duration=seconds, op="echo", size=64, engine="c")
         self.replace_per_s = max(1, round(size.conns * size.replace_fraction)) if size.replace_fraction else 0
         self.cpu = cpu
-        self.slices: list = []           # per second: latencies Counter, sent, late, cpu percent
+        self.slices: list = []           # per second: latencies Counter, sent, late, own_late, cpu percent
         self.lock = threading.Lock()
-        self.replaced = 0
-        self.replace_failed = 0
+        self.replaced = self.replace_failed = 0
         self.result: dict | None = None
         self.error: str | None = None
-        self.worker: engine.Worker | None = None
+        self.proc = None
         self.thread = threading.Thread(target=self._run, name="soak-load", daemon=True)
-        self._ticks = 0
-        self._cpu_mark = self._wall_mark = 0.0
         self._taken = 0
-        self._next_victim = 0
 
     def start(self) -> SteadyLoad:
-        socks, errors = engine.open_connections(self.params, self.params.conns, None)
-        if errors:
-            for sock in socks:
-                sock.close()
-            raise OSError(f"the steady load could not connect: {dict(errors)}")
-        self.worker = engine.Worker(self.params, socks, self.params.rate, self._each_tick)
-        self.worker.latency = SlicedRecorder()
-        self.worker.lateness = SlicedRecorder()
+        self.params.validate()
+        self.binary = cengine.build("open")
+        args = [*cengine.command(self.params, self.binary), "--slice-s", repr(SAMPLE_S)]
+        if self.replace_per_s:
+            args += ["--replace", str(self.replace_per_s)]
+        self.watch = MachineWatch()
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = processes.spawn(args, cpus=None if self.cpu is None else {self.cpu}, stdout=subprocess.PIPE,
+                                    stderr=self.stderr)
         self.thread.start()
         return self
 
     def _run(self) -> None:
-        if self.cpu is not None:
-            os.sched_setaffinity(0, {self.cpu})             # this thread only
-        self._cpu_mark, self._wall_mark = time.thread_time(), time.monotonic()
+        final = None
         try:
-            self.result = self.worker.run()
+            for raw in self.proc.stdout:
+                line = json.loads(raw)
+                if "slice" not in line:
+                    final = line
+                    continue
+                with self.lock:
+                    self.slices.append(slice_of(line))
+            status = self.proc.wait()
+            if status != 0 or final is None:
+                self.stderr.seek(0)
+                said = self.stderr.read().decode(errors="replace").strip().splitlines()
+                self.error = f"the compiled open loop exited with status {status}: {said[-1] if said else 'no result'}"
+                return
+            self.replaced, self.replace_failed = final["replaced"], final["replace_failed"]
+            self.result = cengine.assemble(self.params, final, self.watch, self.binary)
         except Exception as exc:  # noqa: BLE001 - reported by the soak, never lost in a thread
             self.error = f"{type(exc).__name__}: {exc}"
-
-    def _each_tick(self, _count: int) -> None:
-        """The Worker's progress hook, in its thread between two turns of its loop: every second, slice."""
-        self._ticks += 1
-        if self._ticks % round(SAMPLE_S / engine.TICK_S):
-            return
-        w = self.worker
-        cpu, now = time.thread_time(), time.monotonic()
-        lateness = w.lateness.slice()
-        entry = {"latencies": w.latency.slice(), "sent": sum(lateness.values()),
-                 "late": sum(n for us, n in lateness.items() if us > engine.OPEN_LATE_US),
-                 "loadgen_cpu_percent": round(100 * (cpu - self._cpu_mark) / max(now - self._wall_mark, 1e-3), 1)}
-        self._cpu_mark, self._wall_mark = cpu, now
-        with self.lock:
-            self.slices.append(entry)
-        self._replace()
-
-    def _replace(self) -> None:
-        """Close and reconnect ``replace_per_s`` idle connections; each new one keeps its place in the schedule."""
-        w = self.worker
-        n = len(w.order)
-        done = tried = 0
-        while done < self.replace_per_s and tried < n:
-            i = self._next_victim % n
-            self._next_victim += 1
-            tried += 1
-            old = w.order[i]
-            if old.sent or old.out or not old.clean or old.fd not in w.conns:
-                continue
-            try:
-                sock = connmod.connect(self.family, self.address, self.params.connect_timeout, None)
-            except OSError:
-                self.replace_failed += 1
-                continue
-            new = engine.Conn(sock, max(len(w.reply), 1 << 20))
-            stamp = getattr(engine, "stamp_replies", None)      # an engine that times replies by kernel stamps
-            if stamp:
-                stamp([new])
-            new.next_at, new.next_slot, new.got = old.next_at, old.next_slot, old.got
-            del w.conns[old.fd]
-            w.ep.unregister(old.fd)
-            old.sock.close()
-            w.conns[new.fd] = new
-            w.order[i] = new
-            w.ep.register(new.fd, engine.EPOLLIN)
-            done += 1
-        self.replaced += done
+        finally:
+            processes.stop(self.proc, signal.SIGKILL, 1.0)      # reaped (and forgotten) once it ended
+            self.proc.stdout.close()
+            self.stderr.close()
 
     def take_slices(self) -> list:
         """The slices made since the last call (the main thread's; ``slices`` keeps every one)."""
@@ -661,6 +635,10 @@ class SteadyLoad:
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
+        if self.thread.is_alive() and self.proc is not None:        # hung: stop it, the verdict says so
+            processes.stop(self.proc, signal.SIGKILL, 1.0)
+            self.thread.join(5)
+            self.error = self.error or f"the compiled open loop ran past {timeout:.0f} s and was stopped"
 
 
 # -- faults ----------------------------------------------------------------------------------------
@@ -764,9 +742,9 @@ def run_soak(out: SoakResult, backend: str, options, server_cpus, loadgen_cpu, s
         load = SteadyLoad(server.target, out.rate, size.seconds, size, loadgen_cpu).start()
         faults = Faults(server, size.fault_rate).start()
         out.samples = sample_while(load, server, size, say)
-        out.others_cpu_pct = others_cpu_pct(since, server)
         faults.finish()
-        load.join(size.seconds + engine.OPEN_DRAIN_S + 30)
+        load.join(size.seconds + OPEN_DRAIN_S + RESULT_SLACK_S)
+        out.others_cpu_pct = others_cpu_pct(since, server)     # once the load generator is reaped: its CPU is ours
         if load.error or load.result is None:
             out.error = f"the load generator failed: {load.error or 'no result'}"
         if not server.alive():
@@ -867,7 +845,12 @@ def sample_of(t_s: float, row: dict, pieces: list) -> dict:
             "replies": sum(latencies.values()),
             "p99_us": percentile(latencies, 99.0), "sent": sum(p["sent"] for p in pieces),
             "late": sum(p["late"] for p in pieces), "loadgen_cpu_percent": cpu,
-            "loadgen_saturated": cpu >= SATURATED_CPU, "latencies": latencies}
+            "loadgen_saturated": any(map(loadgen_flagged, pieces)), "latencies": latencies}
+
+
+def loadgen_flagged(piece: dict) -> bool:
+    """A slice the load generator may have been behind in: its CPU self-check, or its own late sends."""
+    return piece["loadgen_cpu_percent"] >= SATURATED_CPU or piece["loadgen_behind"]
 
 
 def totals_of(load: SteadyLoad, faults: Faults, baseline: dict, after: dict) -> dict:

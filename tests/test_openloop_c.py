@@ -195,3 +195,26 @@ class TestLive:
     def test_bad_arguments(self, binary):
         done = self.client(binary, "--rate", 10)
         assert done.returncode == 2 and "usage" in done.stderr
+
+    def test_slices_add_up_and_turnover_replaces_idle_connections_losing_nothing(self, binary, server):
+        """--slice-s: a line per whole slice before the result; --replace: that many connections a slice are
+        closed and reopened (the server accepts each), and nothing scheduled is lost or left unsent."""
+        accepted_before = server.stats()["connections_total"]
+        done = self.client(binary, "--target", server.target, "--rate", 400, "--conns", 10, "--duration", 2,
+                           "--pipeline", 4, "--slice-s", 0.5, "--replace", 2)
+        assert done.returncode == 0, done.stderr
+        *lines, final = map(json.loads, done.stdout.splitlines())
+        assert [line["slice"] for line in lines] == list(range(len(lines))) and 3 <= len(lines) <= 4
+        for line in lines:
+            assert line["replies"] == sum(count for _, count in line["histogram"]) > 0
+            assert 0 <= line["late"] <= line["sent"] and line["wall_s"] > 0
+        assert sum(line["sent"] for line in lines) <= final["sent"] == final["scheduled"]
+        assert sum(line["replies"] for line in lines) <= final["answered"] == final["sent"]
+        assert final["unsent"] == final["unanswered"] == final["errors"] == 0
+        assert final["replaced"] == lines[-1]["replaced"] == 2 * len(lines) and final["replace_failed"] == 0
+        assert server.stats()["connections_total"] - accepted_before == 10 + final["replaced"] + 1   # + this STATS
+
+    def test_replace_needs_slices(self, binary, server):
+        done = self.client(binary, "--target", server.target, "--rate", 10, "--conns", 1, "--duration", 1,
+                           "--replace", 1)
+        assert done.returncode == 2 and "--replace with --slice-s" in done.stderr

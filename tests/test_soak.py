@@ -368,6 +368,7 @@ def test_soak_holds_steady(variant):
     assert result.error is None and result.samples, result.failures
     totals = result.totals
     assert totals["lost"] == 0 and totals["sent"] > 0, totals["lost_detail"]
+    assert totals["replaced"] > 0 and totals["replace_failed"] == 0          # the turnover happened
     assert totals["close_wait_after"] == 0
     assert totals["fds_after"] <= totals["fds_baseline"]
     # threads: back to the baseline, or for a model that keeps what it started (pools, Go's runtime, gevent's

@@ -11,7 +11,7 @@
  *
  *   openloop --target HOST:PORT --rate R --conns C --duration S
  *            [--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U]
- *            [--request HEX --reply HEX] [--announce]
+ *            [--request HEX --reply HEX] [--announce] [--slice-s S [--replace N]]
  *
  * The schedule: request k is due at t0 + k/R on connection k mod C, for
  * warmup + duration seconds. A connection sends a request as soon as it is
@@ -29,6 +29,19 @@
  * --announce prints `conclab load: window START END` (CLOCK_MONOTONIC s, the
  * measured window) on stderr before the first slot.
  *
+ * Slices (--slice-s S, for a long run watched as it goes): every S seconds of the
+ * measured window one line goes to stdout before the final object,
+ *   {"slice": K, "t_s", "wall_s", "sent", "late", "held", "own_late", "replies",
+ *    "cpu_s", "wait_s", "replaced", "replace_failed", "histogram": [[us, count], ...]}
+ * what that slice sent and which replies arrived in it (latency from the
+ * scheduled send; replaced and replace_failed count from the start, this
+ * slice's turnover included); the slice that ends with the window is not
+ * printed (its replies come in the drain). --replace N: at the
+ * end of each slice N connections with nothing due, in flight or half-read
+ * are closed and a new one opened in their place (connection turnover; the new
+ * connection keeps the old one's place in the schedule). A connection that
+ * cannot be opened leaves the old one in place (counted in replace_failed).
+ *
  * SIGINT or SIGTERM ends the schedule early (the measured window ends there, window_s says
  * how long it was); the drain and the report follow.
  *
@@ -43,6 +56,10 @@
  * time of polls that found nothing to do is reported apart (wait_s) and is
  * not load: cpu_s - wait_s is the CPU the requests took, what the self-check
  * judges. --spin-us 0: sleep until each slot (no polling; the old behaviour).
+ * A stalled server answers in bursts; while the loop handles one (up to
+ * MAX_EVENTS sockets a pass), it sends the slots that came meanwhile every
+ * SLOTS_EVERY sockets, so a burst delays its own sends by microseconds, not
+ * by the whole burst.
  *
  * Output: one JSON object on stdout. Latencies in microseconds, exact
  * percentiles (nearest rank over the sorted samples of the measured window):
@@ -64,6 +81,7 @@
  *                                          those lost, and the requests in flight they took along
  *   max_unanswered_wait_us                 the oldest request still unanswered after the drain
  *   cpu_s                                  this process's CPU time over the measured window
+ *   replaced replace_failed                --replace: connections replaced, and new ones that failed to open
  *   wait_s                                 of it, the polls that found nothing to do (idle, not load)
  * Connections that cannot be opened are counted (connect_errors); none at all: exit 2.
  * Exit status 0, or 2 on bad arguments or when connecting fails.
@@ -76,6 +94,8 @@
 
 #define LATE_NS 1000000LL          /* sent this far behind schedule: late (as the Python generator) */
 #define RECV_CHUNK 65536
+#define SLICE_US 65536             /* a slice counts latencies below this (us) in an array, stores the rest */
+#define SLOTS_EVERY 8              /* while handling a burst of events, send the slots that came every this many */
 
 typedef struct {                    /* a growable FIFO of int64 */
     int64_t *v;
@@ -130,13 +150,23 @@ static struct {
     size_t n_samples, cap_samples;
     int64_t *own_lag;                   /* actual - scheduled send of every send not held: the loop's own */
     size_t n_own, cap_own;
+    int slicing;                        /* --slice-s given: count what each slice sent and got */
+    long long s_sent, s_late, s_held, s_own_late, replaced, replace_failed;
+    long long *s_us;                    /* the current slice's replies: counts by whole microsecond below SLICE_US */
+    int64_t *s_over;                    /* and the latencies (ns) of those at or over it, few */
+    size_t n_s_replies, n_s_over, cap_s_over;
+    conn *cs;                           /* the connections; slot k goes to cs[k mod opened] */
+    long opened;
+    int64_t t0, slot_at;                /* the schedule's start, and the next slot's time */
+    long long slot;
+    double step;                        /* ns between two slots */
 } g;
 
 static void die_usage(const char *msg) {
     fprintf(stderr, "openloop: %s\n"
             "usage: openloop --target HOST:PORT --rate R --conns C --duration S "
             "[--warmup S] [--size B] [--pipeline D] [--drain S] [--spin-us U] [--request HEX --reply HEX] "
-            "[--announce]\n", msg);
+            "[--announce] [--slice-s S [--replace N]]\n", msg);
     exit(2);
 }
 
@@ -153,6 +183,19 @@ static void record(conn *c, int64_t sched, int64_t actual, int64_t now) {
     g.uncorrected[g.n_samples] = now - actual;
     g.n_samples++;
     g.answered++;
+    if (g.slicing) {                    /* counted, not stored: a slice's line must cost the loop little */
+        int64_t us = (now - sched) / 1000;
+        g.n_s_replies++;
+        if (us < SLICE_US) g.s_us[us]++;
+        else {
+            if (g.n_s_over == g.cap_s_over) {
+                g.cap_s_over = g.cap_s_over ? g.cap_s_over * 2 : 4096;
+                g.s_over = realloc(g.s_over, g.cap_s_over * sizeof *g.s_over);
+                if (!g.s_over) { perror("realloc"); exit(3); }
+            }
+            g.s_over[g.n_s_over++] = now - sched;
+        }
+    }
 }
 
 static void set_events(conn *c) {
@@ -213,7 +256,7 @@ static void own_send(int64_t lag) {
         if (!g.own_lag) { perror("realloc"); exit(3); }
     }
     g.own_lag[g.n_own++] = lag;
-    if (lag > LATE_NS) g.own_late++;
+    if (lag > LATE_NS) { g.own_late++; g.s_own_late++; }
 }
 
 /* Send every due request of c that the pipeline allows, in one send. `held`: they waited for a reply
@@ -227,8 +270,9 @@ static void send_due(conn *c, int64_t now, int held) {
         fifo_push(&c->actual, now);
         if (sched >= g.warm_at) {
             g.sent++;
-            if (now - sched > LATE_NS) g.late++;
-            if (held) g.held++;
+            g.s_sent++;
+            if (now - sched > LATE_NS) { g.late++; g.s_late++; }
+            if (held) { g.held++; g.s_held++; }
             else own_send(now - sched);
         }
         out_append(c, g.frame, g.frame_len);
@@ -333,18 +377,85 @@ static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
     printf("]");
 }
 
+/* Send every slot that has come by `now` (each on its connection, or queued there when its pipeline is
+ * full); 1 if there was one. */
+static int send_slots(int64_t now) {
+    int worked = 0;
+    while (g.slot_at <= now && g.slot_at < g.end_at) {
+        conn *c = &g.cs[g.slot % g.opened];
+        if (c->alive) {                                 /* a lost connection's requests stay unsent */
+            int held = c->due.len > 0 || !has_room(c);  /* readable() drains due whenever room opens */
+            fifo_push(&c->due, g.slot_at);
+            send_due(c, now, held);
+        }
+        g.slot++;
+        g.slot_at = g.t0 + (int64_t)((double)g.slot * g.step);
+        worked = 1;
+    }
+    return worked;
+}
+
+/* One slice's line (see the top): what it sent, the replies that came in it, its CPU; then reset. */
+static void print_slice(long long k, double t_s, double wall_s, double cpu_s, double wait_s) {
+    printf("{\"slice\": %lld, \"t_s\": %.3f, \"wall_s\": %.6f, \"sent\": %lld, \"late\": %lld, \"held\": %lld, "
+           "\"own_late\": %lld, \"replies\": %zu, \"cpu_s\": %.6f, \"wait_s\": %.6f, \"replaced\": %lld, "
+           "\"replace_failed\": %lld, \"histogram\": [", k, t_s, wall_s, g.s_sent, g.s_late, g.s_held, g.s_own_late,
+           g.n_s_replies, cpu_s, wait_s, g.replaced, g.replace_failed);
+    const char *sep = "";
+    for (int64_t us = 0; us < SLICE_US; us++)
+        if (g.s_us[us]) { printf("%s[%lld, %lld]", sep, (long long)us, g.s_us[us]); sep = ", "; }
+    qsort(g.s_over, g.n_s_over, sizeof *g.s_over, cmp64);
+    for (size_t i = 0; i < g.n_s_over;) {
+        int64_t us = g.s_over[i] / 1000;
+        size_t j = i;
+        while (j < g.n_s_over && g.s_over[j] / 1000 == us) j++;
+        printf("%s[%lld, %zu]", sep, (long long)us, j - i);
+        sep = ", ";
+        i = j;
+    }
+    printf("]}\n");
+    fflush(stdout);
+    g.s_sent = g.s_late = g.s_held = g.s_own_late = 0;
+    memset(g.s_us, 0, SLICE_US * sizeof *g.s_us);
+    g.n_s_replies = g.n_s_over = 0;
+}
+
+/* Turnover: close up to n idle connections (nothing due, in flight or half-read or unsent), each only once
+ * a new one is open, which takes its place (and so its slots). From *next on, round the ring. */
+static void replace_idle(conn *cs, long opened, long n, long *next, const struct addrinfo *ai) {
+    long long kinds[N_KINDS] = {0};
+    int last = 0;
+    for (long tried = 0, done = 0; done < n && tried < opened; tried++) {
+        conn *c = &cs[*next];
+        *next = (*next + 1) % opened;
+        if (!c->alive || c->due.len || c->flight.len || c->in_len || c->out_len) continue;
+        int fd = connect_to(ai, kinds, &last);
+        if (fd < 0) { g.replace_failed++; continue; }
+        epoll_ctl(g.ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = fd;
+        c->want_out = 0;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        epoll_ctl(g.ep, EPOLL_CTL_ADD, fd, &ev);
+        g.replaced++;
+        done++;
+    }
+}
+
 int main(int argc, char **argv) {
     const char *target = NULL, *request_hex = NULL, *reply_hex = NULL;
     double rate = 0, duration = 0, warmup = 1.0, drain = 2.0;
     long conns = 0, size = 64;
     int pipeline = 1, announce = 0;
-    double spin_us = 50;
+    double spin_us = 50, slice_s = 0;
+    long replace = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: openloop --target HOST:PORT --rate R --conns C --duration S "
                    "[--warmup S (1)] [--size B (64)] [--pipeline D (1; 0 = no limit)] [--drain S (2)] "
-                   "[--spin-us U (50)] [--request HEX --reply HEX (ECHO of --size bytes)] [--announce]\n");
+                   "[--spin-us U (50)] [--request HEX --reply HEX (ECHO of --size bytes)] [--announce] "
+                   "[--slice-s S (0: no slices) [--replace N (0)]]\n");
             return 0;
         }
         if (!strcmp(a, "--announce")) { announce = 1; continue; }
@@ -361,11 +472,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--spin-us")) spin_us = atof(v);
         else if (!strcmp(a, "--request")) request_hex = v;
         else if (!strcmp(a, "--reply")) reply_hex = v;
+        else if (!strcmp(a, "--slice-s")) slice_s = atof(v);
+        else if (!strcmp(a, "--replace")) replace = atol(v);
         else die_usage("unknown option");
     }
     if (!target || rate <= 0 || conns <= 0 || duration <= 0 || warmup < 0 || size < 0 || pipeline < 0
-        || drain < 0 || spin_us < 0 || !request_hex != !reply_hex)
-        die_usage("need --target, --rate > 0, --conns > 0, --duration > 0, --request with --reply");
+        || drain < 0 || spin_us < 0 || !request_hex != !reply_hex || slice_s < 0 || replace < 0
+        || (replace && !slice_s))
+        die_usage("need --target, --rate > 0, --conns > 0, --duration > 0, --request with --reply, "
+                  "--replace with --slice-s");
 
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);             /* wake on the schedule, not up to 50 us after */
 
@@ -387,46 +502,58 @@ int main(int argc, char **argv) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         epoll_ctl(g.ep, EPOLL_CTL_ADD, c->fd, &ev);
     }
-    freeaddrinfo(ai);
     if (opened == 0) {                                  /* nothing to measure: say why, as a usage error */
         fprintf(stderr, "openloop: connect %s: %s\n", target, strerror(g.connect_errno));
         return 2;
     }
-    double step = (double)NS / rate;                    /* ns between two requests, all connections together */
-    int64_t t0 = mono() + 10000000;                     /* start 10 ms from now */
+    g.cs = cs;
+    g.opened = opened;
+    g.step = (double)NS / rate;                         /* ns between two requests, all connections together */
+    int64_t t0 = g.slot_at = g.t0 = mono() + 10000000;  /* start 10 ms from now */
     g.warm_at = t0 + (int64_t)(warmup * NS);
     g.end_at = g.warm_at + (int64_t)(duration * NS);
     if (announce) announce_window(g.warm_at, g.end_at);
-    long long slot = 0;
-    int64_t slot_at = t0, spin_ns = (int64_t)(spin_us * 1000), wait_ns = 0;
+    g.slicing = slice_s > 0;
+    if (g.slicing && !(g.s_us = calloc(SLICE_US, sizeof *g.s_us))) { perror("calloc"); exit(3); }
+    int64_t slice_ns = (int64_t)(slice_s * NS), slice_at = g.warm_at + slice_ns;
+    long long slice_k = 0;
+    long next_victim = 0;
+    double slice_cpu = 0;
+    int64_t slice_wait = 0, slice_mark = g.warm_at;
+    int64_t spin_ns = (int64_t)(spin_us * 1000), wait_ns = 0;
     double cpu_from = -1, cpu_s = 0;
     struct epoll_event evs[MAX_EVENTS];
 
     int64_t now = mono();
     for (;;) {
         if (stop_asked && now < g.end_at) g.end_at = now > g.warm_at ? now : g.warm_at;   /* end early */
-        if (cpu_from < 0 && now >= g.warm_at) cpu_from = cpu_now();
-        int worked = 0;
-        while (slot_at <= now && slot_at < g.end_at) {  /* every slot that has come */
-            conn *c = opened ? &cs[slot % opened] : NULL;
-            if (c && c->alive) {                        /* a lost connection's requests stay unsent */
-                int held = c->due.len > 0 || !has_room(c);  /* readable() drains due whenever room opens */
-                fifo_push(&c->due, slot_at);
-                send_due(c, now, held);
-            }
-            slot++;
-            slot_at = t0 + (int64_t)((double)slot * step);
-            worked = 1;
+        if (cpu_from < 0 && now >= g.warm_at) slice_cpu = cpu_from = cpu_now();
+        if (g.slicing && now >= slice_at && slice_at <= g.end_at) {   /* a whole slice is over */
+            double cpu = cpu_now();
+            if (replace) replace_idle(cs, opened, replace, &next_victim, ai);
+            print_slice(slice_k++, (double)(slice_at - g.warm_at) / NS, (double)(now - slice_mark) / NS,
+                        cpu - slice_cpu, (double)(wait_ns - slice_wait) / NS);
+            slice_mark = now;
+            slice_cpu = cpu;
+            slice_wait = wait_ns;
+            slice_at += slice_ns;
+            while (slice_at <= now) slice_at += slice_ns;  /* (a stalled loop does not print empty slices) */
         }
-        if (slot_at >= g.end_at) break;
-        int64_t wake_at = slot_at - spin_ns, before = worked ? mono() : now;
+        int worked = send_slots(now);
+        if (g.slot_at >= g.end_at) break;
+        int64_t wake_at = g.slot_at - spin_ns, before = worked ? mono() : now;
+        if (g.slicing && slice_at < wake_at) wake_at = slice_at;
         int n = poll_or_sleep(evs, wake_at - before);
         int64_t after = mono();
         if (n == 0 && wake_at <= before && cpu_from >= 0)  /* a poll that found nothing: waiting (and the */
             wait_ns += after - (worked ? before : now);     /* whole pass, when it had no slot either) */
-        for (int i = 0; i < n; i++) handle(&evs[i]);
+        for (int i = 0; i < n; i++) {
+            handle(&evs[i]);
+            if (i % SLOTS_EVERY == SLOTS_EVERY - 1) send_slots(mono());   /* a burst of replies: the slots */
+        }                                                                   /* that came meanwhile go on time */
         now = n > 0 ? mono() : after;
     }
+    freeaddrinfo(ai);
     if (cpu_from < 0) cpu_from = cpu_now();
     cpu_s = cpu_now() - cpu_from;
     double wait_s = (double)wait_ns / NS;
@@ -453,7 +580,7 @@ int main(int argc, char **argv) {
     /* What the measured window scheduled and never got answered. */
     long long scheduled = 0;
     for (long long k = 0;; k++) {                       /* count slots in [warm_at, end_at) */
-        int64_t at = t0 + (int64_t)((double)k * step);
+        int64_t at = t0 + (int64_t)((double)k * g.step);
         if (at >= g.end_at) break;
         if (at >= g.warm_at) scheduled++;
     }
@@ -483,7 +610,8 @@ int main(int argc, char **argv) {
            "\"unanswered\": %lld, \"errors\": %lld, \"throughput_rps\": %.1f, \"loadavg\": [%.2f, %.2f, %.2f], "
            "\"window_s\": %.6f, \"opened\": %ld, \"served\": %ld, \"lost\": %lld, \"lost_in_flight\": %lld, "
            "\"max_unanswered_wait_us\": %lld, \"cpu_s\": %.6f, \"wait_s\": %.6f, "
-           "\"held\": %lld, \"own_late\": %lld, \"own_lag_p50\": %.1f, \"own_lag_p99\": %.1f",
+           "\"held\": %lld, \"own_late\": %lld, \"own_lag_p50\": %.1f, \"own_lag_p99\": %.1f, "
+           "\"replaced\": %lld, \"replace_failed\": %lld",
            target, rate, conns, size, pipeline, warmup, duration,
            n, pct_us(g.samples, n, 50), pct_us(g.samples, n, 90), pct_us(g.samples, n, 99),
            pct_us(g.samples, n, 99.9), n ? g.samples[n - 1] / 1000.0 : 0.0, n ? sum / n / 1000.0 : 0.0,
@@ -492,7 +620,8 @@ int main(int argc, char **argv) {
            scheduled, g.sent, g.answered, g.late, unsent, unanswered, g.errors,
            duration > 0 ? g.answered / duration : 0.0, loadavg[0], loadavg[1], loadavg[2],
            (double)(g.end_at - g.warm_at) / NS, opened, served, g.errors, g.lost_in_flight, (long long)((drained_at - oldest) / 1000), cpu_s, wait_s,
-           g.held, g.own_late, pct_us(g.own_lag, g.n_own, 50), pct_us(g.own_lag, g.n_own, 99));
+           g.held, g.own_late, pct_us(g.own_lag, g.n_own, 50), pct_us(g.own_lag, g.n_own, 99),
+           g.replaced, g.replace_failed);
     print_kinds("error_kinds", g.kinds);
     print_kinds("connect_errors", g.connect_kinds);
     print_us_counts("histogram", g.samples, n);
