@@ -372,3 +372,25 @@ def test_a_tiny_run_is_calibrated_at_start_and_end(throughput_rounds):
     assert cal["run"]["own_cpu_pct"] > 0 and cal["floor"]["latency_p99_us"] > 0
     rows = pd.read_csv(run_dir / "calibration.csv", dtype={"cpu": str})
     assert set(rows.phase) == {"start", "end", "run"} and (rows.run_id == run_dir.name).all()
+
+
+def test_an_interrupt_while_measuring_the_end_keeps_the_files_and_is_reported(monkeypatch):
+    """A Ctrl-C in the run's last seconds (the end calibration, in the harness's clean-up) is not swallowed:
+    what was measured is kept and end() says so, so the run ends interrupted (exit 130), not complete."""
+    cal = quiet_cal()
+    del cal["end"]
+    written = []
+    run = SimpleNamespace(calibration=cal, profile=SimpleNamespace(name="quick"), manifest={},
+                          write=lambda table, row: written.append(row), save_manifest=lambda: None,
+                          progress=lambda text: None)
+
+    def ctrl_c(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "_measure", ctrl_c)
+    monkeypatch.setattr(calibrate.processes, "stop_all", lambda: None)
+    assert calibrate.end(run, "complete") is True
+    assert cal["end"]["skipped"] == "interrupted while measuring (KeyboardInterrupt)"
+    assert run.manifest["calibration"] is cal and cal["verdict"]
+    monkeypatch.setattr(calibrate, "_measure", lambda *args: None)
+    assert calibrate.end(run, "complete") is False

@@ -23,6 +23,7 @@ NAMES = ("convoy", "cores")
 BACKENDS = "epoll,go"
 RUN_ID = "gil-tiny"
 OFFLOADED_EPOLL = "epoll cpus=2 --cpu-offload process"
+OFFLOADED_EPOLL_ONE_CPU = "epoll --cpu-offload process"
 
 
 def fake_run(names, cpus=(0, 1), server_cpus=(0,), loadgen_cpus=(1,)):
@@ -48,12 +49,12 @@ def test_convoy_cases_are_the_models_switch_intervals_gomaxprocs_and_two_process
 
 
 @pytest.mark.unit
-def test_convoy_offload_cases_are_the_event_loops_on_two_cpus_after_the_rest():
+def test_convoy_offload_cases_are_the_event_loops_on_one_cpu_then_two_after_the_rest():
     offloaded = [s for s in convoy.SETTINGS if "--cpu-offload" in s.options]
-    assert [s.variant for s in offloaded] == ["asyncio", "uvloop", "gevent", "epoll"]
-    assert all(s.server_options() == ("--cpu-offload", "process") and s.n_cpus == 2 and s.procs == 1
-               for s in offloaded)
-    assert [s.label for s in offloaded][-1] == "epoll cpus=2 --cpu-offload process"
+    assert [s.variant for s in offloaded] == ["asyncio", "uvloop", "gevent", "epoll"] * 2
+    assert [s.n_cpus for s in offloaded] == [1] * 4 + [2] * 4
+    assert all(s.server_options() == ("--cpu-offload", "process") and s.procs == 1 for s in offloaded)
+    assert [s.label for s in offloaded][3::4] == ["epoll --cpu-offload process", "epoll cpus=2 --cpu-offload process"]
     assert list(convoy.SETTINGS[-len(offloaded):]) == offloaded     # after each model's one-process case
     assert convoy.Setting("threads", switch_interval=0.05, procs=2).server_options() == (
         "--switch-interval", "0.05", "--procs", "2")
@@ -64,15 +65,16 @@ def test_convoy_cases_follow_the_selected_variants_and_skip_what_the_machine_can
     run = fake_run(["epoll", "go"])
     cases = convoy.cases(run, convoy.SETTINGS)
     assert [c.name for c in cases] == ["epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2",
-                                       OFFLOADED_EPOLL]
+                                       OFFLOADED_EPOLL_ONE_CPU, OFFLOADED_EPOLL]
     two = {c.name: c for c in cases}
     assert two["epoll procs=2"].cpus == (0, 1) and two["epoll"].cpus == (0,)
     assert two["epoll procs=2"].variant.options[-2:] == ("--procs", "2")
     assert two["epoll procs=2"].variant.name == "epoll"                  # the rows keep the variant's name
     assert two[OFFLOADED_EPOLL].cpus == (0, 1) and two[OFFLOADED_EPOLL].variant.name == "epoll"
     assert two[OFFLOADED_EPOLL].variant.options[-2:] == ("--cpu-offload", "process")
+    assert two[OFFLOADED_EPOLL_ONE_CPU].cpus == (0,)                   # the loop's CPU only: not the generators'
     one_cpu = fake_run(["epoll"], cpus=(0,), loadgen_cpus=(0,))
-    assert [c.name for c in convoy.cases(one_cpu, convoy.SETTINGS)] == ["epoll"]
+    assert [c.name for c in convoy.cases(one_cpu, convoy.SETTINGS)] == ["epoll", OFFLOADED_EPOLL_ONE_CPU]
     assert one_cpu.skipped == [("epoll procs=2", "needs 2 CPUs, the machine has 1"),
                                (OFFLOADED_EPOLL, "needs 2 CPUs, the machine has 1")]
 
@@ -248,7 +250,8 @@ def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):
     assert code == 0
     c = pd.read_csv(run_dir / "convoy.csv")
     assert list(c.columns) == list(COLUMNS["convoy"])
-    assert set(c.case) == {"epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2", OFFLOADED_EPOLL}
+    assert set(c.case) == {"epoll", "go GOMAXPROCS=1", "go GOMAXPROCS=2", "epoll procs=2", OFFLOADED_EPOLL_ONE_CPU,
+                           OFFLOADED_EPOLL}
     for case, rows in c.groupby("case"):
         assert sorted(rows.cpu_conns) == [0, TINY.convoy_cpu_conns], case
     loaded, alone = c[c.cpu_conns > 0], c[c.cpu_conns == 0]
@@ -258,8 +261,9 @@ def test_tiny_convoy_measures_each_case_without_and_with_the_cpu_work(tiny):
                                                                         == "--procs 2").all()
     assert (c.server_conns_active == c.conns).all()                  # --procs 2 too: every worker's, summed
     assert (c.server_requests >= c.requests).all()                   # every request the generator counted
-    offloaded = c[c.case == OFFLOADED_EPOLL]
-    assert (offloaded.server_options == "--cpu-offload process").all() and (offloaded.n_server_cpus == 2).all()
+    for case, n_cpus in ((OFFLOADED_EPOLL_ONE_CPU, 1), (OFFLOADED_EPOLL, 2)):
+        offloaded = c[c.case == case]
+        assert (offloaded.server_options == "--cpu-offload process").all() and (offloaded.n_server_cpus == n_cpus).all()
 
 
 @pytest.mark.live

@@ -407,14 +407,16 @@ def start(run) -> dict:
     return cal
 
 
-def end(run, status: str) -> dict | None:
+def end(run, status: str) -> bool:
     """Measure the end phase (everything for a complete run, the cheap measures otherwise) and judge the run.
 
-    Runs in the harness's clean-up: an interrupt while it measures keeps what was measured.
+    Runs in the harness's clean-up: an interrupt while it measures keeps what was measured, and is returned
+    (True) so the run ends interrupted, not complete.
     """
     cal = getattr(run, "calibration", None)
     if cal is None:
-        return None
+        return False
+    interrupted = False
     p = cal["end"] = {"loadavg": list(os.getloadavg())}
     before = getattr(run, "calibration_snapshot", None)
     try:
@@ -429,6 +431,7 @@ def end(run, status: str) -> dict | None:
         if isinstance(exc, SystemExit):
             raise
         p["skipped"] = f"interrupted while measuring ({type(exc).__name__})"
+        interrupted = True
         processes.stop_all()
     judge(cal)
     for phase in ("end", "run"):
@@ -440,4 +443,4 @@ def end(run, status: str) -> dict | None:
         run.progress(f"[calibration] end: {_describe(p)}")
     reasons = f": {'; '.join(cal['reasons'])}" if cal["reasons"] else ""
     run.progress(f"[calibration] verdict {cal['verdict']}{reasons}")
-    return cal
+    return interrupted

@@ -270,7 +270,9 @@ def execute(run: Run, prog: str) -> int:
     finally:
         processes.stop_all()
         hosts.close()                                     # the namespace goes after every server in it
-        calibrate.end(run, status)                        # every child stopped: the machine as the run leaves it
+        if calibrate.end(run, status):                    # every child stopped: the machine as the run leaves it
+            status, code = "interrupted", EXIT_INTERRUPTED    # (a Ctrl-C in its last seconds still interrupts)
+            print(f"{prog}: interrupted while measuring the machine at the end", file=sys.stderr)
         os.sched_setaffinity(0, own_cpus)
         signal.signal(signal.SIGTERM, previous)
         write_summaries(run)
