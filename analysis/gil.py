@@ -49,17 +49,30 @@ def convoy_points(run) -> pd.DataFrame:
     return derive.medians(t, ["variant", "case", "cpu_conns"], CONVOY_VALUES + CASE_COLUMNS)
 
 
-def paired_ratios(t: pd.DataFrame, column: str) -> dict:
-    """case -> [with / without] of ``column``, one per round where both points of the case are valid."""
+def paired(t: pd.DataFrame, column: str) -> tuple[pd.Series, pd.Series]:
+    """(without, with) the CPU work: ``column`` per (case, round), of the valid points."""
     if t.empty:
-        return {}
+        return pd.Series(dtype=float), pd.Series(dtype=float)
     ok, _ = derive.validity(t)
     t = t[ok]
-    base = t[t.cpu_conns == 0].groupby(["case", "repeat"])[column].median()
-    loaded = t[t.cpu_conns > 0].groupby(["case", "repeat"])[column].median()
+    return (t[t.cpu_conns == 0].groupby(["case", "repeat"])[column].median(),
+            t[t.cpu_conns > 0].groupby(["case", "repeat"])[column].median())
+
+
+def paired_ratios(t: pd.DataFrame, column: str) -> dict:
+    """case -> [with / without] of ``column``, one per round where both points of the case are valid."""
+    base, loaded = paired(t, column)
     ratios = (loaded / base).dropna()
     ratios = ratios[ratios.map(lambda v: v != float("inf"))]
     return {case: list(values) for case, values in ratios.groupby(level=0)}
+
+
+def paired_loaded(t: pd.DataFrame, column: str) -> dict:
+    """case -> [``column`` with the CPU work], one per round where both points of the case are valid: what a fix
+    is compared on (the ECHO p99 beside the CPU work), rounds as the ratios'."""
+    base, loaded = paired(t, column)
+    both = loaded[loaded.index.isin(base.dropna().index)].dropna()
+    return {case: list(values) for case, values in both.groupby(level=0)}
 
 
 def convoy(run) -> pd.DataFrame:
@@ -70,6 +83,7 @@ def convoy(run) -> pd.DataFrame:
     if points.empty:
         return pd.DataFrame(columns=["variant", "case", "ratio_p99", "valid", "invalid_reason"])
     ratios = {c: paired_ratios(t, c) for c in ("p99_us", "p50_us")}
+    loaded_p99 = paired_loaded(t, "p99_us")
     rows = []
     for case in dict.fromkeys(t.case):                         # the experiment's order (experiments.convoy.SETTINGS)
         mine = points[points.case == case]
@@ -80,8 +94,9 @@ def convoy(run) -> pd.DataFrame:
         for side, frame in (("base", base), ("with", loaded)):
             for column in ("p50_us", "p99_us", "work_rps", "server_cpu_percent"):
                 row[f"{column}_{side}"] = frame[column].iloc[0] if not frame.empty and column in frame else None
-        for column, name in (("p99_us", "ratio_p99"), ("p50_us", "ratio_p50")):
-            spread = stats.spread(ratios[column].get(case, []))
+        for values, name in ((ratios["p99_us"], "ratio_p99"), (ratios["p50_us"], "ratio_p50"),
+                             (loaded_p99, "p99_beside")):
+            spread = stats.spread(values.get(case, []))
             for field, suffix in RATIO_SUFFIXES.items():
                 row[name + suffix] = spread[field] if spread else None
         reasons = [r for r in mine.invalid_reason.dropna() if r]

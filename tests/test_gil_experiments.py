@@ -300,3 +300,24 @@ def test_a_selected_variant_without_a_convoy_case_is_skipped_with_its_reason():
     run.in_rounds = lambda experiment, cases, body: run.skipped.append(("rounds", [c.name for c in cases]))
     convoy.run(run)
     assert run.skipped[0] == ("threadpool", convoy.NO_CASE["threadpool"]) and run.skipped[1] == ("rounds", [])
+
+
+@pytest.mark.unit
+def test_offloading_on_the_loops_cpu_is_judged_on_the_p99_beside_the_cpu_work():
+    """The one-CPU offload case against the loop computing the work: the ECHO p99 beside it (absolute, its
+    spread over the rounds whose pair is valid), lower, tie or higher as the intervals say."""
+    c = convoy_frame([*convoy_rows("epoll", "epoll", 400, 5_000),
+                      *convoy_rows(OFFLOADED_EPOLL_ONE_CPU, "epoll", 1_000, 2_300),
+                      *convoy_rows(OFFLOADED_EPOLL, "epoll", 200, 2_400, n_server_cpus=2)])
+    by_case = c.set_index("case")
+    assert by_case.loc[OFFLOADED_EPOLL_ONE_CPU, "p99_beside"] == pytest.approx(4_600)          # rounds 2.3, 4.6, 6.9 ms
+    assert (by_case.loc["epoll", "p99_beside_min"], by_case.loc["epoll", "p99_beside_max"]) == (5_000, 15_000)
+    f = findings.convoy(c)
+    assert f.facts["epoll.offload.blocked"] == pytest.approx(10.0) and f.facts["epoll.offload.off"] == pytest.approx(4.6)
+    assert f.facts["epoll.offload.verdict"] == "tie within noise"         # 2.3–6.9 ms overlaps 5–15 ms
+    assert "with it in a process pool on the same CPU" in f.text and f.text.count("in a process pool") == 1
+    three = findings.convoy(convoy_frame([
+        *[{**r, "p99_us": 9_000 + r["repeat"]} if r["cpu_conns"] else r for r in convoy_rows("epoll", "epoll", 400, 1)],
+        *[{**r, "p99_us": 2_000 + r["repeat"]} if r["cpu_conns"] else r
+          for r in convoy_rows(OFFLOADED_EPOLL_ONE_CPU, "epoll", 1_000, 1)]]))
+    assert three.facts["epoll.offload.verdict"] == "lower than with the loop computing it"
