@@ -421,17 +421,24 @@ def test_docs_list_exactly_the_columns():
 # -- interruption -----------------------------------------------------------------------------------
 
 @pytest.mark.live
-def test_interrupt_stops_everything_and_keeps_results(tmp_path):
-    """SIGINT to the harness mid-run: exit 130, manifest 'interrupted', no server or generator left."""
+@pytest.mark.parametrize("started", ["plainly", "with SIGINT ignored"])
+def test_interrupt_stops_everything_and_keeps_results(tmp_path, started):
+    """SIGINT to the harness mid-run: exit 130, manifest 'interrupted', no server or generator left; also when
+    it was started with SIGINT ignored (what a script's background job inherits)."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "CONCLAB_TEST_MARKER": marker}
-    proc = subprocess.Popen([sys.executable, "-m", "conclab.experiments.harness", "throughput,c10k", "--profile", "tiny",
-                             "--backends", "threads", "--results", str(tmp_path), "--run-id", "cut"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "conclab.experiments.harness", "throughput,c10k", "--profile", "tiny",
+            "--backends", "threads", "--results", str(tmp_path), "--run-id", "cut"]
+    if started != "plainly":
+        argv = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *argv]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        seen = None
         for line in proc.stderr:
             if "[throughput]" in line:
+                seen = line
                 break
+        assert seen, "the run ended before its first point"
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     finally:

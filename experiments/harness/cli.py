@@ -5,7 +5,8 @@ command (it sets ``run=cmd_run``); ``main(argv)`` is
 ``python -m conclab.experiments.harness``, which takes the same arguments as ``conclab run``. Progress goes to stderr (one
 line per point); stdout gets one line, the run's directory. Exit status: 0 the
 run completed (skipped backends are recorded, not failures), 2 bad usage or the
-load generator cannot run, 130 interrupted, 1 an unexpected error.
+load generator cannot run, 130 interrupted (SIGINT or SIGTERM: SIGINT too when the run was started with it
+ignored, as a script's background job is), 1 an unexpected error.
 """
 from __future__ import annotations
 
@@ -236,6 +237,8 @@ def execute(run: Run, prog: str) -> int:
     status, code = "complete", EXIT_OK
     own_cpus = os.sched_getaffinity(0)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)   # even when started with it ignored
+                                                                              # (a script's background job)
     run.progress(f"{prog}: {', '.join(run.experiments)} (profile {run.profile.name}, {run.repeat} interleaved "
                  f"round(s)) on "
                  f"{len(run.variants)} variants; server CPUs {run.server_cpus}, load generator CPUs "
@@ -275,6 +278,7 @@ def execute(run: Run, prog: str) -> int:
             print(f"{prog}: interrupted while measuring the machine at the end", file=sys.stderr)
         os.sched_setaffinity(0, own_cpus)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         write_summaries(run)
         run.finish(status)
     run.progress(f"{prog}: {status} in {run.elapsed():.0f} s; {len(run.manifest['skipped'])} skipped; {run.dir}")
