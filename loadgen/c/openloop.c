@@ -364,16 +364,24 @@ static double pct_us(const int64_t *sorted, size_t n, double p) {
     return sorted[rank - 1] / 1000.0;
 }
 
-/* ", \"name\": [[us, count], ...]" of sorted ns samples, every distinct whole microsecond. */
-static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
-    printf(", \"%s\": [", name);
+/* "[us, count], ..." of sorted ns samples, every distinct whole microsecond, `sep` before the first; the
+ * separator for what follows. */
+static const char *print_us_pairs(const char *sep, const int64_t *sorted, size_t n) {
     for (size_t i = 0; i < n;) {
         int64_t us = sorted[i] / 1000;
         size_t j = i;
         while (j < n && sorted[j] / 1000 == us) j++;
-        printf("%s[%lld, %zu]", i ? ", " : "", (long long)us, j - i);
+        printf("%s[%lld, %zu]", sep, (long long)us, j - i);
+        sep = ", ";
         i = j;
     }
+    return sep;
+}
+
+/* ", \"name\": [[us, count], ...]" of sorted ns samples. */
+static void print_us_counts(const char *name, const int64_t *sorted, size_t n) {
+    printf(", \"%s\": [", name);
+    print_us_pairs("", sorted, n);
     printf("]");
 }
 
@@ -405,14 +413,7 @@ static void print_slice(long long k, double t_s, double wall_s, double cpu_s, do
     for (int64_t us = 0; us < SLICE_US; us++)
         if (g.s_us[us]) { printf("%s[%lld, %lld]", sep, (long long)us, g.s_us[us]); sep = ", "; }
     qsort(g.s_over, g.n_s_over, sizeof *g.s_over, cmp64);
-    for (size_t i = 0; i < g.n_s_over;) {
-        int64_t us = g.s_over[i] / 1000;
-        size_t j = i;
-        while (j < g.n_s_over && g.s_over[j] / 1000 == us) j++;
-        printf("%s[%lld, %zu]", sep, (long long)us, j - i);
-        sep = ", ";
-        i = j;
-    }
+    print_us_pairs(sep, g.s_over, g.n_s_over);
     printf("]}\n");
     fflush(stdout);
     g.s_sent = g.s_late = g.s_held = g.s_own_late = 0;
