@@ -407,8 +407,12 @@ def soak_finding(summary: pd.DataFrame | None) -> Finding:
             + (f". Unresolved (the run could not decide, see why): {len(unresolved)} criteria"
                if len(unresolved) else "")
             + ". Hollow markers: seconds where the load generator saturated (its own self-check).")
-    title = f"Soak: {int(verdicts.sum())} of {len(verdicts)} variants steady (RSS, fds, p99 per second)"
-    return Finding(title, text, {"passed": int(verdicts.sum()), "variants": len(verdicts)})
+    undecided = unresolved.variant.nunique()
+    title = (f"Soak: no criterion failed in {int(verdicts.sum())} of {len(verdicts)} variants"
+             + (f", {undecided} with a criterion left unresolved" if undecided else "")
+             + " (RSS, fds, p99 per second)")
+    return Finding(title, text, {"passed": int(verdicts.sum()), "variants": len(verdicts),
+                                 "unresolved_variants": int(undecided)})
 
 
 def write(run: Run, out_dir: str | None = None) -> tuple[str, list]:

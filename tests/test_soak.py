@@ -22,6 +22,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conclab.analysis import report, tables
 from conclab.analysis.results import Run
@@ -338,6 +339,19 @@ def test_report_draws_the_reliability_section_from_the_run_directory(tmp_path):
     assert png.exists() and png.stat().st_size > 5_000
     for variant in ("epoll", "go"):
         assert f">{variant}<" in page
+
+
+def test_the_soak_finding_counts_failed_and_unresolved_variants_apart():
+    """An unresolved criterion is not a pass: the title says how many variants the run left undecided."""
+    def rows(variant, verdicts):
+        return [{"variant": variant, "criterion": c, "verdict": v} for c, v in zip(("RSS slope", "fds", "p99"), verdicts)]
+    summary = pd.DataFrame(rows("epoll", ["unresolved", "pass", "pass"]) + rows("go", ["pass", "pass", "pass"])
+                           + rows("threads", ["pass", "FAIL", "unresolved"]))
+    finding = report.soak_finding(summary)
+    assert finding.title.startswith("Soak: no criterion failed in 2 of 3 variants, 2 with a criterion left unresolved")
+    assert "failed threads fds" in finding.text and "Unresolved (the run could not decide, see why): 2 criteria" in finding.text
+    calm = report.soak_finding(pd.DataFrame(rows("go", ["pass", "pass", "pass"])))
+    assert calm.title.startswith("Soak: no criterion failed in 1 of 1 variants (")
 
 
 def test_report_says_plainly_when_a_run_has_no_reliability_files(tmp_path):
