@@ -375,6 +375,10 @@ def reliability_section(run: Run, out_dir: str) -> str:
         failures = tables.check_failures(check)
         if not failures.empty:
             parts.append("<h3>Scenarios that did not pass</h3>" + html.table(failures))
+    if "soak_summary" in frames:
+        parts.append("<h3>At a glance: soak and overload per variant</h3>"
+                     + html.table(tables.reliability_digest(frames["soak_summary"], frames.get("overload")),
+                                swatch=style.color))
     if "soak" in frames:
         finding = soak_finding(frames.get("soak_summary"))
         with style.context():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pandas as pd
 
 from . import derive
-from .fmt import num
+from .fmt import MISSING, num
 from .results import Run
 
 MS_PER_US = 1e-3
@@ -288,6 +288,55 @@ def overload_table(overload: pd.DataFrame) -> pd.DataFrame:
         out["why not"] = [("; ".join(t for t in (str(f), str(u)) if t and t != "nan"))
                           for f, u in zip(overload.failures.fillna(""), overload.unresolved.fillna(""))]
     return out
+
+
+EXACT_CRITERIA = ("fds", "threads", "CLOSE_WAIT", "lost replies")
+
+
+def reliability_digest(summary: pd.DataFrame, overload: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per variant: the soak's rate and verdicts, then each overload factor's served rate, p99 and
+    recovery, and the RSS peak over the factors. The report's at-a-glance table, and docs/reliability.md's."""
+    rows = []
+    for variant, group in summary.groupby("variant", sort=False):
+        first, by = group.iloc[0], group.set_index("criterion")
+        exact = [c for c in EXACT_CRITERIA if c in by.index]
+        off = [f"{c} {by.verdict[c]}: {by.value[c]}" for c in exact if by.verdict[c] != "pass"]
+        row = {"variant": variant, "capacity req/s": num(first.capacity_rps),
+               "soak": f"{num(first.rate)} req/s for {num(first.seconds)} s",
+               "RSS slope": _verdict_cell(by, "RSS slope"),
+               ", ".join(exact): "; ".join(off) or ("pass" if exact else MISSING),
+               "p99 first -> last quarter": _verdict_cell(by, "p99", until=" (")}
+        rows.append({**row, **_overload_cells(overload, variant)})
+    return pd.DataFrame(rows)
+
+
+def _verdict_cell(by: pd.DataFrame, criterion: str, until: str | None = None) -> str:
+    if criterion not in by.index:
+        return MISSING
+    value = str(by.value[criterion]) if pd.notna(by.value[criterion]) else ""
+    value = value.split(until)[0] if until else value
+    return f"{by.verdict[criterion]}: {value}" if value else str(by.verdict[criterion])
+
+
+def _overload_cells(overload: pd.DataFrame | None, variant: str) -> dict:
+    rows = overload[overload.variant == variant] if overload is not None else pd.DataFrame()
+    cells = {}
+    for r in rows.itertuples():
+        cells[f"{num(r.factor)}x: served req/s, p99 ms"] = (f"{num(r.served_rps)} of {num(r.offered_rps)}, "
+                                                             f"{num(r.p99_us * MS_PER_US)}")
+        cells[f"{num(r.factor)}x: verdict, back in s"] = f"{r.status}: {num(r.recovery_s)}"
+    if len(rows):
+        cells["RSS before -> peak MiB"] = f"{num(rows.rss_before_mib.min())} -> {num(rows.rss_peak_mib.max())}"
+    return cells
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A table as Markdown, every cell as it stands (pipes escaped)."""
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(cell, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def _errors_text(text) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conclab.analysis import report, tables
+from conclab.analysis.fmt import num
 from conclab.analysis.results import Run
 from conclab.reliability import cli as check_cli
 from conclab.reliability import overload, soak
@@ -334,6 +335,7 @@ def test_report_draws_the_reliability_section_from_the_run_directory(tmp_path):
     assert "Fault scenarios per variant (check.csv)" in page
     assert "Soak verdicts (soak_summary.csv)" in page
     assert "Overload: how each model degrades (overload.csv)" in page
+    assert "At a glance: soak and overload per variant" in page
     assert "No soak" not in page and "No overload" not in page
     png = tmp_path / report.CHART_DIR / f"{report.SOAK_CHART}.png"
     assert png.exists() and png.stat().st_size > 5_000
@@ -352,6 +354,25 @@ def test_the_soak_finding_counts_failed_and_unresolved_variants_apart():
     assert "failed threads fds" in finding.text and "Unresolved (the run could not decide, see why): 2 criteria" in finding.text
     calm = report.soak_finding(pd.DataFrame(rows("go", ["pass", "pass", "pass"])))
     assert calm.title.startswith("Soak: no criterion failed in 1 of 1 variants (")
+
+
+def test_the_digest_has_a_row_per_variant_from_both_files_and_names_an_exact_criterion_that_failed():
+    frames = tables.read_reliability(str(FIXTURE))
+    summary, load = frames["soak_summary"], frames["overload"]
+    digest = tables.reliability_digest(summary, load).set_index("variant")
+    assert list(digest.index) == list(dict.fromkeys(summary.variant))
+    exact = ", ".join(tables.EXACT_CRITERIA)
+    assert (digest[exact] == "pass").all()
+    for r in load.itertuples():
+        cell = digest.at[r.variant, f"{num(r.factor)}x: served req/s, p99 ms"]
+        assert cell == f"{num(r.served_rps)} of {num(r.offered_rps)}, {num(r.p99_us / 1000)}"
+    peak = load[load.variant == "go"].rss_peak_mib.max()
+    assert digest.at["go", "RSS before -> peak MiB"].endswith(f"-> {num(peak)}")
+    leaky = summary.copy()
+    leaky.loc[(leaky.variant == "go") & (leaky.criterion == "fds"), ["verdict", "value"]] = ["FAIL", "107..140"]
+    cells = tables.reliability_digest(leaky).set_index("variant")[exact]
+    assert cells["go"] == "fds FAIL: 107..140" and cells["epoll"] == "pass"
+    assert "2x: served req/s, p99 ms" not in tables.reliability_digest(leaky).columns     # no overload file
 
 
 def test_report_says_plainly_when_a_run_has_no_reliability_files(tmp_path):
