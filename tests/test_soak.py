@@ -430,3 +430,21 @@ def test_overload_is_survived_and_recovered_from(name):
     assert all(r.alive for r in rows)
     problems = [f"{r.factor}x: {failure}" for r in rows for failure in r.failures]
     assert not problems, "; ".join(problems)
+
+
+# -- docs/reliability.md quotes the committed reference run -----------------------------------------
+REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+
+
+def test_the_docs_scenario_table_is_the_reference_runs_check_csv():
+    check = tables.read_reliability(str(REFERENCE))["check"]
+    by_scenario = tables.check_table(check).set_index("variant").T.rename_axis("scenario").reset_index()
+    text = DOCS.read_text()
+    assert tables.to_markdown(by_scenario) in text, "paste this table into docs/reliability.md, Results:\n" \
+        + tables.to_markdown(by_scenario)
+    assert f"all {check.scenario.nunique()} scenarios at full size on all {check.variant.nunique()} variants" \
+        in " ".join(text.split())
+    limits = sorted(set(check[check.status == "limit"].variant))
+    assert limits == ["threadpool"] and not (check.status == "FAIL").any()      # "two limits of the pool"
+    assert (check.status == "limit").sum() == 2
