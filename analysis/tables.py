@@ -284,6 +284,8 @@ def overload_table(overload: pd.DataFrame) -> pd.DataFrame:
     if "recovery_p99_us" in overload:          # runs judged on robust statistics and the machine's floor
         out.insert(7, "p99 after drop ms", overload.recovery_p99_us * MS_PER_US)
         out.insert(8, "floor p99 ms", overload.floor_p99_us * MS_PER_US)
+        if "normal_worst_p99_us" in overload:  # runs whose baseline kept its worst second
+            out.insert(7, "normal worst second ms", overload.normal_worst_p99_us * MS_PER_US)
         out["machine busy"] = overload.machine_busy.map(lambda v: "yes" if str(v) == "True" else "")
         out["why not"] = [("; ".join(t for t in (str(f), str(u)) if t and t != "nan"))
                           for f, u in zip(overload.failures.fillna(""), overload.unresolved.fillna(""))]

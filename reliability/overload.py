@@ -8,8 +8,9 @@ Per backend variant, on one server:
 1. **Capacity**: the soak's short closed loop (``soak.capacity``: 3 s after 0.5 s of warm-up; the
    CI suite's ``capacity_s``: 1 s).
 2. **Normal p99**: the open loop (``soak.SteadyLoad``, no faults, no turnover) at the soak's rate
-   (70 % of capacity, capped at ``max_rate``: the soak's 100,000 req/s, the CI suite's 5,000) for
-   ``BASELINE_S``; the median of those seconds' p99s (``robust_p99``).
+   (70 % of capacity, capped at ``max_rate``: the soak's 100,000 req/s, the CI suite's 5,000) for as
+   long as one factor's overload, within ``BASELINE_MIN_S``..``BASELINE_MAX_S`` (``baseline_seconds``);
+   the median of those seconds' p99s (``robust_p99``), and the worst of them.
 3. For each factor in ``FACTORS`` (2, 5): the load generator's compiled open loop (``run_load``, ``CONNS``
    connections, pipeline ``PIPELINE``) offers factor x capacity for ``seconds`` (``CI_SECONDS`` in the
    test suite, ``FULL_SECONDS`` with ``conclab check --overload``), while ``PeakRss`` reads the
@@ -24,8 +25,11 @@ Per backend variant, on one server:
    judged), p99 per second. Judged on robust statistics: the median of those per-second p99s
    against the normal p99 (itself the median of the baseline's per-second p99s), within the soak's
    tolerance (``soak.p99_tolerance``: 2x, or plus the latency floor's p99 when that is larger): pass
-   when the median is within it, FAIL when every second is over it (not back, demonstrated),
-   unresolved in between.
+   when the median is within it, FAIL when every second is over it and over the baseline's worst
+   second (not back, demonstrated), unresolved in between. The worst second matters for the thread
+   models: at 70 % of capacity their per-second p99 swings between calm and slow stretches of
+   several seconds with no overload at all (the soak's time series shows it), so the 5 s after the
+   drop can land in a slow stretch; that is not told from a slow recovery, and the row says so.
    Seconds where the load generator saturated are left out; with fewer than
    ``soak.MIN_QUARTER_SECONDS`` left, the recovery is unresolved. The recovery time (the end of
    the first second from which every second's p99 is within that tolerance) is recorded, not judged.
@@ -66,13 +70,14 @@ CI_SECONDS = soakmod.SUITE_CI.overload_s
 FULL_SECONDS = soakmod.SUITE_FULL.overload_s
 CONNS = 100
 PIPELINE = 16
-BASELINE_S = 4.0                           # the normal p99: enough seconds for a median of 3 or more
+BASELINE_MIN_S = 4.0                       # the normal p99: enough seconds for a median of 3 or more...
+BASELINE_MAX_S = 20.0                      # ...and, at full size, for a model's slower swings at that rate
 RECOVERY_LIMIT_S = 5.0
 RECOVERY_WINDOW_S = RECOVERY_LIMIT_S       # measured after the drop: exactly the seconds judged
 SAMPLE_S = 0.2
 RSS_BOUND_MIB = 64.0
 CSV_COLUMNS = ("variant", "factor", "capacity_rps", "offered_rps", "sent_rps", "served_rps", "p99_us",
-               "normal_p99_us", "floor_p99_us", "recovery_p99_us", "recovery_best_p99_us", "errors", "unsent", "unanswered", "rss_before_mib",
+               "normal_p99_us", "normal_worst_p99_us", "floor_p99_us", "recovery_p99_us", "recovery_best_p99_us", "errors", "unsent", "unanswered", "rss_before_mib",
                "rss_peak_mib", "rss_bound_mib", "recovery_s", "loadgen_saturated", "others_cpu_pct", "machine_busy",
                "alive", "status", "failures", "unresolved")
 
@@ -87,6 +92,7 @@ class OverloadRow:
     served_rps: float = 0.0
     p99_us: int | None = None
     normal_p99_us: float | None = None       # median of the baseline's per-second p99s
+    normal_worst_p99_us: int | None = None   # the worst of them
     floor_p99_us: int | None = None          # the latency floor's probe
     recovery_p99_us: float | None = None     # median of the per-second p99s over the RECOVERY_LIMIT_S after the drop
     recovery_best_p99_us: int | None = None  # the best of those seconds
@@ -129,6 +135,11 @@ def normal_p99(target: str, rate: float, seconds: float, cpu: int | None) -> lis
             for piece in load.slices]
 
 
+def baseline_seconds(seconds: float) -> float:
+    """How long the normal p99 is measured: as long as one factor's overload, within BASELINE_MIN_S..BASELINE_MAX_S."""
+    return max(BASELINE_MIN_S, min(seconds, BASELINE_MAX_S))
+
+
 def robust_p99(per_second: list) -> float | None:
     """The median of the usable per-second p99s; None when fewer than soak.MIN_QUARTER_SECONDS are usable."""
     usable = [p for p in per_second if p is not None]
@@ -161,11 +172,12 @@ def overload(backend: str, options=(), seconds: float = CI_SECONDS, factors=FACT
         rate = min(capacity * soakmod.LOAD_FRACTION, max_rate)
         floor = soakmod.latency_floor(server.target, loadgen_cpu)
         since = soakmod.cpu_mark(server)             # each row's window: the baseline or the previous row's end on
-        normal = robust_p99(normal_p99(server.target, rate, BASELINE_S, loadgen_cpu))
+        baseline = normal_p99(server.target, rate, baseline_seconds(seconds), loadgen_cpu)
+        normal, worst = robust_p99(baseline), max((p for p in baseline if p is not None), default=None)
         say(f"capacity {capacity:,.0f} req/s; latency floor p99 {floor} us; normal p99 {normal} us at {rate:,.0f} req/s")
         for factor in factors:
             row = OverloadRow(name, factor, capacity, offered_rps=round(factor * capacity, 1), normal_p99_us=normal,
-                              floor_p99_us=floor)
+                              normal_worst_p99_us=worst, floor_p99_us=floor)
             overload_once(server, row, seconds, cpus)
             if row.alive:
                 per_second = normal_p99(server.target, rate, RECOVERY_WINDOW_S, loadgen_cpu)
@@ -250,8 +262,14 @@ def judge(row: OverloadRow) -> None:
     over = (f"median per-second p99 {row.recovery_p99_us:.0f} us over the {RECOVERY_LIMIT_S:g} s after the load "
             f"dropped, over {limit:.0f} us ({soakmod.P99_FACTOR:g}x normal {row.normal_p99_us:.0f} us, or + the "
             f"floor's {row.floor_p99_us} us)")
-    if row.recovery_best_p99_us is not None and row.recovery_best_p99_us <= limit:
-        row.unresolved.append(f"recovery: {over}, but its best second ({row.recovery_best_p99_us} us) within it: "
+    best, worst = row.recovery_best_p99_us, row.normal_worst_p99_us
+    if best is not None and best <= limit:
+        row.unresolved.append(f"recovery: {over}, but its best second ({best} us) within it: "
                               f"slow recovery not told from noise")
+    elif best is not None and worst is not None and best <= worst:
+        row.unresolved.append(f"recovery: {over}, every second, but none over the baseline's worst second ({worst} us): "
+                              f"at this rate the model's p99 swung that far before the overload too; slow recovery "
+                              f"not told from that")
     else:
-        row.failures.append(f"p99 not back: {over}, every second")
+        row.failures.append(f"p99 not back: {over}, every second" + (f", and over the baseline's worst second "
+                                                                      f"({worst} us)" if worst is not None else ""))

@@ -274,6 +274,12 @@ def test_overload_recovery_time_is_when_p99_stays_within_tolerance():
     assert overload.recovery_time([9_000, None, 900], 1_000) == 2.0         # a saturated second judges nothing
 
 
+def test_the_overload_baseline_is_as_long_as_one_factor_within_its_bounds():
+    assert overload.baseline_seconds(2.0) == overload.BASELINE_MIN_S
+    assert overload.baseline_seconds(10.0) == 10.0
+    assert overload.baseline_seconds(30.0) == overload.BASELINE_MAX_S
+
+
 def test_overload_p99_is_the_median_of_enough_usable_seconds():
     assert overload.robust_p99([800, 9_000, 700, None, 750]) == 775
     assert overload.robust_p99([800, None, None, 700]) is None
@@ -295,6 +301,11 @@ def test_an_overload_row_fails_on_memory_and_on_a_p99_not_back_with_one_line_eac
                              "over 1600 us (2x normal 800 us, or + the floor's 300 us), every second")]
     mixed = row(recovery_p99_us=7_000.0, recovery_best_p99_us=900)
     assert mixed.status == "unresolved" and mixed.unresolved[0].endswith("slow recovery not told from noise")
+    swinging = row(recovery_p99_us=7_000.0, recovery_best_p99_us=5_000, normal_worst_p99_us=9_000)
+    assert swinging.status == "unresolved" and swinging.failures == []
+    assert "none over the baseline's worst second (9000 us)" in swinging.unresolved[0]
+    beyond = row(recovery_p99_us=12_000.0, recovery_best_p99_us=10_000, normal_worst_p99_us=9_000)
+    assert beyond.failures[0].endswith("every second, and over the baseline's worst second (9000 us)")
     assert row().status == "pass"
     assert row(recovery_p99_us=1_900.0, floor_p99_us=1_500).status == "pass"
 
