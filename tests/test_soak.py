@@ -459,3 +459,31 @@ def test_the_docs_scenario_table_is_the_reference_runs_check_csv():
     limits = sorted(set(check[check.status == "limit"].variant))
     assert limits == ["threadpool"] and not (check.status == "FAIL").any()      # "two limits of the pool"
     assert (check.status == "limit").sum() == 2
+
+
+def listed(names) -> str:
+    return ", ".join(names) or "none"
+
+
+def test_the_docs_soak_and_overload_figures_are_the_reference_runs():
+    """The digest table and every list in the prose under it are computed from the committed files."""
+    frames = tables.read_reliability(str(REFERENCE))
+    summary, load = frames["soak_summary"], frames["overload"]
+    digest = tables.to_markdown(tables.reliability_digest(summary, load))
+    text = DOCS.read_text()
+    assert digest in text, "paste this table into docs/reliability.md, Soak and overload:\n" + digest
+    flat = " ".join(text.split())
+    variants = list(dict.fromkeys(summary.variant))
+    verdict = summary.pivot_table(index="variant", columns="criterion", values="verdict", aggfunc="first")
+    steady = [v for v in variants if (verdict.loc[v, [*tables.EXACT_CRITERIA, "p99"]] == "pass").all()]
+    assert f"fds, threads, CLOSE_WAIT, lost replies and p99 passed in {listed(steady)}" in flat
+    for state in ("FAIL", "unresolved", "pass"):
+        assert f"RSS slope {state}: {listed([v for v in variants if verdict.at[v, 'RSS slope'] == state])}." in flat
+    assert f"Died under overload: {listed(load[~load.alive].variant.unique())}." in flat
+    over = load[load.rss_peak_mib > load.rss_before_mib + load.rss_bound_mib]
+    assert f"RSS over its bound: {listed(over.variant.unique())}." in flat
+    saturated = (load.loadgen_saturated.astype(str) == "True").sum()
+    assert f"Where the generator saturated ({saturated} of {len(load)} rows)" in flat
+    for state in ("pass", "unresolved", "FAIL"):
+        rows = load[load.status == state]
+        assert f"Overload {state}: {listed([f'{r.variant} {r.factor:g}x' for r in rows.itertuples()])}." in flat
