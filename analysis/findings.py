@@ -29,13 +29,13 @@ from conclab.experiments.m_to_n import unit_name
 
 from . import derive
 from .fmt import Builder, Finding, nothing
+from .tables import MS_PER_US
 from .tradeoffs import pool_costs
 
 MIN_SLOPE_KIB = 0.25             # a per-connection slope below this is "no measurable growth"
 VMS_RESERVED_KIB = 1024          # VMS growth per thread at least this (1 MiB): address space is reserved...
 RSS_TOUCHED_KIB = 256            # ...while RSS growth below this means little of it is touched
 OFFLOAD_OPTION = " ".join(CPU_OFFLOAD)   # how a convoy case's name ends when the event loop offloads its CPU work
-MS_PER_US = 0.001
 HELD_FRACTION = 0.99             # held at least this fraction of the target = "held them all"
 
 
